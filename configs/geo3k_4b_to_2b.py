@@ -1,0 +1,22 @@
+r"""Qwen3-VL-4B -> 2B on Geometry3K (teacher-scaling variant, spec/METHOD.md).
+
+  python -m vaopd_jax.train --config configs/geo3k_4b_to_2b.py:method=va_opd \
+      --config.workdir=gs://BUCKET/vaopd/geo3k_4b_to_2b_va_opd \
+      --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
+      --config.teacher.hf_path=/ckpt/Qwen3-VL-4B-Instruct \
+      --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
+
+Expect 657 steps; paper Math avg / Visual avg: OPD 45.3/64.4 -> VA-OPD 47.4/65.2.
+`:method=opd|va_opd|reweight_only|group_only`.
+"""
+
+from vaopd_jax import config as config_lib
+
+
+def get_config(arg=None):
+  base = config_lib.load_sibling(__file__, "base")
+  c = base.get_config(arg)
+  c.data.source = "geometry3k"
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  return c

@@ -1,0 +1,294 @@
+"""Training-config schema helpers and validation, run before any compute.
+
+The config files in ``configs/`` build an ``ml_collections.ConfigDict`` from
+``configs/base.py`` (the paper recipe, spec/METHOD.md "Defaults") and change a
+few fields. ``validate(config)`` checks every field the trainer reads and
+raises one ``ConfigError`` listing every problem, each naming the field, the
+value seen and the allowed range, e.g.::
+
+    config.va.p_v = 1.5: must be in (0, 1] (fraction of a rollout's tokens in the high-VA group, Eq. 5)
+
+Methods (spec/METHOD.md "Ablations"):
+  ``va_opd``         rollout reweighting (Eq. 3-4) and token grouping (Eq. 5)
+  ``reweight_only``  reweighting, plain token mean inside each rollout
+  ``group_only``     grouping, uniform rollout weights 1/K
+  ``opd``            standard on-policy distillation (neither)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+METHODS = ("va_opd", "opd", "reweight_only", "group_only")
+# Methods whose rollout weights are a softmax over the K siblings of one prompt.
+REWEIGHTING_METHODS = ("va_opd", "reweight_only")
+DATA_SOURCES = ("synthetic", "geometry3k", "virl39k")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "block", "full")
+
+
+class ConfigError(ValueError):
+    """A configuration field is missing, out of range or inconsistent."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses a big_vision style config argument ``'method=opd,teacher=8b'``.
+
+    Every key must appear in ``defaults``; each value is converted to the type
+    of its default (bool accepts true/false/1/0).
+    """
+    out = dict(defaults)
+    if arg:
+        for item in arg.split(","):
+            if not item.strip():
+                continue
+            if "=" not in item:
+                raise ConfigError(
+                    f"config argument {item!r} in {arg!r} is not key=value; known keys: {sorted(defaults)}")
+            key, value = (s.strip() for s in item.split("=", 1))
+            if key not in defaults:
+                raise ConfigError(f"config argument key {key!r} in {arg!r} is unknown; known keys: {sorted(defaults)}")
+            default = defaults[key]
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ConfigError(f"config argument {key}={value!r}: expected true/false")
+                out[key] = value.lower() in ("true", "1")
+            elif isinstance(default, (int, float)) and not isinstance(default, bool):
+                out[key] = type(default)(value)
+            else:
+                out[key] = value
+    return ml_collections.ConfigDict(out)
+
+
+def load_sibling(config_file: str, name: str):
+    """Imports the config module ``name`` that sits beside ``config_file`` (e.g. ``configs/base.py``).
+
+    Config files are loaded by path (``--config configs/x.py``), so they cannot
+    rely on ``configs`` being importable from the current directory.
+    """
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"vaopd_configs_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load config module {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def method_flags(method: str) -> tuple[bool, bool]:
+    """(reweight, group) switches of a method name (spec/METHOD.md "Ablations")."""
+    if method not in METHODS:
+        raise ConfigError(f"config.method = {method!r}: must be one of {METHODS}")
+    return method in REWEIGHTING_METHODS, method in ("va_opd", "group_only")
+
+
+def hf_vocab_size(path: str) -> int:
+    """``text_config.vocab_size`` from a Hugging Face Qwen3-VL ``config.json``."""
+    cfg_file = os.path.join(path, "config.json")
+    with open(cfg_file, encoding="utf-8") as f:
+        hf = json.load(f)
+    text = hf.get("text_config", hf)
+    if "vocab_size" not in text:
+        raise ConfigError(f"{cfg_file} has no text_config.vocab_size (is it a Qwen3-VL checkpoint?)")
+    return int(text["vocab_size"])
+
+
+class _Checker:
+    """Collects every problem so that one run reports all of them at once."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.problems: list[str] = []
+
+    def get(self, name: str) -> Any:
+        node: Any = self.config
+        for part in name.split("."):
+            if part not in node:
+                self.problems.append(f"config.{name} is missing (the trainer reads it; start from configs/base.py)")
+                return None
+            node = node[part]
+        return node
+
+    def fail(self, name: str, value: Any, rule: str) -> None:
+        self.problems.append(f"config.{name} = {value!r}: {rule}")
+
+    def number(self, name: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+               hi_open: bool = False, integer: bool = False, why: str = "") -> Any:
+        value = self.get(name)
+        if value is None:
+            return None
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+            self.fail(name, value, f"must be {'an integer' if integer else 'a finite number'}")
+            return None
+        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+            hi is not None and (value >= hi if hi_open else value > hi))
+        if bad:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+            self.fail(name, value, f"must be in {rng}" + (f" ({why})" if why else ""))
+            return None
+        return value
+
+    def choice(self, name: str, options: tuple[str, ...]) -> Any:
+        value = self.get(name)
+        if value is not None and value not in options:
+            self.fail(name, value, f"must be one of {options}")
+            return None
+        return value
+
+    def boolean(self, name: str) -> Any:
+        value = self.get(name)
+        if value is not None and not isinstance(value, bool):
+            self.fail(name, value, "must be true or false")
+            return None
+        return value
+
+    def int_list(self, name: str, minimum: int = 1) -> Any:
+        value = self.get(name)
+        if value is None:
+            return None
+        values = list(value)
+        if not values or any(not isinstance(v, int) or v < minimum for v in values) or values != sorted(set(values)):
+            self.fail(name, value, f"must be a non-empty increasing list of integers >= {minimum}")
+            return None
+        return values
+
+
+def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
+    """Checks every field of a training config; raises ``ConfigError`` listing all problems.
+
+    Args:
+      config: a config built from ``configs/base.py``.
+      check_paths: also check that teacher/student/data paths exist and that the
+        student and teacher vocabularies match (off for unit tests of ranges).
+    """
+    c = _Checker(config)
+    workdir = c.get("workdir")
+    if workdir is not None and (not isinstance(workdir, str) or not workdir.strip()):
+        c.fail("workdir", workdir, "must be a non-empty path (pass --config.workdir=DIR)")
+    c.number("seed", 0, 2**31 - 1, integer=True)
+    method = c.choice("method", METHODS)
+
+    # spec/METHOD.md Eq. 3-5 and the defaults table.
+    c.number("va.p_v", 0, 1, lo_open=True, why="fraction of a rollout's tokens in the high-VA group, Eq. 5")
+    c.number("va.lam", 0, 1, why="weight of the high-VA group mean, Eq. 5")
+    c.number("va.tau", 0, None, lo_open=True, why="softmax temperature of the rollout weights, Eq. 4")
+    c.number("va.eps", 0, None, lo_open=True, why="z-score denominator offset, Eq. 3")
+    c.number("va.pixelate_ratio", 0, 1, lo_open=True, hi_open=True, why="side fraction of the pixelated view")
+
+    k = c.number("rollout.num_rollouts", 1, None, integer=True)
+    if method in REWEIGHTING_METHODS and k is not None and k < 2:
+        c.fail("rollout.num_rollouts", k,
+               f"must be >= 2 with method={method!r}: rollout weights are a softmax over the K siblings of a "
+               "prompt (Eq. 3-4); use method='opd' or 'group_only' for K = 1")
+    c.number("rollout.max_new_tokens", 1, None, integer=True)
+    c.number("rollout.temperature", 0, None, why="0 means greedy")
+    c.number("rollout.top_p", 0, 1, lo_open=True)
+    c.number("rollout.top_k", 0, None, integer=True, why="0 disables top-k")
+
+    c.choice("data.source", DATA_SOURCES)
+    c.number("data.prompts_per_step", 1, None, integer=True)
+    c.number("data.num_epochs", 0, None, lo_open=True)
+    c.number("data.max_prompt_tokens", 1, None, integer=True)
+    min_px = c.number("data.min_pixels", 1, None, integer=True)
+    max_px = c.number("data.max_pixels", 1, None, integer=True)
+    if min_px is not None and max_px is not None and min_px > max_px:
+        c.fail("data.min_pixels", min_px, f"must be <= config.data.max_pixels = {max_px}")
+    c.int_list("data.prompt_buckets")
+    c.number("data.num_workers", 0, None, integer=True)
+    c.number("data.synthetic_train_size", 1, None, integer=True)
+    c.number("data.synthetic_val_size", 1, None, integer=True)
+    c.number("data.image_size", 32, None, integer=True)
+
+    c.choice("model.dtype", DTYPES)
+    c.choice("model.remat", REMAT_POLICIES)
+    c.number("model.kl_chunk_size", 1, None, integer=True)
+
+    c.number("optim.lr", 0, None, lo_open=True)
+    c.number("optim.b1", 0, 1, hi_open=True)
+    c.number("optim.b2", 0, 1, hi_open=True)
+    c.number("optim.weight_decay", 0, None)
+    c.number("optim.clip_norm", 0, None, lo_open=True)
+    c.number("optim.warmup_fraction", 0, 1, hi_open=True)
+
+    c.number("train.num_steps", -1, None, integer=True, why="-1 derives it from data.num_epochs")
+    if c.get("train.num_steps") == 0:
+        c.fail("train.num_steps", 0, "must be >= 1, or -1 to derive it from data.num_epochs")
+    c.number("train.log_every", 1, None, integer=True)
+    c.number("train.checkpoint_every", 1, None, integer=True)
+    c.number("train.keep_checkpoints", 1, None, integer=True)
+    c.boolean("train.async_checkpoint")
+    c.number("train.max_nonfinite_steps", 1, None, integer=True,
+             why="consecutive skipped (non-finite) steps before the run stops")
+    c.number("train.peak_tflops_per_device", 0, None, why="0 = look up the device kind for the MFU estimate")
+
+    c.number("eval.every", 0, None, integer=True, why="0 disables periodic validation")
+    c.number("eval.num_problems", 1, None, integer=True)
+    c.number("eval.num_samples", 1, None, integer=True)
+    c.number("eval.temperature", 0, None)
+    c.number("eval.top_p", 0, 1, lo_open=True)
+    c.number("eval.max_new_tokens", 1, None, integer=True)
+    c.number("eval.batch_size", 1, None, integer=True)
+
+    for axis in ("data", "fsdp", "tensor"):
+        value = c.number(f"mesh.{axis}", -1, None, integer=True, why="-1 takes the remaining devices")
+        if value == 0:
+            c.fail(f"mesh.{axis}", 0, "must be >= 1 or -1")
+    if sum(1 for a in ("data", "fsdp", "tensor") if c.get(f"mesh.{a}") == -1) > 1:
+        c.problems.append("config.mesh: at most one of data/fsdp/tensor may be -1")
+
+    student_init = c.choice("student.init", ("hf", "random"))
+    teacher_sft = c.boolean("teacher.sft.enabled")
+    if teacher_sft:
+        c.number("teacher.sft.steps", 1, None, integer=True)
+        c.number("teacher.sft.lr", 0, None, lo_open=True)
+        c.number("teacher.sft.batch_size", 1, None, integer=True)
+    if check_paths:
+        _check_paths(c, student_init, teacher_sft)
+    if c.problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(c.problems))
+
+
+def _check_paths(c: _Checker, student_init: str | None, teacher_sft: bool | None) -> None:
+    teacher_path = c.get("teacher.hf_path")
+    teacher_vocab = None
+    if not teacher_sft:
+        if not teacher_path or not os.path.isfile(os.path.join(str(teacher_path), "config.json")):
+            c.fail("teacher.hf_path", teacher_path,
+                   "must be a local Hugging Face Qwen3-VL directory with config.json "
+                   "(or set config.teacher.sft.enabled=True for the demo teacher)")
+        else:
+            teacher_vocab = hf_vocab_size(teacher_path)
+    student_path = c.get("student.hf_path")
+    student_vocab = None
+    if student_init == "hf":
+        if not student_path or not os.path.isfile(os.path.join(str(student_path), "config.json")):
+            c.fail("student.hf_path", student_path,
+                   "must be a local Hugging Face Qwen3-VL directory with config.json (or config.student.init='random')")
+        else:
+            student_vocab = hf_vocab_size(student_path)
+    elif student_init == "random":
+        student_vocab = c.get("student.tiny.vocab_size")
+    if teacher_sft:
+        teacher_vocab = c.get("teacher.sft.tiny.vocab_size")
+    if teacher_vocab is not None and student_vocab is not None and teacher_vocab != student_vocab:
+        c.problems.append(
+            f"student vocabulary size {student_vocab} != teacher vocabulary size {teacher_vocab}: the token KL "
+            "(Eq. 1) compares distributions over one vocabulary; pick a student and teacher of one family")
+    source = c.get("data.source")
+    for split in ("train_path", "val_path"):
+        path = c.get(f"data.{split}")
+        if source != "synthetic" and (not path or not os.path.exists(str(path))):
+            c.fail(f"data.{split}", path, f"must be an existing file or directory for data.source={source!r}")
+    tokenizer = c.get("tokenizer_path")
+    if tokenizer and not os.path.isdir(str(tokenizer)):
+        c.fail("tokenizer_path", tokenizer, "must be a local tokenizer directory, or '' for the offline Qwen tokenizer")
