@@ -1,0 +1,326 @@
+"""The VA-OPD objective (spec/METHOD.md, Eq. 1-6) as pure, jittable jnp functions.
+
+Layout used by every function here: arrays are (R, T) with R = prompts * K rollouts
+and the K rollouts ("siblings") of one prompt on adjacent rows; T is the response
+length axis. ``mask`` (R, T) is 1 on valid response tokens (up to and including the
+first end token; a truncated response keeps all its tokens) and 0 on padding.
+
+Empty rollouts (T^(k) = 0) are a documented project choice (METHOD.md leaves it
+open): such a rollout gets weight 0 and its non-empty siblings are re-normalised
+among themselves (the z-score and the softmax of Eq. 3-4 run over the non-empty
+siblings only). A prompt whose rollouts are all empty contributes 0 and is left
+out of the mean over prompts (Eq. 6); a batch with no valid token has loss 0.
+``num_empty_rollouts`` counts them so that the trainer can log it.
+
+All of VA, ranks, groups and weights are stop-gradient (METHOD.md, "Masks and
+edge rules"); only the token KL carries gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+MASKED_LOGIT = -1e30  # logit given to padded vocabulary rows
+METHODS = ("va_opd", "opd", "reweight_only", "group_only")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Method switches and VA hyper-parameters (METHOD.md defaults).
+
+    method: 'va_opd' (reweighting + grouping), 'reweight_only', 'group_only' or
+      'opd' (neither; standard on-policy distillation, one teacher view).
+    high_fraction: p_v in (0, 1], share of a rollout's tokens in the high-VA group.
+    high_weight: lambda in [0, 1], weight of the high-VA group mean (Eq. 5).
+    temperature: tau > 0 of the rollout softmax (Eq. 4).
+    eps: epsilon >= 0 added to the sibling std (Eq. 3).
+    """
+
+    method: str = "va_opd"
+    high_fraction: float = 0.2
+    high_weight: float = 0.5
+    temperature: float = 1.0
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"ObjectiveConfig.method={self.method!r}; allowed: {', '.join(METHODS)}")
+        if not 0.0 < self.high_fraction <= 1.0:
+            raise ValueError(f"ObjectiveConfig.high_fraction (p_v)={self.high_fraction}; allowed range (0, 1]")
+        if not 0.0 <= self.high_weight <= 1.0:
+            raise ValueError(f"ObjectiveConfig.high_weight (lambda)={self.high_weight}; allowed range [0, 1]")
+        if not self.temperature > 0.0:
+            raise ValueError(f"ObjectiveConfig.temperature (tau)={self.temperature}; must be > 0")
+        if not self.eps >= 0.0:
+            raise ValueError(f"ObjectiveConfig.eps={self.eps}; must be >= 0")
+
+    @property
+    def reweight(self) -> bool:
+        """Rollout re-weighting by z-scored mean VA (Eq. 3-4) is on."""
+        return self.method in ("va_opd", "reweight_only")
+
+    @property
+    def group(self) -> bool:
+        """High/low VA token grouping (Eq. 5) is on."""
+        return self.method in ("va_opd", "group_only")
+
+    @property
+    def needs_visual_advantage(self) -> bool:
+        """Whether the teacher's pixelated-view pass is needed at all (not for OPD)."""
+        return self.reweight or self.group
+
+
+class ObjectiveTerms(NamedTuple):
+    """Everything the loss and the metrics need, all stop-gradient.
+
+    coefficients: (R, T) c_t such that loss = sum(c * kl) / num_prompts.
+    rollout_weights: (R,) w^(k); sum to 1 over the non-empty siblings of a prompt.
+    high_mask: (R, T) bool, tokens in the high-VA group V^(k) (all False if grouping is off).
+    num_prompts: () float32, prompts with at least one non-empty rollout.
+    num_empty_rollouts: () int32, rollouts with no valid token.
+    """
+
+    coefficients: jax.Array
+    rollout_weights: jax.Array
+    high_mask: jax.Array
+    num_prompts: jax.Array
+    num_empty_rollouts: jax.Array
+
+
+def _check_rollouts(num_rows: int, num_rollouts: int) -> None:
+    if num_rollouts < 1 or num_rows % num_rollouts:
+        raise ValueError(
+            f"num_rollouts={num_rollouts} must be >= 1 and divide the number of rows R={num_rows} "
+            "(R = prompts * K, siblings adjacent)")
+
+
+def visual_advantage(logp_orig: jax.Array, logp_pix: jax.Array, mask: jax.Array) -> jax.Array:
+    """Eq. 2: a_t = max(0, log p_T(y_t | v) - log p_T(y_t | v~)), 0 off the mask.
+
+    Args:
+      logp_orig: (R, T) teacher log-prob of the sampled token, original image.
+      logp_pix: (R, T) the same with the pixelated image.
+      mask: (R, T) 1 on valid response tokens.
+    Returns:
+      (R, T) float32 visual advantage, stop-gradient.
+    """
+    diff = logp_orig.astype(jnp.float32) - logp_pix.astype(jnp.float32)
+    # + 0.0 maps a possible -0.0 to +0.0 so that the later ranking sees exact ties.
+    va = jnp.where(mask.astype(bool), jnp.maximum(diff, 0.0), 0.0) + 0.0
+    return jax.lax.stop_gradient(va)
+
+
+def _token_counts(mask: jax.Array) -> jax.Array:
+    return mask.astype(jnp.float32).sum(-1)
+
+
+def rollout_weights(va: jax.Array, mask: jax.Array, num_rollouts: int, temperature: float = 1.0,
+                    eps: float = 1e-6) -> jax.Array:
+    """Eq. 3-4: softmax over the K siblings of the z-scored rollout mean VA.
+
+    mu and sigma (population std, ddof = 0) are taken over the non-empty siblings;
+    empty rollouts get weight 0. Equal means give sigma = 0, z = 0, uniform weights.
+
+    Args:
+      va: (R, T) visual advantage (0 off the mask).
+      mask: (R, T) valid-token mask.
+      num_rollouts: K; R must be a multiple of K.
+    Returns:
+      (R,) float32 weights; each prompt's weights sum to 1 (0 if all its rollouts are empty).
+    """
+    num_rows = va.shape[0]
+    _check_rollouts(num_rows, num_rollouts)
+    mask = mask.astype(jnp.float32)
+    counts = _token_counts(mask)
+    mean_va = (va.astype(jnp.float32) * mask).sum(-1) / jnp.maximum(counts, 1.0)  # ā^(k)
+    valid = (counts > 0).reshape(-1, num_rollouts)
+    mean_va = mean_va.reshape(-1, num_rollouts)
+    num_valid = jnp.maximum(valid.sum(-1, keepdims=True), 1)
+    mu = jnp.where(valid, mean_va, 0.0).sum(-1, keepdims=True) / num_valid
+    var = jnp.where(valid, (mean_va - mu) ** 2, 0.0).sum(-1, keepdims=True) / num_valid
+    z = (mean_va - mu) / (jnp.sqrt(var) + eps)
+    logits = jnp.where(valid, z / temperature, -jnp.inf)
+    # A prompt with no valid rollout would softmax over all -inf: keep it finite, then zero it.
+    logits = jnp.where(valid.any(-1, keepdims=True), logits, 0.0)
+    weights = jnp.where(valid, jax.nn.softmax(logits, axis=-1), 0.0)
+    return jax.lax.stop_gradient(weights.reshape(num_rows))
+
+
+def uniform_weights(mask: jax.Array, num_rollouts: int) -> jax.Array:
+    """Reweighting off: w = 1 / (non-empty siblings) on non-empty rollouts, (R,)."""
+    num_rows = mask.shape[0]
+    _check_rollouts(num_rows, num_rollouts)
+    valid = (_token_counts(mask) > 0).reshape(-1, num_rollouts)
+    weights = valid / jnp.maximum(valid.sum(-1, keepdims=True), 1)
+    return weights.reshape(num_rows).astype(jnp.float32)
+
+
+def num_high_tokens(counts: jax.Array, high_fraction: float) -> jax.Array:
+    """n_high = max(1, ceil(p_v * T)) for T > 0, else 0; (R,) int32.
+
+    A 1e-4-token tolerance keeps float rounding from adding a token
+    (in float64 0.1 * 30 = 3.0000000000000004, whose ceil would be 4).
+    """
+    n_high = jnp.ceil(high_fraction * counts - 1e-4)
+    return jnp.where(counts > 0, jnp.maximum(n_high, 1.0), 0.0).astype(jnp.int32)
+
+
+def high_group_mask(va: jax.Array, mask: jax.Array, high_fraction: float = 0.2) -> jax.Array:
+    """Eq. 5 groups: the n_high valid tokens of each rollout with the largest a_t.
+
+    Ranks are per rollout (not a global threshold), computed with a stable sort on
+    static (R, T) shapes, so among equal a_t the earlier token wins (METHOD.md choice).
+
+    Args:
+      va: (R, T) visual advantage.
+      mask: (R, T) valid-token mask.
+    Returns:
+      (R, T) bool, True on the high-VA group V^(k).
+    """
+    valid = mask.astype(bool)
+    # Invalid positions sort last; the stable sort keeps token order among ties.
+    key = jnp.where(valid, -va.astype(jnp.float32), jnp.inf)
+    order = jnp.argsort(key, axis=-1, stable=True)  # (R, T) token index by rank
+    num_rows, length = va.shape
+    rank = jnp.zeros((num_rows, length), jnp.int32).at[
+        jnp.arange(num_rows)[:, None], order].set(jnp.arange(length, dtype=jnp.int32)[None, :])
+    n_high = num_high_tokens(_token_counts(mask), high_fraction)
+    return jax.lax.stop_gradient((rank < n_high[:, None]) & valid)
+
+
+def token_coefficients(va: jax.Array, mask: jax.Array, w: jax.Array, high_fraction: float = 0.2,
+                       high_weight: float = 0.5, group: bool = True) -> jax.Array:
+    """Per-token loss coefficients c_t so that sum_t c_t KL_t = w^(k) L_group^(k) (Eq. 5).
+
+    With grouping: lambda / n_high on V^(k), (1 - lambda) / n_low on L^(k); if L^(k)
+    is empty (e.g. T = 1) the whole mass 1 / n_high goes to V^(k). Without grouping:
+    1 / T^(k) on every valid token. All multiplied by the rollout weight w^(k).
+
+    Args:
+      va: (R, T); mask: (R, T); w: (R,) rollout weights.
+    Returns:
+      (R, T) float32 coefficients, 0 off the mask; each rollout's row sums to w^(k).
+    """
+    maskf = mask.astype(jnp.float32)
+    counts = _token_counts(maskf)
+    if not group:
+        coeff = maskf / jnp.maximum(counts, 1.0)[:, None]
+    else:
+        high = high_group_mask(va, mask, high_fraction)
+        n_high = num_high_tokens(counts, high_fraction).astype(jnp.float32)
+        n_low = counts - n_high
+        high_coeff = jnp.where(n_low > 0, high_weight, 1.0) / jnp.maximum(n_high, 1.0)
+        low_coeff = (1.0 - high_weight) / jnp.maximum(n_low, 1.0)
+        coeff = jnp.where(high, high_coeff[:, None], low_coeff[:, None]) * maskf
+    return jax.lax.stop_gradient(coeff * w.astype(jnp.float32)[:, None])
+
+
+def _terms(va, mask, num_rollouts, *, reweight, group, high_fraction, high_weight, temperature, eps):
+    """Eq. 3-6 terms for one combination of the two switches (per-prompt mean, Eq. 6)."""
+    num_rows = mask.shape[0]
+    _check_rollouts(num_rows, num_rollouts)
+    nonempty = _token_counts(mask) > 0
+    num_empty = (~nonempty).sum().astype(jnp.int32)
+    num_prompts = nonempty.reshape(-1, num_rollouts).any(-1).sum().astype(jnp.float32)
+    if reweight:
+        weights = rollout_weights(va, mask, num_rollouts, temperature, eps)
+    else:
+        weights = uniform_weights(mask, num_rollouts)
+    coeff = token_coefficients(va, mask, weights, high_fraction, high_weight, group=group)
+    high = high_group_mask(va, mask, high_fraction) if group else jnp.zeros(mask.shape, bool)
+    return ObjectiveTerms(coeff, weights, high, num_prompts, num_empty)
+
+
+def objective_terms(va: jax.Array, mask: jax.Array, num_rollouts: int,
+                    config: ObjectiveConfig = ObjectiveConfig()) -> ObjectiveTerms:
+    """Weights, groups and coefficients of the configured method (all four ablations).
+
+    For 'opd' the coefficients are num_prompts / (T^(k) * non-empty rollouts of the
+    batch), so that sum(c * kl) / num_prompts is the mean over rollouts of the
+    per-rollout token mean (METHOD.md's OPD baseline); ``va`` is ignored and
+    ``rollout_weights`` reports 1 / (non-empty rollouts).
+
+    Args:
+      va: (R, T) visual advantage (any values for 'opd'); mask: (R, T).
+    """
+    if config.method != "opd":
+        return _terms(va, mask, num_rollouts, reweight=config.reweight, group=config.group,
+                      high_fraction=config.high_fraction, high_weight=config.high_weight,
+                      temperature=config.temperature, eps=config.eps)
+    _check_rollouts(mask.shape[0], num_rollouts)
+    nonempty = _token_counts(mask) > 0
+    num_prompts = nonempty.reshape(-1, num_rollouts).any(-1).sum().astype(jnp.float32)
+    rollout_share = nonempty / jnp.maximum(nonempty.sum().astype(jnp.float32), 1.0)
+    coeff = token_coefficients(va, mask, rollout_share * num_prompts, group=False)
+    return ObjectiveTerms(coeff, rollout_share, jnp.zeros(mask.shape, bool), num_prompts,
+                          (~nonempty).sum().astype(jnp.int32))
+
+
+def weighted_loss(kl: jax.Array, terms: ObjectiveTerms) -> jax.Array:
+    """Eq. 6: sum over tokens of c_t KL_t divided by the number of prompts (0 if none)."""
+    total = (terms.coefficients * kl.astype(jnp.float32)).sum()
+    return jnp.where(terms.num_prompts > 0, total / jnp.maximum(terms.num_prompts, 1.0), 0.0)
+
+
+def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array,
+               valid_vocab_size: int | None = None) -> jax.Array:
+    """Eq. 1: KL(p_S || p_T) = sum_w p_S (log p_S - log p_T) over the full vocabulary.
+
+    Computed in float32. Vocabulary rows at index >= valid_vocab_size (lm_head
+    padding beyond the tokenizer) are excluded from both softmaxes.
+
+    Args:
+      student_logits: (..., V); teacher_logits: (..., V).
+    Returns:
+      (...) float32 per-position KL. KL(p, p) = 0 exactly.
+    """
+    student_logits = student_logits.astype(jnp.float32)
+    teacher_logits = teacher_logits.astype(jnp.float32)
+    vocab = student_logits.shape[-1]
+    if teacher_logits.shape[-1] != vocab:
+        raise ValueError(f"student vocab {vocab} != teacher vocab {teacher_logits.shape[-1]}")
+    if valid_vocab_size is not None and valid_vocab_size < vocab:
+        # A finite "minus infinity": exp() gives exactly 0 and no inf - inf = nan
+        # reaches the value or the gradient.
+        keep = jnp.arange(vocab) < valid_vocab_size
+        student_logits = jnp.where(keep, student_logits, MASKED_LOGIT)
+        teacher_logits = jnp.where(keep, teacher_logits, MASKED_LOGIT)
+    logp_s = jax.nn.log_softmax(student_logits, axis=-1)
+    logp_t = jax.nn.log_softmax(teacher_logits, axis=-1)
+    return (jnp.exp(logp_s) * (logp_s - logp_t)).sum(-1)
+
+
+def va_opd_loss(kl: jax.Array, va: jax.Array, mask: jax.Array, num_rollouts: int, *,
+                temperature: float = 1.0, eps: float = 1e-6, high_fraction: float = 0.2,
+                high_weight: float = 0.5, reweight: bool = True, group: bool = True) -> jax.Array:
+    """Eq. 6: mean over prompts of sum_k w^(k) L_group^(k); the switches give the ablations.
+
+    Args:
+      kl: (R, T) token KL (carries the gradient); va: (R, T); mask: (R, T).
+      reweight/group: both on = VA-OPD; reweight only; group only; both off = uniform
+        weights and token means (OPD whenever no rollout is empty).
+    Returns:
+      () float32 loss.
+    """
+    terms = _terms(va, mask, num_rollouts, reweight=reweight, group=group, high_fraction=high_fraction,
+                   high_weight=high_weight, temperature=temperature, eps=eps)
+    return weighted_loss(kl, terms)
+
+
+def opd_loss(kl: jax.Array, mask: jax.Array) -> jax.Array:
+    """Standard OPD: mean over non-empty rollouts of the per-rollout token-mean KL.
+
+    Args:
+      kl: (R, T); mask: (R, T).
+    Returns:
+      () float32 loss (0 if no valid token).
+    """
+    maskf = mask.astype(jnp.float32)
+    counts = _token_counts(maskf)
+    per_rollout = (kl.astype(jnp.float32) * maskf).sum(-1) / jnp.maximum(counts, 1.0)
+    nonempty = counts > 0
+    return jnp.where(nonempty, per_rollout, 0.0).sum() / jnp.maximum(nonempty.sum(), 1)
