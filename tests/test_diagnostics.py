@@ -300,3 +300,14 @@ def test_event_reader_detects_corruption_and_tolerates_truncation(tmp_path):
         diagnostics.read_scalars(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="not found"):
         diagnostics.read_scalars(tmp_path / "missing")
+
+
+def test_side_by_side_with_the_project_pixelate():
+    from vaopd_jax.data import processor, synthetic
+
+    image = synthetic.render_scene(synthetic.sample_scene(np.random.default_rng(0), size=64))
+    pixelated = processor.pixelate(image, ratio=0.1)
+    out = np.asarray(diagnostics.side_by_side(image, pixelated, labels=None, gap=4))
+    np.testing.assert_array_equal(out[:, :64], np.asarray(image))
+    np.testing.assert_array_equal(out[:, 68:], np.asarray(pixelated))
+    assert not np.array_equal(out[:, :64], out[:, 68:])  # the digit's detail is gone on the right

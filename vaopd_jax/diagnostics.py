@@ -669,7 +669,9 @@ _EXAMPLE_TOKENS = [
 
 
 def _write_readme_examples(out_dir: str) -> list[str]:
-    """Write va_tokens_example.png and va_concentration_example.png into out_dir."""
+    """Write va_tokens_example.png, va_concentration_example.png and pixelated_example.png into out_dir."""
+    from vaopd_jax.data import processor, synthetic
+
     os.makedirs(out_dir, exist_ok=True)
     tokens = [token for token, _ in _EXAMPLE_TOKENS]
     va = np.array([value for _, value in _EXAMPLE_TOKENS])
@@ -679,6 +681,17 @@ def _write_readme_examples(out_dir: str) -> list[str]:
         plot_concentration(va, mask, os.path.join(out_dir, "va_concentration_example.png"),
                            label="hand-made example"),
     ]
+    # A synthetic vision-critical scene (64 px, the demo's size) and its ratio-0.1 pixelated
+    # view, both enlarged 4x with NEAREST so the pixels stay visible.
+    scene = synthetic.sample_scene(np.random.default_rng(3), size=64)
+    image = synthetic.render_scene(scene)
+    pixelated = processor.pixelate(image, ratio=0.1)
+    enlarge = lambda picture: picture.resize((4 * picture.width, 4 * picture.height), Image.NEAREST)  # noqa: E731
+    pair = side_by_side(enlarge(image), enlarge(pixelated),
+                        labels=(f"original (digit {scene.digit})", "pixelated, ratio 0.1"))
+    pair_path = os.path.join(out_dir, "pixelated_example.png")
+    pair.save(pair_path, format="PNG")
+    written.append(pair_path)
     return written
 
 
