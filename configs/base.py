@@ -1,11 +1,11 @@
-r"""The paper recipe (spec/METHOD.md "Defaults"): Qwen3-VL-8B -> 2B on Geometry3K with VA-OPD.
+r"""python -m vaopd_jax.train --config configs/base.py \
+    --config.workdir=/tmp/vaopd_base \
+    --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
+    --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
+    --config.data.train_path=/data/geometry3k/data \
+    --config.data.val_path=/data/geometry3k/data
 
-  python -m vaopd_jax.train --config configs/base.py \
-      --config.workdir=/tmp/vaopd_base \
-      --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
-      --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
-      --config.data.train_path=/data/geometry3k/data \
-      --config.data.val_path=/data/geometry3k/data
+The paper recipe (spec/METHOD.md "Defaults"): Qwen3-VL-8B -> 2B on Geometry3K with VA-OPD.
 
 Expect ~657 steps (2,101 prompts x 5 epochs / 16 per step), 16 prompts x K=4
 rollouts of up to 4,096 tokens per step, validation on 200 Geometry3K
@@ -65,6 +65,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.source = "geometry3k"      # geometry3k | virl39k | synthetic
   c.data.train_path = ""
+  c.data.val_source = "geometry3k"  # validation: the 200-problem Geometry3K subset
   c.data.val_path = ""
   c.data.prompts_per_step = 16
   c.data.num_epochs = 5.0

@@ -1,10 +1,10 @@
-r"""Qwen3-VL-32B -> 2B on Geometry3K (teacher-scaling variant, spec/METHOD.md).
+r"""python -m vaopd_jax.train --config configs/geo3k_32b_to_2b.py:method=va_opd \
+    --config.workdir=gs://BUCKET/vaopd/geo3k_32b_to_2b_va_opd \
+    --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
+    --config.teacher.hf_path=/ckpt/Qwen3-VL-32B-Instruct \
+    --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
 
-  python -m vaopd_jax.train --config configs/geo3k_32b_to_2b.py:method=va_opd \
-      --config.workdir=gs://BUCKET/vaopd/geo3k_32b_to_2b_va_opd \
-      --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
-      --config.teacher.hf_path=/ckpt/Qwen3-VL-32B-Instruct \
-      --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
+Qwen3-VL-32B -> 2B on Geometry3K (teacher-scaling variant, spec/METHOD.md).
 
 Expect 657 steps; paper Math avg / Visual avg: OPD 51.1/65.3 -> VA-OPD 54.8/67.3.
 The 32B teacher (~64 GB in bf16) is sharded with FSDP x tensor parallelism;

@@ -1,10 +1,10 @@
-r"""Qwen3-VL-4B -> 2B on Geometry3K (teacher-scaling variant, spec/METHOD.md).
+r"""python -m vaopd_jax.train --config configs/geo3k_4b_to_2b.py:method=va_opd \
+    --config.workdir=gs://BUCKET/vaopd/geo3k_4b_to_2b_va_opd \
+    --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
+    --config.teacher.hf_path=/ckpt/Qwen3-VL-4B-Instruct \
+    --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
 
-  python -m vaopd_jax.train --config configs/geo3k_4b_to_2b.py:method=va_opd \
-      --config.workdir=gs://BUCKET/vaopd/geo3k_4b_to_2b_va_opd \
-      --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
-      --config.teacher.hf_path=/ckpt/Qwen3-VL-4B-Instruct \
-      --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
+Qwen3-VL-4B -> 2B on Geometry3K (teacher-scaling variant, spec/METHOD.md).
 
 Expect 657 steps; paper Math avg / Visual avg: OPD 45.3/64.4 -> VA-OPD 47.4/65.2.
 `:method=opd|va_opd|reweight_only|group_only`.

@@ -1,10 +1,10 @@
-r"""Qwen3-VL-8B -> 2B on Geometry3K: the paper's main run (spec/METHOD.md).
+r"""python -m vaopd_jax.train --config configs/geo3k_8b_to_2b.py:method=va_opd \
+    --config.workdir=gs://BUCKET/vaopd/geo3k_8b_to_2b_va_opd \
+    --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
+    --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
+    --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
 
-  python -m vaopd_jax.train --config configs/geo3k_8b_to_2b.py:method=va_opd \
-      --config.workdir=gs://BUCKET/vaopd/geo3k_8b_to_2b_va_opd \
-      --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
-      --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
-      --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
+Qwen3-VL-8B -> 2B on Geometry3K: the paper's main run (spec/METHOD.md).
 
 Expect 657 steps (5 epochs of 2,101 prompts, 16 x K=4 rollouts per step),
 validation accuracy on 200 Geometry3K validation problems every 50 steps.

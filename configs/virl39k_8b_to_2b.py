@@ -1,11 +1,11 @@
-r"""Qwen3-VL-8B -> 2B on ViRL39K (the larger training set, spec/METHOD.md).
+r"""python -m vaopd_jax.train --config configs/virl39k_8b_to_2b.py:method=va_opd \
+    --config.workdir=gs://BUCKET/vaopd/virl39k_8b_to_2b_va_opd \
+    --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
+    --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
+    --config.data.train_path=/data/ViRL39K/39Krelease.parquet \
+    --config.data.val_path=/data/geometry3k/data
 
-  python -m vaopd_jax.train --config configs/virl39k_8b_to_2b.py:method=va_opd \
-      --config.workdir=gs://BUCKET/vaopd/virl39k_8b_to_2b_va_opd \
-      --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
-      --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
-      --config.data.train_path=/data/ViRL39K/39Krelease.parquet \
-      --config.data.val_path=/data/geometry3k/data
+Qwen3-VL-8B -> 2B on ViRL39K (the larger training set, spec/METHOD.md).
 
 Expect ~12,147 steps (5 epochs of 38,870 prompts, 16 per step); validation is
 still the 200-problem Geometry3K subset. Paper Math avg / Visual avg: OPD

@@ -196,6 +196,7 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     c.number("rollout.top_k", 0, None, integer=True, why="0 disables top-k")
 
     c.choice("data.source", DATA_SOURCES)
+    c.choice("data.val_source", DATA_SOURCES)
     c.number("data.prompts_per_step", 1, None, integer=True)
     c.number("data.num_epochs", 0, None, lo_open=True)
     c.number("data.max_prompt_tokens", 1, None, integer=True)
@@ -284,11 +285,12 @@ def _check_paths(c: _Checker, student_init: str | None, teacher_sft: bool | None
         c.problems.append(
             f"student vocabulary size {student_vocab} != teacher vocabulary size {teacher_vocab}: the token KL "
             "(Eq. 1) compares distributions over one vocabulary; pick a student and teacher of one family")
-    source = c.get("data.source")
-    for split in ("train_path", "val_path"):
+    for split, source_field in (("train_path", "source"), ("val_path", "val_source")):
         path = c.get(f"data.{split}")
+        source = c.get(f"data.{source_field}")
         if source != "synthetic" and (not path or not os.path.exists(str(path))):
-            c.fail(f"data.{split}", path, f"must be an existing file or directory for data.source={source!r}")
+            c.fail(f"data.{split}", path,
+                   f"must be an existing file or directory for data.{source_field}={source!r}")
     tokenizer = c.get("tokenizer_path")
     if tokenizer and not os.path.isdir(str(tokenizer)):
         c.fail("tokenizer_path", tokenizer, "must be a local tokenizer directory, or '' for the offline Qwen tokenizer")

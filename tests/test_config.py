@@ -1,0 +1,143 @@
+"""Config files load, variants apply, and bad values fail with the field, value and range."""
+
+import json
+import os
+
+import pytest
+
+from vaopd_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_CONFIGS = ["base", "geo3k_4b_to_2b", "geo3k_8b_to_2b", "geo3k_32b_to_2b", "virl39k_8b_to_2b", "demo"]
+
+
+def module(name):
+    return config_lib.load_sibling(os.path.join(REPO, "configs", "base.py"), name)
+
+
+def load(name, arg=None):
+    return module(name).get_config(arg)
+
+
+def test_every_train_config_validates_and_documents_its_command():
+    for name in TRAIN_CONFIGS:
+        mod = module(name)
+        assert mod.__doc__.strip().startswith(f"python -m vaopd_jax.train --config configs/{name}.py"), name
+        cfg = mod.get_config(None)
+        cfg.workdir = "/tmp/x"
+        config_lib.validate(cfg, check_paths=False)
+
+
+@pytest.mark.parametrize("method", config_lib.METHODS)
+def test_method_variant(method):
+    cfg = load("geo3k_8b_to_2b", f"method={method}")
+    assert cfg.method == method
+    reweight, group = config_lib.method_flags(method)
+    assert (reweight, group) == {"va_opd": (True, True), "opd": (False, False),
+                                 "reweight_only": (True, False), "group_only": (False, True)}[method]
+
+
+def test_paper_defaults():
+    cfg = load("base")
+    assert (cfg.va.p_v, cfg.va.lam, cfg.va.tau, cfg.va.eps, cfg.va.pixelate_ratio) == (0.2, 0.5, 1.0, 1e-6, 0.1)
+    assert (cfg.data.prompts_per_step, cfg.rollout.num_rollouts, cfg.rollout.max_new_tokens) == (16, 4, 4096)
+    assert (cfg.optim.lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.weight_decay, cfg.optim.clip_norm) == (
+        1e-6, 0.9, 0.95, 0.1, 1.0)
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k) == (0.7, 0.95, 0)
+    assert (cfg.eval.every, cfg.eval.num_problems) == (50, 200)
+
+
+def test_bad_variant_argument_names_the_known_keys():
+    with pytest.raises(config_lib.ConfigError, match="unknown; known keys: \\['method'\\]"):
+        load("base", "teacher=8b")
+    with pytest.raises(config_lib.ConfigError, match="config.method = 'kd'"):
+        config_lib.validate(_with(load("base", "method=kd"), workdir="/tmp/x"), check_paths=False)
+
+
+def _with(cfg, **fields):
+    for dotted, value in fields.items():
+        node = cfg
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        with node.ignore_type():
+            node[leaf] = value
+    return cfg
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("va__p_v", 0.0, r"config.va.p_v = 0.0: must be in \(0, 1\]"),
+    ("va__p_v", 1.5, r"config.va.p_v = 1.5: must be in \(0, 1\]"),
+    ("va__lam", -0.1, r"config.va.lam = -0.1: must be in \[0, 1\]"),
+    ("va__lam", 1.01, r"config.va.lam = 1.01: must be in \[0, 1\]"),
+    ("rollout__num_rollouts", 1, r"config.rollout.num_rollouts = 1: must be >= 2 with method='va_opd'"),
+    ("rollout__top_p", 0.0, r"config.rollout.top_p = 0.0: must be in \(0, 1\]"),
+    ("optim__lr", -1e-6, r"config.optim.lr = -1e-06: must be in \(0, inf\]"),
+    ("optim__b2", 1.0, r"config.optim.b2 = 1.0: must be in \[0, 1\)"),
+    ("data__prompts_per_step", 2.5, r"config.data.prompts_per_step = 2.5: must be an integer"),
+    ("data__min_pixels", 10**8, r"config.data.min_pixels = 100000000: must be <= config.data.max_pixels"),
+    ("data__prompt_buckets", [512, 256], r"config.data.prompt_buckets = \[512, 256\]: must be a non-empty increasing"),
+    ("model__dtype", "float16", r"config.model.dtype = 'float16': must be one of \('float32', 'bfloat16'\)"),
+    ("train__num_steps", 0, r"config.train.num_steps = 0: must be >= 1, or -1"),
+    ("workdir", "", r"config.workdir = '': must be a non-empty path"),
+    ("mesh__tensor", 0, r"config.mesh.tensor = 0: must be >= 1 or -1"),
+])
+def test_bad_field_fails_naming_field_value_and_range(field, value, message):
+    cfg = _with(load("base"), workdir="/tmp/x")
+    cfg = _with(cfg, **{field: value})
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(cfg, check_paths=False)
+
+
+def test_k1_is_allowed_without_reweighting():
+    cfg = _with(load("base", "method=group_only"), workdir="/tmp/x", rollout__num_rollouts=1)
+    config_lib.validate(cfg, check_paths=False)
+
+
+def test_all_problems_reported_at_once():
+    cfg = _with(load("base"), workdir="/tmp/x", va__p_v=2.0, va__lam=3.0)
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate(cfg, check_paths=False)
+    assert "config.va.p_v = 2.0" in str(err.value) and "config.va.lam = 3.0" in str(err.value)
+
+
+def _hf_dir(tmp_path, name, vocab):
+    path = tmp_path / name
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "text_config": {"vocab_size": vocab}}))
+    return str(path)
+
+
+def test_missing_teacher_path(tmp_path):
+    cfg = _with(load("base"), workdir=str(tmp_path), teacher__hf_path=str(tmp_path / "nope"),
+                student__hf_path=_hf_dir(tmp_path, "student", 151936),
+                data__train_path=str(tmp_path), data__val_path=str(tmp_path))
+    with pytest.raises(config_lib.ConfigError, match=r"config.teacher.hf_path = '.*nope': must be a local Hugging Face"):
+        config_lib.validate(cfg)
+
+
+def test_student_teacher_vocab_mismatch(tmp_path):
+    cfg = _with(load("base"), workdir=str(tmp_path), teacher__hf_path=_hf_dir(tmp_path, "teacher", 151936),
+                student__hf_path=_hf_dir(tmp_path, "student", 32000),
+                data__train_path=str(tmp_path), data__val_path=str(tmp_path))
+    with pytest.raises(config_lib.ConfigError, match="student vocabulary size 32000 != teacher vocabulary size 151936"):
+        config_lib.validate(cfg)
+    cfg.student.hf_path = _hf_dir(tmp_path, "student2", 151936)
+    config_lib.validate(cfg)
+
+
+def test_missing_data_path(tmp_path):
+    cfg = _with(load("base"), workdir=str(tmp_path), teacher__hf_path=_hf_dir(tmp_path, "teacher", 151936),
+                student__hf_path=_hf_dir(tmp_path, "student", 151936), data__train_path="/no/such/geo3k",
+                data__val_path=str(tmp_path))
+    with pytest.raises(config_lib.ConfigError, match="config.data.train_path = '/no/such/geo3k'"):
+        config_lib.validate(cfg)
+
+
+def test_sweep_lists_methods_times_teachers():
+    sweep = module("sweep_ablation").get_sweep(None)
+    runs = {(r["method"], r["teacher"]) for r in sweep}
+    assert runs == {(m, t) for m in config_lib.METHODS for t in ("4b", "8b", "32b")}
+    assert len({r["name"] for r in sweep}) == len(sweep)
+    for r in sweep:
+        assert os.path.exists(os.path.join(REPO, r["config"].split(":")[0]))

@@ -1,0 +1,231 @@
+"""Training metrics: tensorboardX scalars, a JSONL history, console progress, throughput and MFU.
+
+Only process 0 writes (``MetricsLogger(..., is_primary=jax.process_index() == 0)``);
+the other processes get a logger whose methods do nothing, so the loop calls
+it unconditionally.
+
+Files under ``<workdir>``:
+  ``tb/``            tensorboard event files (``train/*``, ``time/*``, ``perf/*``, ``val/*``)
+  ``metrics.jsonl``  one JSON object per logged step: {"step": n, "kind": "train"|"val", ...}
+
+A resumed run passes ``resume_step`` (the restored checkpoint step): tensorboard
+discards events after it (``purge_step``) and the JSONL drops its lines after
+it, so the logs read as if the run had never been interrupted.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import logging
+import math
+import os
+import time
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak TFLOP/s per device, matched by prefix of jax's ``device_kind``.
+PEAK_TFLOPS = (
+    ("TPU v6", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0),
+    ("TPU v4", 275.0), ("TPU v3", 123.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H100", 989.0), ("NVIDIA GH200", 989.0), ("NVIDIA A100", 312.0),
+    ("NVIDIA B200", 2250.0), ("NVIDIA L4", 121.0), ("NVIDIA A10", 125.0),
+)
+
+
+def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
+    """Peak dense bf16 TFLOP/s of one device; ``override`` > 0 wins; None when unknown (e.g. CPU)."""
+    if override > 0:
+        return float(override)
+    for prefix, value in PEAK_TFLOPS:
+        if device_kind.startswith(prefix):
+            return value
+    return None
+
+
+def rollout_flops(student_params: int, prompt_tokens: int, generated_tokens: int) -> float:
+    """Forward FLOPs of sampling: 2·N per token, prompts prefilled once (attention ignored)."""
+    return 2.0 * student_params * (prompt_tokens + generated_tokens)
+
+
+def update_flops(student_params: int, teacher_params: int, sequence_tokens: int, teacher_views: int) -> float:
+    """FLOPs of one fused step over ``sequence_tokens`` (prompt + response tokens of all rollouts).
+
+    Student forward + backward 6·N per token; the frozen teacher 2·N per token
+    and view (2 views for VA methods: original and pixelated, 1 for OPD).
+    """
+    return 6.0 * student_params * sequence_tokens + 2.0 * teacher_params * sequence_tokens * teacher_views
+
+
+def mfu(flops: float, seconds: float, num_devices: int, peak_tflops_per_device: float | None) -> float | None:
+    """Model FLOPs utilisation in [0, 1]; None without a known peak."""
+    if not peak_tflops_per_device or seconds <= 0:
+        return None
+    return flops / (seconds * num_devices * peak_tflops_per_device * 1e12)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+class MetricsLogger:
+    """Writes step metrics to tensorboard, ``metrics.jsonl`` and the console.
+
+    Args:
+      workdir: run directory.
+      total_steps: for progress and ETA.
+      is_primary: only the primary process writes anything.
+      resume_step: the restored step of a resumed run (logs after it are discarded).
+      console_every: print one progress line every this many steps.
+    """
+
+    def __init__(self, workdir: str, *, total_steps: int, is_primary: bool = True, resume_step: int = 0,
+                 console_every: int = 1):
+        self.total_steps = total_steps
+        self.is_primary = is_primary
+        self.console_every = console_every
+        self._step_times: collections.deque = collections.deque(maxlen=20)
+        self._writer = None
+        self._jsonl = None
+        if not is_primary:
+            return
+        from tensorboardX import SummaryWriter
+
+        os.makedirs(workdir, exist_ok=True)
+        self.tb_dir = os.path.join(workdir, "tb")
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        # A unique suffix: a restart within the same second must not overwrite
+        # the previous event file (tensorboardX names files by second + host).
+        self._writer = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if resume_step else None,
+                                     filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        _truncate_jsonl(self.jsonl_path, resume_step)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+
+    def log_train(self, step: int, metrics: Mapping[str, float], *, rollout_s: float, update_s: float,
+                  tokens: int, flops: float | None = None, num_devices: int = 1,
+                  peak_tflops_per_device: float | None = None) -> dict:
+        """Logs one training step; returns the scalars written (for tests and the caller).
+
+        Args:
+          metrics: the train step's metrics (host floats), all written as ``train/<name>``.
+          rollout_s / update_s: wall time of sampling and of the fused update.
+          tokens: tokens processed this step (prompt + response, all rollouts).
+          flops: model FLOPs of the step (``rollout_flops + update_flops``) for MFU.
+        """
+        step_s = rollout_s + update_s
+        self._step_times.append(step_s)
+        scalars = {f"train/{k}": float(v) for k, v in metrics.items()}
+        scalars.update({
+            "time/rollout_s": rollout_s, "time/update_s": update_s, "time/step_s": step_s,
+            "time/rollout_share": rollout_s / step_s if step_s > 0 else 0.0,
+            "perf/tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
+        })
+        if flops is not None:
+            scalars["perf/tflops_per_s_per_device"] = flops / max(step_s, 1e-9) / num_devices / 1e12
+            util = mfu(flops, step_s, num_devices, peak_tflops_per_device)
+            if util is not None:
+                scalars["perf/mfu"] = util
+        if not self.is_primary:
+            return scalars
+        self._write(step, "train", scalars)
+        if step % self.console_every == 0 or step == self.total_steps:
+            mean_s = sum(self._step_times) / len(self._step_times)
+            eta = format_duration(mean_s * (self.total_steps - step))
+            loss = metrics.get("loss", float("nan"))
+            extra = f" | mfu {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else ""
+            print(f"step {step}/{self.total_steps} | loss {loss:.4f} | "
+                  f"{scalars['perf/tokens_per_s']:,.0f} tok/s | rollout {rollout_s:.2f}s update {update_s:.2f}s"
+                  f"{extra} | ETA {eta}", flush=True)
+        return scalars
+
+    def log_val(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Logs validation metrics as ``val/<name>``."""
+        if not self.is_primary:
+            return
+        scalars = {f"val/{k}": float(v) for k, v in metrics.items()}
+        self._write(step, "val", scalars)
+        print(f"validation @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+
+    def _write(self, step: int, kind: str, scalars: Mapping[str, float]) -> None:
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, step)
+        record = {"step": step, "kind": kind, "time": time.time()}
+        record.update({k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()})
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._jsonl.close()
+            self._writer = None
+
+
+def _truncate_jsonl(path: str, resume_step: int) -> None:
+    """Drops records after ``resume_step`` (0: a fresh run starts an empty file)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    if resume_step:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut by a kill mid-write
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str, kind: str | None = None) -> list[dict]:
+    """Records of ``metrics.jsonl`` (optionally only ``kind``), in file order."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if kind is None or record["kind"] == kind:
+                out.append(record)
+    return out
+
+
+def read_tensorboard_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} from the event files of ``tb_dir``, as TensorBoard shows them.
+
+    Honours ``purge_step`` restarts (a SessionLog START at step s hides earlier
+    events with step >= s). Needs only tensorboardX's protobufs, not tensorboard.
+    """
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+    for path in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")), key=os.path.getmtime):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            record = data[pos + 12:pos + 12 + length]
+            pos += 12 + length + 4  # TFRecord: length, crc(length), payload, crc(payload)
+            if len(record) < length:
+                break  # a record cut by a kill
+            event = event_pb2.Event.FromString(record)
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                for tag in scalars:
+                    scalars[tag] = [(s, v) for s, v in scalars[tag] if s < event.step]
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars[value.tag].append((int(event.step), float(value.simple_value)))
+    return dict(scalars)
