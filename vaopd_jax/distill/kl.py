@@ -1,0 +1,187 @@
+"""Chunked full-vocabulary reverse KL and sampled-token log-probs from hidden states.
+
+DESIGN.md's memory rule: full-vocabulary logits for a whole batch never exist at
+once. These functions take final (normed) hidden states and lm_head kernels and
+walk the sequence axis in chunks of ``chunk_size`` positions with ``lax.scan``;
+only one chunk's (B, C, V) logits live at a time, in float32 (bf16 matmul
+inputs, fp32 accumulation and fp32 softmax/KL). The batch axis stays whole inside
+each chunk so that a data-sharded batch keeps every device busy, and a
+vocabulary sharded over the tensor axis stays sharded (target log-probs use a
+one-hot reduction, not a gather along V).
+
+The KL's backward pass is a custom VJP that recomputes each chunk's logits and
+applies the closed form of METHOD.md's reference gradient,
+  d KL / d z = p_S * (log p_S - log p_T - KL),
+so the backward also holds one chunk of logits at a time plus the (H, V) float32
+accumulator of the lm_head gradient.
+
+Vocabulary rows at index >= ``valid_vocab_size`` (lm_head padding beyond the
+tokenizer) are excluded from every softmax.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from vaopd_jax.distill.objective import MASKED_LOGIT
+
+
+def _chunk(x: jax.Array, chunk_size: int) -> jax.Array:
+    """(B, T, ...) -> (n_chunks, B, C, ...), zero-padding T up to a multiple of C."""
+    batch, length = x.shape[:2]
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((batch, num_chunks, chunk_size) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _unchunk(x: jax.Array, length: int) -> jax.Array:
+    """(n_chunks, B, C, ...) -> (B, T, ...), dropping the padding."""
+    x = jnp.moveaxis(x, 0, 1)
+    x = x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
+    return x[:, :length]
+
+
+def _log_softmax_logits(hidden: jax.Array, kernel: jax.Array, valid_vocab_size: int | None) -> jax.Array:
+    """(B, C, H) @ (H, V) -> (B, C, V) float32 log-probs with padded vocabulary rows masked."""
+    logits = jnp.einsum("bch,hv->bcv", hidden, kernel, preferred_element_type=jnp.float32)
+    vocab = kernel.shape[-1]
+    if valid_vocab_size is not None and valid_vocab_size < vocab:
+        logits = jnp.where(jnp.arange(vocab) < valid_vocab_size, logits, MASKED_LOGIT)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _pick(logp: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target): (B, C, V), (B, C) -> (B, C), as a one-hot reduction (shards over V)."""
+    vocab_ids = jnp.arange(logp.shape[-1], dtype=targets.dtype)
+    return jnp.where(vocab_ids == targets[..., None], logp, 0.0).sum(-1)
+
+
+def _check(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, chunk_size):
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}; must be >= 1")
+    if student_kernel.shape[-1] != teacher_kernel.shape[-1]:
+        raise ValueError(f"student vocab {student_kernel.shape[-1]} != teacher vocab {teacher_kernel.shape[-1]}: "
+                         "the KL needs one shared vocabulary")
+    if student_hidden.shape[:2] != targets.shape or teacher_hidden.shape[:2] != targets.shape:
+        raise ValueError(f"hidden states {student_hidden.shape} / {teacher_hidden.shape} must be (B, T, H) with "
+                         f"(B, T) = targets.shape {targets.shape}")
+    if student_hidden.shape[-1] != student_kernel.shape[0] or teacher_hidden.shape[-1] != teacher_kernel.shape[0]:
+        raise ValueError(f"hidden sizes {student_hidden.shape[-1]}, {teacher_hidden.shape[-1]} do not match the "
+                         f"lm_head kernels {student_kernel.shape}, {teacher_kernel.shape} (expected (H, V))")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _kl_core(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, valid_vocab_size,
+             chunk_size):
+    return _kl_forward(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets,
+                       valid_vocab_size, chunk_size)
+
+
+def _kl_forward(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, valid_vocab_size,
+                chunk_size):
+    length = targets.shape[1]
+
+    def body(_, chunk):
+        h_s, h_t, tgt = chunk
+        logp_s = _log_softmax_logits(h_s, student_kernel, valid_vocab_size)
+        logp_t = _log_softmax_logits(h_t, teacher_kernel, valid_vocab_size)
+        kl = (jnp.exp(logp_s) * (logp_s - logp_t)).sum(-1)  # Eq. 1
+        return None, (kl, _pick(logp_t, tgt), _pick(logp_s, tgt))
+
+    chunks = (_chunk(student_hidden, chunk_size), _chunk(teacher_hidden, chunk_size), _chunk(targets, chunk_size))
+    _, outs = jax.lax.scan(body, None, chunks)
+    return tuple(_unchunk(o, length) for o in outs)
+
+
+def _kl_fwd(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, valid_vocab_size, chunk_size):
+    outs = _kl_forward(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, valid_vocab_size,
+                       chunk_size)
+    return outs, (student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets)
+
+
+def _kl_bwd(valid_vocab_size, chunk_size, residuals, cotangents):
+    student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets = residuals
+    g_kl = cotangents[0]  # the two log-prob outputs are stop-gradient (see token_kl_and_logprobs)
+    length = targets.shape[1]
+
+    def body(grad_kernel, chunk):
+        h_s, h_t, g = chunk
+        logp_s = _log_softmax_logits(h_s, student_kernel, valid_vocab_size)
+        logp_t = _log_softmax_logits(h_t, teacher_kernel, valid_vocab_size)
+        p_s = jnp.exp(logp_s)
+        diff = logp_s - logp_t
+        kl = (p_s * diff).sum(-1, keepdims=True)
+        # METHOD.md: dKL/dz = p_S * (log p_S - log p_T - KL); p_S = 0 on padded vocabulary rows.
+        grad_logits = g[..., None].astype(jnp.float32) * p_s * (diff - kl)
+        grad_hidden = jnp.einsum("bcv,hv->bch", grad_logits, student_kernel.astype(jnp.float32))
+        grad_kernel = grad_kernel + jnp.einsum("bch,bcv->hv", h_s.astype(jnp.float32), grad_logits)
+        return grad_kernel, grad_hidden.astype(student_hidden.dtype)
+
+    chunks = (_chunk(student_hidden, chunk_size), _chunk(teacher_hidden, chunk_size), _chunk(g_kl, chunk_size))
+    grad_kernel0 = jnp.zeros(student_kernel.shape, jnp.float32)
+    grad_kernel, grad_hidden = jax.lax.scan(body, grad_kernel0, chunks)
+    return (_unchunk(grad_hidden, length), grad_kernel.astype(student_kernel.dtype), None, None, None)
+
+
+_kl_core.defvjp(_kl_fwd, _kl_bwd)
+
+
+def token_kl_and_logprobs(student_hidden: jax.Array, student_kernel: jax.Array, teacher_hidden: jax.Array,
+                          teacher_kernel: jax.Array, targets: jax.Array, *, valid_vocab_size: int | None = None,
+                          chunk_size: int = 128) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-position reverse KL(p_S || p_T) (Eq. 1) and sampled-token log-probs, chunked.
+
+    Position t of the hidden states is the one that predicts ``targets[:, t]``.
+    Differentiable w.r.t. ``student_hidden`` and ``student_kernel`` only (the
+    teacher is frozen); the log-prob outputs are stop-gradient.
+
+    Args:
+      student_hidden: (B, T, Hs) final-normed student hidden states (any float dtype).
+      student_kernel: (Hs, V) student lm_head kernel.
+      teacher_hidden: (B, T, Ht) teacher hidden states, original image.
+      teacher_kernel: (Ht, V) teacher lm_head kernel.
+      targets: (B, T) int32 sampled tokens.
+      valid_vocab_size: rows >= this are lm_head padding, excluded (None: all rows real).
+      chunk_size: positions per chunk; need not divide T.
+    Returns:
+      kl (B, T) float32, teacher_logp (B, T) float32 = log p_T(target | original image),
+      student_logp (B, T) float32 = log p_S(target).
+    """
+    _check(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, chunk_size)
+    teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+    teacher_kernel = jax.lax.stop_gradient(teacher_kernel)
+    kl, teacher_logp, student_logp = _kl_core(student_hidden, student_kernel, teacher_hidden, teacher_kernel,
+                                              targets.astype(jnp.int32), valid_vocab_size, chunk_size)
+    return kl, jax.lax.stop_gradient(teacher_logp), jax.lax.stop_gradient(student_logp)
+
+
+def token_logprobs(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *,
+                   valid_vocab_size: int | None = None, chunk_size: int = 128) -> jax.Array:
+    """Chunked log p(target) at every position (e.g. the teacher on the pixelated view), stop-gradient.
+
+    Args:
+      hidden: (B, T, H) final-normed hidden states; kernel: (H, V); targets: (B, T) int.
+    Returns:
+      (B, T) float32 log-probs of ``targets`` under softmax(hidden @ kernel) over the valid vocabulary.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}; must be >= 1")
+    if hidden.shape[:2] != targets.shape or hidden.shape[-1] != kernel.shape[0]:
+        raise ValueError(f"hidden {hidden.shape} / kernel {kernel.shape} / targets {targets.shape}: "
+                         "expected (B, T, H), (H, V), (B, T)")
+    hidden = jax.lax.stop_gradient(hidden)
+    kernel = jax.lax.stop_gradient(kernel)
+    targets = targets.astype(jnp.int32)
+
+    def body(_, chunk):
+        h, tgt = chunk
+        return None, _pick(_log_softmax_logits(h, kernel, valid_vocab_size), tgt)
+
+    _, logp = jax.lax.scan(body, None, (_chunk(hidden, chunk_size), _chunk(targets, chunk_size)))
+    return _unchunk(logp, targets.shape[1])
