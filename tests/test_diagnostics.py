@@ -311,3 +311,19 @@ def test_side_by_side_with_the_project_pixelate():
     np.testing.assert_array_equal(out[:, :64], np.asarray(image))
     np.testing.assert_array_equal(out[:, 68:], np.asarray(pixelated))
     assert not np.array_equal(out[:, :64], out[:, 68:])  # the digit's detail is gone on the right
+
+
+def test_token_texts_keeps_split_characters_whole():
+    # A byte-level vocabulary where "é" (c3 a9) and "²" (c2 b2) are split across two tokens each.
+    vocab = {0: b"caf", 1: b"\xc3", 2: b"\xa9", 3: b" x", 4: b"\xc2", 5: b"\xb2", 6: b"!"}
+
+    def decode(ids):
+        return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    ids = np.array([0, 1, 2, 3, 4, 5, 6])
+    texts = diagnostics.token_texts(decode, ids)
+    assert texts == ["caf", "", "é", " x", "", "²", "!"]
+    assert "".join(texts) == decode(list(ids))
+    # An incomplete character at the very end stays on the last token.
+    assert diagnostics.token_texts(decode, [0, 1]) == ["caf", "\ufffd"]
+    assert diagnostics.token_texts(decode, []) == []

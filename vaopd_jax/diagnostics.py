@@ -7,7 +7,8 @@ the teacher looks. These functions make that visible:
   is (the paper: the top 10 % of tokens carry ~93 % of it).
 - ``va_summary``: the scalars worth logging (mean VA, max, top-10 % share).
 - ``va_token_html`` / ``va_token_png``: one rollout's text, each token shaded
-  by its VA (HTML for notebooks, PNG for TensorBoard and the README).
+  by its VA (HTML for notebooks, PNG for TensorBoard and the README);
+  ``token_texts`` decodes the per-token strings they take.
 - ``side_by_side``: an image and its pixelated copy next to each other.
 - ``plot_curves``: training curves such as mean student VA (OPD vs VA-OPD).
 - ``log_va_diagnostics``: all of the above into a tensorboardX writer.
@@ -30,7 +31,7 @@ import io
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -172,6 +173,37 @@ def va_summary(va: Any, mask: Any = None, top_fraction: float = 0.1) -> dict[str
 # ---------------------------------------------------------------------------
 # Token-level view of one rollout
 # ---------------------------------------------------------------------------
+
+
+def token_texts(decode: Callable[[list[int]], str], token_ids: Sequence[int]) -> list[str]:
+    """The display text of each token, for `va_token_html` / `va_token_png`.
+
+    Byte-level BPE splits some characters (accents, CJK, ``²``) across tokens,
+    so decoding tokens one by one shows U+FFFD. Here a token whose text would
+    end in an incomplete character gets "" and the character is shown on the
+    token that completes it; the texts always join to ``decode(token_ids)``
+    (up to a trailing incomplete character, kept on the last token).
+
+    Args:
+      decode: ids → text, e.g. ``tokenizer.decode`` (pass
+        ``functools.partial(tokenizer.decode, skip_special_tokens=False)`` to
+        show ``<|im_end|>``).
+      token_ids: (T,) ids of one rollout (list, numpy or jax array).
+
+    Returns:
+      T strings.
+    """
+    ids = [int(token_id) for token_id in np.asarray(token_ids).reshape(-1)]
+    texts: list[str] = []
+    start = 0  # first id whose text is not yet shown
+    for index in range(len(ids)):
+        text = decode(ids[start:index + 1])
+        if text.endswith("\ufffd") and index + 1 < len(ids):
+            texts.append("")  # incomplete character: wait for the token that completes it
+            continue
+        texts.append(text)
+        start = index + 1
+    return texts
 
 
 def _one_rollout(tokens_text: Sequence[str], va: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -655,7 +687,8 @@ def read_scalars(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
 
 # A geometry answer whose tokens read off the figure (the right angle, the
 # side lengths) carry VA and the derived steps carry little: the pattern the
-# paper reports. Hand-made values, for illustration only.
+# paper reports. Hand-made values, for illustration only; Qwen's tokenizer splits
+# numbers into single digits, as here.
 _EXAMPLE_TOKENS = [
     ("In", 0.0), (" the", 0.0), (" figure", 0.01), (",", 0.0), (" triangle", 0.04), (" ABC", 0.12),
     (" has", 0.0), (" a", 0.0), (" right", 0.35), (" angle", 0.22), (" at", 0.0), (" B", 0.48),
@@ -663,8 +696,8 @@ _EXAMPLE_TOKENS = [
     (" =", 0.0), (" ", 0.0), ("8", 0.92), (".", 0.0), ("\n", 0.0), ("By", 0.0), (" Pyth", 0.02),
     ("agoras", 0.0), (",", 0.0), (" AC", 0.05), (" =", 0.0), (" √", 0.0), ("(", 0.0), ("6", 0.06),
     ("²", 0.0), (" +", 0.0), (" ", 0.0), ("8", 0.05), ("²", 0.0), (")", 0.0), (" =", 0.0), (" ", 0.0),
-    ("10", 0.01), (".", 0.0), ("\n", 0.0), ("The", 0.0), (" answer", 0.0), (" is", 0.0), (" \\", 0.0),
-    ("boxed", 0.0), ("{", 0.0), ("10", 0.02), ("}", 0.0), (".", 0.0), ("<|im_end|>", 0.0),
+    ("1", 0.01), ("0", 0.0), (".", 0.0), ("\n", 0.0), ("The", 0.0), (" answer", 0.0), (" is", 0.0),
+    (" \\", 0.0), ("boxed", 0.0), ("{", 0.0), ("1", 0.02), ("0", 0.0), ("}", 0.0), (".", 0.0), ("<|im_end|>", 0.0),
 ]
 
 
