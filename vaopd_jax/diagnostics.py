@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import glob
 import html
-import io
 import math
 import os
 import struct
