@@ -1,0 +1,164 @@
+"""`Qwen3VL`: the full vision-language model (vision tower + text decoder + lm_head) as a Flax NNX module.
+
+Forward (same meaning as transformers' `Qwen3VLForConditionalGeneration`):
+    logits = model(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                   *, position_ids=None, vision_inputs=None, image_embeds=None, deepstack_embeds=None)
+        input_ids (B, T) int32; attention_mask (B, T) 1 = real token (right padding);
+        pixel_values (N, 1536) rows of all images in order (N may be padded, see prepare_vision_inputs);
+        image_grid_thw (n_images, 3); -> logits (B, T, V) float32.
+    hidden = model.hidden_states(...same...)   # (B, T, E) after the final norm, before the lm_head
+    W = model.lm_head_kernel()                 # (E, V); tied -> embedding.T
+Under jit pass `position_ids` (3, B, T) from `get_rope_index` and `vision_inputs` from `prepare_vision_inputs`
+(host-side numpy); when they are None they are computed here from concrete arrays (not jittable).
+Instead of pixel values, precomputed `image_embeds` (M, E) and `deepstack_embeds` (tuple of (M, E)) from
+`model.encode_images(pixel_values, vision_inputs)` may be passed (run the vision tower once, reuse it).
+
+KV cache (for the sampler):
+    cache = model.init_cache(batch_size, max_length, dtype=None)       # KVCache pytree, slots all invalid
+    logits, cache = model.prefill(input_ids, attention_mask, position_ids, *, image_embeds=None,
+                                  deepstack_embeds=None, cache, last_only=False)
+        writes slots [0, T) (padding slots stay invalid); logits (B, T, V), or (B, V) at each row's last real
+        token when last_only=True.
+    logits, cache = model.decode_step(token_ids, position_ids, cache, cache_index)
+        token_ids (B, 1), position_ids (3, B, 1) (= cache_index + rope_delta on all three axes for text),
+        cache_index scalar int (same slot for every row) -> logits (B, 1, V) float32. Attends to valid cache
+        slots <= cache_index. Pure in the params: inside `jax.lax.while_loop` use
+        `graphdef, state = nnx.split(model)` outside and `nnx.merge(graphdef, state).decode_step(...)` inside
+        (or close over the model in a function passed to nnx.jit).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import Qwen3VLConfig
+from .layers import param
+from .rope import VisionInputs, get_rope_index, mrope_cos_sin, prepare_vision_inputs, text_position_ids
+from .text import KVCache, TextModel
+from .vision import VisionTower
+
+
+class Qwen3VL(nnx.Module):
+    def __init__(self, cfg: Qwen3VLConfig, param_dtype=jnp.float32, compute_dtype=None, *,
+                 rngs: nnx.Rngs | None = None, remat: str | None = None):
+        if remat is not None:
+            cfg = cfg.replace(remat=remat)
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        compute_dtype = compute_dtype or param_dtype
+        self.config = cfg
+        self.param_dtype = param_dtype
+        self.compute_dtype = compute_dtype
+        self.visual = VisionTower(cfg, param_dtype, compute_dtype, rngs)
+        self.language_model = TextModel(cfg, param_dtype, compute_dtype, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size), ("embed", "vocab"), param_dtype)
+
+    # ------------------------------------------------------------------ pieces
+    def lm_head_kernel(self):
+        """(E, V) output projection; the transposed embedding when tied."""
+        if self.config.tie_word_embeddings:
+            return self.language_model.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def logits_from_hidden(self, hidden):
+        """hidden (..., E) -> logits (..., V) float32 (matmul in compute dtype, fp32 accumulation)."""
+        w = self.lm_head_kernel().astype(self.compute_dtype)
+        return jnp.einsum("...e,ev->...v", hidden.astype(self.compute_dtype), w, preferred_element_type=jnp.float32)
+
+    def encode_images(self, pixel_values, vision_inputs: VisionInputs):
+        """pixel_values (N, patch_dim) -> (image_embeds (N/4, E), tuple of deepstack features (N/4, E))."""
+        return self.visual(pixel_values, vision_inputs)
+
+    def _resolve_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
+                        vision_inputs, image_embeds, deepstack_embeds):
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if position_ids is None:
+            if image_grid_thw is None:
+                position_ids = text_position_ids(attention_mask)
+            else:
+                position_ids, _ = get_rope_index(np.asarray(input_ids), np.asarray(image_grid_thw),
+                                                 np.asarray(attention_mask), self.config)
+        if pixel_values is not None:
+            if image_embeds is not None:
+                raise ValueError("pass either pixel_values or image_embeds, not both")
+            if vision_inputs is None:
+                if image_grid_thw is None:
+                    raise ValueError("pixel_values needs image_grid_thw or vision_inputs")
+                vision_inputs = prepare_vision_inputs(np.asarray(image_grid_thw), self.config,
+                                                      pad_patches_to=pixel_values.shape[0])
+            image_embeds, deepstack_embeds = self.encode_images(pixel_values, vision_inputs)
+        return attention_mask, jnp.asarray(position_ids), image_embeds, tuple(deepstack_embeds or ())
+
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+                      position_ids=None, vision_inputs=None, image_embeds=None, deepstack_embeds=None):
+        """Final hidden states (B, T, E) after the final norm (compute dtype)."""
+        attention_mask, position_ids, image_embeds, deepstack_embeds = self._resolve_inputs(
+            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs,
+            image_embeds, deepstack_embeds)
+        lm = self.language_model
+        x = lm.embed(input_ids, image_embeds)
+        cos, sin = mrope_cos_sin(position_ids, self.config.text)
+        t = input_ids.shape[1]
+        # Causal + key padding (transformers' create_causal_mask); padded query rows still see real keys.
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+        x, _ = lm.run_layers(x, cos, sin, mask, input_ids, deepstack_embeds)
+        return lm.final_norm(x)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+                 position_ids=None, vision_inputs=None, image_embeds=None, deepstack_embeds=None):
+        """Logits (B, T, V) float32, equal to transformers' Qwen3VLForConditionalGeneration logits."""
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                    position_ids=position_ids, vision_inputs=vision_inputs,
+                                    image_embeds=image_embeds, deepstack_embeds=deepstack_embeds)
+        return self.logits_from_hidden(hidden)
+
+    # ------------------------------------------------------------------ KV cache
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        t = self.config.text
+        shape = (t.num_hidden_layers, batch_size, max_length, t.num_key_value_heads, t.head_dim)
+        dtype = dtype or self.compute_dtype
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       valid=jnp.zeros((batch_size, max_length), bool))
+
+    def prefill(self, input_ids, attention_mask, position_ids, *, cache: KVCache, image_embeds=None,
+                deepstack_embeds=None, pixel_values=None, vision_inputs=None, last_only: bool = False):
+        """Runs the prompt (B, T) and writes cache slots [0, T). Returns (logits, cache): logits (B, T, V), or
+        (B, V) at each row's last real token when last_only."""
+        attention_mask, position_ids, image_embeds, deepstack_embeds = self._resolve_inputs(
+            input_ids, attention_mask, pixel_values, None, position_ids, vision_inputs, image_embeds,
+            deepstack_embeds)
+        b, t = input_ids.shape
+        s = cache.k.shape[2]
+        if t > s:
+            raise ValueError(f"prompt length {t} exceeds the cache length {s}")
+        valid = cache.valid.at[:, :t].set(attention_mask.astype(bool))
+        lm = self.language_model
+        x = lm.embed(input_ids, image_embeds)
+        cos, sin = mrope_cos_sin(position_ids, self.config.text)
+        causal = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]  # (T, S)
+        mask = causal[None, None] & valid[:, None, None, :]
+        x, (k, v) = lm.run_layers(x, cos, sin, mask, input_ids, deepstack_embeds, kv=(cache.k, cache.v),
+                                  write_index=0)
+        hidden = lm.final_norm(x)
+        if last_only:
+            last = jnp.maximum(jnp.sum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+            hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return self.logits_from_hidden(hidden), KVCache(k=k, v=v, valid=valid)
+
+    def decode_step(self, token_ids, position_ids, cache: KVCache, cache_index):
+        """One token per row at slot cache_index. token_ids (B, 1), position_ids (3, B, 1) ->
+        (logits (B, 1, V) float32, cache)."""
+        s = cache.k.shape[2]
+        valid = jax.lax.dynamic_update_slice_in_dim(
+            cache.valid, jnp.ones((cache.valid.shape[0], 1), bool), cache_index, axis=1)
+        lm = self.language_model
+        x = lm.embed(token_ids)
+        cos, sin = mrope_cos_sin(position_ids, self.config.text)
+        mask = ((jnp.arange(s) <= cache_index)[None, :] & valid)[:, None, None, :]
+        x, (k, v) = lm.run_layers(x, cos, sin, mask, token_ids, (), kv=(cache.k, cache.v), write_index=cache_index)
+        return self.logits_from_hidden(lm.final_norm(x)), KVCache(k=k, v=v, valid=valid)

@@ -1,0 +1,125 @@
+"""Test helpers shared by the model, sampler and train-step parity tests (torch is imported lazily).
+
+    cfg = tiny_config(tie_word_embeddings=True)
+    hf = hf_reference_model(cfg, seed=0)          # transformers Qwen3VLForConditionalGeneration, fp32, eager
+    model = model_from_hf(hf, cfg)                  # our Qwen3VL with the same weights
+    batch = make_batch(cfg, [[(1, 4, 6)], [(1, 8, 4), (1, 4, 4)]], text_lens=[5, 3], seed=0)
+    hf_logits = hf_logits(hf, batch)               # numpy (B, T, V)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Qwen3VLConfig
+from .convert import model_from_tensors
+from .model import Qwen3VL
+
+
+def tiny_config(**overrides) -> Qwen3VLConfig:
+    """The tiny test config (Qwen3VLConfig.tiny) with overrides (top-level fields, text=dict, vision=dict)."""
+    return Qwen3VLConfig.tiny(**overrides)
+
+
+def hf_reference_model(cfg: Qwen3VLConfig, seed: int = 0):
+    """transformers' Qwen3VLForConditionalGeneration for `cfg`, random init, fp32, eager attention, eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.Qwen3VLConfig(**cfg.to_hf_dict())
+    hf_cfg._attn_implementation = "eager"
+    hf_cfg.text_config._attn_implementation = "eager"
+    hf_cfg.vision_config._attn_implementation = "eager"
+    model = transformers.Qwen3VLForConditionalGeneration(hf_cfg).to(torch.float32).eval()
+    # Re-initialize so activations and logits are O(1) (transformers' std 0.02 makes logits tiny and parity
+    # tests insensitive) and norms/biases are not trivially 1/0, so every parameter is exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.ndim == 1 or "embed_tokens" in name or "pos_embed" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn_like(p) / fan_in**0.5)
+    return model
+
+
+def model_from_hf(hf_model, cfg: Qwen3VLConfig | None = None, dtype=jnp.float32, **kwargs) -> Qwen3VL:
+    """Our Qwen3VL holding the weights of a transformers model (via the checkpoint name mapping)."""
+    cfg = cfg or Qwen3VLConfig.from_hf(hf_model.config.to_dict())
+    state = {k: v.detach().cpu().float().numpy() for k, v in hf_model.state_dict().items()}
+    return model_from_tensors(cfg, lambda key: _lookup(state, key), dtype=dtype, **kwargs)
+
+
+def _lookup(state, key):
+    from .convert import CheckpointError
+
+    if key not in state:
+        raise CheckpointError(f"state dict: missing tensor {key!r}")
+    return state[key]
+
+
+@dataclasses.dataclass
+class Batch:
+    """A right-padded multimodal batch (numpy)."""
+
+    input_ids: np.ndarray  # (B, T) int32
+    attention_mask: np.ndarray  # (B, T) int32
+    pixel_values: np.ndarray | None  # (N, patch_dim) float32
+    image_grid_thw: np.ndarray | None  # (n_images, 3) int64
+    mm_token_type_ids: np.ndarray  # (B, T) int32: 1 at <|image_pad|>
+
+
+def make_batch(cfg: Qwen3VLConfig, images_per_sample, text_lens, seed: int = 0, pad_to: int | None = None) -> Batch:
+    """Random prompts: sample b = text, then for each image (t, h, w) <vision_start> pads <vision_end> text.
+
+    images_per_sample: list (per sample) of lists of grids (t, h, w) in patches (h, w multiples of merge).
+    text_lens: per-sample length of each text run. Token ids avoid the special ids; right padding to the
+    longest sample (or pad_to).
+    """
+    rng = np.random.default_rng(seed)
+    special = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
+    normal = np.array([i for i in range(cfg.text.vocab_size) if i not in special])
+    merge = cfg.vision.merge_unit
+    rows, grids = [], []
+    for grids_b, n_text in zip(images_per_sample, text_lens):
+        seq = list(rng.choice(normal, n_text))
+        for g in grids_b:
+            seq += [cfg.vision_start_token_id] + [cfg.image_token_id] * (int(np.prod(g)) // merge)
+            seq += [cfg.vision_end_token_id] + list(rng.choice(normal, n_text))
+            grids.append(g)
+        rows.append(seq)
+    t = max(len(r) for r in rows) if pad_to is None else pad_to
+    ids = np.zeros((len(rows), t), np.int32)
+    mask = np.zeros((len(rows), t), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    if grids:
+        grid = np.array(grids, np.int64)
+        n = int(np.prod(grid, axis=1).sum())
+        pixels = rng.standard_normal((n, cfg.vision.patch_dim)).astype(np.float32)
+    else:
+        grid, pixels = None, None
+    return Batch(ids, mask, pixels, grid, (ids == cfg.image_token_id).astype(np.int32))
+
+
+def hf_logits(hf_model, batch: Batch) -> np.ndarray:
+    """transformers logits (B, T, V) as numpy for a Batch."""
+    import torch
+
+    kwargs = dict(input_ids=torch.tensor(batch.input_ids, dtype=torch.long),
+                  attention_mask=torch.tensor(batch.attention_mask, dtype=torch.long))
+    if batch.pixel_values is not None:
+        kwargs.update(pixel_values=torch.tensor(batch.pixel_values),
+                      image_grid_thw=torch.tensor(batch.image_grid_thw),
+                      mm_token_type_ids=torch.tensor(batch.mm_token_type_ids, dtype=torch.int32))
+    with torch.no_grad():
+        return hf_model(**kwargs).logits.float().numpy()
