@@ -1,0 +1,38 @@
+"""The paper's eight evaluation benchmarks: readers, prompt builders and scorers.
+
+``BENCHMARKS`` maps a name (also the default directory name under
+``config.benchmarks_dir``) to its :class:`~vaopd_jax.benchmarks.base.Benchmark`, in
+the column order of the paper's table: math first (WeMath, MathVista, MathVerse),
+then visual (HallusionBench, AI2D, MMMU, MMStar, OCRBench).
+"""
+
+from vaopd_jax.benchmarks.ai2d import AI2D
+from vaopd_jax.benchmarks.base import Benchmark
+from vaopd_jax.benchmarks.common import BadRecord, ImageRef, MissingBenchmark, ReadResult, Record
+from vaopd_jax.benchmarks.hallusionbench import HallusionBench
+from vaopd_jax.benchmarks.mathverse import MathVerse
+from vaopd_jax.benchmarks.mathvista import MathVista
+from vaopd_jax.benchmarks.mmmu import MMMU
+from vaopd_jax.benchmarks.mmstar import MMStar
+from vaopd_jax.benchmarks.ocrbench import OCRBench
+from vaopd_jax.benchmarks.wemath import WeMath
+
+BENCHMARKS: dict = {
+    b.name: b
+    for b in (WeMath(), MathVista(), MathVerse(), HallusionBench(), AI2D(), MMMU(), MMStar(), OCRBench())
+}
+MATH_BENCHMARKS = tuple(n for n, b in BENCHMARKS.items() if b.group == "math")
+VISUAL_BENCHMARKS = tuple(n for n, b in BENCHMARKS.items() if b.group == "visual")
+
+
+def get(name: str) -> Benchmark:
+    """The benchmark called ``name``; raises ValueError listing the known names."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {list(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+
+__all__ = [
+    "BENCHMARKS", "MATH_BENCHMARKS", "VISUAL_BENCHMARKS", "Benchmark", "BadRecord", "ImageRef",
+    "MissingBenchmark", "ReadResult", "Record", "get",
+]

@@ -1,0 +1,48 @@
+"""MathVerse (AI4Math/MathVerse, testmini, 3,940 rows = 788 problems x 5 versions).
+
+Layout: parquet ``testmini.parquet`` with ``sample_index``, ``problem_index``,
+``problem_version``, ``question``, ``query_cot`` / ``query_wo`` (official prompts),
+``answer``, ``question_type`` (``multi-choice`` | ``free-form``),
+``question_for_eval`` and ``image`` (HF struct; may be null).
+
+Scoring (paper: rule-based): multiple choice by option letter, free form through
+math-verify on the first committed answer. VLMEvalKit uses a judge instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vaopd_jax.benchmarks import common
+from vaopd_jax.benchmarks.base import Benchmark
+from vaopd_jax.benchmarks.common import BadRecord, Record
+
+
+class MathVerse(Benchmark):
+    name = "mathverse"
+    display = "MathVerse"
+    group = "math"
+    patterns = ("**/testmini.parquet", "**/testmini-*.parquet")
+    required_columns = ("sample_index", "question", "answer", "question_type")
+    official_uses_judge = True
+    protocol = "rule: option letter / math-verify on the first committed answer (VLMEvalKit: judge)"
+
+    def parse_row(self, row: dict, path: Path, index: int) -> Record:
+        rid = common.clean_str(row.get("sample_index")) or f"{path.stem}-{index}"
+        common.require(row, ("question", "answer", "question_type"), rid)
+        qtype = str(row["question_type"])
+        answer = str(row["answer"]).strip()
+        if qtype == "multi-choice":
+            letter = answer.strip("() .").upper()
+            if len(letter) != 1 or letter not in common.LETTERS:
+                raise BadRecord(f"record {rid}: multi-choice answer {answer!r} is not an option letter")
+            answer = letter
+        image = common.image_ref(row.get("image"), path.parent)
+        question = common.clean_str(row.get("query_cot")).strip() or str(row["question"]).strip()
+        return Record(
+            id=rid, question=question, images=(image,) if image is not None else (), answer=answer,
+            meta={"question_type": qtype, "problem_version": common.clean_str(row.get("problem_version"))},
+        )
+
+    def kind(self, record: Record) -> str:
+        return common.KIND_CHOICE if record.meta["question_type"] == "multi-choice" else common.KIND_MATH

@@ -1,0 +1,78 @@
+"""MMStar (Lin-Chen/MMStar, val, 1,500 rows).
+
+Layout: parquet (``mmstar.parquet`` or ``val-*.parquet``) with ``index``,
+``question`` (options inline: ``Options: A: ..., B: ..., C: ..., D: ...``),
+``answer`` (A-D), ``category``, ``l2_category`` and ``image`` (HF struct).
+Scoring: option letter (the official protocol may use a judge as fallback).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from vaopd_jax.benchmarks import common
+from vaopd_jax.benchmarks.ai2d import MC_SUFFIX
+from vaopd_jax.benchmarks.base import Benchmark
+from vaopd_jax.benchmarks.common import BadRecord, Record
+
+_INLINE_OPTION = re.compile(r"(?:^|[\s,(])([A-F])\s*[:.)]\s*")
+
+
+def parse_inline_options(question: str) -> Optional[list[str]]:
+    """Option texts from 'Options: A: x, B: y' at the end of the question, else None."""
+    marker = question.rfind("Options:")
+    if marker < 0:
+        return None
+    text = question[marker + len("Options:") :]
+    matches = list(_INLINE_OPTION.finditer(text))
+    letters = "".join(m.group(1) for m in matches)
+    if len(matches) < 2 or letters != common.LETTERS[: len(matches)]:
+        return None
+    out = []
+    for i, match in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        out.append(text[match.end() : end].strip().rstrip(",").strip())
+    return out
+
+
+class MMStar(Benchmark):
+    name = "mmstar"
+    display = "MMStar"
+    group = "visual"
+    patterns = ("**/mmstar.parquet", "**/val-*.parquet", "**/val.parquet")
+    required_columns = ("index", "question", "answer", "image")
+    official_uses_judge = True
+    protocol = "rule: option letter match (official: judge fallback)"
+
+    def parse_row(self, row: dict, path: Path, index: int) -> Record:
+        rid = common.clean_str(row.get("index")) or f"{path.stem}-{index}"
+        common.require(row, ("question", "answer"), rid)
+        answer = str(row["answer"]).strip().upper()
+        if len(answer) != 1 or answer not in "ABCDEF":
+            raise BadRecord(f"record {rid}: answer {row['answer']!r} is not an option letter A-F")
+        image = common.image_ref(row.get("image"), path.parent)
+        if image is None:
+            raise BadRecord(f"record {rid}: no image")
+        question = str(row["question"]).strip()
+        return Record(
+            id=rid, question=f"{question}\n{MC_SUFFIX}", images=(image,), answer=answer,
+            meta={"options": parse_inline_options(question), "category": common.clean_str(row.get("category"))},
+        )
+
+    def kind(self, record: Record) -> str:
+        return common.KIND_CHOICE
+
+    def aggregate(self, rows, num_samples: int) -> dict:
+        out = super().aggregate(rows, num_samples)
+        by_category: dict = {}
+        for row in rows:
+            by_category.setdefault(row["meta"].get("category") or "", []).append(row)
+        out["categories"] = {
+            name: 100.0 * common.run_means(group, common.sample_accuracy, num_samples)
+            for name, group in sorted(by_category.items()) if name
+        }
+        return out

@@ -1,0 +1,58 @@
+"""OCRBench (echo840/OCRBench, test, 1,000 rows).
+
+Layout: parquet ``data/test-*.parquet`` with ``dataset``, ``question``,
+``question_type``, ``answer`` (LIST of acceptable strings) and ``image`` (HF struct).
+Official scoring: a question is right when any gold answer is a case-insensitive
+substring of the response (for Handwritten Mathematical Expression Recognition
+after removing all whitespace); the score is the count out of 1,000, reported /10.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+
+from vaopd_jax.benchmarks import common
+from vaopd_jax.benchmarks.base import Benchmark
+from vaopd_jax.benchmarks.common import BadRecord, Record
+
+HME = "Handwritten Mathematical Expression Recognition"
+
+
+class OCRBench(Benchmark):
+    name = "ocrbench"
+    display = "OCRBench"
+    group = "visual"
+    patterns = ("**/test-*.parquet", "**/test.parquet", "**/OCRBench*.parquet")
+    required_columns = ("question", "answer", "image")
+    protocol = "rule: case-insensitive substring of any gold answer; points out of 1,000, reported /10"
+
+    def parse_row(self, row: dict, path: Path, index: int) -> Record:
+        rid = f"{path.stem}-{index}"
+        common.require(row, ("question", "answer"), rid)
+        answers = row["answer"]
+        if isinstance(answers, str):  # some exports stringify the list
+            try:
+                parsed = ast.literal_eval(answers)
+                answers = parsed if isinstance(parsed, (list, tuple)) else [answers]
+            except (ValueError, SyntaxError):
+                answers = [answers]
+        answers = [str(a) for a in answers if str(a).strip()]
+        if not answers:
+            raise BadRecord(f"record {rid}: empty answer list")
+        image = common.image_ref(row.get("image"), path.parent)
+        if image is None:
+            raise BadRecord(f"record {rid}: no image")
+        qtype = common.clean_str(row.get("question_type"))
+        return Record(id=rid, question=str(row["question"]).strip(), images=(image,), answer=answers,
+                      meta={"question_type": qtype, "hme": qtype == HME})
+
+    def kind(self, record: Record) -> str:
+        return common.KIND_OCR
+
+    def aggregate(self, rows, num_samples: int) -> dict:
+        points = float(np.mean([sum(bool(r["correct"][k]) for r in rows) for k in range(num_samples)]))
+        accuracy = common.run_means(rows, common.sample_accuracy, num_samples)
+        return {"score": 100.0 * accuracy, "accuracy": accuracy, "points": points, "questions": len(rows)}
