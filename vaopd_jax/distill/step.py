@@ -1,0 +1,323 @@
+"""The fused, jitted VA-OPD train step (DESIGN.md "The data flow of one training step").
+
+    optimizer = make_optimizer(learning_rate=1e-6, total_steps=N)
+    state = create_train_state(student_model, optimizer, rng, remat='block', mesh=mesh)
+    teacher_graphdef, teacher_params = split_teacher(teacher_model, mesh=mesh)
+    train_step = make_train_step(StepConfig(num_rollouts=4), teacher_graphdef, optimizer,
+                                 mesh=mesh, state_sharding=train_state_sharding(state))
+    batch = shard_batch(build_train_batch(prompt_batch, tokens, response_mask, 4, cfg), mesh)
+    state, metrics = train_step(state, teacher_params, batch, rng)
+
+One jit: the frozen teacher on the original and the pixelated view (stop-gradient;
+the pixelated pass is skipped for 'opd'), sampled-token log-probs -> VA (Eq. 2),
+rollout weights and token groups (Eq. 3-5), the student forward with per-block
+rematerialization, the chunked full-vocabulary reverse KL against the
+original-view teacher (Eq. 1), the loss (Eq. 6), its gradient, global-norm clip
+and AdamW with linear warm-up + cosine decay. The train state is donated. A
+non-finite loss or gradient norm leaves params and optimizer state unchanged and
+reports ``skipped = 1``.
+
+Precision: keep the student's params in float32 (the AdamW master copy; lr 1e-6
+updates vanish in bf16) with a bf16 compute dtype (Qwen3VL(cfg, param_dtype=
+jnp.float32, compute_dtype=jnp.bfloat16)); the teacher in bf16. Softmax, KL and
+the objective run in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vaopd_jax.distill import kl as kl_lib
+from vaopd_jax.distill import objective
+from vaopd_jax.distill.batch import TrainBatch, build_train_batch  # noqa: F401  (re-exported)
+from vaopd_jax.models.qwen3_vl import Qwen3VL
+from vaopd_jax.models.qwen3_vl import sharding as model_sharding
+
+REMAT_POLICIES = ("none", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static switches of the train step (hashable).
+
+    num_rollouts: K >= 1 (>= 2 for the reweighting methods to mean anything).
+    method / high_fraction (p_v) / high_weight (lambda) / temperature (tau) / eps: see ObjectiveConfig.
+    kl_chunk_size: response positions per chunk of the full-vocabulary KL (>= 1).
+    valid_vocab_size: lm_head rows >= this are padding beyond the tokenizer (None: all real).
+    """
+
+    num_rollouts: int = 4
+    method: str = "va_opd"
+    high_fraction: float = 0.2
+    high_weight: float = 0.5
+    temperature: float = 1.0
+    eps: float = 1e-6
+    kl_chunk_size: int = 256
+    valid_vocab_size: int | None = None
+
+    def __post_init__(self):
+        self.objective  # validates the objective fields
+        if self.num_rollouts < 1:
+            raise ValueError(f"StepConfig.num_rollouts={self.num_rollouts}; must be >= 1")
+        if self.kl_chunk_size < 1:
+            raise ValueError(f"StepConfig.kl_chunk_size={self.kl_chunk_size}; must be >= 1")
+        if self.valid_vocab_size is not None and self.valid_vocab_size < 1:
+            raise ValueError(f"StepConfig.valid_vocab_size={self.valid_vocab_size}; must be >= 1 or None")
+
+    @property
+    def objective(self) -> objective.ObjectiveConfig:
+        return objective.ObjectiveConfig(method=self.method, high_fraction=self.high_fraction,
+                                         high_weight=self.high_weight, temperature=self.temperature,
+                                         eps=self.eps)
+
+
+@struct.dataclass
+class TrainState:
+    """Student training state (a pytree; `graphdef` is static).
+
+    params: nnx.State of the student's nnx.Param values; opt_state: optax state;
+    step: () int32 steps taken (skipped ones included); rng: PRNG key of the run.
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+    graphdef: Any = struct.field(pytree_node=False)
+
+
+def make_schedule(learning_rate: float = 1e-6, total_steps: int = 1000, warmup_fraction: float = 0.05,
+                  end_lr_fraction: float = 0.0) -> optax.Schedule:
+    """Linear warm-up from 0 over round(warmup_fraction * total_steps) steps, then cosine decay to
+    learning_rate * end_lr_fraction at total_steps (optax.warmup_cosine_decay_schedule)."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps}; must be >= 1")
+    if not 0.0 <= warmup_fraction < 1.0:
+        raise ValueError(f"warmup_fraction={warmup_fraction}; allowed range [0, 1)")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate={learning_rate}; must be > 0")
+    warmup = int(round(warmup_fraction * total_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+        end_value=learning_rate * end_lr_fraction)
+
+
+def make_optimizer(learning_rate: float = 1e-6, total_steps: int = 1000, warmup_fraction: float = 0.05,
+                   b1: float = 0.9, b2: float = 0.95, weight_decay: float = 0.1, clip_norm: float = 1.0,
+                   end_lr_fraction: float = 0.0) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and linear warm-up + cosine decay (METHOD.md recipe).
+
+    Weight decay applies to every parameter (verl's FSDP AdamW convention). The learning rate at step s
+    is make_schedule(...)(s) with the same arguments.
+    """
+    schedule = make_schedule(learning_rate, total_steps, warmup_fraction, end_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(clip_norm),
+                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+def _graphdef_with_remat(model: Qwen3VL, remat: str | None):
+    """The model's graphdef, rebuilt (abstractly, no weights) with another remat policy if asked."""
+    graphdef, _ = nnx.split(model, nnx.Param)
+    if remat is None or remat == model.config.remat:
+        return graphdef
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; allowed: {REMAT_POLICIES}")
+    cfg = model.config.replace(remat=remat)
+    abstract = nnx.eval_shape(lambda: Qwen3VL(cfg, param_dtype=model.param_dtype,
+                                              compute_dtype=model.compute_dtype, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract, nnx.Param)[0]
+
+
+def create_train_state(student: Qwen3VL, optimizer: optax.GradientTransformation, rng: jax.Array, *,
+                       remat: str | None = None, mesh: Mesh | None = None, rules=None) -> TrainState:
+    """TrainState from a student model: its params (sharded by the logical-axis rules when `mesh` is given),
+    a fresh optimizer state laid out like them, step 0.
+
+    remat: 'none' | 'block' rebuilds the student's graph with that per-block rematerialization policy
+      (None keeps the model's own).
+    """
+    graphdef = _graphdef_with_remat(student, remat)
+    params = nnx.state(student, nnx.Param)
+    if mesh is not None:
+        params = jax.device_put(params, model_sharding.param_shardings(student, mesh, rules))
+    opt_state = jax.jit(optimizer.init)(params)  # moments inherit the params' shardings
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    step = jnp.zeros((), jnp.int32)
+    rng = jnp.asarray(rng)
+    if replicated is not None:
+        step, rng = jax.device_put(step, replicated), jax.device_put(rng, replicated)
+    return TrainState(params=params, opt_state=opt_state, step=step, rng=rng, graphdef=graphdef)
+
+
+def split_teacher(teacher: Qwen3VL, *, mesh: Mesh | None = None, rules=None):
+    """(graphdef, params) of the frozen teacher; params sharded by the rules when `mesh` is given."""
+    graphdef, params = nnx.split(teacher, nnx.Param)
+    if mesh is not None:
+        params = jax.device_put(params, model_sharding.param_shardings(teacher, mesh, rules))
+    return graphdef, params
+
+
+def train_state_sharding(state: TrainState):
+    """The sharding pytree of a concrete TrainState (for make_train_step's out_shardings)."""
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def abstract_train_state_sharding(optimizer, param_shardings, abstract_params, graphdef, mesh: Mesh):
+    """TrainState-shaped shardings from abstract params (AOT compilation without weights)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    return TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated, rng=replicated,
+                      graphdef=graphdef)
+
+
+def batch_partition_specs(batch: TrainBatch, mesh: Mesh, rules=None) -> TrainBatch:
+    """PartitionSpecs for a TrainBatch: rows / prompts on the batch mesh axes, the rest replicated."""
+    def spec(x, batch_axis):
+        if x is None:
+            return None
+        axes = [None] * np.ndim(x)
+        if batch_axis is not None:
+            axes[batch_axis] = "batch"
+        return model_sharding.logical_to_spec(axes, rules, mesh, np.shape(x))
+
+    vision = None
+    if batch.vision_inputs is not None:
+        vision = type(batch.vision_inputs)(*(spec(f, 0) for f in batch.vision_inputs))
+    return TrainBatch(
+        input_ids=spec(batch.input_ids, 0), attention_mask=spec(batch.attention_mask, 0),
+        position_ids=spec(batch.position_ids, 1), response_positions=spec(batch.response_positions, 0),
+        response_tokens=spec(batch.response_tokens, 0), response_mask=spec(batch.response_mask, 0),
+        sampler_logprobs=spec(batch.sampler_logprobs, 0), pixel_values=spec(batch.pixel_values, 0),
+        pixel_values_pixelated=spec(batch.pixel_values_pixelated, 0), vision_inputs=vision,
+        image_rows=spec(batch.image_rows, None), num_truncated=spec(batch.num_truncated, None))
+
+
+def shard_batch(batch: TrainBatch, mesh: Mesh | None = None, rules=None) -> TrainBatch:
+    """Moves a host TrainBatch to device(s): on a mesh, rows / prompts split over the batch axes."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, batch)
+    specs = batch_partition_specs(batch, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), batch, specs,
+                        is_leaf=lambda x: x is None)
+
+
+def _response_hidden(model: Qwen3VL, batch: TrainBatch, pixel_values) -> jax.Array:
+    """Final hidden states at the positions that predict the response tokens: (R, Tr, E)."""
+    image_embeds = deepstack = None
+    if pixel_values is not None:
+        # The vision tower runs once per prompt (vmapped over P); the K rollouts share it by a gather.
+        embeds, deepstack_per_prompt = jax.vmap(model.encode_images)(pixel_values, batch.vision_inputs)
+        take = lambda x: jnp.take(x.reshape(-1, x.shape[-1]), batch.image_rows, axis=0)
+        image_embeds = take(embeds)
+        deepstack = tuple(take(d) for d in deepstack_per_prompt)
+    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
+                                 image_embeds=image_embeds, deepstack_embeds=deepstack)
+    return jnp.take_along_axis(hidden, batch.response_positions[..., None], axis=1)
+
+
+def _masked_mean(x, mask):
+    mask = mask.astype(jnp.float32)
+    return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, teacher_params, batch: TrainBatch,
+          rng):
+    obj_cfg = config.objective
+    mask = batch.response_mask
+    tokens = batch.response_tokens
+    kl_kwargs = dict(valid_vocab_size=config.valid_vocab_size, chunk_size=config.kl_chunk_size)
+
+    teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+    teacher_kernel = teacher.lm_head_kernel().astype(teacher.compute_dtype)
+    teacher_hidden = jax.lax.stop_gradient(_response_hidden(teacher, batch, batch.pixel_values))
+    if obj_cfg.needs_visual_advantage:
+        pix_hidden = jax.lax.stop_gradient(_response_hidden(teacher, batch, batch.pixel_values_pixelated))
+        logp_pix = kl_lib.token_logprobs(pix_hidden, teacher_kernel, tokens, **kl_kwargs)
+    else:
+        logp_pix = None
+
+    def loss_fn(params):
+        student = nnx.merge(state.graphdef, params)
+        student_hidden = _response_hidden(student, batch, batch.pixel_values)
+        student_kernel = student.lm_head_kernel().astype(student.compute_dtype)
+        kl_tok, logp_teacher, logp_student = kl_lib.token_kl_and_logprobs(
+            student_hidden, student_kernel, teacher_hidden, teacher_kernel, tokens, **kl_kwargs)
+        if logp_pix is not None:
+            va = objective.visual_advantage(logp_teacher, logp_pix, mask)
+        else:
+            va = jnp.zeros(mask.shape, jnp.float32)
+        terms = objective.objective_terms(va, mask, config.num_rollouts, obj_cfg)
+        return objective.weighted_loss(kl_tok, terms), (kl_tok, va, terms, logp_teacher, logp_student)
+
+    (loss, (kl_tok, va, terms, logp_teacher, logp_student)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
+                              step=state.step + 1, rng=rng)
+
+    valid = mask > 0
+    if obj_cfg.needs_visual_advantage:
+        high = objective.high_group_mask(va, mask, config.high_fraction)
+    else:
+        high = jnp.zeros(mask.shape, bool)
+    low = valid & ~high
+    nonempty = valid.any(-1)
+    weights = terms.rollout_weights
+    metrics = {
+        "loss": loss,
+        "kl": _masked_mean(kl_tok, valid),
+        "kl_high": _masked_mean(kl_tok, high),
+        "kl_low": _masked_mean(kl_tok, low),
+        "va_mean": _masked_mean(va, valid),
+        "va_high_share": jnp.where(high, va, 0.0).sum() / jnp.maximum(jnp.where(valid, va, 0.0).sum(), 1e-30),
+        "weight_min": jnp.where(nonempty, weights, jnp.inf).min(),
+        "weight_max": jnp.where(nonempty, weights, -jnp.inf).max(),
+        "grad_norm": grad_norm,
+        "teacher_logp": _masked_mean(logp_teacher, valid),
+        "student_logp": _masked_mean(logp_student, valid),
+        "sampler_logp_gap": _masked_mean(jnp.abs(logp_student - batch.sampler_logprobs), valid),
+        "num_tokens": valid.sum().astype(jnp.float32),
+        "num_high_tokens": high.sum().astype(jnp.float32),
+        "num_prompts": terms.num_prompts,
+        "num_empty_rollouts": terms.num_empty_rollouts.astype(jnp.float32),
+        "num_truncated_rollouts": batch.num_truncated.astype(jnp.float32),
+        "skipped": (~finite).astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+def make_train_step(config: StepConfig, teacher_graphdef, optimizer: optax.GradientTransformation, *,
+                    mesh: Mesh | None = None, state_sharding=None) -> Callable:
+    """The jitted step `(state, teacher_params, batch, rng) -> (state, metrics)`, state donated.
+
+    rng: the step itself draws no randomness (teacher and student run deterministically, no dropout); the
+      key becomes the new state's `rng`, so the run's random stream is checkpointed with the state.
+    mesh / state_sharding: on a mesh, the new state keeps `state_sharding` (train_state_sharding(state)) so
+      donation reuses the buffers, and the metrics come back replicated.
+    metrics (scalars): loss, kl (token mean), kl_high / kl_low (token means in the high / low VA groups),
+      va_mean, va_high_share (share of VA mass in the high group), weight_min / weight_max (over non-empty
+      rollouts), grad_norm (before clipping), teacher_logp / student_logp (token means of the sampled tokens'
+      log-probs), sampler_logp_gap (mean |student - sampler| log-prob), num_tokens, num_high_tokens,
+      num_prompts, num_empty_rollouts, num_truncated_rollouts, skipped (1 = non-finite, update not applied).
+      VA metrics are 0 for 'opd', which skips the pixelated teacher pass.
+    """
+    fn = lambda state, teacher_params, batch, rng: _step(config, teacher_graphdef, optimizer, state,
+                                                         teacher_params, batch, rng)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(fn, donate_argnums=0, out_shardings=(state_sharding, replicated))
