@@ -73,14 +73,15 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def mask_invalid_vocab(logits: jax.Array, valid_vocab_size: int | None) -> jax.Array:
+def mask_invalid_vocab(logits: jax.Array, valid_vocab_size: int | jax.Array | None) -> jax.Array:
     """Set LM-head padding rows (index >= valid_vocab_size) to -inf.
 
-    logits: (B, V) → (B, V) float32.
+    logits: (B, V) → (B, V) float32. valid_vocab_size: None (no padding rows), an int, or a traced int32
+    scalar (the sampler passes it as data so that it is not part of the compiled program's key).
     """
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
-    if valid_vocab_size is None or valid_vocab_size >= vocab:
+    if valid_vocab_size is None or (isinstance(valid_vocab_size, int) and valid_vocab_size >= vocab):
         return logits
     valid = jnp.arange(vocab) < valid_vocab_size
     return jnp.where(valid, logits, NEG_INF)

@@ -15,13 +15,17 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def is_end_token(tokens: jax.Array, eos_token_ids: Sequence[int]) -> jax.Array:
-    """tokens (...) int → bool (...): True where the token is any end token."""
-    eos = jnp.asarray(tuple(eos_token_ids), dtype=tokens.dtype)
-    if eos.size == 0:
-        return jnp.zeros(tokens.shape, dtype=bool)
+def is_end_token(tokens: jax.Array, eos_token_ids: Sequence[int] | jax.Array) -> jax.Array:
+    """tokens (...) int → bool (...): True where the token is any end token.
+
+    eos_token_ids: a sequence of ints or an (E,) int array (E may be 0: nothing ends).
+    """
+    if not isinstance(eos_token_ids, (jax.Array, np.ndarray)):
+        eos_token_ids = np.asarray(tuple(eos_token_ids), dtype=np.int32)
+    eos = jnp.asarray(eos_token_ids).astype(tokens.dtype)
     return jnp.any(tokens[..., None] == eos, axis=-1)
 
 
@@ -48,7 +52,7 @@ def response_lengths(mask: jax.Array) -> jax.Array:
     return jnp.sum(mask, axis=-1).astype(jnp.int32)
 
 
-def pad_after_end(tokens: jax.Array, mask: jax.Array, pad_token_id: int) -> jax.Array:
+def pad_after_end(tokens: jax.Array, mask: jax.Array, pad_token_id: int | jax.Array) -> jax.Array:
     """Replace tokens outside the response mask by pad_token_id. (R, T) → (R, T)."""
     return jnp.where(mask.astype(bool), tokens, jnp.asarray(pad_token_id, tokens.dtype))
 

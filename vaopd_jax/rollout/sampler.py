@@ -1,0 +1,364 @@
+"""The student rollout sampler: jitted prefill + KV-cache decode loop for Qwen3-VL.
+
+    from vaopd_jax.rollout import sampler
+    out = sampler.generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
+                           max_new_tokens, num_samples=1, temperature=1.0, top_p=1.0, top_k=0,
+                           eos_token_ids=(151645, 151643), rng=None, valid_vocab_size=None)
+    out.tokens          (B*K, max_new_tokens) int32, samples of one prompt adjacent, pad_token_id after the end
+    out.response_mask   (B*K, max_new_tokens) int32, 1 up to and including the first end token
+    out.lengths         (B*K,) int32 response lengths (= response_mask.sum(-1))
+    out.logprobs        (B*K, max_new_tokens) float32 log-prob under the sampling distribution (0 off-mask)
+    out.model_logprobs  (B*K, max_new_tokens) float32 student's temperature-1 log-prob (0 off-mask)
+    out.finished        (B*K,) bool: an end token was emitted (False = truncated at max_new_tokens)
+
+How one call runs (one XLA program per shape bucket, see `compile_count()`):
+1. host: validate, trim the right-padded prompts to their longest real length and pad to a bucket,
+   MRoPE position ids (`qwen3_vl.get_rope_index`), vision-tower inputs for a bucketed patch count;
+2. device, one jitted function: vision tower → prefill of the B prompts ONCE into a KV cache of
+   bucket(prompt) + bucket(max_new_tokens) slots → the cache and the last-token logits are repeated K times
+   along the batch (prefix sharing; samples of one prompt adjacent) → the first token is sampled from the
+   prefill logits → a `lax.while_loop` decodes one token per iteration and exits as soon as every row has
+   emitted an end token or max_new_tokens tokens exist.
+
+Decode positions. For a row with L real prompt tokens and rope delta d (get_rope_index), the k-th generated
+token (k = 0, 1, ...) has position L + d + k on all three MRoPE axes, i.e. max prompt position + 1 + k. This is
+what transformers uses (cache position of the left-padded batch = number of real tokens so far, + delta). The
+prompts are right-padded here, so the cache slot (bucket + k, shared by all rows) is NOT the position.
+
+Log-probs: `logprobs` is the log-prob of each token under the distribution it was sampled from (temperature,
+top-k, top-p and the vocabulary mask applied; 0 for greedy, a point mass); `model_logprobs` is the student's
+own temperature-1, unfiltered log-prob over the valid vocabulary, the quantity the train step recomputes
+(see rollout/logits.py). They coincide at temperature 1, top-k 0, top-p 1.
+
+Sharding: pass `mesh=` (and keep the model's params on it, e.g. `sharding.shard_model`): prompts, the KV
+cache and the outputs are sharded over the batch on ('data', 'fsdp') and the cache's KV heads over 'tensor'
+(the model's rule table); dimensions the mesh does not divide stay replicated. Random draws use
+`jax.random` with partitionable threefry, so the tokens do not depend on the mesh.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vaopd_jax.models import qwen3_vl
+from vaopd_jax.models.qwen3_vl import sharding as model_sharding
+from vaopd_jax.rollout import logits as logit_ops
+from vaopd_jax.rollout import masks
+
+DEFAULT_EOS_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+
+
+class SamplerOutput(NamedTuple):
+    """Rollouts of B prompts × K samples; R = B*K rows, samples of one prompt adjacent (row b*K + k)."""
+
+    tokens: jax.Array  # (R, N) int32, pad_token_id outside the response mask
+    response_mask: jax.Array  # (R, N) int32
+    lengths: jax.Array  # (R,) int32
+    logprobs: jax.Array  # (R, N) float32, sampling distribution; 0 outside the mask
+    model_logprobs: jax.Array  # (R, N) float32, student temperature 1; 0 outside the mask
+    finished: jax.Array  # (R,) bool
+
+
+# ----------------------------------------------------------------------------- buckets & compile counter
+_COMPILES: collections.Counter = collections.Counter()
+
+
+def compile_count() -> int:
+    """Number of sampler programs traced (= compiled) in this process so far."""
+    return sum(_COMPILES.values())
+
+
+def compile_counts() -> dict:
+    """Per-program trace counts, keyed by (batch, prompt bucket, new-token bucket, patch bucket, K, sampling)."""
+    return dict(_COMPILES)
+
+
+def bucket_size(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum): the static shape n is padded to."""
+    n = max(int(n), int(minimum))
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """Everything static about one compiled sampler program (its jit cache key, with the shapes)."""
+
+    graphdef: Any
+    num_samples: int
+    params: logit_ops.SamplingParams
+    new_bucket: int
+    cache_dtype: str
+    mesh: Any
+
+
+# ----------------------------------------------------------------------------- device side
+def _constrain(x, mesh, logical_axes):
+    if mesh is None:
+        return x
+    spec = model_sharding.logical_to_spec(logical_axes, mesh=mesh, shape=x.shape)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def _constrain_cache(cache: qwen3_vl.KVCache, mesh) -> qwen3_vl.KVCache:
+    kv_axes = ("layers", "batch", None, "kv_heads", "head_dim")
+    return qwen3_vl.KVCache(k=_constrain(cache.k, mesh, kv_axes), v=_constrain(cache.v, mesh, kv_axes),
+                            valid=_constrain(cache.valid, mesh, ("batch", None)))
+
+
+def repeat_cache(cache: qwen3_vl.KVCache, num_samples: int) -> qwen3_vl.KVCache:
+    """Prefix sharing: each prompt's cache row repeated num_samples times, copies adjacent.
+
+    k, v (L, B, S, K, D) → (L, B*num_samples, S, K, D); valid (B, S) → (B*num_samples, S).
+    """
+    if num_samples == 1:
+        return cache
+    return qwen3_vl.KVCache(k=jnp.repeat(cache.k, num_samples, axis=1), v=jnp.repeat(cache.v, num_samples, axis=1),
+                            valid=jnp.repeat(cache.valid, num_samples, axis=0))
+
+
+def _run(state, input_ids, attention_mask, position_ids, next_position, pixel_values, vision_inputs,
+         max_new_tokens, rng, eos, pad, valid_vocab_size, program: _Program):
+    """The whole rollout as one traced function (see the module docstring for the steps).
+
+    input_ids / attention_mask (B, T); position_ids (3, B, T); next_position (B,) = max position + 1;
+    pixel_values (P, patch_dim) or None; max_new_tokens scalar int32 (<= program.new_bucket);
+    eos (E,) int32 end-token ids; pad, valid_vocab_size int32 scalars. These are data, not part of the
+    program key, so changing them does not compile a new program.
+    """
+    _COMPILES[(input_ids.shape, program.new_bucket, None if pixel_values is None else pixel_values.shape[0],
+               program.num_samples, program.params)] += 1  # trace-time side effect: counts compilations
+    mesh, params = program.mesh, program.params
+    model = nnx.merge(program.graphdef, state)
+    batch, prompt_len = input_ids.shape
+    num_rows = batch * program.num_samples
+    n_new = program.new_bucket
+
+    input_ids = _constrain(input_ids, mesh, ("batch", None))
+    image_embeds, deepstack = None, None
+    if pixel_values is not None:
+        image_embeds, deepstack = model.encode_images(pixel_values, vision_inputs)
+
+    # Slots [0, T) hold the prompt; the k-th generated token (k >= 1 is fed back) goes to slot T + k - 1.
+    cache = model.init_cache(batch, prompt_len + n_new, jnp.dtype(program.cache_dtype))
+    cache = _constrain_cache(cache, mesh)
+    last_logits, cache = model.prefill(input_ids, attention_mask, position_ids, cache=cache,
+                                       image_embeds=image_embeds, deepstack_embeds=deepstack, last_only=True)
+    # Prefix sharing: one prefill per prompt, its cache and next-token logits copied to its K samples.
+    cache = _constrain_cache(repeat_cache(cache, program.num_samples), mesh)
+    last_logits = _constrain(jnp.repeat(last_logits, program.num_samples, axis=0), mesh, ("batch", None))
+    next_position = jnp.repeat(next_position, program.num_samples, axis=0)
+
+    def sample(step, step_logits):
+        key = jax.random.fold_in(rng, step)
+        return logit_ops.sample_tokens(key, step_logits, params, valid_vocab_size)
+
+    tok0, lp0, mlp0 = sample(0, last_logits)
+    tokens = jnp.full((num_rows, n_new), 0, jnp.int32) + pad
+    tokens = tokens.at[:, 0].set(tok0)
+    logprobs = jnp.zeros((num_rows, n_new), jnp.float32).at[:, 0].set(lp0)
+    model_logprobs = jnp.zeros((num_rows, n_new), jnp.float32).at[:, 0].set(mlp0)
+    done = masks.is_end_token(tok0, eos)
+
+    def cond(carry):
+        step, _, _, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, tokens, logprobs, model_logprobs, done, last = carry
+        pos = jnp.broadcast_to((next_position + step - 1)[None, :, None], (3, num_rows, 1))
+        step_logits, cache = model.decode_step(last[:, None], pos, cache, prompt_len + step - 1)
+        step_logits = step_logits.reshape(num_rows, -1)
+        tok, lp, mlp = sample(step, step_logits)
+        tok = jnp.where(done, pad, tok)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
+        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, jnp.where(done, 0.0, lp)[:, None], step, axis=1)
+        model_logprobs = jax.lax.dynamic_update_slice_in_dim(
+            model_logprobs, jnp.where(done, 0.0, mlp)[:, None], step, axis=1)
+        done = done | masks.is_end_token(tok, eos)
+        return step + 1, cache, tokens, logprobs, model_logprobs, done, tok
+
+    carry = (jnp.int32(1), cache, tokens, logprobs, model_logprobs, done, tok0)
+    _, _, tokens, logprobs, model_logprobs, _, _ = jax.lax.while_loop(cond, body, carry)
+
+    generated = jnp.arange(n_new)[None, :] < max_new_tokens
+    response_mask = masks.response_mask(tokens, eos, generated)
+    tokens = masks.pad_after_end(tokens, response_mask, pad)
+    as_float = response_mask.astype(jnp.float32)
+    return SamplerOutput(
+        tokens=_constrain(tokens, mesh, ("batch", None)),
+        response_mask=_constrain(response_mask, mesh, ("batch", None)),
+        lengths=masks.response_lengths(response_mask),
+        logprobs=logprobs * as_float,
+        model_logprobs=model_logprobs * as_float,
+        finished=jnp.any(masks.is_end_token(tokens, eos) & response_mask.astype(bool), axis=-1),
+    )
+
+
+_run_jit = jax.jit(_run, static_argnames=("program",))
+
+
+# ----------------------------------------------------------------------------- host side
+def _eos_array(eos: tuple[int, ...]) -> np.ndarray:
+    """End ids as int32 data padded with -1 (never a token) to a multiple of 8: one program for any set."""
+    out = np.full((max(8, -(-len(eos) // 8) * 8),), -1, np.int32)
+    out[:len(eos)] = eos
+    return out
+
+
+def _check_prompts(input_ids, attention_mask) -> np.ndarray:
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (B, T); got shape {input_ids.shape}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("empty batch: input_ids has 0 rows; pass at least one prompt")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has 0 columns; every prompt needs at least one token")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    mask = attention_mask.astype(bool)
+    lengths = mask.sum(axis=1)
+    if (lengths == 0).any():
+        raise ValueError(f"prompt rows {np.flatnonzero(lengths == 0).tolist()} have no real tokens "
+                         "(attention_mask all 0)")
+    right_padded = np.arange(mask.shape[1])[None, :] < lengths[:, None]
+    if (mask != right_padded).any():
+        bad = np.flatnonzero((mask != right_padded).any(axis=1)).tolist()
+        raise ValueError(f"prompts must be right-padded (attention_mask = 1...1 0...0); rows {bad} are not")
+    return lengths
+
+
+def _check_images(cfg, input_ids, mask, pixel_values, image_grid_thw):
+    n_img_tokens = int((input_ids[mask] == cfg.image_token_id).sum())
+    if pixel_values is None and image_grid_thw is None:
+        if n_img_tokens:
+            raise ValueError(f"the prompts hold {n_img_tokens} <|image_pad|> tokens (id {cfg.image_token_id}) "
+                             "but no pixel_values / image_grid_thw were given")
+        return
+    if pixel_values is None or image_grid_thw is None:
+        raise ValueError("pass pixel_values and image_grid_thw together (one of them is None)")
+    grid = np.asarray(image_grid_thw)
+    if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
+        raise ValueError(f"image_grid_thw must be (n_images, 3) with n_images >= 1; got shape {grid.shape}")
+    rows = qwen3_vl.num_patches(grid)
+    if pixel_values.ndim != 2 or pixel_values.shape != (rows, cfg.vision.patch_dim):
+        raise ValueError(f"pixel_values shape {pixel_values.shape} does not match image_grid_thw: expected "
+                         f"({rows}, {cfg.vision.patch_dim}) = (sum of t*h*w, patch_dim)")
+    merged = rows // cfg.vision.merge_unit
+    if n_img_tokens != merged:
+        raise ValueError(f"the prompts hold {n_img_tokens} <|image_pad|> tokens but image_grid_thw has "
+                         f"{merged} merged patches (sum of t*h*w / {cfg.vision.merge_unit}); they must be equal")
+
+
+def generate(
+    model: qwen3_vl.Qwen3VL,
+    input_ids,
+    attention_mask,
+    pixel_values=None,
+    image_grid_thw=None,
+    *,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_ids: Sequence[int] = DEFAULT_EOS_TOKEN_IDS,
+    rng=None,
+    valid_vocab_size: int | None = None,
+    pad_token_id: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    max_length: int | None = None,
+    cache_dtype=None,
+    top_p_candidates: int = 256,
+    min_prompt_bucket: int = 16,
+    min_new_bucket: int = 16,
+) -> SamplerOutput:
+    """Sample num_samples responses for each of B prompts (see the module docstring).
+
+    input_ids, attention_mask: (B, T) int, right-padded (1 = real token). pixel_values (P, patch_dim) rows of
+    all images in order, image_grid_thw (n_images, 3), or both None. temperature 0 → greedy (top_k / top_p
+    ignored, as in transformers). rng: a PRNG key or an int seed (None → seed 0). valid_vocab_size: logit
+    rows >= it are never sampled (LM-head padding). pad_token_id fills tokens after the end (default: the
+    first end token, as transformers does). max_length: the longest prompt + max_new_tokens allowed (default
+    the model's max_position_embeddings). Returns a `SamplerOutput` of device arrays.
+    """
+    cfg = model.config
+    vocab = cfg.text.vocab_size
+    input_ids = np.asarray(input_ids)
+    attention_mask = np.asarray(attention_mask)
+    lengths = _check_prompts(input_ids, attention_mask)
+    if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+    if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
+        raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
+    eos = tuple(int(e) for e in eos_token_ids)
+    for e in eos:
+        if not 0 <= e < vocab:
+            raise ValueError(f"eos_token_ids entry {e} is outside the model vocabulary [0, {vocab})")
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    if not 0 <= int(pad_token_id) < vocab:
+        raise ValueError(f"pad_token_id {pad_token_id} is outside the model vocabulary [0, {vocab})")
+    valid_vocab_size = vocab if valid_vocab_size is None else int(valid_vocab_size)
+    if not 1 <= valid_vocab_size <= vocab:
+        raise ValueError(f"valid_vocab_size must be in [1, {vocab}]; got {valid_vocab_size}")
+    params = logit_ops.SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                                      top_p_candidates=int(top_p_candidates))
+    if params.greedy:  # top-k / top-p do not apply: one greedy program whatever they are
+        params = logit_ops.SamplingParams(temperature=0.0)
+    limit = cfg.text.max_position_embeddings if max_length is None else int(max_length)
+    longest = int(lengths.max())
+    if longest + max_new_tokens > limit:
+        row = int(np.argmax(lengths))
+        raise ValueError(f"prompt row {row} has {longest} tokens; with max_new_tokens={max_new_tokens} it needs "
+                         f"{longest + max_new_tokens} cache slots but the cache allows max_length={limit}")
+    mask_bool = attention_mask.astype(bool)
+    _check_images(cfg, input_ids, mask_bool, pixel_values, image_grid_thw)
+
+    # Static shapes: prompt columns and new tokens padded to power-of-two buckets.
+    prompt_bucket = bucket_size(longest, min_prompt_bucket)
+    new_bucket = bucket_size(max_new_tokens, min_new_bucket)
+    batch = input_ids.shape[0]
+    ids = np.zeros((batch, prompt_bucket), np.int32)
+    amask = np.zeros((batch, prompt_bucket), np.int32)
+    ids[:, :longest] = input_ids[:, :longest]
+    amask[:, :longest] = attention_mask[:, :longest]
+    position_ids, rope_deltas = qwen3_vl.get_rope_index(ids, image_grid_thw, amask, cfg)
+    next_position = (lengths + rope_deltas).astype(np.int32)
+
+    vision_inputs = None
+    if pixel_values is not None:
+        rows = qwen3_vl.num_patches(image_grid_thw)
+        patch_bucket = bucket_size(rows, 64)
+        pixels = np.zeros((patch_bucket, cfg.vision.patch_dim), np.float32)
+        pixels[:rows] = np.asarray(pixel_values, np.float32)
+        pixel_values = pixels
+        vision_inputs = qwen3_vl.prepare_vision_inputs(np.asarray(image_grid_thw), cfg, pad_patches_to=patch_bucket)
+
+    if rng is None:
+        rng = jax.random.key(0)
+    elif isinstance(rng, (int, np.integer)):
+        rng = jax.random.key(int(rng))
+
+    graphdef, state = nnx.split(model)
+    program = _Program(
+        graphdef=graphdef, num_samples=int(num_samples), params=params, new_bucket=new_bucket,
+        cache_dtype=jnp.dtype(cache_dtype or model.compute_dtype).name, mesh=mesh)
+    args = [ids, amask, position_ids, next_position]
+    if mesh is not None:
+        axes = [("batch", None), ("batch", None), (None, "batch", None), ("batch",)]
+        args = [jax.device_put(a, jax.sharding.NamedSharding(
+            mesh, model_sharding.logical_to_spec(ax, mesh=mesh, shape=a.shape))) for a, ax in zip(args, axes)]
+    out = _run_jit(state, *args, pixel_values, vision_inputs, np.int32(max_new_tokens), rng,
+                   _eos_array(eos), np.int32(pad_token_id), np.int32(valid_vocab_size), program=program)
+    if new_bucket == max_new_tokens:
+        return out
+    cut = lambda a: a[:, :max_new_tokens]  # noqa: E731
+    return out._replace(tokens=cut(out.tokens), response_mask=cut(out.response_mask),
+                        logprobs=cut(out.logprobs), model_logprobs=cut(out.model_logprobs))
