@@ -341,6 +341,9 @@ def generate(
         pixel_values = pixels
         vision_inputs = qwen3_vl.prepare_vision_inputs(np.asarray(image_grid_thw), cfg, pad_patches_to=patch_bucket)
 
+    if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        raise ValueError(f"mesh axis_types must all be AxisType.Auto (GSPMD propagation); got {mesh.axis_types}. "
+                         "Build it with jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)")
     if rng is None:
         rng = jax.random.key(0)
     elif isinstance(rng, (int, np.integer)):
