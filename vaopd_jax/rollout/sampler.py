@@ -256,7 +256,7 @@ def _check_images(cfg, input_ids, mask, pixel_values, image_grid_thw):
                          f"{merged} merged patches (sum of t*h*w / {cfg.vision.merge_unit}); they must be equal")
 
 
-def generate(
+def _prepare(
     model: qwen3_vl.Qwen3VL,
     input_ids,
     attention_mask,
@@ -278,16 +278,8 @@ def generate(
     top_p_candidates: int = 256,
     min_prompt_bucket: int = 16,
     min_new_bucket: int = 16,
-) -> SamplerOutput:
-    """Sample num_samples responses for each of B prompts (see the module docstring).
-
-    input_ids, attention_mask: (B, T) int, right-padded (1 = real token). pixel_values (P, patch_dim) rows of
-    all images in order, image_grid_thw (n_images, 3), or both None. temperature 0 → greedy (top_k / top_p
-    ignored, as in transformers). rng: a PRNG key or an int seed (None → seed 0). valid_vocab_size: logit
-    rows >= it are never sampled (LM-head padding). pad_token_id fills tokens after the end (default: the
-    first end token, as transformers does). max_length: the longest prompt + max_new_tokens allowed (default
-    the model's max_position_embeddings). Returns a `SamplerOutput` of device arrays.
-    """
+) -> tuple:
+    """Host-side validation and static-shape preparation; returns (args, program, max_new_tokens)."""
     cfg = model.config
     vocab = cfg.text.vocab_size
     input_ids = np.asarray(input_ids)
@@ -358,10 +350,60 @@ def generate(
         axes = [("batch", None), ("batch", None), (None, "batch", None), ("batch",)]
         args = [jax.device_put(a, jax.sharding.NamedSharding(
             mesh, model_sharding.logical_to_spec(ax, mesh=mesh, shape=a.shape))) for a, ax in zip(args, axes)]
-    out = _run_jit(state, *args, pixel_values, vision_inputs, np.int32(max_new_tokens), rng,
-                   _eos_array(eos), np.int32(pad_token_id), np.int32(valid_vocab_size), program=program)
-    if new_bucket == max_new_tokens:
+    call_args = (state, *args, pixel_values, vision_inputs, np.int32(max_new_tokens), rng, _eos_array(eos),
+                 np.int32(pad_token_id), np.int32(valid_vocab_size))
+    return call_args, program, int(max_new_tokens)
+
+
+def generate(
+    model: qwen3_vl.Qwen3VL,
+    input_ids,
+    attention_mask,
+    pixel_values=None,
+    image_grid_thw=None,
+    *,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_ids: Sequence[int] = DEFAULT_EOS_TOKEN_IDS,
+    rng=None,
+    valid_vocab_size: int | None = None,
+    pad_token_id: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    max_length: int | None = None,
+    cache_dtype=None,
+    top_p_candidates: int = 256,
+    min_prompt_bucket: int = 16,
+    min_new_bucket: int = 16,
+) -> SamplerOutput:
+    """Sample num_samples responses for each of B prompts (see the module docstring).
+
+    input_ids, attention_mask: (B, T) int, right-padded (1 = real token). pixel_values (P, patch_dim) rows of
+    all images in order, image_grid_thw (n_images, 3), or both None. temperature 0 → greedy (top_k / top_p
+    ignored, as in transformers). rng: a PRNG key or an int seed (None → seed 0). valid_vocab_size: logit
+    rows >= it are never sampled (LM-head padding). pad_token_id fills tokens after the end (default: the
+    first end token, as transformers does). max_length: the longest prompt + max_new_tokens allowed (default
+    the model's max_position_embeddings). Returns a `SamplerOutput` of device arrays.
+    """
+    call_args, program, max_new_tokens = _prepare(
+        model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens=max_new_tokens,
+        num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k, eos_token_ids=eos_token_ids, rng=rng,
+        valid_vocab_size=valid_vocab_size, pad_token_id=pad_token_id, mesh=mesh, max_length=max_length,
+        cache_dtype=cache_dtype, top_p_candidates=top_p_candidates, min_prompt_bucket=min_prompt_bucket,
+        min_new_bucket=min_new_bucket)
+    out = _run_jit(*call_args, program=program)
+    if program.new_bucket == max_new_tokens:
         return out
     cut = lambda a: a[:, :max_new_tokens]  # noqa: E731
     return out._replace(tokens=cut(out.tokens), response_mask=cut(out.response_mask),
                         logprobs=cut(out.logprobs), model_logprobs=cut(out.model_logprobs))
+
+
+def lower(model: qwen3_vl.Qwen3VL, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
+          **kwargs) -> jax.stages.Lowered:
+    """The lowered sampler program for these inputs (keyword arguments as for `generate`), e.g. for
+    `.compile().memory_analysis()` / `.cost_analysis()` in benchmarks and ahead-of-time memory checks."""
+    call_args, program, _ = _prepare(model, input_ids, attention_mask, pixel_values, image_grid_thw, **kwargs)
+    return _run_jit.lower(*call_args, program=program)
