@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -19,7 +20,15 @@ def param(rngs: nnx.Rngs | None, shape, axes: tuple[str, ...], dtype, init: str 
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match parameter shape {shape}")
     if init == "normal":
-        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+        key = rngs.params()
+        if isinstance(key, jax.core.Tracer):  # under nnx.eval_shape / jit: stays abstract
+            value = (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        else:
+            # Eager init draws on the host: jax.random.normal would compile one XLA program per distinct shape
+            # (seconds each on CPU), dominating model construction in tests.
+            seed = np.asarray(jax.random.key_data(key)).astype(np.uint32).ravel()
+            host = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+            value = jnp.asarray(std * host, dtype=dtype)
     elif init == "ones":
         value = jnp.ones(shape, dtype)
     elif init == "zeros":

@@ -70,10 +70,22 @@ class Qwen3VL(nnx.Module):
 
     def encode_images(self, pixel_values, vision_inputs: VisionInputs):
         """pixel_values (N, patch_dim) -> (image_embeds (N/4, E), tuple of deepstack features (N/4, E))."""
-        return self.visual(pixel_values, vision_inputs)
+        return _dispatch(_encode_jit, _encode, self, pixel_values, vision_inputs)
 
-    def _resolve_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
-                        vision_inputs, image_embeds, deepstack_embeds):
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+                      position_ids=None, vision_inputs=None, image_embeds=None, deepstack_embeds=None):
+        """Final hidden states (B, T, E) after the final norm (compute dtype)."""
+        args = self._prepare(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs)
+        return _dispatch(_hidden_jit, _hidden_and_logits, self, *args, image_embeds, _tuple(deepstack_embeds), False)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+                 position_ids=None, vision_inputs=None, image_embeds=None, deepstack_embeds=None):
+        """Logits (B, T, V) float32, equal to transformers' Qwen3VLForConditionalGeneration logits."""
+        args = self._prepare(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs)
+        return _dispatch(_hidden_jit, _hidden_and_logits, self, *args, image_embeds, _tuple(deepstack_embeds), True)
+
+    def _prepare(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs):
+        """Host-side defaults (concrete arrays only): mask, MRoPE position ids, vision inputs."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if position_ids is None:
@@ -82,23 +94,19 @@ class Qwen3VL(nnx.Module):
             else:
                 position_ids, _ = get_rope_index(np.asarray(input_ids), np.asarray(image_grid_thw),
                                                  np.asarray(attention_mask), self.config)
+        if pixel_values is not None and vision_inputs is None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values needs image_grid_thw or vision_inputs")
+            vision_inputs = prepare_vision_inputs(np.asarray(image_grid_thw), self.config,
+                                                  pad_patches_to=pixel_values.shape[0])
+        return input_ids, attention_mask, position_ids, pixel_values, vision_inputs
+
+    def _hidden_impl(self, input_ids, attention_mask, position_ids, pixel_values, vision_inputs, image_embeds,
+                     deepstack_embeds):
         if pixel_values is not None:
             if image_embeds is not None:
                 raise ValueError("pass either pixel_values or image_embeds, not both")
-            if vision_inputs is None:
-                if image_grid_thw is None:
-                    raise ValueError("pixel_values needs image_grid_thw or vision_inputs")
-                vision_inputs = prepare_vision_inputs(np.asarray(image_grid_thw), self.config,
-                                                      pad_patches_to=pixel_values.shape[0])
-            image_embeds, deepstack_embeds = self.encode_images(pixel_values, vision_inputs)
-        return attention_mask, jnp.asarray(position_ids), image_embeds, tuple(deepstack_embeds or ())
-
-    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
-                      position_ids=None, vision_inputs=None, image_embeds=None, deepstack_embeds=None):
-        """Final hidden states (B, T, E) after the final norm (compute dtype)."""
-        attention_mask, position_ids, image_embeds, deepstack_embeds = self._resolve_inputs(
-            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs,
-            image_embeds, deepstack_embeds)
+            image_embeds, deepstack_embeds = self.visual(pixel_values, vision_inputs)
         lm = self.language_model
         x = lm.embed(input_ids, image_embeds)
         cos, sin = mrope_cos_sin(position_ids, self.config.text)
@@ -106,16 +114,8 @@ class Qwen3VL(nnx.Module):
         # Causal + key padding (transformers' create_causal_mask); padded query rows still see real keys.
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
-        x, _ = lm.run_layers(x, cos, sin, mask, input_ids, deepstack_embeds)
+        x, _ = lm.run_layers(x, cos, sin, mask, input_ids, deepstack_embeds or ())
         return lm.final_norm(x)
-
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
-                 position_ids=None, vision_inputs=None, image_embeds=None, deepstack_embeds=None):
-        """Logits (B, T, V) float32, equal to transformers' Qwen3VLForConditionalGeneration logits."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
-                                    position_ids=position_ids, vision_inputs=vision_inputs,
-                                    image_embeds=image_embeds, deepstack_embeds=deepstack_embeds)
-        return self.logits_from_hidden(hidden)
 
     # ------------------------------------------------------------------ KV cache
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
@@ -129,9 +129,9 @@ class Qwen3VL(nnx.Module):
                 deepstack_embeds=None, pixel_values=None, vision_inputs=None, last_only: bool = False):
         """Runs the prompt (B, T) and writes cache slots [0, T). Returns (logits, cache): logits (B, T, V), or
         (B, V) at each row's last real token when last_only."""
-        attention_mask, position_ids, image_embeds, deepstack_embeds = self._resolve_inputs(
-            input_ids, attention_mask, pixel_values, None, position_ids, vision_inputs, image_embeds,
-            deepstack_embeds)
+        if pixel_values is not None:
+            image_embeds, deepstack_embeds = self.visual(pixel_values, vision_inputs)
+        deepstack_embeds = _tuple(deepstack_embeds)
         b, t = input_ids.shape
         s = cache.k.shape[2]
         if t > s:
@@ -162,3 +162,31 @@ class Qwen3VL(nnx.Module):
         mask = ((jnp.arange(s) <= cache_index)[None, :] & valid)[:, None, None, :]
         x, (k, v) = lm.run_layers(x, cos, sin, mask, token_ids, (), kv=(cache.k, cache.v), write_index=cache_index)
         return self.logits_from_hidden(lm.final_norm(x)), KVCache(k=k, v=v, valid=valid)
+
+
+def _tuple(x):
+    return tuple(x) if x is not None else ()
+
+
+def _hidden_and_logits(model: Qwen3VL, input_ids, attention_mask, position_ids, pixel_values, vision_inputs,
+                       image_embeds, deepstack_embeds, logits: bool):
+    hidden = model._hidden_impl(input_ids, attention_mask, position_ids, pixel_values, vision_inputs, image_embeds,
+                                deepstack_embeds)
+    return model.logits_from_hidden(hidden) if logits else hidden
+
+
+def _encode(model: Qwen3VL, pixel_values, vision_inputs):
+    return model.visual(pixel_values, vision_inputs)
+
+
+# Outside any trace the public methods run jitted: eager op-by-op execution re-traces (and recompiles) the layer
+# scans on every call. Inside a trace (the caller's jit / grad / while_loop) they inline.
+_hidden_jit = nnx.jit(_hidden_and_logits, static_argnums=(8,))
+_encode_jit = nnx.jit(_encode)
+
+
+def _dispatch(jitted, plain, model, *args):
+    leaves = jax.tree.leaves(args) + [model.language_model.norm[...]]
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return plain(model, *args)
+    return jitted(model, *args)
