@@ -1,0 +1,60 @@
+"""KV cache: prefill + decode_step logits equal the full forward on the concatenated sequence."""
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vaopd_jax.models import qwen3_vl
+from vaopd_jax.models.qwen3_vl import testing
+
+
+@nnx.jit(static_argnames=("last_only",))
+def _prefill(model, ids, mask, pos, pixels, vi, cache, last_only):
+    embeds, ds = model.encode_images(pixels, vi)
+    return model.prefill(ids, mask, pos, image_embeds=embeds, deepstack_embeds=ds, cache=cache, last_only=last_only)
+
+
+@nnx.jit
+def _decode(model, tok, pos, cache, index):
+    return model.decode_step(tok, pos, cache, index)
+
+
+def test_prefill_then_decode_equals_full_forward():
+    cfg = testing.tiny_config()
+    model = qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(3))
+    # Two right-padded prompts with images of different sizes (different prompt lengths and rope deltas).
+    prompt = testing.make_batch(cfg, [[(1, 4, 6)], [(1, 8, 4), (1, 4, 4)]], [5, 2], seed=11)
+    b, t = prompt.input_ids.shape
+    lens = prompt.attention_mask.sum(1)
+    steps = 4
+    gen = np.random.default_rng(0).integers(0, 400, size=(b, steps)).astype(np.int32)
+
+    # Reference: full forward over each row's contiguous sequence prompt_b + generated tokens.
+    full_ids = np.zeros((b, t + steps), np.int32)
+    full_mask = np.zeros((b, t + steps), np.int32)
+    for i in range(b):
+        full_ids[i, :lens[i]] = prompt.input_ids[i, :lens[i]]
+        full_ids[i, lens[i]:lens[i] + steps] = gen[i]
+        full_mask[i, :lens[i] + steps] = 1
+    vi = qwen3_vl.prepare_vision_inputs(prompt.image_grid_thw, cfg)
+    full = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask), jnp.asarray(prompt.pixel_values),
+                            prompt.image_grid_thw))
+
+    pos, delta = qwen3_vl.get_rope_index(prompt.input_ids, prompt.image_grid_thw, prompt.attention_mask, cfg)
+    cache = model.init_cache(b, t + steps)
+    assert cache.k.shape == (cfg.text.num_hidden_layers, b, t + steps, cfg.text.num_key_value_heads,
+                             cfg.text.head_dim)
+    last, cache = _prefill(model, prompt.input_ids, prompt.attention_mask, pos, prompt.pixel_values, vi, cache,
+                           last_only=True)
+    assert last.shape == (b, cfg.text.vocab_size)
+    np.testing.assert_allclose(np.asarray(last), full[np.arange(b), lens - 1], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(cache.valid[:, :t]), prompt.attention_mask.astype(bool))
+    for j in range(steps):
+        # Decoded tokens go to the same slot t + j in every row; their rope position is len_b + j + delta_b.
+        step_pos = np.broadcast_to((lens + j + delta)[None, :, None], (3, b, 1)).astype(np.int32)
+        logits, cache = _decode(model, gen[:, j:j + 1], step_pos, cache, t + j)
+        assert logits.shape == (b, 1, cfg.text.vocab_size)
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), full[np.arange(b), lens + j], atol=1e-4, rtol=0)
+    assert bool(cache.valid[:, t:].all())
+    # Sanity: the padded slots of the shorter prompt stay masked out.
+    assert not bool(cache.valid[np.argmin(lens), lens.min():t].any())
