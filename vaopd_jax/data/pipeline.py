@@ -1,0 +1,372 @@
+"""grain input pipeline: records -> padded, bucketed batches holding BOTH image views.
+
+    MapDataset.source(src) -> shard by process -> shuffle(seed) -> repeat(epochs)
+      -> map(featurize)          per record: decode, pixelate, preprocess both views, chat prompt
+      -> to_iter_dataset -> mp_prefetch(workers)      (optional worker processes)
+      -> PromptBatchIterator     main process: skip + count bad records, bucket, pad, batch
+
+Batching runs after the worker processes, so the batches (and the counters) do not depend on the
+number of workers. The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` and
+grain's Orbax handlers (`grain.checkpoint.CheckpointSave/CheckpointRestore`) resume exactly.
+
+Batch layout (numpy; B = batch_size, Tp = prompt bucket, N = patch-row bucket, M = image bucket):
+  input_ids (B, Tp) int32              right-padded with pad_id
+  attention_mask (B, Tp) int32         1 = real token
+  mm_token_type_ids (B, Tp) int32      1 at <|image_pad|> (transformers >= 5.3 convention)
+  prompt_lengths (B,) int32
+  pixel_values (N, 1536) float32       rows of all images of the batch in order, zero-padded
+  pixel_values_pixelated (N, 1536)     same layout, pixelated view (identical grids)
+  image_grid_thw (M, 3) int32          zero rows after num_images
+  images_per_prompt (B,) int32
+  num_images () int32, num_patches () int32
+  example_mask (B,) bool               False for filler rows of a final partial batch
+  id, answer, kind (B,) numpy str arrays
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from vaopd_jax.data import processor
+from vaopd_jax.data.sources import load_image
+
+logger = logging.getLogger(__name__)
+
+SKIP_REASONS = (
+    "missing_field",
+    "empty_question",
+    "no_image",
+    "missing_image_file",
+    "undecodable_image",
+    "bad_image",
+    "placeholder_mismatch",
+    "prompt_too_long",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline settings (all sizes static so each bucket compiles once).
+
+    prompt_buckets: allowed padded prompt lengths; the largest is the prompt-length limit.
+    patch_buckets: allowed padded patch-row counts per batch (both views use the same).
+    image_buckets: allowed padded image counts per batch; None -> (B, 2B, 4B, 8B).
+    A batch needing more rows/images than the largest bucket is padded to the next power of two
+    (logged: it costs one extra compilation).
+    """
+
+    batch_size: int = 16
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None = repeat forever
+    drop_remainder: bool = True
+    prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
+    patch_buckets: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
+    image_buckets: tuple[int, ...] | None = None
+    min_pixels: int = processor.MIN_PIXELS
+    max_pixels: int = processor.MAX_PIXELS
+    pixelation_ratio: float = 0.1
+    num_workers: int = 0
+    worker_buffer_size: int = 2
+    shard_index: int | None = None  # None -> jax.process_index()
+    shard_count: int | None = None  # None -> jax.process_count()
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"PipelineConfig.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("prompt_buckets", "patch_buckets", "image_buckets"):
+            buckets = getattr(self, name)
+            if buckets is None and name == "image_buckets":
+                continue
+            if not buckets or any(int(b) < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+                raise ValueError(f"PipelineConfig.{name} must be strictly increasing positive ints, got {buckets}")
+        if not 0.0 < self.pixelation_ratio <= 1.0:
+            raise ValueError(f"PipelineConfig.pixelation_ratio must be in (0, 1], got {self.pixelation_ratio}")
+        if not 1 <= self.min_pixels <= self.max_pixels:
+            raise ValueError(f"PipelineConfig needs 1 <= min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        if self.num_workers < 0:
+            raise ValueError(f"PipelineConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"PipelineConfig.num_epochs must be >= 1 or None, got {self.num_epochs}")
+        if (self.shard_index is None) != (self.shard_count is None):
+            raise ValueError("PipelineConfig.shard_index and shard_count must be given together")
+        if self.shard_count is not None and not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(f"PipelineConfig.shard_index={self.shard_index} outside [0, {self.shard_count})")
+
+
+def pick_bucket(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n; past the largest, the next power of two >= n."""
+    for b in buckets:
+        if n <= b:
+            return int(b)
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+class Featurize:
+    """Per-record map: raw record -> model inputs of both views, or a skip marker.
+
+    Picklable (runs in grain worker processes). The tokenizer is loaded lazily per process.
+    Returns {"skip": reason, "id": id, "detail": str} for a bad record instead of raising.
+    """
+
+    def __init__(self, config: PipelineConfig, tokenizer_path: str | None = None, tokenizer=None, image_root=None):
+        self.config = config
+        self.tokenizer_path = tokenizer_path
+        self.image_root = image_root
+        self._tokenizer = tokenizer
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tokenizer"] = None  # workers load their own (cached on disk)
+        return state
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from vaopd_jax.data.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def __call__(self, record: dict) -> dict:
+        record_id = str(record.get("id", "<no id>"))
+
+        def skip(reason: str, detail: str = "") -> dict:
+            return {"skip": reason, "id": record_id, "detail": detail}
+
+        question, answer, entries = record.get("question"), record.get("answer"), record.get("images")
+        if question is None or answer is None or entries is None or "id" not in record:
+            missing = [k for k in ("id", "question", "answer", "images") if record.get(k) is None]
+            return skip("missing_field", f"missing {missing}")
+        if not isinstance(question, str) or not question.replace(processor.IMAGE_PLACEHOLDER, "").strip():
+            return skip("empty_question")
+        if len(entries) == 0:
+            return skip("no_image")
+        images = []
+        for entry in entries:
+            try:
+                images.append(load_image(entry, self.image_root))
+            except FileNotFoundError as err:
+                return skip("missing_image_file", str(err))
+            except Exception as err:  # PIL raises several types for corrupt data
+                return skip("undecodable_image", f"{type(err).__name__}: {err}")
+        cfg = self.config
+        try:
+            rows, grids, rows_pix = [], [], []
+            for image in images:
+                pix = processor.pixelate(image, cfg.pixelation_ratio)
+                r, g = processor.preprocess_image(image, cfg.min_pixels, cfg.max_pixels)
+                rp, gp = processor.preprocess_image(pix, cfg.min_pixels, cfg.max_pixels)
+                if not np.array_equal(g, gp):  # cannot happen (same size); guards the VA alignment
+                    raise ValueError(f"pixelated grid {gp} != original grid {g}")
+                rows.append(r)
+                rows_pix.append(rp)
+                grids.append(g)
+        except Exception as err:  # e.g. aspect ratio > 200
+            return skip("bad_image", f"{type(err).__name__}: {err}")
+        try:
+            input_ids, token_types = processor.build_prompt(self.tokenizer, question, grids)
+        except ValueError as err:
+            return skip("placeholder_mismatch", str(err))
+        if len(input_ids) > cfg.prompt_buckets[-1]:
+            return skip("prompt_too_long", f"{len(input_ids)} tokens > limit {cfg.prompt_buckets[-1]}")
+        return {
+            "id": record_id,
+            "answer": str(answer),
+            "kind": str(record.get("kind", "")),
+            "input_ids": input_ids,
+            "mm_token_type_ids": token_types,
+            "pixel_values": np.concatenate(rows, axis=0),
+            "pixel_values_pixelated": np.concatenate(rows_pix, axis=0),
+            "image_grid_thw": np.stack(grids).astype(np.int32),
+        }
+
+
+def collate(examples: list[dict], config: PipelineConfig, pad_id: int) -> dict[str, np.ndarray]:
+    """Pads B featurized examples to bucketed static shapes (see the module docstring)."""
+    batch_size = config.batch_size
+    n_real = len(examples)
+    prompt_len = pick_bucket(max(len(e["input_ids"]) for e in examples), config.prompt_buckets)
+    total_rows = sum(e["pixel_values"].shape[0] for e in examples)
+    total_images = sum(e["image_grid_thw"].shape[0] for e in examples)
+    image_buckets = config.image_buckets or (batch_size, 2 * batch_size, 4 * batch_size, 8 * batch_size)
+    n_rows = pick_bucket(total_rows, config.patch_buckets)
+    n_images = pick_bucket(total_images, image_buckets)
+    if n_rows > config.patch_buckets[-1] or n_images > image_buckets[-1]:
+        logger.warning(
+            "batch needs %d patch rows / %d images, above the largest buckets (%d / %d): padded to %d / %d "
+            "(one extra compilation)", total_rows, total_images, config.patch_buckets[-1], image_buckets[-1],
+            n_rows, n_images,
+        )
+    input_ids = np.full((batch_size, prompt_len), pad_id, np.int32)
+    attention_mask = np.zeros((batch_size, prompt_len), np.int32)
+    token_types = np.zeros((batch_size, prompt_len), np.int32)
+    prompt_lengths = np.zeros((batch_size,), np.int32)
+    images_per_prompt = np.zeros((batch_size,), np.int32)
+    pixel_values = np.zeros((n_rows, processor.PATCH_DIM), np.float32)
+    pixel_values_pix = np.zeros((n_rows, processor.PATCH_DIM), np.float32)
+    grids = np.zeros((n_images, 3), np.int32)
+    row = img = 0
+    for b, e in enumerate(examples):
+        length = len(e["input_ids"])
+        input_ids[b, :length] = e["input_ids"]
+        attention_mask[b, :length] = 1
+        token_types[b, :length] = e["mm_token_type_ids"]
+        prompt_lengths[b] = length
+        n = e["pixel_values"].shape[0]
+        pixel_values[row : row + n] = e["pixel_values"]
+        pixel_values_pix[row : row + n] = e["pixel_values_pixelated"]
+        row += n
+        k = e["image_grid_thw"].shape[0]
+        grids[img : img + k] = e["image_grid_thw"]
+        images_per_prompt[b] = k
+        img += k
+
+    def strings(key):
+        return np.array([e[key] for e in examples] + [""] * (batch_size - n_real), dtype=np.str_)
+
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": token_types,
+        "prompt_lengths": prompt_lengths,
+        "pixel_values": pixel_values,
+        "pixel_values_pixelated": pixel_values_pix,
+        "image_grid_thw": grids,
+        "images_per_prompt": images_per_prompt,
+        "num_images": np.int32(total_images),
+        "num_patches": np.int32(total_rows),
+        "example_mask": np.arange(batch_size) < n_real,
+        "id": strings("id"),
+        "answer": strings("answer"),
+        "kind": strings("kind"),
+    }
+
+
+@dataclasses.dataclass
+class SkipCounters:
+    """Bad-record counters the trainer logs: counts per reason plus prompts delivered."""
+
+    counts: dict[str, int] = dataclasses.field(default_factory=lambda: {r: 0 for r in SKIP_REASONS})
+    prompts: int = 0
+    batches: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat {name: int} for metric writers, e.g. {'data/skipped/undecodable_image': 1, ...}."""
+        out = {f"data/skipped/{k}": v for k, v in self.counts.items()}
+        out.update({"data/skipped": self.skipped, "data/prompts": self.prompts, "data/batches": self.batches})
+        return out
+
+
+class PromptBatchIterator(grain.DatasetIterator):
+    """Pulls featurized records, skips + counts + logs bad ones, and yields padded batches.
+
+    The state is the parent grain iterator's state plus the counters (JSON-serializable), so a
+    restored iterator yields exactly the batches the original would have yielded next.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, config: PipelineConfig, pad_id: int):
+        super().__init__(parent)
+        self.config = config
+        self.pad_id = int(pad_id)
+        self.counters = SkipCounters()
+        self._logged_ids: set[str] = set()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        examples = []
+        while len(examples) < self.config.batch_size:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                break
+            if "skip" in element:
+                self.counters.counts[element["skip"]] = self.counters.counts.get(element["skip"], 0) + 1
+                if element["id"] not in self._logged_ids:  # once per id, also across epochs
+                    self._logged_ids.add(element["id"])
+                    logger.warning("skipping record %s: %s %s", element["id"], element["skip"], element["detail"])
+                continue
+            examples.append(element)
+        if not examples or (len(examples) < self.config.batch_size and self.config.drop_remainder):
+            raise StopIteration
+        self.counters.prompts += len(examples)
+        self.counters.batches += 1
+        return collate(examples, self.config, self.pad_id)
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "parent": self._parent.get_state(),
+            "counts": dict(self.counters.counts),
+            "prompts": self.counters.prompts,
+            "batches": self.counters.batches,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self.counters = SkipCounters(dict(state["counts"]), int(state["prompts"]), int(state["batches"]))
+
+    def close(self) -> None:
+        close = getattr(self._parent, "close", None)
+        if close is not None:
+            close()
+
+    def __str__(self) -> str:
+        return f"PromptBatchIterator(batch_size={self.config.batch_size})"
+
+
+def _shard(config: PipelineConfig) -> tuple[int, int]:
+    if config.shard_count is not None:
+        return int(config.shard_index), int(config.shard_count)
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def make_dataset(source, config: PipelineConfig, tokenizer_path: str | None = None, tokenizer=None,
+                 image_root=None) -> grain.IterDataset:
+    """grain IterDataset of featurized records (or skip markers) for this process's shard."""
+    config.validate()
+    if len(source) == 0:
+        raise ValueError(f"data source {source!r} is empty")
+    shard_index, shard_count = _shard(config)
+    ds = grain.MapDataset.source(source)
+    if shard_count > 1:  # disjoint, covering slices: process i reads rows i, i+n, i+2n, ...
+        ds = ds[shard_index::shard_count]
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)  # a new permutation per epoch (grain seeds epoch e with seed+e)
+    ds = ds.repeat(config.num_epochs)
+    ds = ds.map(Featurize(config, tokenizer_path, tokenizer, image_root))
+    ids = ds.to_iter_dataset()
+    if config.num_workers > 0:
+        ids = ids.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size)
+        )
+    return ids
+
+
+def make_iterator(source, config: PipelineConfig, tokenizer_path: str | None = None, tokenizer=None,
+                  image_root=None) -> PromptBatchIterator:
+    """Batches iterator over `source` (any random-access source of raw records, see sources.py).
+
+    Args:
+      source: Geometry3KSource / ViRL39KSource / SyntheticSource / any __len__+__getitem__ source.
+      config: PipelineConfig.
+      tokenizer_path: checkpoint dir for the tokenizer, None = offline Qwen3-VL tokenizer.
+      tokenizer: an already loaded tokenizer (used in this process; workers reload from path).
+    Returns:
+      PromptBatchIterator: next() -> batch dict; `.counters` holds the bad-record counts.
+    """
+    dataset = make_dataset(source, config, tokenizer_path, tokenizer, image_root)
+    if tokenizer is None:
+        from vaopd_jax.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path)
+    return PromptBatchIterator(iter(dataset), config, pad_id=tokenizer.pad_token_id)

@@ -1,0 +1,278 @@
+"""Random-access record sources over the public dataset files (spec/DATA.md).
+
+A source maps an index to a raw record dict
+  {"id": str, "images": [image entry, ...], "question": str, "answer": str, "kind": str, ...}
+where an image entry is whatever the file holds: encoded bytes, a file path, or a PIL image.
+Entries are decoded by `load_image` inside the pipeline's map, so a corrupt image or a missing
+file becomes a counted, logged skip there instead of an exception inside grain's source read.
+`__getitem__` never raises for bad row content (missing values come back as None).
+
+Construction fails fast, naming the file and the columns, when a file does not exist or a parquet
+lacks the expected columns. Sources are picklable (grain worker processes): only paths and row
+offsets are pickled; each process opens the parquet files lazily.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import io
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+GEOMETRY3K_COLUMNS = ("images", "problem", "answer")
+VIRL39K_RAW_COLUMNS = ("question", "answer", "image", "qid")
+VIRL39K_EMBEDDED_COLUMNS = ("images", "problem", "answer")
+GEOMETRY3K_VALIDATION_SIZE = 300
+
+
+def geometry3k_validation_indices(num_validation: int = GEOMETRY3K_VALIDATION_SIZE, k: int = 200, seed: int = 42) -> list[int]:
+    """The paper's validation subset: sorted(random.Random(42).sample(range(300), 200))."""
+    return sorted(random.Random(seed).sample(range(num_validation), k))
+
+
+def load_image(entry: Any, root: str | os.PathLike | None = None) -> Image.Image:
+    """Decodes one image entry to a fully loaded PIL image.
+
+    Args:
+      entry: PIL image; bytes; an HF Image struct {"bytes": ..., "path": ...}; or a path string
+        (relative paths are resolved against `root`).
+    Raises:
+      FileNotFoundError: the path does not exist.
+      ValueError: the entry is empty or of an unknown type; PIL errors for undecodable bytes.
+    """
+    if isinstance(entry, Image.Image):
+        return entry
+    if isinstance(entry, dict):
+        if entry.get("bytes"):
+            entry = entry["bytes"]
+        elif entry.get("path"):
+            entry = entry["path"]
+        else:
+            raise ValueError("image struct has neither bytes nor path")
+    if isinstance(entry, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(entry)))
+        image.load()  # decode now: truncated/corrupt data must fail here, not later
+        return image
+    if isinstance(entry, (str, os.PathLike)):
+        path = Path(entry)
+        if not path.is_absolute() and root is not None:
+            path = Path(root) / path
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()  # detached from the closed file
+    raise ValueError(f"unsupported image entry of type {type(entry).__name__}")
+
+
+def strip_boxed(answer: str | None) -> str | None:
+    """`\\boxed{x}` -> `x` (ViRL39K wraps answers); other strings unchanged."""
+    if answer is None:
+        return None
+    text = answer.strip()
+    match = re.fullmatch(r"\\boxed\s*\{(.*)\}", text, flags=re.DOTALL)
+    if not match:
+        return answer
+    inner = match.group(1)
+    depth = 0  # only strip when the braces of the box enclose the whole remainder
+    for ch in inner:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if depth < 0:
+            return answer
+    return inner.strip() if depth == 0 else answer
+
+
+def resolve_parquet_files(path: str | os.PathLike | Sequence[str | os.PathLike], split: str | None = None) -> list[str]:
+    """Parquet files from a file, a glob, a list, or a dataset dir (HF layout: data/{split}-*.parquet).
+
+    Raises:
+      FileNotFoundError: nothing matches, naming what was looked for.
+    """
+    if isinstance(path, (list, tuple)):
+        files = [str(p) for p in path]
+    else:
+        path = str(path)
+        if os.path.isdir(path):
+            pattern = os.path.join(path, "data", f"{split}-*.parquet") if split else os.path.join(path, "*.parquet")
+            files = sorted(glob.glob(pattern))
+            if not files and split:
+                files = sorted(glob.glob(os.path.join(path, f"{split}-*.parquet")))
+            if not files:
+                raise FileNotFoundError(f"no parquet files matching {pattern!r} (split={split!r}) under {path!r}")
+        elif any(c in path for c in "*?["):
+            files = sorted(glob.glob(path))
+            if not files:
+                raise FileNotFoundError(f"no parquet files match {path!r}")
+        else:
+            files = [path]
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"parquet file {f!r} does not exist")
+    return files
+
+
+def check_columns(files: Sequence[str], required: Sequence[str]) -> list[str]:
+    """Column names of the first file after checking every file has `required` (else ValueError naming them)."""
+    import pyarrow.parquet as pq
+
+    names: list[str] = []
+    for f in files:
+        names = pq.read_schema(f).names
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise ValueError(f"parquet file {f!r} lacks columns {missing}; expected {list(required)}, found {names}")
+    return names
+
+
+class ParquetRows:
+    """Lazy random access to rows (as dicts) of several parquet files; picklable by path."""
+
+    def __init__(self, files: Sequence[str], columns: Sequence[str]):
+        import pyarrow.parquet as pq
+
+        self.files = list(files)
+        self.columns = list(columns)
+        counts = [pq.ParquetFile(f).metadata.num_rows for f in self.files]
+        self.offsets = [0]
+        for c in counts:
+            self.offsets.append(self.offsets[-1] + c)
+        self._tables: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tables"] = {}  # each process re-reads the files it touches
+        return state
+
+    def row(self, index: int) -> dict:
+        import pyarrow.parquet as pq
+
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range [0, {len(self)})")
+        file_index = bisect.bisect_right(self.offsets, index) - 1
+        table = self._tables.get(file_index)
+        if table is None:
+            table = pq.read_table(self.files[file_index], columns=self.columns)
+            self._tables[file_index] = table
+        local = index - self.offsets[file_index]
+        return {name: table.column(name)[local].as_py() for name in self.columns}
+
+
+class Geometry3KSource:
+    """Geometry3K (hiyouga/geometry3k) parquet shards: `images`, `problem` (with <image>), `answer`.
+
+    Args:
+      path: dataset dir (data/{split}-*.parquet), a parquet file, a glob or a list of files.
+      split: train | validation | test (used to find files in a dir and in default ids).
+      indices: optional subset of row indices (e.g. `geometry3k_validation_indices()`).
+    """
+
+    def __init__(self, path, split: str = "train", indices: Sequence[int] | None = None):
+        self.split = split
+        files = resolve_parquet_files(path, split)
+        names = check_columns(files, GEOMETRY3K_COLUMNS)
+        columns = list(GEOMETRY3K_COLUMNS) + [c for c in ("id",) if c in names]
+        self.rows = ParquetRows(files, columns)
+        self.indices = None if indices is None else [int(i) for i in indices]
+        if self.indices is not None:
+            bad = [i for i in self.indices if not 0 <= i < len(self.rows)]
+            if bad:
+                raise ValueError(f"Geometry3K {split}: indices {bad[:5]} outside [0, {len(self.rows)}) of {files}")
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        row_index = int(index) if self.indices is None else self.indices[int(index)]
+        row = self.rows.row(row_index)
+        row_id = row.get("id")
+        return {
+            "id": str(row_id) if row_id is not None else f"geometry3k-{self.split}-{row_index}",
+            "images": list(row.get("images") or []),
+            "question": row.get("problem"),
+            "answer": row.get("answer"),
+            "kind": "geometry",
+        }
+
+    def __repr__(self) -> str:
+        n = "all" if self.indices is None else len(self.indices)
+        return f"Geometry3KSource(files={self.rows.files}, split={self.split!r}, rows={n})"
+
+
+def geometry3k_validation_source(path) -> Geometry3KSource:
+    """The 200-problem Geometry3K validation subset used for checkpoint selection (METHOD.md)."""
+    source = Geometry3KSource(path, split="validation")
+    if len(source.rows) != GEOMETRY3K_VALIDATION_SIZE:
+        raise ValueError(
+            f"Geometry3K validation has {len(source.rows)} rows in {source.rows.files}; the paper's subset rule "
+            f"needs the full {GEOMETRY3K_VALIDATION_SIZE}"
+        )
+    source.indices = geometry3k_validation_indices()
+    return source
+
+
+class ViRL39KSource:
+    """ViRL39K in either layout, detected from the parquet columns.
+
+    raw (TIGER-Lab/ViRL39K): `39Krelease.parquet` with `question`, `answer` (\\boxed{}), `image`
+      (list of paths relative to `images_root`, default the parquet's folder), `qid`, `category`.
+    embedded (PAPOGalaxy/PAPO_ViRL39K_train): `images` (list of {bytes, path}), `problem`, `answer`.
+    Rows may carry several images; answers are returned without the outer \\boxed{}.
+    """
+
+    def __init__(self, path, images_root: str | os.PathLike | None = None):
+        files = resolve_parquet_files(path, split=None if not os.path.isdir(str(path)) else "train")
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(files[0]).names
+        if all(c in names for c in VIRL39K_RAW_COLUMNS):
+            self.layout = "raw"
+            required = VIRL39K_RAW_COLUMNS
+        elif all(c in names for c in VIRL39K_EMBEDDED_COLUMNS):
+            self.layout = "embedded"
+            required = VIRL39K_EMBEDDED_COLUMNS
+        else:
+            raise ValueError(
+                f"parquet file {files[0]!r} matches no ViRL39K layout: raw needs columns {list(VIRL39K_RAW_COLUMNS)}, "
+                f"embedded needs {list(VIRL39K_EMBEDDED_COLUMNS)}; found {names}"
+            )
+        check_columns(files, required)
+        optional = [c for c in ("category", "source", "qid", "id") if c in names and c not in required]
+        self.rows = ParquetRows(files, list(required) + optional)
+        self.images_root = str(images_root) if images_root is not None else str(Path(files[0]).parent)
+        if self.layout == "raw" and not os.path.isdir(self.images_root):
+            raise FileNotFoundError(f"ViRL39K raw layout: images root {self.images_root!r} is not a directory")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows.row(int(index))
+        if self.layout == "raw":
+            paths = row.get("image") or []
+            if isinstance(paths, str):
+                paths = [paths]
+            images = [os.path.join(self.images_root, p) if p else p for p in paths]
+            question, row_id = row.get("question"), row.get("qid")
+        else:
+            images, question = list(row.get("images") or []), row.get("problem")
+            row_id = row.get("qid", row.get("id"))
+        return {
+            "id": str(row_id) if row_id is not None else f"virl39k-{index}",
+            "images": images,
+            "question": question,
+            "answer": strip_boxed(row.get("answer")),
+            "kind": row.get("category") or "virl39k",
+        }
+
+    def __repr__(self) -> str:
+        return f"ViRL39KSource(files={self.rows.files}, layout={self.layout!r}, rows={len(self)})"
