@@ -29,10 +29,12 @@ import atexit
 import collections
 import logging
 import math
-import multiprocessing
-import multiprocessing.connection
+import json
 import os
 import re
+import select
+import subprocess
+import sys
 import threading
 import time
 from typing import NamedTuple, Optional, Sequence
@@ -300,8 +302,6 @@ class GradeResult(NamedTuple):
 
 def _verify_in_worker(pred: str, gold: str) -> bool:
     import math_verify
-    import math_verify.grader
-    import math_verify.parser
 
     def wrap(s: str) -> str:
         # Extracted answers carry no $..$ delimiters: a box makes math-verify's LaTeX
@@ -315,79 +315,124 @@ def _verify_in_worker(pred: str, gold: str) -> bool:
     return bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
-def _worker_main(conn) -> None:
-    """Worker loop: receive (pred, gold), reply ('ok', bool) or ('error', message)."""
+def _worker_main() -> None:
+    """Worker loop (``python -m vaopd_jax.rewards --worker``): JSON lines in and out.
+
+    Reads ``[pred, gold]`` per line on stdin, answers ``["ok", bool]`` or
+    ``["error", message]``; the first line written is ``["ready", null]``.
+    """
     import math_verify.grader
     import math_verify.parser
 
     # We enforce time limits from the parent; silence math-verify's one-time warning.
     math_verify.parser.TIMEOUT_WARNING_SHOWN = True
     math_verify.grader.TIMEOUT_WARNING_SHOWN = True
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    while True:
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    _verify_in_worker("1", "1")  # warm sympy's lazy imports before the parent starts the clock
+    out = sys.stdout
+    out.write(json.dumps(["ready", None]) + "\n")
+    out.flush()
+    for line in sys.stdin:
         try:
-            pred, gold = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            reply = ("ok", _verify_in_worker(pred, gold))
+            pred, gold = json.loads(line)
+            reply = ["ok", _verify_in_worker(pred, gold)]
         except Exception as exc:  # noqa: BLE001 - any parser failure is a wrong answer
-            reply = ("error", f"{type(exc).__name__}: {exc}")
-        try:
-            conn.send(reply)
-        except (BrokenPipeError, OSError):
-            return
+            reply = ["error", f"{type(exc).__name__}: {exc}"]
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
 
 
 class _Worker:
-    def __init__(self, ctx):
-        self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child_conn,), daemon=True)
-        self.process.start()
-        child_conn.close()
+    """One grading subprocess. A plain ``python -m`` child, not multiprocessing: it never
+    re-imports the caller's ``__main__`` and is safe to start from any thread or notebook."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vaopd_jax.rewards", "--worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"},
+        )
         self.item: Optional[int] = None
         self.deadline = 0.0
+        self.ready = False
+
+    def fileno(self) -> int:
+        return self.process.stdout.fileno()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def send(self, pred: str, gold: str) -> None:
+        self.process.stdin.write((json.dumps([pred, gold]) + "\n").encode("utf-8"))
+        self.process.stdin.flush()
+
+    def recv(self) -> list:
+        line = self.process.stdout.readline()
+        if not line:
+            raise EOFError("math-verify worker exited")
+        return json.loads(line)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Block until the worker has imported math-verify (start-up is not graded time)."""
+        if not self.ready:
+            readable, _, _ = select.select([self], [], [], timeout_s)
+            try:
+                self.ready = bool(readable) and self.recv()[0] == "ready"
+            except (EOFError, ValueError, OSError):
+                self.ready = False
+        return self.ready
 
     def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
         try:
-            self.conn.close()
-        finally:
-            if self.process.is_alive():
-                self.process.kill()
-            self.process.join(timeout=5)
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
 
 
 class VerifyPool:
     """A few math-verify worker processes with a per-item wall-clock limit.
 
-    Workers are started from a forkserver (``spawn`` where unavailable), never forked
-    from a process that may hold JAX threads. A worker that exceeds its time limit is
-    killed and replaced; its item is reported as 'timeout'.
+    A worker that exceeds its time limit is killed and replaced; its item is reported
+    as 'timeout'. Worker start-up (importing sympy, ~1-2 s) happens before the clock
+    of any item starts.
     """
 
-    def __init__(self, num_workers: Optional[int] = None):
+    def __init__(self, num_workers: Optional[int] = None, startup_timeout_s: float = 120.0):
         if num_workers is None:
             num_workers = max(1, min(4, os.cpu_count() or 1))
         if num_workers < 1:
             raise ValueError(f"VerifyPool num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
-        methods = multiprocessing.get_all_start_methods()
-        if "forkserver" in methods:
-            self._ctx = multiprocessing.get_context("forkserver")
-            # Workers forked from the server start with math-verify (sympy) already
-            # imported, so replacing a timed-out worker costs milliseconds, not seconds.
-            self._ctx.set_forkserver_preload(["math_verify"])
-        else:
-            self._ctx = multiprocessing.get_context("spawn")
+        self.startup_timeout_s = startup_timeout_s
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self.num_timeouts = 0
         self.num_errors = 0
 
-    def _ensure_workers(self, count: int) -> None:
-        self._workers = [w for w in self._workers if w.process.is_alive()]
-        while len(self._workers) < count:
-            self._workers.append(_Worker(self._ctx))
+    def _start(self, count: int) -> list[_Worker]:
+        fresh = [_Worker() for _ in range(count)]  # started together, awaited together
+        for worker in fresh:
+            if not worker.wait_ready(self.startup_timeout_s):
+                for w in fresh:
+                    w.kill()
+                raise RuntimeError(
+                    f"a math-verify worker process did not start within {self.startup_timeout_s:.0f}s "
+                    f"(check `{sys.executable} -m vaopd_jax.rewards --worker`; is math-verify installed?)")
+        return fresh
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        self._workers.remove(worker)
+        [replacement] = self._start(1)
+        self._workers.append(replacement)
+        return replacement
 
     def run(self, pairs: Sequence[tuple[str, str]], timeout_s: float) -> list[GradeResult]:
         """Grade (pred, gold) pairs; results in input order."""
@@ -397,69 +442,52 @@ class VerifyPool:
         if not pairs:
             return []
         with self._lock:
-            self._ensure_workers(min(self.num_workers, len(pairs)))
+            self._workers = [w for w in self._workers if w.alive()]
+            wanted = min(self.num_workers, len(pairs))
+            if len(self._workers) < wanted:
+                self._workers += self._start(wanted - len(self._workers))
             pending = collections.deque(range(len(pairs)))
             idle = list(self._workers)
-            busy: dict = {}  # conn -> worker
+            busy: list[_Worker] = []
             while pending or busy:
                 while pending and idle:
                     worker = idle.pop()
                     index = pending.popleft()
                     try:
-                        worker.conn.send(pairs[index])
-                    except (BrokenPipeError, OSError):
-                        worker.kill()
-                        self._workers.remove(worker)
-                        replacement = _Worker(self._ctx)
-                        self._workers.append(replacement)
-                        idle.append(replacement)
+                        worker.send(*pairs[index])
+                    except OSError:  # the worker died while idle
+                        idle.append(self._replace(worker))
                         pending.appendleft(index)
                         continue
                     worker.item = index
                     worker.deadline = time.monotonic() + timeout_s
-                    busy[worker.conn] = worker
-                if not busy:
-                    continue
-                wait_s = max(0.0, min(w.deadline for w in busy.values()) - time.monotonic())
-                ready = multiprocessing.connection.wait(list(busy), timeout=wait_s)
-                for conn in ready:
-                    worker = busy.pop(conn)
+                    busy.append(worker)
+                wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+                readable, _, _ = select.select(busy, [], [], wait_s)
+                for worker in readable:
+                    busy.remove(worker)
                     index = worker.item
                     try:
-                        kind, value = conn.recv()
-                    except (EOFError, OSError):
+                        kind, value = worker.recv()
+                    except (EOFError, ValueError, OSError):
                         kind, value = "error", "worker process died"
                     if kind == "ok":
                         results[index] = GradeResult(bool(value), "verified" if value else "rejected")
                         idle.append(worker)
-                    else:
-                        self.num_errors += 1
-                        logger.warning("math-verify error on pred=%.200r gold=%.200r: %s", *pairs[index], value)
-                        results[index] = GradeResult(False, "error")
-                        if worker.process.is_alive():
-                            idle.append(worker)
-                        else:
-                            worker.kill()
-                            self._workers.remove(worker)
-                            replacement = _Worker(self._ctx)
-                            self._workers.append(replacement)
-                            idle.append(replacement)
+                        continue
+                    self.num_errors += 1
+                    logger.warning("math-verify error on pred=%.200r gold=%.200r: %s", *pairs[index], value)
+                    results[index] = GradeResult(False, "error")
+                    idle.append(worker if worker.alive() else self._replace(worker))
                 now = time.monotonic()
-                for conn, worker in list(busy.items()):
-                    if worker.deadline <= now:
-                        busy.pop(conn)
-                        index = worker.item
-                        self.num_timeouts += 1
-                        logger.warning(
-                            "math-verify exceeded %.1fs on pred=%.200r gold=%.200r: counted as wrong",
-                            timeout_s, *pairs[index],
-                        )
-                        results[index] = GradeResult(False, "timeout")
-                        worker.kill()
-                        self._workers.remove(worker)
-                        replacement = _Worker(self._ctx)
-                        self._workers.append(replacement)
-                        idle.append(replacement)
+                for worker in [w for w in busy if w.deadline <= now]:
+                    busy.remove(worker)
+                    index = worker.item
+                    self.num_timeouts += 1
+                    logger.warning("math-verify exceeded %.1fs on pred=%.200r gold=%.200r: counted as wrong",
+                                   timeout_s, *pairs[index])
+                    results[index] = GradeResult(False, "timeout")
+                    idle.append(self._replace(worker))
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -562,3 +590,9 @@ def grade_responses(
 ) -> list[bool]:
     """Extract the first committed answer of each response, then grade it."""
     return grade_batch([extract_answer(t) for t in texts], golds, timeout_s=timeout_s)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--worker"]:
+        raise SystemExit("usage: python -m vaopd_jax.rewards --worker (a grading subprocess; see VerifyPool)")
+    _worker_main()

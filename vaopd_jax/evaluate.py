@@ -1,0 +1,610 @@
+"""Evaluate a student on the paper's eight benchmarks (avg@K, offline).
+
+    python -m vaopd_jax.evaluate --config configs/eval_default.py \\
+        --config.model=/path/to/hf_student --config.benchmarks_dir=/data/benchmarks
+
+For every benchmark directory found under ``benchmarks_dir`` (``wemath``, ``mathvista``,
+``mathverse``, ``hallusionbench``, ``ai2d``, ``mmmu``, ``mmstar``, ``ocrbench``; each a
+local copy of the public Hugging Face release), each question is prompted with the
+model's own chat template, K samples are drawn with the project's sampler
+(temperature 1.0, top-p 1.0, K = 8 by default), the first committed answer of each
+sample is extracted and graded, and the benchmark's official metric is computed per
+sample run and averaged over the K runs (avg@K).
+
+Outputs in ``output_dir``:
+  samples/<benchmark>.p<process>.jsonl   one line per question: id, prompt id, gold,
+                                         the K responses, extracted answers, correctness
+  samples/<benchmark>.p<process>.problems.json   records that could not be used
+  summary.json                           scores, details, counts, protocol notes
+  results.md                             the paper's table with Math avg and Visual avg
+Runs resume: questions already in a samples file are not generated again (a run
+killed mid-way loses at most the batch in flight). A benchmark missing on disk is
+reported as missing, never as zero; a corrupt image / missing image file / overlong
+prompt is counted, listed in the summary and left out of the score.
+
+Multi-process: every process evaluates its slice of each benchmark (records
+``process_index::process_count``) with the model on its LOCAL devices, writes its
+own samples file, and process 0 merges all files into the summary (the output
+directory must be shared).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from vaopd_jax import benchmarks as benchmarks_lib
+from vaopd_jax import rewards
+from vaopd_jax.benchmarks import common
+from vaopd_jax.benchmarks.judge import make_judge
+
+log = logging.getLogger("vaopd_jax.evaluate")
+
+RUN_KEYS = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "prompt_suffix",
+            "min_pixels", "max_pixels")
+DTYPES = ("float32", "bfloat16")
+
+
+class EvalConfigError(ValueError):
+    """An evaluation config field is missing, out of range or inconsistent."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def benchmark_names(config) -> list[str]:
+    names = config.benchmarks
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    return list(names)
+
+
+def validate(config) -> None:
+    """Checks every field evaluate() reads; raises one EvalConfigError listing all problems."""
+    problems = []
+
+    def check(ok, field, value, allowed):
+        if not ok:
+            problems.append(f"config.{field} = {value!r}: {allowed}")
+
+    names = benchmark_names(config)
+    unknown = [n for n in names if n not in benchmarks_lib.BENCHMARKS]
+    check(names and not unknown, "benchmarks", config.benchmarks,
+          f"must be a comma-separated subset of {list(benchmarks_lib.BENCHMARKS)}")
+    check(isinstance(config.num_samples, int) and config.num_samples >= 1, "num_samples", config.num_samples,
+          "must be an int >= 1 (the paper uses 8: avg@8)")
+    check(config.temperature >= 0, "temperature", config.temperature, "must be >= 0 (0 = greedy)")
+    check(0 < config.top_p <= 1, "top_p", config.top_p, "must be in (0, 1]")
+    check(isinstance(config.top_k, int) and config.top_k >= 0, "top_k", config.top_k, "must be an int >= 0 (0 = off)")
+    check(isinstance(config.max_new_tokens, int) and config.max_new_tokens >= 1, "max_new_tokens",
+          config.max_new_tokens, "must be an int >= 1")
+    check(isinstance(config.batch_size, int) and config.batch_size >= 1, "batch_size", config.batch_size,
+          "must be an int >= 1 (prompts per sampler call)")
+    check(isinstance(config.max_prompt_tokens, int) and config.max_prompt_tokens >= 1, "max_prompt_tokens",
+          config.max_prompt_tokens, "must be an int >= 1")
+    check(1 <= config.min_pixels <= config.max_pixels, "min_pixels/max_pixels",
+          (config.min_pixels, config.max_pixels), "need 1 <= min_pixels <= max_pixels")
+    check(isinstance(config.min_prompt_bucket, int) and config.min_prompt_bucket >= 1, "min_prompt_bucket",
+          config.min_prompt_bucket, "must be an int >= 1 (smallest padded prompt length)")
+    check(config.limit >= 0, "limit", config.limit, "must be >= 0 (0 = every question)")
+    check(config.grading_timeout_s > 0, "grading_timeout_s", config.grading_timeout_s, "must be > 0 seconds")
+    check(config.dtype in DTYPES, "dtype", config.dtype, f"must be one of {DTYPES}")
+    check(bool(config.benchmarks_dir) or any(config.paths.get(n, "") for n in names), "benchmarks_dir",
+          config.benchmarks_dir, "must name the directory holding the benchmark folders (or set config.paths.<name>)")
+    check(config.export in ("best", "final"), "export", config.export, "must be 'best' or 'final'")
+    check(bool(config.output_dir), "output_dir", config.output_dir, "must name the results directory")
+    if config.judge.url:
+        check(config.judge.url.startswith(("http://", "https://")), "judge.url", config.judge.url,
+              "must start with http:// or https:// (an OpenAI-compatible endpoint)")
+        check(bool(config.judge.model), "judge.model", config.judge.model, "must name the judge model")
+    if problems:
+        raise EvalConfigError("invalid evaluation config:\n  " + "\n  ".join(problems))
+
+
+def benchmark_dir(config, name: str) -> Path:
+    override = config.paths.get(name, "") if "paths" in config else ""
+    return Path(override) if override else Path(config.benchmarks_dir) / name
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclasses.dataclass
+class Prompt:
+    record: common.Record
+    input_ids: np.ndarray  # (T,) int32
+    pixel_values: Optional[np.ndarray]  # (N, 1536) float32 or None
+    grid_thw: np.ndarray  # (n_images, 3) int64
+
+
+def prompt_id(name: str, record_id: str) -> str:
+    """Stable short id of one question (benchmark + record id)."""
+    return hashlib.sha1(f"{name}/{record_id}".encode()).hexdigest()[:16]
+
+
+def build_prompt(bench, record, tokenizer, config) -> Prompt:
+    """Decode images, preprocess them and tokenize the chat prompt; raises BadRecord."""
+    from vaopd_jax.data import processor
+
+    images = [ref.load() for ref in record.images]
+    try:
+        pixel_values, grids = processor.preprocess_images(images, config.min_pixels, config.max_pixels)
+        ids, _ = processor.build_prompt(tokenizer, bench.prompt_text(record, config.prompt_suffix), grids)
+    except (ValueError, OSError) as err:
+        raise common.BadRecord(f"prompt for {record.id} cannot be built: {err}") from err
+    if len(ids) > config.max_prompt_tokens:
+        raise common.BadRecord(f"prompt of {record.id} has {len(ids)} tokens > max_prompt_tokens="
+                               f"{config.max_prompt_tokens}")
+    return Prompt(record, np.asarray(ids, np.int32), pixel_values if len(images) else None, grids)
+
+
+def collate(prompts: Sequence[Prompt], pad_id: int):
+    """Right-padded (B, T) ids and mask, concatenated pixel rows and grids (None when no image)."""
+    length = max(len(p.input_ids) for p in prompts)
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p.input_ids)] = p.input_ids
+        mask[i, : len(p.input_ids)] = 1
+    with_images = [p for p in prompts if p.pixel_values is not None]
+    if not with_images:
+        return ids, mask, None, None
+    pixels = np.concatenate([p.pixel_values for p in with_images], axis=0)
+    grids = np.concatenate([p.grid_thw for p in with_images], axis=0)
+    return ids, mask, pixels, grids
+
+
+# ----------------------------------------------------------------------------- results files
+
+
+def samples_files(out_dir: Path, name: str) -> list[Path]:
+    return sorted((out_dir / "samples").glob(f"{name}.p*.jsonl"))
+
+
+def read_rows(paths: Sequence[Path]) -> dict:
+    """{record id: row} from samples files; unparsable lines (a run killed mid-write) are skipped."""
+    rows = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    log.warning("%s line %d is incomplete (interrupted write); that question is regenerated",
+                                path, number)
+                    continue
+                rows[row["id"]] = row
+    return rows
+
+
+def check_run_settings(out_dir: Path, config, model_name: str) -> None:
+    """Refuse to mix samples drawn with different settings in one output directory."""
+    settings = {k: config[k] for k in RUN_KEYS}
+    settings["model"] = model_name
+    path = out_dir / "run_settings.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        if changed:
+            raise EvalConfigError(
+                f"{out_dir} holds samples drawn with different settings {changed} (old, new); use another "
+                "config.output_dir or delete it to start over")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> str:
+    return tokenizer.decode([int(t) for t, m in zip(tokens, mask) if m], skip_special_tokens=True)
+
+
+def generate_rows(bench, prompts: Sequence[Prompt], model, tokenizer, config, *, rng, mesh, judge,
+                  valid_vocab_size, eos_ids) -> list[dict]:
+    """K samples for each prompt, extracted and graded -> JSONL rows."""
+    from vaopd_jax.rollout import sampler
+
+    # A short last batch is filled with copies of its first prompt (outputs dropped) so every call
+    # has batch_size rows: one compiled program per (prompt, patch) bucket, not per batch size.
+    filled = list(prompts) + [prompts[0]] * (config.batch_size - len(prompts))
+    ids, mask, pixels, grids = collate(filled, pad_id=eos_ids[-1])
+    out = sampler.generate(
+        model, ids, mask, pixels, grids, max_new_tokens=config.max_new_tokens, num_samples=config.num_samples,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, eos_token_ids=eos_ids, rng=rng,
+        valid_vocab_size=valid_vocab_size, mesh=mesh, min_prompt_bucket=config.min_prompt_bucket,
+        max_length=max(len(p.input_ids) for p in prompts) + config.max_new_tokens,
+    )
+    tokens = np.asarray(out.tokens)
+    response_mask = np.asarray(out.response_mask)
+    finished = np.asarray(out.finished)
+    k = config.num_samples
+    texts = [[_decode(tokenizer, tokens[i * k + j], response_mask[i * k + j]) for j in range(k)]
+             for i in range(len(prompts))]
+    graded = bench.score([p.record for p in prompts], texts, judge=judge, timeout_s=config.grading_timeout_s)
+    rows = []
+    for i, p in enumerate(prompts):
+        rows.append({
+            "id": p.record.id,
+            "prompt_id": prompt_id(bench.name, p.record.id),
+            "benchmark": bench.name,
+            "gold": p.record.answer,
+            "meta": p.record.meta,
+            "prompt_tokens": int(len(p.input_ids)),
+            "samples": texts[i],
+            "answers": [g[0] for g in graded[i]],
+            "correct": [bool(g[1]) for g in graded[i]],
+            "extractor": [g[2] for g in graded[i]],
+            "response_tokens": [int(response_mask[i * k + j].sum()) for j in range(k)],
+            "truncated": [not bool(finished[i * k + j]) for j in range(k)],
+        })
+    return rows
+
+
+def evaluate_benchmark(bench, config, runtime, out_dir: Path, *, process_index: int, process_count: int,
+                       mesh=None, judge=None) -> dict:
+    """Generate and grade this process's slice of one benchmark; returns counters for the log.
+
+    runtime: a callable returning {tokenizer, model, eos_ids, valid_vocab_size}, called only
+    when this slice has questions left to generate.
+    """
+    import jax
+
+    root = benchmark_dir(config, bench.name)
+    result = bench.read(root, limit=config.limit or None)  # MissingBenchmark / ValueError propagate
+    done = set(read_rows(samples_files(out_dir, bench.name)))
+    mine = result.records[process_index::process_count]
+    todo = [r for r in mine if r.id not in done]
+    problems = list(result.problems) if process_index == 0 else []
+    samples_path = out_dir / "samples" / f"{bench.name}.p{process_index}.jsonl"
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("%s: %d questions (%d this process, %d already scored, %d to generate)", bench.name,
+             len(result.records), len(mine), len(mine) - len(todo), len(todo))
+    start, generated = time.time(), 0
+    base_key = jax.random.key(config.seed)
+    pending: list[Prompt] = []
+    rt = runtime() if todo else {}
+
+    def flush():
+        nonlocal generated
+        if not pending:
+            return
+        seed = int(hashlib.sha1("|".join(p.record.id for p in pending).encode()).hexdigest()[:8], 16)
+        rows = generate_rows(bench, pending, rt["model"], rt["tokenizer"], config,
+                             rng=jax.random.fold_in(base_key, seed), mesh=mesh, judge=judge,
+                             valid_vocab_size=rt["valid_vocab_size"], eos_ids=rt["eos_ids"])
+        with open(samples_path, "a+", encoding="utf-8") as f:
+            if f.tell() > 0:
+                f.seek(f.tell() - 1)
+                if f.read(1) != "\n":  # a partial line from a killed run: keep it on its own line
+                    f.write("\n")
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        generated += len(rows)
+        elapsed = time.time() - start
+        rate = generated / max(elapsed, 1e-9)
+        log.info("%s: %d/%d generated (%.2f questions/s, ETA %.0fs)", bench.name, generated, len(todo), rate,
+                 (len(todo) - generated) / max(rate, 1e-9))
+        pending.clear()
+
+    for record in todo:
+        try:
+            pending.append(build_prompt(bench, record, rt["tokenizer"], config))
+        except common.BadRecord as err:
+            log.warning("%s: skipping %s: %s", bench.name, record.id, err)
+            problems.append({"id": record.id, "reason": str(err)})
+            continue
+        if len(pending) == config.batch_size:
+            flush()
+    flush()
+    # Records of this slice that were skipped in this run (recomputed on every run: cheap, and a
+    # fixed file is picked up next time).
+    problems_path = out_dir / "samples" / f"{bench.name}.p{process_index}.problems.json"
+    problems_path.write_text(json.dumps({"problems": problems, "files": result.files,
+                                         "records": len(result.records)}, indent=1))
+    return {"generated": generated, "skipped": len(problems)}
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarize_benchmark(bench, out_dir: Path, num_samples: int, judge) -> dict:
+    rows = list(read_rows(samples_files(out_dir, bench.name)).values())
+    problems, files, records = [], [], 0
+    for path in sorted((out_dir / "samples").glob(f"{bench.name}.p*.problems.json")):
+        info = json.loads(path.read_text())
+        problems += info["problems"]
+        files = files or info["files"]
+        records = max(records, info["records"])
+    judged = sum(e == "judge" for r in rows for e in r.get("extractor", []))
+    if bench.official_uses_judge and judge is None:
+        extraction = "rule-based fallback (the official protocol uses an LLM judge; none configured)"
+    elif bench.official_uses_judge:
+        extraction = f"rules, then {judge.describe()} where the rules found no answer ({judged} samples)"
+    else:
+        extraction = "rule-based (as the official protocol)"
+    summary = {
+        "status": "ok" if rows else "empty",
+        "display": bench.display,
+        "group": bench.group,
+        "protocol": bench.protocol,
+        "extraction": extraction,
+        "records": records,
+        "scored": len(rows),
+        "skipped": len(problems),
+        "problems": problems[:50],
+        "files": files,
+        "num_samples": num_samples,
+    }
+    if rows:
+        summary.update(bench.aggregate(rows, num_samples))
+        tokens = [t for r in rows for t in r["response_tokens"]]
+        summary["mean_response_tokens"] = float(np.mean(tokens))
+        summary["truncated_share"] = float(np.mean([t for r in rows for t in r["truncated"]]))
+        summary["no_answer_share"] = float(np.mean([a is None for r in rows for a in r["answers"]]))
+    else:
+        summary["score"] = None
+    return summary
+
+
+def _fmt(value) -> str:
+    return "missing" if value is None else f"{value:.1f}"
+
+
+def group_average(summaries: dict, names: Sequence[str]) -> tuple[Optional[float], list[str]]:
+    """Mean score over names, or None listing the benchmarks without a score."""
+    absent = [n for n in names if summaries.get(n, {}).get("score") is None]
+    if absent or not names:
+        return None, absent
+    return float(np.mean([summaries[n]["score"] for n in names])), []
+
+
+def markdown_table(summaries: dict, label: str) -> str:
+    """The paper's table: eight benchmarks in order, Math avg and Visual avg."""
+    math_names, visual_names = benchmarks_lib.MATH_BENCHMARKS, benchmarks_lib.VISUAL_BENCHMARKS
+    header = ["model", *[benchmarks_lib.BENCHMARKS[n].display for n in math_names], "Math avg",
+              *[benchmarks_lib.BENCHMARKS[n].display for n in visual_names], "Visual avg"]
+    math_avg, math_absent = group_average(summaries, math_names)
+    visual_avg, visual_absent = group_average(summaries, visual_names)
+
+    def cell(name):
+        s = summaries.get(name)
+        if s is None:
+            return "not run"
+        if s["status"] != "ok":
+            return s["status"]
+        return _fmt(s["score"])
+
+    row = [label, *[cell(n) for n in math_names], _fmt(math_avg) if math_avg is not None else "n/a",
+           *[cell(n) for n in visual_names], _fmt(visual_avg) if visual_avg is not None else "n/a"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |", ""]
+    k = next((s.get("num_samples") for s in summaries.values() if s.get("num_samples")), None)
+    if k:
+        lines.append(f"avg@{k}; scores in %, OCRBench as points/10.")
+    for name, s in summaries.items():
+        if s["status"] == "missing":
+            lines.append(f"- {s.get('display', name)}: missing ({s.get('reason', '')}); averages over it are n/a.")
+        elif s["status"] not in ("ok",):
+            lines.append(f"- {s.get('display', name)}: {s['status']} ({s.get('reason', '')}).")
+        elif s.get("skipped"):
+            lines.append(f"- {s['display']}: {s['skipped']} of {s['records']} questions skipped "
+                         f"(bad image / file / prompt; see summary.json) and not scored.")
+        if s.get("status") == "ok" and s.get("extraction", "").startswith("rule-based fallback"):
+            lines.append(f"- {s['display']}: rule-based extraction instead of the official LLM judge.")
+    if math_absent:
+        lines.append(f"- Math avg n/a: no score for {', '.join(math_absent)}.")
+    if visual_absent:
+        lines.append(f"- Visual avg n/a: no score for {', '.join(visual_absent)}.")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_model(config, mesh=None):
+    """Qwen3VL from config.model: a Hugging Face directory (config.json + safetensors)."""
+    import jax.numpy as jnp
+
+    from vaopd_jax.models import qwen3_vl
+
+    path = resolve_model_dir(config)
+    loader = getattr(qwen3_vl, "load_hf_checkpoint", None)
+    if loader is None:
+        from vaopd_jax.models.qwen3_vl import convert
+
+        loader = convert.load_hf_checkpoint
+    return loader(str(path), dtype=jnp.dtype(config.dtype), mesh=mesh)
+
+
+def resolve_model_dir(config) -> Path:
+    """config.model as a Hugging Face directory: itself, or a training workdir's export/<config.export>."""
+    path = Path(config.model)
+    if (path / "config.json").is_file():
+        return path
+    exported = path / "export" / config.export
+    if (exported / "config.json").is_file():
+        return exported
+    raise EvalConfigError(
+        f"config.model = {config.model!r}: neither a Hugging Face checkpoint directory (config.json) nor a "
+        f"training workdir with export/{config.export}/config.json")
+
+
+def local_mesh(config):
+    """A (data, fsdp, tensor) mesh over this process's devices, or None for one device.
+
+    Evaluation never crosses hosts: each process runs the model on its local devices.
+    config.mesh.data = -1 takes every local device not used by fsdp x tensor.
+    """
+    import jax
+
+    devices = jax.local_devices()
+    fsdp, tensor, data = int(config.mesh.fsdp), int(config.mesh.tensor), int(config.mesh.data)
+    if fsdp < 1 or tensor < 1 or (data < 1 and data != -1):
+        raise EvalConfigError(f"config.mesh = (data={data}, fsdp={fsdp}, tensor={tensor}): each must be >= 1 "
+                              "(data may be -1: all remaining local devices)")
+    if data == -1:
+        if len(devices) % (fsdp * tensor):
+            raise EvalConfigError(f"config.mesh fsdp={fsdp} x tensor={tensor} does not divide the "
+                                  f"{len(devices)} local devices")
+        data = len(devices) // (fsdp * tensor)
+    count = data * fsdp * tensor
+    if count > len(devices):
+        raise EvalConfigError(f"config.mesh asks for {data}x{fsdp}x{tensor} = {count} devices; this process has "
+                              f"{len(devices)}")
+    if count == 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(devices[:count]).reshape(data, fsdp, tensor), ("data", "fsdp", "tensor"))
+
+
+def _tokenizer_for(config):
+    from vaopd_jax.data import tokenizer as tokenizer_lib
+
+    if config.tokenizer_path:
+        return tokenizer_lib.load_tokenizer(config.tokenizer_path)
+    model_dir = resolve_model_dir(config) if config.model else None
+    if model_dir is not None and any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return tokenizer_lib.load_tokenizer(str(model_dir))
+    return tokenizer_lib.load_tokenizer(None)
+
+
+class Runtime:
+    """Tokenizer and model, loaded on first call: a run whose benchmarks are all missing
+    (or already scored) loads nothing. Calling returns {tokenizer, model, eos_ids,
+    valid_vocab_size}."""
+
+    def __init__(self, config, model=None, tokenizer=None, mesh=None):
+        self.config, self.model, self.tokenizer, self.mesh = config, model, tokenizer, mesh
+        self.loaded: dict = {}
+
+    def __call__(self) -> dict:
+        if not self.loaded:
+            tok = self.tokenizer if self.tokenizer is not None else _tokenizer_for(self.config)
+            if self.model is None:
+                mdl = load_model(self.config, mesh=self.mesh)
+            elif self.mesh is not None:
+                from vaopd_jax.models.qwen3_vl import sharding as model_sharding
+
+                mdl = model_sharding.shard_model(self.model, self.mesh)
+            else:
+                mdl = self.model
+            self.loaded = dict(
+                tokenizer=tok, model=mdl,
+                eos_ids=tuple(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")),
+                # Rows of the LM head beyond the tokenizer are padding: never sampled.
+                valid_vocab_size=min(len(tok), mdl.config.text.vocab_size))
+        return self.loaded
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = None) -> dict:
+    """Runs the evaluation described by ``config``; returns the summary dict.
+
+    model / tokenizer: pass them in-process (tests, notebooks), else they are loaded from
+    config.model / config.tokenizer_path. Process 0 writes summary.json and results.md.
+    """
+    import jax
+
+    validate(config)
+    out_dir = Path(config.output_dir)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    names = benchmark_names(config)
+    model_name = model_name or config.model or "in-process model"
+    check_run_settings(out_dir, config, model_name)
+    judge = make_judge(config.judge.url, config.judge.model, api_key_env=config.judge.api_key_env,
+                       timeout_s=config.judge.timeout_s)
+    mesh = local_mesh(config)
+    runtime = Runtime(config, model=model, tokenizer=tokenizer, mesh=mesh)
+
+    statuses: dict = {}
+    for name in names:
+        bench = benchmarks_lib.get(name)
+        try:
+            counters = evaluate_benchmark(bench, config, runtime, out_dir, process_index=process_index,
+                                          process_count=process_count, mesh=mesh, judge=judge)
+            statuses[name] = {"status": "ok", **counters}
+        except common.MissingBenchmark as err:
+            log.warning("%s: missing (%s)", name, err)
+            statuses[name] = {"status": "missing", "reason": str(err)}
+        except ValueError as err:  # unreadable file / wrong columns: reported, other benchmarks go on
+            log.error("%s: cannot be read: %s", name, err)
+            statuses[name] = {"status": "error", "reason": str(err)}
+
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("vaopd_jax.evaluate: all slices written")
+    if process_index != 0:
+        return {}
+
+    summaries: dict = {}
+    for name in names:
+        bench = benchmarks_lib.get(name)
+        if statuses[name]["status"] != "ok":
+            summaries[name] = {"display": bench.display, "group": bench.group, "score": None, **statuses[name]}
+            continue
+        summaries[name] = summarize_benchmark(bench, out_dir, config.num_samples, judge)
+    math_avg, _ = group_average(summaries, benchmarks_lib.MATH_BENCHMARKS)
+    visual_avg, _ = group_average(summaries, benchmarks_lib.VISUAL_BENCHMARKS)
+    summary = {
+        "model": model_name,
+        "settings": {k: config[k] for k in RUN_KEYS},
+        "math_avg": math_avg,
+        "visual_avg": visual_avg,
+        "judge": judge.describe() if judge else None,
+        "judge_calls": judge.calls if judge else 0,
+        "judge_failures": judge.failures if judge else 0,
+        "grading": rewards.grading_counters(),
+        "benchmarks": summaries,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    table = markdown_table(summaries, label=Path(model_name).name or model_name)
+    (out_dir / "results.md").write_text(table)
+    print(table)
+    print(f"per-sample JSONL: {out_dir / 'samples'}; summary: {out_dir / 'summary.json'}")
+    return summary
+
+
+def main(argv=None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "evaluation config file (configs/eval_default.py)",
+                                    lock_config=True)
+
+    def run(_):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        config = flags.FLAGS.config
+        if config is None:
+            raise SystemExit("--config is required, e.g. --config configs/eval_default.py")
+        try:
+            from vaopd_jax.parallel import mesh as mesh_lib  # multi-host init where the env asks for it
+
+            mesh_lib.maybe_initialize_distributed()
+        except ImportError:
+            pass
+        try:
+            validate(config)
+        except EvalConfigError as err:
+            raise SystemExit(str(err)) from None
+        evaluate(config)
+
+    app.run(run, argv=argv or sys.argv)
+
+
+if __name__ == "__main__":
+    main()
