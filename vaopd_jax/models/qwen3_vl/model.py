@@ -37,6 +37,7 @@ from flax import nnx
 from .config import Qwen3VLConfig
 from .layers import param
 from .rope import VisionInputs, get_rope_index, mrope_cos_sin, prepare_vision_inputs, text_position_ids
+from .sharding import constrain
 from .text import KVCache, TextModel
 from .vision import VisionTower
 
@@ -66,7 +67,8 @@ class Qwen3VL(nnx.Module):
     def logits_from_hidden(self, hidden):
         """hidden (..., E) -> logits (..., V) float32 (matmul in compute dtype, fp32 accumulation)."""
         w = self.lm_head_kernel().astype(self.compute_dtype)
-        return jnp.einsum("...e,ev->...v", hidden.astype(self.compute_dtype), w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...e,ev->...v", hidden.astype(self.compute_dtype), w, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
 
     def encode_images(self, pixel_values, vision_inputs: VisionInputs):
         """pixel_values (N, patch_dim) -> (image_embeds (N/4, E), tuple of deepstack features (N/4, E))."""

@@ -89,3 +89,14 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules: Mapping | 
     axes = [None] * ndim
     axes[batch_axis] = "batch"
     return NamedSharding(mesh, logical_to_spec(axes, rules, mesh))
+
+
+def constrain(x, axes: Sequence[str | None], rules: Mapping | None = None):
+    """with_sharding_constraint by logical axes when a mesh is set (`jax.set_mesh`); a no-op otherwise.
+
+    Keeps activations batch-sharded on ('data', 'fsdp') inside the model, whatever GSPMD would propagate from
+    the fsdp/tensor-sharded weights."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules, mesh, x.shape))

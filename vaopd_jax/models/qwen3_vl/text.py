@@ -16,6 +16,7 @@ from flax import nnx
 from .config import Qwen3VLConfig
 from .layers import maybe_remat, param, rms_norm
 from .rope import apply_rotary
+from .sharding import constrain
 
 
 class KVCache(NamedTuple):
@@ -83,7 +84,7 @@ def decoder_layer(p: dict, x, cos, sin, mask, cfg: Qwen3VLConfig, dtype, kv=None
     gate = jnp.dot(h, p["gate_kernel"].astype(dtype))
     up = jnp.dot(h, p["up_kernel"].astype(dtype))
     x = x + jnp.dot(jax.nn.silu(gate) * up, p["down_kernel"].astype(dtype))
-    return x, (None if kv is None else (k, v))
+    return constrain(x, ("batch", None, None)), (None if kv is None else (k, v))
 
 
 def scatter_rows(input_ids, token_id: int, rows):
@@ -113,7 +114,7 @@ class TextModel(nnx.Module):
         if image_embeds is not None and image_embeds.shape[0] > 0:
             vis, is_img = scatter_rows(input_ids, self.cfg.image_token_id, image_embeds.astype(x.dtype))
             x = jnp.where(is_img[..., None], vis, x)
-        return x
+        return constrain(x, ("batch", None, None))
 
     def run_layers(self, x, cos, sin, mask, input_ids, deepstack_embeds=(), kv=None, write_index=None):
         """Runs all layers. x (B, T, E); deepstack_embeds: tuple of (M, E), added at <|image_pad|> positions after
