@@ -149,11 +149,13 @@ def score(bench_root, name, responses_by_id):
 
 
 def test_choice_scoring_letter_and_option_text(bench_root):
+    long_reply = "Option A is wrong since the angle is acute.\nLooking again, the correct option is (B)."
     out = score(bench_root, "wemath", {"g2:2steps_1": [
-        "B", "\\boxed{45^\\circ}", "The answer is (C).", "Answer: B. 45°", "I am not sure", "\\boxed{E}"]})
+        "B", "\\boxed{45^\\circ}", "The answer is (C).", "Answer: B. 45°", "I am not sure", "\\boxed{E}",
+        long_reply, "45°", "Step 1: a long derivation\nso 45° it is"]})
     got = out["g2:2steps_1"]
-    assert [g[0] for g in got] == ["B", "B", "C", "B", None, None]
-    assert [g[1] for g in got] == [True, True, False, True, False, False]
+    assert [g[0] for g in got] == ["B", "B", "C", "B", None, None, "B", "B", None]
+    assert [g[1] for g in got] == [True, True, False, True, False, False, True, True, False]
     assert {g[2] for g in got} == {"rule"}
 
 
@@ -304,3 +306,11 @@ def score_with_judge(bench_root, judge):
     record = read(bench_root, "mmstar").records[0]  # gold D
     out = benchmarks.get("mmstar").score([record], [["I think it could be several", "D"]], judge=judge)
     return [tuple(x) for x in out[0]]
+
+
+def test_mathverse_reports_per_version_accuracy():
+    rows = [{"meta": {"problem_version": "Vision Only"}, "correct": [True, False]},
+            {"meta": {"problem_version": "Text Dominant"}, "correct": [True, True]}]
+    result = benchmarks.get("mathverse").aggregate(rows, num_samples=2)
+    assert result["score"] == pytest.approx(75.0)
+    assert result["versions"] == {"Text Dominant": pytest.approx(100.0), "Vision Only": pytest.approx(50.0)}

@@ -196,13 +196,21 @@ def format_options(options: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def extract_choice_from_response(text: str, options: Optional[Sequence[str]] = None) -> Optional[str]:
-    """Option letter of a response: from its committed answer, else from the response.
+_ANSWER_IS = re.compile(
+    r"(?i)\b(?:answer|option|choice)\s+(?:is|would\s+be|should\s+be)\s*:?\s*(?:option\s*)?[(\[]?([A-Z])\b[)\]]?"
+)
+SHORT_REPLY_CHARS = 80
 
-    The committed answer (first ``\\boxed{}`` / ``Answer:`` line, rewards.extract_answer)
-    wins. Otherwise a direct reply (``B``, ``B. 45°``, ``(B)``) or a phrase
-    (``the answer is B``) in the response is used: multiple-choice prompts ask for the
-    letter directly, so the reply itself is the commitment.
+
+def extract_choice_from_response(text: str, options: Optional[Sequence[str]] = None) -> Optional[str]:
+    """Option letter of a response: from its committed answer, else from the reply itself.
+
+    1. The committed answer (first ``\\boxed{}`` / ``Answer:`` line, rewards.extract_answer)
+       read as a letter or option text.
+    2. A short one-line reply (multiple-choice prompts ask for the letter directly):
+       ``B``, ``B. 45°``, ``(B)``, ``Option B``, or the text of one option.
+    3. In a longer reply, the first "answer/option/choice is X" phrase (not a mere
+       mention such as "option A is wrong": "is" must follow answer/option/choice).
     """
     committed = rewards.extract_answer(text)
     if committed is not None:
@@ -212,11 +220,14 @@ def extract_choice_from_response(text: str, options: Optional[Sequence[str]] = N
     stripped = (text or "").strip()
     if not stripped:
         return None
-    first_line = stripped.splitlines()[0].strip()
-    for candidate in (stripped, first_line):
-        letter = rewards.extract_choice(candidate, options)
+    if "\n" not in stripped and len(stripped) <= SHORT_REPLY_CHARS:
+        letter = rewards.extract_choice(stripped, options)
         if letter is not None:
             return letter
+    valid = LETTERS[: len(options)] if options else LETTERS
+    for match in _ANSWER_IS.finditer(stripped):
+        if match.group(1) in valid:
+            return match.group(1)
     return None
 
 

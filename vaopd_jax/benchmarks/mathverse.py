@@ -46,3 +46,13 @@ class MathVerse(Benchmark):
 
     def kind(self, record: Record) -> str:
         return common.KIND_CHOICE if record.meta["question_type"] == "multi-choice" else common.KIND_MATH
+
+    def aggregate(self, rows, num_samples: int) -> dict:
+        """avg@K accuracy over all versions (the paper's number) plus per-version accuracy."""
+        out = super().aggregate(rows, num_samples)
+        groups: dict = {}
+        for row in rows:
+            groups.setdefault(row["meta"].get("problem_version") or "", []).append(row)
+        out["versions"] = {name: 100.0 * common.run_means(group, common.sample_accuracy, num_samples)
+                           for name, group in sorted(groups.items()) if name}
+        return out
