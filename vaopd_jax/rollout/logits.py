@@ -25,11 +25,19 @@ Log-probabilities returned per sampled token (decided once, used everywhere):
   the quantity the train step recomputes from a student forward pass; at
   temperature 1, top-k 0, top-p 1 the two coincide.
 
-Nucleus filtering without sorting the whole vocabulary every step: take the
-`top_p_candidates` largest logits with `lax.top_k`; if, in every row, they hold
-at least top_p of the probability mass the nucleus lies inside them and the
-keep-mask is exact. Otherwise (flat distributions, e.g. random models) a
-`lax.cond` falls back to a full-vocabulary sort, which gives the same mask.
+Speed (one decode step samples B rows over V ~ 152k logits; a full sort or a
+Gumbel draw per logit costs more than the model's forward on CPU):
+- nucleus without sorting the vocabulary: take the `top_p_candidates` largest
+  logits with `lax.top_k`; if, in every row, they hold at least top_p of the
+  mass, the nucleus lies inside them and the keep-mask is exact. Otherwise
+  (flat distributions, e.g. random models) a `lax.cond` falls back to a binary
+  search, over the float bits, for the probability threshold of the nucleus:
+  the largest tau with sum(p[p >= tau]) >= top_p, which is the probability of
+  the last token HF keeps (with exact ties at that threshold all tied tokens
+  are kept, where HF's sort keeps an arbitrary subset);
+- the draw is inverse-CDF with ONE uniform per row (a blocked cumulative sum:
+  blocks of 128 logits, then within the chosen block), exact up to float
+  rounding, instead of one Gumbel variate per logit.
 """
 
 from __future__ import annotations
@@ -105,6 +113,30 @@ def _nucleus_keep_sorted(sorted_logits: jax.Array, log_norm: jax.Array, top_p: f
     return keep.at[..., 0].set(True)
 
 
+def _float_bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+
+
+def _nucleus_threshold(probs: jax.Array, top_p: float, upper: jax.Array) -> jax.Array:
+    """Largest tau with sum(probs[probs >= tau]) >= top_p, per row. probs (B, V) >= 0; upper (B,) >= tau.
+
+    Binary search over the int32 bit patterns of non-negative floats (monotone in the value); 32 steps give
+    the exact float.
+    """
+    lo = jnp.zeros(probs.shape[:1], jnp.int32)  # tau = 0 keeps everything: mass 1 >= top_p
+    hi = _float_bits(upper) + 1  # mass above `upper` is < top_p
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        tau = jax.lax.bitcast_convert_type(mid, jnp.float32)
+        ok = jnp.sum(jnp.where(probs >= tau[:, None], probs, 0.0), axis=-1) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
 def top_p_mask(scaled: jax.Array, top_p: float, num_candidates: int) -> jax.Array:
     """HF TopPLogitsWarper keep-mask over the full vocabulary.
 
@@ -114,22 +146,23 @@ def top_p_mask(scaled: jax.Array, top_p: float, num_candidates: int) -> jax.Arra
     batch, vocab = scaled.shape
     log_norm = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
     rows = jnp.arange(batch)[:, None]
-
-    def keep_from(num: int):
-        cand_logits, cand_idx = jax.lax.top_k(scaled, num)
-        keep_cand = _nucleus_keep_sorted(cand_logits, log_norm, top_p)
-        keep_cand = keep_cand & jnp.isfinite(cand_logits)
-        mask = jnp.zeros((batch, vocab), dtype=bool).at[rows, cand_idx].set(keep_cand)
-        covered = jnp.sum(jnp.exp(cand_logits - log_norm), axis=-1) >= top_p
-        return mask, covered
-
     num = min(num_candidates, vocab)
+    cand_logits, cand_idx = jax.lax.top_k(scaled, num)
+    keep_cand = _nucleus_keep_sorted(cand_logits, log_norm, top_p) & jnp.isfinite(cand_logits)
     if num == vocab:
-        return keep_from(vocab)[0]
-    mask, covered = keep_from(num)
-    # Exactness: if some row's nucleus extends past the candidates, redo all rows
-    # with the full sort (same ordering rule, so the same mask where covered).
-    return jax.lax.cond(jnp.all(covered), lambda: mask, lambda: keep_from(vocab)[0])
+        return jnp.zeros((batch, vocab), dtype=bool).at[rows, cand_idx].set(keep_cand)
+    covered = jnp.sum(jnp.exp(cand_logits - log_norm), axis=-1) >= top_p
+
+    def from_candidates():
+        return jnp.zeros((batch, vocab), dtype=bool).at[rows, cand_idx].set(keep_cand)
+
+    def from_threshold():
+        # The nucleus extends past the candidates in some row: exact threshold search over all V.
+        probs = jnp.exp(scaled - log_norm)
+        tau = _nucleus_threshold(probs, top_p, jnp.exp(cand_logits[:, 0] - log_norm[:, 0]))
+        return (probs >= tau[:, None]) & jnp.isfinite(scaled)
+
+    return jax.lax.cond(jnp.all(covered), from_candidates, from_threshold)
 
 
 def sampling_logits(logits: jax.Array, params: SamplingParams, valid_vocab_size: int | None) -> jax.Array:
@@ -150,8 +183,31 @@ def _take(values: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(values, tokens[:, None], axis=-1)[:, 0]
 
 
+def inverse_cdf_sample(key: jax.Array, probs: jax.Array, block: int = 128) -> jax.Array:
+    """One draw per row from unnormalized non-negative weights. probs (B, V) → (B,) int32.
+
+    One uniform per row; the cumulative sum is blocked (sums of `block` weights, then the chosen block) so no
+    length-V scan is needed. Zero-weight entries are never returned: a rounding miss falls back to the
+    row's argmax.
+    """
+    batch, vocab = probs.shape
+    padded = -(-vocab // block) * block
+    weights = jnp.pad(probs.astype(jnp.float32), ((0, 0), (0, padded - vocab))).reshape(batch, -1, block)
+    block_mass = weights.sum(axis=-1)  # (B, nb)
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    target = jax.random.uniform(key, (batch,), jnp.float32) * block_cdf[:, -1]
+    block_idx = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), block_cdf.shape[1] - 1)
+    rows = jnp.arange(batch)
+    inside = target - (block_cdf[rows, block_idx] - block_mass[rows, block_idx])
+    within_cdf = jnp.cumsum(weights[rows, block_idx], axis=-1)  # (B, block)
+    within_idx = jnp.minimum(jnp.sum(within_cdf <= inside[:, None], axis=-1), block - 1)
+    tokens = (block_idx * block + within_idx).astype(jnp.int32)
+    hit = jnp.take_along_axis(jnp.pad(probs, ((0, 0), (0, padded - vocab))), tokens[:, None], axis=-1)[:, 0] > 0
+    return jnp.where(hit, tokens, jnp.argmax(probs, axis=-1).astype(jnp.int32))
+
+
 def sample_tokens(
-    key: jax.Array, logits: jax.Array, params: SamplingParams, valid_vocab_size: int | None
+    key: jax.Array, logits: jax.Array, params: SamplingParams, valid_vocab_size: int | jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw one token per row.
 
@@ -160,12 +216,13 @@ def sample_tokens(
     distribution, model_logprobs (B,) float32 temperature-1 unfiltered).
     """
     raw = mask_invalid_vocab(logits, valid_vocab_size)
-    model_logp_all = jax.nn.log_softmax(raw, axis=-1)
+    model_log_norm = jax.nn.logsumexp(raw, axis=-1)
     if params.greedy:
         tokens = jnp.argmax(raw, axis=-1).astype(jnp.int32)
         logprobs = jnp.zeros(tokens.shape, jnp.float32)
     else:
         dist_logits = sampling_logits(logits, params, valid_vocab_size)
-        tokens = jax.random.categorical(key, dist_logits, axis=-1).astype(jnp.int32)
-        logprobs = _take(jax.nn.log_softmax(dist_logits, axis=-1), tokens)
-    return tokens, logprobs, _take(model_logp_all, tokens)
+        log_norm = jax.nn.logsumexp(dist_logits, axis=-1, keepdims=True)
+        tokens = inverse_cdf_sample(key, jnp.exp(dist_logits - log_norm))
+        logprobs = _take(dist_logits, tokens) - log_norm[:, 0]
+    return tokens, logprobs, _take(raw, tokens) - model_log_norm
