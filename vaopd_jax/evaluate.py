@@ -315,20 +315,32 @@ def evaluate_benchmark(bench, config, runtime, out_dir: Path, *, process_index: 
     problems_path = out_dir / "samples" / f"{bench.name}.p{process_index}.problems.json"
     problems_path.write_text(json.dumps({"problems": problems, "files": result.files,
                                          "records": len(result.records)}, indent=1))
-    return {"generated": generated, "skipped": len(problems)}
+    return {"generated": generated, "skipped": len(problems), "ids": [r.id for r in result.records]}
 
 
 # ----------------------------------------------------------------------------- summary
 
 
-def summarize_benchmark(bench, out_dir: Path, num_samples: int, judge) -> dict:
-    rows = list(read_rows(samples_files(out_dir, bench.name)).values())
-    problems, files, records = [], [], 0
+def summarize_benchmark(bench, out_dir: Path, num_samples: int, judge, ids: Optional[Sequence[str]] = None) -> dict:
+    """Merge every process's samples and problems files into the benchmark's summary.
+
+    ids: the benchmark's current question ids (rows of questions outside them, e.g. from a
+    run with a larger config.limit, are left out); None keeps every row.
+    """
+    rows_by_id = read_rows(samples_files(out_dir, bench.name))
+    if ids is not None:
+        wanted = set(ids)
+        rows_by_id = {k: v for k, v in rows_by_id.items() if k in wanted}
+    rows = list(rows_by_id.values())
+    problems_by_id, files, records = {}, [], 0
     for path in sorted((out_dir / "samples").glob(f"{bench.name}.p*.problems.json")):
         info = json.loads(path.read_text())
-        problems += info["problems"]
+        for problem in info["problems"]:  # files of an earlier run with more processes may repeat ids
+            if problem["id"] not in rows_by_id:
+                problems_by_id[problem["id"]] = problem
         files = files or info["files"]
         records = max(records, info["records"])
+    problems = list(problems_by_id.values())
     judged = sum(e == "judge" for r in rows for e in r.get("extractor", []))
     if bench.official_uses_judge and judge is None:
         extraction = "rule-based fallback (the official protocol uses an LLM judge; none configured)"
@@ -537,6 +549,7 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
             counters = evaluate_benchmark(bench, config, runtime, out_dir, process_index=process_index,
                                           process_count=process_count, mesh=mesh, judge=judge)
             statuses[name] = {"status": "ok", **counters}
+            log.info("%s: %d generated, %d skipped in this process", name, counters["generated"], counters["skipped"])
         except common.MissingBenchmark as err:
             log.warning("%s: missing (%s)", name, err)
             statuses[name] = {"status": "missing", "reason": str(err)}
@@ -557,7 +570,8 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
         if statuses[name]["status"] != "ok":
             summaries[name] = {"display": bench.display, "group": bench.group, "score": None, **statuses[name]}
             continue
-        summaries[name] = summarize_benchmark(bench, out_dir, config.num_samples, judge)
+        summaries[name] = summarize_benchmark(bench, out_dir, config.num_samples, judge,
+                                              ids=statuses[name]["ids"])
     math_avg, _ = group_average(summaries, benchmarks_lib.MATH_BENCHMARKS)
     visual_avg, _ = group_average(summaries, benchmarks_lib.VISUAL_BENCHMARKS)
     summary = {
