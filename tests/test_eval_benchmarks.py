@@ -1,11 +1,8 @@
 """Benchmark readers (public layouts, fixture files) and scorers (hand-made predictions)."""
 
-import io
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from vaopd_jax import benchmarks
 from vaopd_jax.benchmarks import common, fixtures, judge as judge_lib, wemath

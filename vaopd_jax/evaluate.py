@@ -34,8 +34,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import os
 import sys
 import time
 from pathlib import Path

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 from vaopd_jax.benchmarks import common
 from vaopd_jax.benchmarks.ai2d import MC_SUFFIX
