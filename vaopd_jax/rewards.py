@@ -20,16 +20,21 @@ Public API::
     grade_batch(preds, golds, *, timeout_s=5.0) -> list[bool]
     grade_batch_detailed(preds, golds, *, timeout_s=5.0) -> list[GradeResult]
     grade_responses(texts, golds) -> list[bool]              # extract, then grade
+    grading_counters() -> {"timeouts", "errors"}             # for logging
     shutdown()                                               # stop the worker pool
+
+Workers are plain ``python -m vaopd_jax.rewards --worker`` subprocesses speaking JSON
+lines (not multiprocessing), so grading works from any thread, notebook or unguarded
+script. Throughput: ``python -m vaopd_jax.benchmarks.grading_speed``.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import json
 import logging
 import math
-import json
 import os
 import re
 import select
