@@ -175,7 +175,9 @@ class Featurize:
         except Exception as err:  # e.g. aspect ratio > 200
             return skip("bad_image", f"{type(err).__name__}: {err}")
         try:
-            input_ids, token_types = processor.build_prompt(self.tokenizer, question, grids)
+            tokenizer = self.tokenizer
+            with _TOKENIZER_LOCK:  # HF fast tokenizers may raise "Already borrowed" under concurrent calls
+                input_ids, token_types = processor.build_prompt(tokenizer, question, grids)
         except ValueError as err:
             return skip("placeholder_mismatch", str(err))
         if len(input_ids) > cfg.prompt_buckets[-1]:
