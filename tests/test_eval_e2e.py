@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vaopd_jax import evaluate
-from vaopd_jax.benchmarks import fixtures
+from vaopd_jax.benchmarks import common, fixtures
 from vaopd_jax.rollout import sampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,6 +246,21 @@ def test_two_processes_barrier_then_process_0_merges(bench_root, tmp_path):
     # g2 complete mastery; g3 all subs right but multi wrong -> IG: (2 - 0.5) / 2 = 75 strict and loose.
     assert wemath["score"] == pytest.approx(75.0)
     assert summary["benchmarks"]["ai2d"]["status"] == "missing"
+
+
+def test_prompt_longer_than_the_model_allows_is_skipped(tokenizer, bench_root, tmp_path):
+    from vaopd_jax import benchmarks
+
+    mmstar = benchmarks.get("mmstar")
+    record = mmstar.read(bench_root / "mmstar").records[0]
+    config = make_config(bench_root, tmp_path, max_new_tokens=4090)
+    prompt = evaluate.build_prompt(mmstar, record, tokenizer, config)
+    assert prompt.pixel_values.shape == (8, 1536) and prompt.grid_thw.tolist() == [[1, 2, 4]]
+    with pytest.raises(common.BadRecord, match="exceeds the model's 4096 positions"):
+        evaluate.build_prompt(mmstar, record, tokenizer, config, max_positions=4096)
+    config.max_prompt_tokens = len(prompt.input_ids) - 1
+    with pytest.raises(common.BadRecord, match="> max_prompt_tokens"):
+        evaluate.build_prompt(mmstar, record, tokenizer, config)
 
 
 def test_invalid_config_names_fields(bench_root, tmp_path):

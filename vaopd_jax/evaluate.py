@@ -130,8 +130,11 @@ def prompt_id(name: str, record_id: str) -> str:
     return hashlib.sha1(f"{name}/{record_id}".encode()).hexdigest()[:16]
 
 
-def build_prompt(bench, record, tokenizer, config) -> Prompt:
-    """Decode images, preprocess them and tokenize the chat prompt; raises BadRecord."""
+def build_prompt(bench, record, tokenizer, config, max_positions: Optional[int] = None) -> Prompt:
+    """Decode images, preprocess them and tokenize the chat prompt; raises BadRecord.
+
+    max_positions: the model's position limit; a prompt that leaves no room for
+    config.max_new_tokens is skipped (reported), not sent to the sampler."""
     from vaopd_jax.data import processor
 
     images = [ref.load() for ref in record.images]
@@ -143,6 +146,9 @@ def build_prompt(bench, record, tokenizer, config) -> Prompt:
     if len(ids) > config.max_prompt_tokens:
         raise common.BadRecord(f"prompt of {record.id} has {len(ids)} tokens > max_prompt_tokens="
                                f"{config.max_prompt_tokens}")
+    if max_positions is not None and len(ids) + config.max_new_tokens > max_positions:
+        raise common.BadRecord(f"prompt of {record.id} has {len(ids)} tokens; with max_new_tokens="
+                               f"{config.max_new_tokens} it exceeds the model's {max_positions} positions")
     return Prompt(record, np.asarray(ids, np.int32), pixel_values if len(images) else None, grids)
 
 
@@ -224,7 +230,6 @@ def generate_rows(bench, prompts: Sequence[Prompt], model, tokenizer, config, *,
         model, ids, mask, pixels, grids, max_new_tokens=config.max_new_tokens, num_samples=config.num_samples,
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, eos_token_ids=eos_ids, rng=rng,
         valid_vocab_size=valid_vocab_size, mesh=mesh, min_prompt_bucket=config.min_prompt_bucket,
-        max_length=max(len(p.input_ids) for p in prompts) + config.max_new_tokens,
     )
     tokens = np.asarray(out.tokens)
     response_mask = np.asarray(out.response_mask)
@@ -300,7 +305,7 @@ def evaluate_benchmark(bench, config, runtime, out_dir: Path, *, process_index: 
 
     for record in todo:
         try:
-            pending.append(build_prompt(bench, record, rt["tokenizer"], config))
+            pending.append(build_prompt(bench, record, rt["tokenizer"], config, rt["max_positions"]))
         except common.BadRecord as err:
             log.warning("%s: skipping %s: %s", bench.name, record.id, err)
             problems.append({"id": record.id, "reason": str(err)})
@@ -514,7 +519,8 @@ class Runtime:
                 tokenizer=tok, model=mdl,
                 eos_ids=tuple(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")),
                 # Rows of the LM head beyond the tokenizer are padding: never sampled.
-                valid_vocab_size=min(len(tok), mdl.config.text.vocab_size))
+                valid_vocab_size=min(len(tok), mdl.config.text.vocab_size),
+                max_positions=getattr(mdl.config.text, "max_position_embeddings", None))
         return self.loaded
 
 
