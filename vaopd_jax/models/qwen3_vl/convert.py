@@ -235,7 +235,13 @@ def _build_param(spec: ParamSpec, shape, dtype, sharding, reader: Callable[[str]
         if not spec.stacked:
             return np.asarray(slice_of(0)[index], dtype=np_dtype)
         layers = range(*index[0].indices(shape[0]))
-        return np.stack([np.asarray(slice_of(i)[index[1:]], dtype=np_dtype) for i in layers])
+        block = None
+        for j, i in enumerate(layers):  # fill in place: host memory holds one block, not a list plus a stack
+            part = slice_of(i)[index[1:]]
+            if block is None:
+                block = np.empty((len(layers),) + part.shape, np_dtype)
+            block[j] = part
+        return block
 
     # Validate every tensor up front (cheap: header only) so errors name the tensor, not a device callback.
     for key in spec.keys:
