@@ -68,6 +68,7 @@ def test_virl39k_raw_layout_with_multi_image_rows(tmp_path):
     rec = source[1]
     assert rec["id"] == "virl-0-1" and rec["answer"] == "2" and rec["kind"] == "Tables/Diagrams/Charts"
     assert rec["question"].count("<image>") == 2 and len(rec["images"]) == 2
+    assert S.ViRL39KSource(tmp_path)[1]["images"] == rec["images"]  # the release folder works too
     images = [S.load_image(e) for e in rec["images"]]
     assert [im.size for im in images] == [(200, 160), (210, 160)]
 

@@ -223,6 +223,9 @@ def geometry3k_validation_source(path) -> Geometry3KSource:
 class ViRL39KSource:
     """ViRL39K in either layout, detected from the parquet columns.
 
+    `path`: a parquet file, a glob, a list, or a folder (39Krelease.parquet inside, else
+    data/train-*.parquet, else *.parquet).
+
     raw (TIGER-Lab/ViRL39K): `39Krelease.parquet` with `question`, `answer` (\\boxed{}), `image`
       (list of paths relative to `images_root`, default the parquet's folder), `qid`, `category`.
     embedded (PAPOGalaxy/PAPO_ViRL39K_train): `images` (list of {bytes, path}), `problem`, `answer`.
@@ -230,8 +233,14 @@ class ViRL39KSource:
     """
 
     def __init__(self, path, images_root: str | os.PathLike | None = None):
-        files = resolve_parquet_files(path, split=None if not os.path.isdir(str(path)) else "train")
         import pyarrow.parquet as pq
+
+        if os.path.isdir(str(path)) and os.path.isfile(os.path.join(str(path), "39Krelease.parquet")):
+            files = [os.path.join(str(path), "39Krelease.parquet")]  # raw release folder
+        elif os.path.isdir(str(path)) and glob.glob(os.path.join(str(path), "data", "train-*.parquet")):
+            files = resolve_parquet_files(path, split="train")  # HF dataset folder (embedded layout)
+        else:
+            files = resolve_parquet_files(path)
 
         names = pq.read_schema(files[0]).names
         if all(c in names for c in VIRL39K_RAW_COLUMNS):
