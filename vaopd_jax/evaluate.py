@@ -561,6 +561,9 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
             log.error("%s: cannot be read: %s", name, err)
             statuses[name] = {"status": "error", "reason": str(err)}
 
+    counters = {"judge_calls": judge.calls if judge else 0, "judge_failures": judge.failures if judge else 0,
+                **{f"grading_{k}": v for k, v in rewards.grading_counters().items()}}
+    (out_dir / f"counters.p{process_index}.json").write_text(json.dumps(counters))
     if process_count > 1:
         from jax.experimental import multihost_utils
 
@@ -578,15 +581,20 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
                                               ids=statuses[name]["ids"])
     math_avg, _ = group_average(summaries, benchmarks_lib.MATH_BENCHMARKS)
     visual_avg, _ = group_average(summaries, benchmarks_lib.VISUAL_BENCHMARKS)
+    totals: dict = {}  # this run's counters, summed over processes
+    for index in range(process_count):
+        path = out_dir / f"counters.p{index}.json"
+        for key, value in (json.loads(path.read_text()) if path.is_file() else {}).items():
+            totals[key] = totals.get(key, 0) + value
     summary = {
         "model": model_name,
         "settings": {k: config[k] for k in RUN_KEYS},
         "math_avg": math_avg,
         "visual_avg": visual_avg,
         "judge": judge.describe() if judge else None,
-        "judge_calls": judge.calls if judge else 0,
-        "judge_failures": judge.failures if judge else 0,
-        "grading": rewards.grading_counters(),
+        "judge_calls": totals.get("judge_calls", 0),
+        "judge_failures": totals.get("judge_failures", 0),
+        "grading": {"timeouts": totals.get("grading_timeouts", 0), "errors": totals.get("grading_errors", 0)},
         "benchmarks": summaries,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
