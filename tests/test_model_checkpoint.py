@@ -59,6 +59,15 @@ def test_round_trip_through_transformers(hf_dir, tmp_path):
         assert torch.equal(sd1[k], sd2[k]), k
     assert _valid_max_diff(testing.hf_logits(hf2, batch), ref, batch) == 0.0
 
+    # The command-line converter (load + save) writes the same tensors, here cast to bf16.
+    cli = tmp_path / "cli"
+    convert.main([path, str(cli), "--dtype", "bfloat16"])
+    src, dst = convert.CheckpointReader(path), convert.CheckpointReader(cli)
+    assert sorted(src.where) == sorted(dst.where)
+    key = "model.visual.deepstack_merger_list.1.linear_fc2.weight"
+    assert dst.get(key).dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(dst.get(key), src.get(key).astype(ml_dtypes.bfloat16))
+
 
 def test_sharded_index_tied_and_bf16(tmp_path):
     """Loader reads transformers' sharded index; tied embeddings (no lm_head.weight); our bf16 sharded save is
