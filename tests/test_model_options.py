@@ -49,3 +49,19 @@ def test_bf16_params_and_compute_close_to_fp32():
     # Same seed -> same weights up to bf16 rounding; bf16 matmuls keep logits within a few percent of their range.
     err = np.abs(np.asarray(out) - ref)[batch.attention_mask.astype(bool)].max()
     assert 0 < err < 0.05 * np.abs(ref).max()
+
+
+def test_host_side_inputs_validate_and_pad():
+    cfg = testing.tiny_config()
+    batch = testing.make_batch(cfg, [[(1, 4, 6)], [(1, 8, 4)]], [3, 2], seed=0)
+    with pytest.raises(ValueError, match=r"image 0 has 6 <\|image_pad\|> tokens but image_grid_thw \(1, 4, 4\) needs"):
+        qwen3_vl.get_rope_index(batch.input_ids, [[1, 4, 4], [1, 8, 4]], batch.attention_mask, cfg)
+    with pytest.raises(ValueError, match=r"image_grid_thw has 3 rows but the prompts hold 2 images"):
+        qwen3_vl.get_rope_index(batch.input_ids, [[1, 4, 6], [1, 8, 4], [1, 4, 4]], batch.attention_mask, cfg)
+    vi = qwen3_vl.prepare_vision_inputs(batch.image_grid_thw, cfg, pad_patches_to=64)
+    assert vi.valid.sum() == 56 and vi.merged_valid.sum() == 14 and vi.merged_valid.shape == (16,)
+    assert (vi.segment_ids[:24] == 0).all() and (vi.segment_ids[24:56] == 1).all() and (vi.segment_ids[56:] == -1).all()
+    np.testing.assert_allclose(vi.interp_weights[:56].sum(1), 1.0, rtol=1e-6)  # bilinear weights sum to 1
+    assert (vi.interp_weights[56:] == 0).all()
+    with pytest.raises(ValueError, match=r"pad_patches_to=58 must be >= the real patch count 56 and a multiple of"):
+        qwen3_vl.prepare_vision_inputs(batch.image_grid_thw, cfg, pad_patches_to=58)
