@@ -277,12 +277,13 @@ def _check_architecture(config_dict: dict, where: str):
 
 
 def load_hf_checkpoint(path, dtype=jnp.float32, mesh: Mesh | None = None, *, compute_dtype=None,
-                       rules: Mapping | None = None, config: Qwen3VLConfig | None = None) -> Qwen3VL:
+                       rules: Mapping | None = None, config: Qwen3VLConfig | None = None,
+                       remat: str | None = None) -> Qwen3VL:
     """Loads a local Hugging Face Qwen3-VL directory (config.json + safetensors, single or sharded).
 
     dtype: parameter dtype (checkpoint tensors are cast); mesh/rules: place each parameter directly in its
-    NamedSharding (None: the first device). Raises CheckpointError naming a missing / wrongly shaped tensor
-    or an unsupported architecture."""
+    NamedSharding (None: the first device); remat: 'none' | 'block' (training). Raises CheckpointError naming a
+    missing / wrongly shaped tensor or an unsupported architecture."""
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
@@ -291,6 +292,8 @@ def load_hf_checkpoint(path, dtype=jnp.float32, mesh: Mesh | None = None, *, com
         config_dict = json.load(f)
     _check_architecture(config_dict, cfg_path)
     cfg = config or Qwen3VLConfig.from_hf(config_dict)
+    if remat is not None:
+        cfg = cfg.replace(remat=remat)
     reader = CheckpointReader(path)
     return model_from_tensors(cfg, reader.get, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules,
                               where=path)
