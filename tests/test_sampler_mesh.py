@@ -15,9 +15,10 @@ def test_same_tokens_on_8_device_mesh_as_on_one_device():
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     cfg = testing.tiny_config(text=dict(vocab_size=64, num_hidden_layers=2), image_token_id=60,
-                              video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
+                              video_token_id=61, vision_start_token_id=62, vision_end_token_id=63,
+                              vision=dict(depth=2, deepstack_visual_indexes=(0,)))
     batch = testing.make_batch(cfg, [[(1, 4, 4)], [], [(1, 4, 8)], []], [3, 7, 2, 5], seed=3)
-    kw = dict(max_new_tokens=12, num_samples=2, temperature=0.7, top_p=0.9, eos_token_ids=(3,), rng=11,
+    kw = dict(max_new_tokens=8, num_samples=2, temperature=0.7, top_p=0.9, eos_token_ids=(3,), rng=11,
               valid_vocab_size=60)
     args = (batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw)
 
