@@ -36,7 +36,8 @@ def get_config(arg=None):
   c.student = ml_collections.ConfigDict()
   c.student.init = "hf"             # 'hf' (student.hf_path) or 'random' (student.tiny, the demo)
   c.student.hf_path = ""
-  c.student.tiny = ml_collections.ConfigDict({"vocab_size": 151936})
+  c.student.tiny = config_lib.tiny_spec(hidden=64, layers=2, heads=2, kv_heads=1, mlp=128, vision_depth=1,
+                                       vision_hidden=32)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.hf_path = ""            # frozen; loaded from here, never copied into checkpoints
@@ -45,7 +46,9 @@ def get_config(arg=None):
   c.teacher.sft.steps = 1
   c.teacher.sft.lr = 1e-3
   c.teacher.sft.batch_size = 1
-  c.teacher.sft.tiny = ml_collections.ConfigDict({"vocab_size": 151936})
+  c.teacher.sft.output_dir = ""     # '' = <workdir>/teacher_sft (reused when it holds a finished teacher)
+  c.teacher.sft.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,
+                                            vision_hidden=64)
 
   # VA (Eq. 2-5): tau = 1.0, eps = 1e-6, p_v = 0.2, lambda = 0.5, pixelation ratio 0.10.
   c.va = ml_collections.ConfigDict()
@@ -69,13 +72,12 @@ def get_config(arg=None):
   c.data.val_path = ""
   c.data.prompts_per_step = 16
   c.data.num_epochs = 5.0
-  c.data.max_prompt_tokens = 8192
   c.data.min_pixels = 262144
   c.data.max_pixels = 4194304
-  c.data.prompt_buckets = [256, 512, 1024, 2048, 4096, 8192]
+  c.data.prompt_buckets = [256, 512, 1024, 2048, 4096, 8192]  # the largest is the prompt limit
+  c.data.patch_buckets = [4096, 8192, 16384, 32768, 65536]  # patch rows per batch (per view)
   c.data.num_workers = 0
   c.data.synthetic_train_size = 2048
-  c.data.synthetic_val_size = 200
   c.data.image_size = 64            # synthetic images only
 
   c.model = ml_collections.ConfigDict()
@@ -99,6 +101,9 @@ def get_config(arg=None):
   c.train.async_checkpoint = True
   c.train.max_nonfinite_steps = 3   # consecutive skipped steps before the run stops
   c.train.peak_tflops_per_device = 0.0  # 0: look up the device kind (MFU estimate)
+  # Fault injection for testing the non-finite guard: from this step on the
+  # pixel values are NaN (0 = off).
+  c.train.inject_nonfinite_from_step = 0
 
   # Validation: 200 of the 300 Geometry3K validation problems
   # (sorted(random.Random(42).sample(range(300), 200))), every 50 steps.

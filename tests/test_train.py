@@ -1,0 +1,228 @@
+"""End-to-end `python -m vaopd_jax.train` runs as subprocesses (tiny models, CPU, a few steps).
+
+One uninterrupted reference run, then: kill -9 mid-run + restart (with an
+incomplete latest checkpoint planted) must reproduce its params and logged
+losses exactly; bad configs fail before compute; repeated non-finite steps stop
+the run with a clear message and a good checkpoint; 2 processes x 4 CPU devices
+(gloo) train, checkpoint and resume. Runs share a persistent compilation cache.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+STEPS = 4
+TINY = dict(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vision_depth=1, vision_hidden=32)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A random tiny teacher in Hugging Face format and a compilation cache shared by the runs."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vaopd_jax import config as config_lib
+    from vaopd_jax.models import qwen3_vl
+
+    root = tmp_path_factory.mktemp("train")
+    teacher = qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(config_lib.tiny_spec(**TINY)),
+                               param_dtype=jnp.float32, rngs=nnx.Rngs(5))
+    qwen3_vl.save_hf_checkpoint(teacher, str(root / "teacher"))
+    return {"root": root, "teacher": str(root / "teacher"), "cache": str(root / "jax_cache")}
+
+
+def train_args(shared, workdir, *extra):
+    t = TINY
+    return [
+        sys.executable, "-m", "vaopd_jax.train", "--config", os.path.join(REPO, "configs", "demo.py"),
+        f"--config.workdir={workdir}", "--config.teacher.sft.enabled=False",
+        f"--config.teacher.hf_path={shared['teacher']}",
+        f"--config.student.tiny.text.hidden_size={t['hidden']}",
+        f"--config.student.tiny.text.num_hidden_layers={t['layers']}",
+        f"--config.student.tiny.text.intermediate_size={t['mlp']}",
+        f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+        "--config.data.prompts_per_step=2", "--config.rollout.num_rollouts=2", "--config.rollout.max_new_tokens=4",
+        "--config.eval.every=2", "--config.eval.num_problems=4", "--config.eval.batch_size=4",
+        "--config.eval.max_new_tokens=4", "--config.data.synthetic_train_size=64",
+        *extra,
+    ]
+
+
+def env_for(shared, devices=1, **extra):
+    env = dict(os.environ)
+    env.update({
+        "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_COMPILATION_CACHE_DIR": shared["cache"], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+    })
+    env.update(extra)
+    return env
+
+
+def run(args, env, timeout=600):
+    proc = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def train_losses(workdir):
+    from vaopd_jax import metrics as metrics_lib
+
+    return [(r["step"], r["train/loss"]) for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"),
+                                                                          kind="train")]
+
+
+def export_tensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(shared):
+    """The uninterrupted run every other run is compared with."""
+    workdir = str(shared["root"] / "reference")
+    proc = run(train_args(shared, workdir), env_for(shared))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"workdir": workdir, "stdout": proc.stdout}
+
+
+def test_run_writes_tensorboard_checkpoints_and_hf_export(reference):
+    from vaopd_jax import metrics as metrics_lib
+
+    workdir = reference["workdir"]
+    scalars = metrics_lib.read_tensorboard_scalars(os.path.join(workdir, "tb"))
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert all(np.isfinite(v) for _, v in scalars["train/loss"])
+    for tag in ("train/kl", "train/va_mean", "train/grad_norm", "time/rollout_s", "time/update_s",
+                "perf/tokens_per_s", "val/accuracy", "val/student_va_mean"):
+        assert tag in scalars, tag
+    assert [s for s, _ in scalars["val/accuracy"]] == [0, 2, 4]
+    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4]
+    assert "step 4/4 | loss" in reference["stdout"] and "mean student VA" in reference["stdout"]
+
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    final = os.path.join(workdir, "export", "final")
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(final, torch_dtype=torch.float32)
+    tensors = export_tensors(final)
+    hf_state = hf.state_dict()
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(hf_state[name].numpy(), value)
+    assert os.path.exists(os.path.join(final, "tokenizer.json"))
+    assert os.path.exists(os.path.join(workdir, "export", "best", "model.safetensors"))
+
+
+def test_kill_and_resume_equals_uninterrupted_run(shared, reference):
+    workdir = str(shared["root"] / "killed")
+    proc = subprocess.Popen(train_args(shared, workdir), env=env_for(shared), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 600
+    for line in proc.stdout:  # kill -9 once step 3 is logged: step 2 is checkpointed, step 4 is not
+        if line.startswith("step 3/"):
+            break
+        assert time.time() < deadline
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = os.path.join(workdir, "checkpoints")
+    assert "4" not in os.listdir(ckpts)
+    # An incomplete latest step (arrays missing): the restart must skip it with a warning.
+    shutil.copytree(os.path.join(ckpts, "2"), os.path.join(ckpts, "3"))
+    shutil.rmtree(os.path.join(ckpts, "3", "state"))
+    os.makedirs(os.path.join(ckpts, "3", "state"))
+
+    resumed = run(train_args(shared, workdir), env_for(shared))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint step 3" in resumed.stderr and "incomplete or corrupt" in resumed.stderr
+    assert "resumed from" in resumed.stdout and os.path.join("checkpoints", "2") in resumed.stdout
+    assert train_losses(workdir) == train_losses(reference["workdir"])
+    ours = export_tensors(os.path.join(workdir, "export", "final"))
+    ref = export_tensors(os.path.join(reference["workdir"], "export", "final"))
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
+
+
+def test_bad_configs_fail_before_compute(shared, tmp_path):
+    proc = run(train_args(shared, str(tmp_path / "bad"), "--config.va.p_v=1.5", "--config.va.lam=-0.5",
+                          "--config.method=reweight_only", "--config.rollout.num_rollouts=1",
+                          "--config.teacher.hf_path=/no/such/teacher"), env_for(shared), timeout=120)
+    assert proc.returncode != 0
+    for expected in ("config.va.p_v = 1.5: must be in (0, 1]", "config.va.lam = -0.5: must be in [0, 1]",
+                     "config.rollout.num_rollouts = 1: must be >= 2 with method='reweight_only'",
+                     "config.teacher.hf_path = '/no/such/teacher': must be a local Hugging Face"):
+        assert expected in proc.stderr, expected
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_student_teacher_vocab_mismatch_fails(shared, tmp_path):
+    proc = run(train_args(shared, str(tmp_path / "vocab"), "--config.student.tiny.text.vocab_size=1000"),
+               env_for(shared), timeout=120)
+    assert proc.returncode != 0
+    assert "student vocabulary size 1000 != teacher vocabulary size 151936" in proc.stderr
+
+
+def test_repeated_nonfinite_steps_stop_with_last_good_checkpoint(shared, tmp_path):
+    import orbax.checkpoint as ocp
+
+    workdir = str(tmp_path / "nan")
+    proc = run(train_args(shared, workdir, "--config.train.inject_nonfinite_from_step=3",
+                          "--config.train.max_nonfinite_steps=2", "--config.train.num_steps=8",
+                          "--config.eval.every=0"), env_for(shared))
+    assert proc.returncode != 0
+    assert "stopping at step 4: 2 consecutive steps had a non-finite loss or gradient" in proc.stderr
+    assert "holds the params of the last good step 2" in proc.stderr
+    records = {s: loss for s, loss in train_losses(workdir)}
+    assert np.isfinite(records[2]) and not np.isfinite(float(records[3]))
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    assert manager.all_steps() == [2, 4]
+    state = lambda step: manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    good, stopped = state(2), state(4)
+    assert int(stopped["step"]) == 4
+    import jax
+
+    for a, b in zip(jax.tree.leaves(good["params"]), jax.tree.leaves(stopped["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_checkpoint_and_resume(shared, tmp_path):
+    workdir = str(tmp_path / "multi")
+
+    def launch(steps):
+        port = _free_port()
+        procs = [subprocess.Popen(
+            train_args(shared, workdir, f"--config.train.num_steps={steps}", "--config.eval.every=0",
+                       "--config.train.checkpoint_every=1"),
+            env=env_for(shared, devices=4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                        JAX_PROCESS_ID=str(i)),
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-3000:]
+        return outs
+
+    first = launch(2)
+    assert "8 x cpu in 2 process(es)" in first[0][0] and "step 2/2" in first[0][0]
+    assert first[1][0] == ""  # only process 0 prints
+    second = launch(3)
+    assert "resumed from" in second[0][0] and "step 3/3" in second[0][0] and "step 2/3" not in second[0][0]
+    assert [s for s, _ in train_losses(workdir)] == [1, 2, 3]
+    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [1, 2, 3]
+    with open(os.path.join(workdir, "export", "final", "config.json")) as f:
+        assert json.load(f)["model_type"] == "qwen3_vl"

@@ -1,0 +1,448 @@
+r"""python -m vaopd_jax.train --config configs/demo.py [--config.field=value ...]
+
+The VA-OPD training loop, top to bottom: validate the config -> multi-host init
+and mesh -> tokenizer -> frozen teacher (its Hugging Face directory, or the demo
+teacher taught by SFT) -> student (Hugging Face directory or random tiny init)
+-> data -> optimizer and train state -> resume from the latest complete
+checkpoint -> loop {prompts -> student rollouts (sampler) -> TrainBatch -> one
+fused jitted step -> metrics} with periodic validation (sampling + grading), the
+best checkpoint by validation accuracy, and the final and best students exported
+in Hugging Face format.
+
+Multi-host: run the same command on every host; jax.distributed is initialised
+from the environment. Each process loads its slice of the data; the slices are
+exchanged once per step so every process holds the same global batch (the
+sampler and step take global arrays); only process 0 writes logs and exports.
+
+Outputs under --config.workdir: checkpoints/ (Orbax), checkpoints_best/, tb/
+(tensorboard), metrics.jsonl, export/final and export/best (Hugging Face).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import logging as absl_logging
+from flax import nnx
+from ml_collections import config_flags
+
+from vaopd_jax import checkpoint as ckpt_lib
+from vaopd_jax import config as config_lib
+from vaopd_jax import metrics as metrics_lib
+from vaopd_jax import rewards, sft
+from vaopd_jax.data import pipeline, sources, synthetic
+from vaopd_jax.data import tokenizer as tokenizer_lib
+from vaopd_jax.distill import kl as kl_lib
+from vaopd_jax.distill import objective
+from vaopd_jax.distill import step as step_lib
+from vaopd_jax.models import qwen3_vl
+from vaopd_jax.parallel import mesh as mesh_lib
+from vaopd_jax.rollout import sampler
+
+log = logging.getLogger("vaopd_jax.train")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/demo.py[:method=opd]",
+                                          lock_config=True)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+IM_END, END_OF_TEXT = 151645, 151643  # <|im_end|>, <|endoftext|> (spec/QWEN3VL.md)
+SFT_DONE = "SFT_DONE"
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``train.max_nonfinite_steps`` consecutive skipped (non-finite) steps."""
+
+
+def primary() -> bool:
+    return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+    if primary():
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- models
+def demo_teacher(config, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
+    """The demo teacher: trained by SFT on the synthetic task once, then reloaded from its HF directory."""
+    out_dir = config.teacher.sft.output_dir or os.path.join(config.workdir, "teacher_sft")
+    if os.path.exists(os.path.join(out_dir, SFT_DONE)):
+        say(f"teacher: reusing the SFT teacher in {out_dir}")
+        return qwen3_vl.load_hf_checkpoint(out_dir, dtype=jnp.float32, mesh=mesh)
+    cfg = config_lib.model_config_from_spec(config.teacher.sft.tiny)
+    model = qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed + 1))
+    say(f"teacher: SFT of a tiny teacher ({count_params(model):,} params) on the synthetic task, "
+        f"{config.teacher.sft.steps} steps -> {out_dir}")
+    data = pipeline_for(config, tokenizer, split="sft", batch_size=config.teacher.sft.batch_size)
+    batches = (sft.build_sft_batch(global_batch(b), tokenizer, cfg) for b in data)
+    model, _ = sft.train_sft(model, batches, steps=config.teacher.sft.steps, lr=config.teacher.sft.lr)
+    qwen3_vl.save_hf_checkpoint(model, out_dir)
+    if primary():
+        tokenizer.save_pretrained(out_dir)
+        with open(os.path.join(out_dir, SFT_DONE), "w") as f:
+            f.write("ok\n")
+    sync("teacher_sft_saved")
+    return qwen3_vl.load_hf_checkpoint(out_dir, dtype=jnp.float32, mesh=mesh)
+
+
+def count_params(model) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- data
+SYNTHETIC_SEEDS = {"sft": 1, "train": 2, "val": 3}  # disjoint record sets; fixed so every run validates alike
+
+
+class _Subset:
+    """The first ``n`` records of a random-access source (picklable for grain workers)."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, min(int(n), len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.source[int(index)]
+
+    def __repr__(self) -> str:
+        return f"_Subset({self.source!r}, n={self.n})"
+
+
+def data_source(config, split: str):
+    """The raw-record source of a split: 'train' / 'sft' (teacher warm-up) / 'val'."""
+    d = config.data
+    name = d.val_source if split == "val" else d.source
+    if name == "synthetic":
+        size = config.eval.num_problems if split == "val" else d.synthetic_train_size
+        return synthetic.SyntheticSource(size, seed=SYNTHETIC_SEEDS[split], image_size=d.image_size)
+    if split == "val":
+        source = (sources.geometry3k_validation_source(d.val_path) if name == "geometry3k"
+                  else sources.ViRL39KSource(d.val_path))
+        return _Subset(source, config.eval.num_problems)
+    return sources.Geometry3KSource(d.train_path, split="train") if name == "geometry3k" else \
+        sources.ViRL39KSource(d.train_path)
+
+
+def pipeline_for(config, tokenizer, *, split: str, batch_size: int):
+    """A grain iterator of batches: training splits are shuffled, repeated and sharded by process
+    (``batch_size`` global prompts, ``batch_size / processes`` each); validation is read whole by every
+    process, once, in order."""
+    d = config.data
+    train = split != "val"
+    if train and batch_size % jax.process_count():
+        raise config_lib.ConfigError(
+            f"{split} batch size {batch_size} must be divisible by the number of processes {jax.process_count()}")
+    pcfg = pipeline.PipelineConfig(
+        batch_size=batch_size // jax.process_count() if train else batch_size, seed=config.seed, shuffle=train,
+        num_epochs=None if train else 1, drop_remainder=train, prompt_buckets=tuple(d.prompt_buckets),
+        patch_buckets=tuple(d.patch_buckets), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+        pixelation_ratio=config.va.pixelate_ratio, num_workers=d.num_workers if train else 0,
+        shard_index=None if train else 0, shard_count=None if train else 1)
+    return pipeline.make_iterator(data_source(config, split), pcfg, tokenizer=tokenizer)
+
+
+def without_filler(batch: dict) -> dict:
+    """Drops the filler rows of a final partial batch (``example_mask`` False)."""
+    keep = np.asarray(batch["example_mask"])
+    if keep.all():
+        return batch
+    return {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim and len(v) == len(keep) and
+                k not in ("pixel_values", "pixel_values_pixelated", "image_grid_thw") else v)
+            for k, v in batch.items()}
+
+
+def global_batch(local: dict) -> dict:
+    """Joins the processes' training batches into one global batch, identical on every process.
+
+    Token arrays are all-gathered (padded to the widest prompt bucket); pixel rows
+    and image grids are concatenated over their real rows only (each process pads
+    its own), then the pixel rows are padded to a power of two so shapes stay
+    bucketed. String metadata is not needed for training and is dropped.
+    """
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    n_img, n_patch = int(local["num_images"]), int(local["num_patches"])
+    parts = {"input_ids": local["input_ids"], "attention_mask": local["attention_mask"],
+             "pixel_values": local["pixel_values"][:n_patch],
+             "pixel_values_pixelated": local["pixel_values_pixelated"][:n_patch],
+             "image_grid_thw": local["image_grid_thw"][:n_img]}
+    shapes = np.asarray(multihost_utils.process_allgather(
+        np.array([dim for v in parts.values() for dim in v.shape[:2]], np.int64)))  # (P, 2 * len(parts))
+    widest = shapes.max(0)
+    padded = {key: np.pad(v, [(0, int(widest[2 * j]) - v.shape[0]), (0, int(widest[2 * j + 1]) - v.shape[1])])
+              for j, (key, v) in enumerate(parts.items())}
+    gathered = multihost_utils.process_allgather(padded)  # each (P, ...)
+    out = {}
+    for j, key in enumerate(parts):
+        rows = [np.asarray(gathered[key][p])[:shapes[p, 2 * j]] for p in range(jax.process_count())]
+        out[key] = np.concatenate(rows, 0)
+    n_patch = len(out["pixel_values"])
+    bucket = 1 << max(6, (n_patch - 1).bit_length())
+    for key in ("pixel_values", "pixel_values_pixelated"):
+        out[key] = np.pad(out[key], [(0, bucket - n_patch), (0, 0)])
+    out["num_images"], out["num_patches"] = np.int32(len(out["image_grid_thw"])), np.int32(n_patch)
+    return out
+
+
+def real_images(batch: dict):
+    """(pixel_values, pixel_values_pixelated, image_grid_thw) without the pipeline's padding."""
+    n_img, n_patch = int(np.sum(batch["num_images"])), int(batch["num_patches"])
+    return (batch["pixel_values"][:n_patch], batch["pixel_values_pixelated"][:n_patch],
+            batch["image_grid_thw"][:n_img])
+
+
+def host(x) -> np.ndarray:
+    """A (possibly multi-process) global array as one numpy array on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------- rollouts and validation
+def rollout(model, batch, *, max_new_tokens, num_samples, temperature, top_p, top_k, rng, mesh):
+    """Student samples for a global prompt batch -> host (tokens, response_mask, model_logprobs)."""
+    pixels, _, grids = real_images(batch)
+    out = sampler.generate(model, batch["input_ids"], batch["attention_mask"], pixels, grids,
+                           max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
+                           top_p=top_p, top_k=top_k, eos_token_ids=(IM_END, END_OF_TEXT), rng=rng, mesh=mesh)
+    return host(out.tokens), host(out.response_mask), host(out.model_logprobs)
+
+
+@jax.jit
+def _va_sums(params, batch: step_lib.TrainBatch, graphdef):
+    """Sum of the student's own VA, max(0, log p_S(y|v) - log p_S(y|v~)), over valid tokens, and their count."""
+    model = nnx.merge(graphdef, params)
+    kernel = model.lm_head_kernel()
+    logp = [kl_lib.token_logprobs(step_lib._response_hidden(model, batch, pixels), kernel, batch.response_tokens)
+            for pixels in (batch.pixel_values, batch.pixel_values_pixelated)]
+    va = objective.visual_advantage(logp[0], logp[1], batch.response_mask)
+    return (va * batch.response_mask).sum(), batch.response_mask.sum()
+
+
+def validate(state, val_batches, config, tokenizer, mesh, step) -> dict:
+    """Validation accuracy (overall and per question kind) and mean student VA on the held-out set.
+
+    Every process holds the whole (small) validation set, samples it with the
+    same keys and grades it, so the results agree without a gather.
+    """
+    model = nnx.merge(state.graphdef, state.params)
+    e = config.eval
+    counts: dict[str, list[int]] = {}  # kind -> [correct, total]
+    va_sum = va_count = 0.0
+    for i, batch in enumerate(val_batches):
+        rng = jax.random.fold_in(jax.random.key(config.seed + 7), step * 1000 + i)
+        tokens, mask, _ = rollout(model, batch, max_new_tokens=e.max_new_tokens, num_samples=e.num_samples,
+                                  temperature=e.temperature, top_p=e.top_p, top_k=0, rng=rng, mesh=mesh)
+        texts = tokenizer.batch_decode([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
+        golds = [str(a) for a in np.repeat(batch["answer"], e.num_samples)]
+        kinds = np.repeat(batch["kind"], e.num_samples)
+        for ok, kind in zip(rewards.grade_responses(texts, golds), kinds):
+            tally = counts.setdefault(str(kind) or "all", [0, 0])
+            tally[0] += int(ok)
+            tally[1] += 1
+        tb = step_lib.build_train_batch(batch, tokens, mask, e.num_samples, model.config)
+        total, count = _va_sums(state.params, step_lib.shard_batch(tb, mesh), state.graphdef)
+        va_sum, va_count = va_sum + float(total), va_count + float(count)
+    result = {"accuracy": sum(c for c, _ in counts.values()) / max(sum(n for _, n in counts.values()), 1),
+              "student_va_mean": va_sum / max(va_count, 1.0)}
+    if len(counts) > 1:
+        result.update({f"accuracy_{kind}": c / n for kind, (c, n) in sorted(counts.items())})
+    return result
+
+
+def summary_table(jsonl_path: str) -> str:
+    """Before/after table from the first and last validation records of metrics.jsonl."""
+    vals = metrics_lib.read_jsonl(jsonl_path, kind="val")
+    if not vals:
+        return "(no validation ran: set --config.eval.every > 0)"
+    first, last = vals[0], vals[-1]
+    rows = [("accuracy, fine-detail questions", "val/accuracy_fine"),
+            ("accuracy, coarse questions", "val/accuracy_coarse"), ("accuracy, all", "val/accuracy"),
+            ("mean student VA", "val/student_va_mean")]
+    lines = [f"{'':34s}{'before (step %d)' % first['step']:>20s}{'after (step %d)' % last['step']:>20s}"]
+    for name, key in rows:
+        if key in first:
+            lines.append(f"{name:34s}{first[key]:>20.3f}{last.get(key, float('nan')):>20.3f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv) -> None:
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    config = _CONFIG.value
+    config_lib.validate(config)  # before any compute: names the field, the value and the allowed range
+    mesh_lib.maybe_initialize_distributed()
+    if config.data.prompts_per_step % jax.process_count():
+        raise config_lib.ConfigError(
+            f"config.data.prompts_per_step = {config.data.prompts_per_step}: must be divisible by the number of "
+            f"processes ({jax.process_count()})")
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    workdir = config.workdir
+    if primary():
+        os.makedirs(workdir, exist_ok=True)
+    say(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} process(es); "
+        f"mesh {dict(mesh.shape)}; workdir {workdir}")
+
+    if config.tokenizer_path:
+        tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer_path)
+    elif config.student.init == "hf":
+        tokenizer = tokenizer_lib.load_tokenizer(config.student.hf_path)
+    else:
+        tokenizer = tokenizer_lib.load_tokenizer(None)
+
+    dtype = DTYPES[config.model.dtype]
+    if config.teacher.sft.enabled:
+        teacher = demo_teacher(config, tokenizer, mesh)
+    else:
+        teacher = qwen3_vl.load_hf_checkpoint(config.teacher.hf_path, dtype=dtype, mesh=mesh)
+    # Student params stay float32 (the AdamW master copy); matmuls run in config.model.dtype.
+    if config.student.init == "hf":
+        student = qwen3_vl.load_hf_checkpoint(config.student.hf_path, dtype=jnp.float32, mesh=mesh,
+                                              compute_dtype=dtype)
+    else:
+        student = qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(config.student.tiny), param_dtype=jnp.float32,
+                                   compute_dtype=dtype, rngs=nnx.Rngs(config.seed))
+    if student.config.text.vocab_size != teacher.config.text.vocab_size:
+        raise config_lib.ConfigError(
+            f"student vocabulary size {student.config.text.vocab_size} != teacher vocabulary size "
+            f"{teacher.config.text.vocab_size}")
+    n_student, n_teacher = count_params(student), count_params(teacher)
+    model_cfg = student.config
+    say(f"student {n_student:,} params, teacher {n_teacher:,} params (frozen), method {config.method}")
+
+    train_iter = pipeline_for(config, tokenizer, split="train", batch_size=config.data.prompts_per_step)
+    val_batches = [without_filler(b) for b in pipeline_for(config, tokenizer, split="val",
+                                                           batch_size=config.eval.batch_size)]
+    total_steps = config.train.num_steps
+    if total_steps < 0:
+        total_steps = math.ceil(config.data.num_epochs * len(data_source(config, "train")) /
+                                config.data.prompts_per_step)
+
+    o = config.optim
+    optimizer = step_lib.make_optimizer(o.lr, total_steps, o.warmup_fraction, o.b1, o.b2, o.weight_decay,
+                                        o.clip_norm)
+    state = step_lib.create_train_state(student, optimizer, jax.random.key(config.seed), remat=config.model.remat,
+                                        mesh=mesh)
+    del student
+    teacher_graphdef, teacher_params = step_lib.split_teacher(teacher, mesh=mesh)
+    del teacher
+    k = config.rollout.num_rollouts
+    step_cfg = step_lib.StepConfig(num_rollouts=k, method=config.method, high_fraction=config.va.p_v,
+                                   high_weight=config.va.lam, temperature=config.va.tau, eps=config.va.eps,
+                                   kl_chunk_size=config.model.kl_chunk_size)
+    train_step = step_lib.make_train_step(step_cfg, teacher_graphdef, optimizer, mesh=mesh,
+                                          state_sharding=step_lib.train_state_sharding(state))
+
+    ckpt = ckpt_lib.CheckpointManager(workdir, keep=config.train.keep_checkpoints,
+                                      save_every=config.train.checkpoint_every,
+                                      async_save=config.train.async_checkpoint)
+    saved = lambda s: {"params": s.params, "opt_state": s.opt_state, "step": s.step, "rng": s.rng}  # noqa: E731
+    restored = ckpt.restore_latest(ckpt_lib.abstract_like(saved(state)), data_iterator=train_iter)
+    nonfinite_streak = 0
+    if restored is not None:
+        state = state.replace(**restored.state)
+        nonfinite_streak = int(restored.meta.get("nonfinite_streak", 0))
+        say(f"resumed from {os.path.join(workdir, ckpt_lib.STATE_DIR, str(restored.step))}")
+    step = int(host(state.step))
+    logger = metrics_lib.MetricsLogger(workdir, total_steps=total_steps, is_primary=primary(), resume_step=step,
+                                       console_every=config.train.log_every)
+    peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops_per_device)
+    teacher_views = 1 if config.method == "opd" else 2
+
+    def run_validation(at_step):
+        result = validate(state, val_batches, config, tokenizer, mesh, at_step)
+        logger.log_val(at_step, result)
+        if ckpt.maybe_save_best(at_step, state.params, result["accuracy"]):
+            say(f"new best validation accuracy {result['accuracy']:.4f} at step {at_step}")
+
+    if step == 0 and config.eval.every > 0:
+        run_validation(0)  # the "before" row of the summary table
+    while step < total_steps:
+        prompt_batch = global_batch(next(train_iter))
+        rng, sample_rng = jax.random.split(state.rng)
+        start = time.perf_counter()
+        tokens, mask, logprobs = rollout(nnx.merge(state.graphdef, state.params), prompt_batch,
+                                         max_new_tokens=config.rollout.max_new_tokens, num_samples=k,
+                                         temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+                                         top_k=config.rollout.top_k, rng=sample_rng, mesh=mesh)
+        rollout_s = time.perf_counter() - start
+        start = time.perf_counter()
+        tb = step_lib.build_train_batch(prompt_batch, tokens, mask, k, model_cfg, sampler_logprobs=logprobs)
+        if 0 < config.train.inject_nonfinite_from_step <= step + 1:
+            tb = tb._replace(pixel_values=np.full_like(tb.pixel_values, np.nan))
+        state, metrics = train_step(state, teacher_params, step_lib.shard_batch(tb, mesh), rng)
+        metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
+        update_s = time.perf_counter() - start
+        step += 1
+        seq_tokens = int(tb.attention_mask.sum())
+        flops = (metrics_lib.rollout_flops(n_student, int(prompt_batch["attention_mask"].sum()), int(mask.sum())) +
+                 metrics_lib.update_flops(n_student, n_teacher, seq_tokens, teacher_views))
+        logger.log_train(step, metrics, rollout_s=rollout_s, update_s=update_s, tokens=seq_tokens, flops=flops,
+                         num_devices=jax.device_count(), peak_tflops_per_device=peak)
+        nonfinite_streak = nonfinite_streak + 1 if metrics["skipped"] else 0
+        if nonfinite_streak >= config.train.max_nonfinite_steps:
+            ckpt.save(step, saved(state), data_iterator=train_iter, meta={"nonfinite_streak": nonfinite_streak},
+                      force=True)
+            ckpt.wait()
+            logger.close()
+            raise NonFiniteError(
+                f"stopping at step {step}: {nonfinite_streak} consecutive steps had a non-finite loss or gradient "
+                f"(last loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); their updates were skipped, so "
+                f"the checkpoint {os.path.join(workdir, ckpt_lib.STATE_DIR, str(step))} holds the params of the "
+                f"last good step {step - nonfinite_streak}. Check the data and lower config.optim.lr, then rerun "
+                "to resume.")
+        if config.eval.every > 0 and (step % config.eval.every == 0 or step == total_steps):
+            run_validation(step)
+        ckpt.save(step, saved(state), data_iterator=train_iter, meta={"nonfinite_streak": nonfinite_streak},
+                  force=step == total_steps)
+
+    ckpt.wait()
+    logger.close()
+    export(config, state, ckpt, tokenizer, workdir)
+    say("\n" + summary_table(os.path.join(workdir, "metrics.jsonl")))
+    say(f"\ntensorboard logs: tensorboard --logdir {os.path.join(workdir, 'tb')}\n"
+        f"metrics:          {os.path.join(workdir, 'metrics.jsonl')}\n"
+        f"student (HF):     {os.path.join(workdir, 'export', 'final')}"
+        + (f"\nbest student:     {os.path.join(workdir, 'export', 'best')} (step {ckpt.best_info['step']}, "
+           f"validation accuracy {ckpt.best_info['accuracy']:.4f})" if ckpt.best_info else ""))
+    ckpt.close()
+    rewards.shutdown()
+
+
+def export(config, state, ckpt, tokenizer, workdir) -> None:
+    """Final and best students in Hugging Face format (+ tokenizer files), written by process 0."""
+    targets = []
+    if config.export.final:
+        targets.append(("final", state.params))
+    if config.export.best and ckpt.best_info is not None:
+        targets.append(("best", ckpt.restore_best(ckpt_lib.abstract_like(state.params))))
+    for name, params in targets:
+        path = os.path.join(workdir, "export", name)
+        qwen3_vl.save_hf_checkpoint(nnx.merge(state.graphdef, params), path)
+        if primary():
+            tokenizer.save_pretrained(path)
+    sync("exported")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app.run(main)
