@@ -138,23 +138,30 @@ def _graphdef_with_remat(model: Qwen3VL, remat: str | None):
 
 def create_train_state(student: Qwen3VL, optimizer: optax.GradientTransformation, rng: jax.Array, *,
                        remat: str | None = None, mesh: Mesh | None = None, rules=None) -> TrainState:
-    """TrainState from a student model: its params (sharded by the logical-axis rules when `mesh` is given),
-    a fresh optimizer state laid out like them, step 0.
+    """TrainState from a student model: a copy of its params (sharded by the logical-axis rules when `mesh`
+    is given; the model itself stays usable), a fresh optimizer state laid out like them, step 0.
 
     remat: 'none' | 'block' rebuilds the student's graph with that per-block rematerialization policy
       (None keeps the model's own).
     """
     graphdef = _graphdef_with_remat(student, remat)
     params = nnx.state(student, nnx.Param)
+    # Copies (may_alias=False): the step donates the state, which must not delete the model's own arrays.
     if mesh is not None:
-        params = jax.device_put(params, model_sharding.param_shardings(student, mesh, rules))
-    opt_state = jax.jit(optimizer.init)(params)  # moments inherit the params' shardings
+        param_shardings = model_sharding.param_shardings(student, mesh, rules)
+        params = jax.device_put(params, param_shardings, may_alias=False)
+        opt_shardings = abstract_train_state_sharding(optimizer, params, graphdef, mesh).opt_state
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    else:
+        params = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
+        opt_state = jax.jit(optimizer.init)(params)
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    step = jnp.zeros((), jnp.int32)
-    rng = jnp.asarray(rng)
-    if replicated is not None:
-        step, rng = jax.device_put(step, replicated), jax.device_put(rng, replicated)
-    return TrainState(params=params, opt_state=opt_state, step=step, rng=rng, graphdef=graphdef)
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    rng = jax.device_put(jnp.asarray(rng), replicated)
+    state = TrainState(params=params, opt_state=opt_state, step=step, rng=rng, graphdef=graphdef)
+    # Commit every leaf to its device(s): the step's outputs are committed, and a committed/uncommitted
+    # mismatch between the first and later calls would compile the step twice.
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
 
 
 def split_teacher(teacher: Qwen3VL, *, mesh: Mesh | None = None, rules=None):
@@ -170,11 +177,14 @@ def train_state_sharding(state: TrainState):
     return jax.tree.map(lambda x: x.sharding, state)
 
 
-def abstract_train_state_sharding(optimizer, param_shardings, abstract_params, graphdef, mesh: Mesh):
-    """TrainState-shaped shardings from abstract params (AOT compilation without weights)."""
+def abstract_train_state_sharding(optimizer: optax.GradientTransformation, params, graphdef, mesh: Mesh):
+    """TrainState-shaped shardings from params whose leaves carry `.sharding` (concrete arrays, or
+    jax.ShapeDtypeStruct for AOT compilation without weights): optimizer moments follow their params,
+    everything else is replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, p: p.sharding, abstract_opt, params,
                                           transform_non_params=lambda _: replicated)
     return TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated, rng=replicated,
                       graphdef=graphdef)
@@ -261,7 +271,7 @@ def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, te
 
     (loss, (kl_tok, va, terms, logp_teacher, logp_student)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -301,13 +311,16 @@ def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, te
 
 
 def make_train_step(config: StepConfig, teacher_graphdef, optimizer: optax.GradientTransformation, *,
-                    mesh: Mesh | None = None, state_sharding=None) -> Callable:
+                    mesh: Mesh | None = None, state_sharding=None,
+                    compiler_options: Mapping[str, Any] | None = None) -> Callable:
     """The jitted step `(state, teacher_params, batch, rng) -> (state, metrics)`, state donated.
 
     rng: the step itself draws no randomness (teacher and student run deterministically, no dropout); the
       key becomes the new state's `rng`, so the run's random stream is checkpointed with the state.
     mesh / state_sharding: on a mesh, the new state keeps `state_sharding` (train_state_sharding(state)) so
       donation reuses the buffers, and the metrics come back replicated.
+    compiler_options: XLA options for this jit (e.g. {'xla_backend_optimization_level': 0} halves CPU
+      compile time in tests).
     metrics (scalars): loss, kl (token mean), kl_high / kl_low (token means in the high / low VA groups),
       va_mean, va_high_share (share of VA mass in the high group), weight_min / weight_max (over non-empty
       rollouts), grad_norm (before clipping), teacher_logp / student_logp (token means of the sampled tokens'
@@ -318,6 +331,7 @@ def make_train_step(config: StepConfig, teacher_graphdef, optimizer: optax.Gradi
     fn = lambda state, teacher_params, batch, rng: _step(config, teacher_graphdef, optimizer, state,
                                                          teacher_params, batch, rng)
     if mesh is None:
-        return jax.jit(fn, donate_argnums=0)
+        return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(fn, donate_argnums=0, out_shardings=(state_sharding, replicated))
+    return jax.jit(fn, donate_argnums=0, out_shardings=(state_sharding, replicated),
+                   compiler_options=compiler_options)
