@@ -1,4 +1,5 @@
-"""Sharding: logical axis rules, an 8-device (data=2, fsdp=2, tensor=2) CPU mesh gives single-device logits."""
+"""Sharding: logical axis rules; on an 8-device (data=2, fsdp=2, tensor=2) CPU mesh the logits still equal
+transformers' (hence the single-device port's)."""
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,8 @@ def test_every_param_has_logical_axes_and_rules_map_them():
         sharding.logical_to_spec(("not_an_axis",))
 
 
-def test_logits_on_2x2x2_mesh_equal_single_device():
+def test_logits_on_2x2x2_mesh_equal_transformers():
+    pytest.importorskip("torch")
     cfg = testing.tiny_config()
     hf = testing.hf_reference_model(cfg, seed=5)
     single = testing.model_from_hf(hf, cfg)
@@ -59,14 +61,17 @@ def test_logits_on_2x2x2_mesh_equal_single_device():
     pos, _ = qwen3_vl.get_rope_index(batch.input_ids, batch.image_grid_thw, batch.attention_mask, cfg)
     vi = qwen3_vl.prepare_vision_inputs(batch.image_grid_thw, cfg)
     args = (batch.input_ids, batch.attention_mask, batch.pixel_values)
-    ref = np.asarray(single(*map(jnp.asarray, args), position_ids=pos, vision_inputs=vi))
+    # Reference: transformers (the single-device port equals it to 1e-4, test_model_parity), cheaper to run here
+    # than compiling the single-device program again.
+    ref = testing.hf_logits(hf, batch)
 
     ids, mask = (jax.device_put(a, sharding.batch_sharding(mesh, 2)) for a in args[:2])
     pos_sharded = jax.device_put(pos, sharding.batch_sharding(mesh, 3, batch_axis=1))
     with jax.set_mesh(mesh):
         out = sharded(ids, mask, jnp.asarray(batch.pixel_values), position_ids=pos_sharded, vision_inputs=vi)
     assert out.sharding.spec[0] == ("data", "fsdp")
-    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
+    valid = batch.attention_mask.astype(bool)
+    assert np.abs(np.asarray(out) - ref)[valid].max() <= 1e-4
 
     # shard_model moves an existing single-device model onto the mesh in place.
     sharding.shard_model(single, mesh)
