@@ -76,3 +76,13 @@ def test_logits_on_2x2x2_mesh_equal_transformers():
     # shard_model moves an existing single-device model onto the mesh in place.
     sharding.shard_model(single, mesh)
     assert single.language_model.layers.q_kernel[...].sharding.spec == P(None, "fsdp", "tensor", None)
+
+
+def test_maybe_initialize_distributed_is_a_no_op_for_a_single_process(monkeypatch):
+    from vaopd_jax.parallel import maybe_initialize_distributed
+
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert maybe_initialize_distributed() is False
+    assert jax.process_count() == 1
