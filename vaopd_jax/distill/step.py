@@ -192,13 +192,14 @@ def abstract_train_state_sharding(optimizer: optax.GradientTransformation, param
 
 def batch_partition_specs(batch: TrainBatch, mesh: Mesh, rules=None) -> TrainBatch:
     """PartitionSpecs for a TrainBatch: rows / prompts on the batch mesh axes, the rest replicated."""
-    def spec(x, batch_axis):
+    def spec(x, batch_axis):  # x: an array or a jax.ShapeDtypeStruct
         if x is None:
             return None
-        axes = [None] * np.ndim(x)
+        shape = tuple(np.shape(x)) if isinstance(x, np.ndarray) else tuple(x.shape)
+        axes = [None] * len(shape)
         if batch_axis is not None:
             axes[batch_axis] = "batch"
-        return model_sharding.logical_to_spec(axes, rules, mesh, np.shape(x))
+        return model_sharding.logical_to_spec(axes, rules, mesh, shape)
 
     vision = None
     if batch.vision_inputs is not None:

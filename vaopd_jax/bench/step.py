@@ -1,0 +1,273 @@
+"""Train-step benchmark: the fused JAX VA-OPD step against an eager PyTorch step, and ahead-of-time memory of
+the paper-scale step on a simulated 8-device mesh.
+
+    python -m vaopd_jax.bench.step                       # both parts (the AOT part takes minutes on CPU)
+    python -m vaopd_jax.bench.step --part torch          # 1. JAX vs eager PyTorch, same config/batch/weights
+    python -m vaopd_jax.bench.step --part aot --teachers 8b --responses 4096,2048    # 2. AOT only
+
+1. Step time: the jitted step (teacher on both views, VA, weights, groups, chunked KL, grad, clip, AdamW) vs
+   the same step written in eager PyTorch over transformers' Qwen3VLForConditionalGeneration (student and
+   teacher), same small config, same weights, same batch, same process, CPU, fp32. JAX and torch steps are
+   interleaved so machine load hits both; prints the median step times, the ratio and the two first-step losses.
+2. AOT: the paper-scale step (2B student with fp32 master params / bf16 compute, 8B or 32B bf16 teacher,
+   16 prompts x 4 rollouts, 1,024 prompt tokens of which --image-tokens are one image, --responses tokens)
+   lowered from abstract shapes (no weights allocated) with ShapeDtypeStructs carrying the shardings of a
+   simulated (data, fsdp, tensor) mesh, compiled, and XLA's per-device memory analysis printed: argument,
+   output, alias, temp bytes and whether argument + output - alias + temp fits an 80 GB device.
+3. MFU needs a GPU/TPU; on CPU it is not measured.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # The AOT part compiles for a simulated 8-device CPU mesh (must be set before JAX starts).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vaopd_jax.distill import step as step_lib
+from vaopd_jax.distill.batch import TrainBatch, build_train_batch
+from vaopd_jax.models import qwen3_vl
+from vaopd_jax.models.qwen3_vl import sharding as model_sharding
+from vaopd_jax.models.qwen3_vl import testing
+
+GB = 1e9
+
+
+# ----------------------------------------------------------------------------- 1. JAX vs eager PyTorch
+def small_config() -> qwen3_vl.Qwen3VLConfig:
+    """~10M params: 4 text layers x 256 wide, 8k vocab, 2-block vision tower with one deepstack merger."""
+    return qwen3_vl.Qwen3VLConfig.tiny(
+        text=dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, mrope_section=(16, 8, 8)),
+        vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, num_position_embeddings=256,
+                    deepstack_visual_indexes=(0,)),
+        image_token_id=8000, video_token_id=8001, vision_start_token_id=8002, vision_end_token_id=8003)
+
+
+def _torch_batch(prompts, batch: TrainBatch, num_rollouts: int, cfg):
+    """The same rows for transformers: images repeated per rollout (transformers' forward runs them per row)."""
+    import torch
+
+    grids = prompts["image_grid_thw"]
+    patches = np.prod(grids, axis=1)
+    offsets = np.concatenate([[0], np.cumsum(patches)])
+    rows_pix = lambda key: np.concatenate([prompts[key][offsets[p]:offsets[p + 1]]
+                                           for p in range(len(grids)) for _ in range(num_rollouts)])
+    grid_rows = np.repeat(grids, num_rollouts, axis=0)
+    common = dict(input_ids=torch.tensor(batch.input_ids, dtype=torch.long),
+                  attention_mask=torch.tensor(batch.attention_mask, dtype=torch.long),
+                  image_grid_thw=torch.tensor(grid_rows),
+                  mm_token_type_ids=torch.tensor((batch.input_ids == cfg.image_token_id).astype(np.int32)))
+    return (dict(common, pixel_values=torch.tensor(rows_pix("pixel_values"))),
+            dict(common, pixel_values=torch.tensor(rows_pix("pixel_values_pixelated"))))
+
+
+def torch_va_opd_step(student, teacher, optimizer, inputs_orig, inputs_pix, batch: TrainBatch, num_rollouts: int,
+                      high_fraction=0.2, high_weight=0.5, eps=1e-6, clip=1.0):
+    """One eager VA-OPD step in PyTorch (METHOD.md Eq. 1-6), full-vocabulary logits materialized."""
+    import torch
+
+    pos = torch.tensor(batch.response_positions, dtype=torch.long)
+    tokens = torch.tensor(batch.response_tokens, dtype=torch.long)
+    mask = torch.tensor(batch.response_mask)
+    take = lambda logits: torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+    with torch.no_grad():
+        logp_t = torch.log_softmax(take(teacher(**inputs_orig).logits).float(), -1)
+        logp_p = torch.log_softmax(take(teacher(**inputs_pix).logits).float(), -1)
+    logp_s = torch.log_softmax(take(student(**inputs_orig).logits).float(), -1)
+    kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+    pick = lambda lp: torch.gather(lp, -1, tokens[..., None])[..., 0]
+    va = torch.clamp(pick(logp_t) - pick(logp_p), min=0.0) * mask
+    counts = mask.sum(-1)
+    mean_va = (va.sum(-1) / counts.clamp(min=1)).view(-1, num_rollouts)
+    z = (mean_va - mean_va.mean(-1, keepdim=True)) / (mean_va.std(-1, unbiased=False, keepdim=True) + eps)
+    weights = torch.softmax(z, -1).view(-1)
+    key = torch.where(mask > 0, -va, torch.full_like(va, float("inf")))
+    order = torch.sort(key, dim=-1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(va.shape[1]).expand_as(order))
+    n_high = torch.clamp(torch.ceil(high_fraction * counts - 1e-4), min=1.0)
+    high = (rank < n_high[:, None]) & (mask > 0)
+    n_low = counts - n_high
+    high_coeff = torch.where(n_low > 0, high_weight, 1.0) / n_high
+    coeff = torch.where(high, high_coeff[:, None], ((1 - high_weight) / n_low.clamp(min=1))[:, None]) * mask
+    loss = (coeff * weights[:, None] * kl).sum() / (va.shape[0] // num_rollouts)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def bench_vs_torch(num_steps: int, num_prompts: int, num_rollouts: int, response_len: int, image: int):
+    import torch
+
+    cfg = small_config()
+    torch_teacher = testing.hf_reference_model(cfg, seed=1)
+    torch_student = testing.hf_reference_model(cfg, seed=2)
+    teacher = testing.model_from_hf(torch_teacher, cfg)
+    student = testing.model_from_hf(torch_student, cfg)
+    for p in torch_teacher.parameters():
+        p.requires_grad_(False)
+    torch_student.train()  # no dropout in Qwen3-VL; gradients on
+
+    pb = testing.make_batch(cfg, [[(1, image, image)]] * num_prompts, [8] * num_prompts, seed=0)
+    rng = np.random.default_rng(0)
+    prompts = dict(input_ids=pb.input_ids, attention_mask=pb.attention_mask, pixel_values=pb.pixel_values,
+                   pixel_values_pixelated=rng.standard_normal(pb.pixel_values.shape).astype(np.float32),
+                   image_grid_thw=pb.image_grid_thw)
+    rows = num_prompts * num_rollouts
+    tokens = rng.integers(0, 7999, (rows, response_len)).astype(np.int32)
+    lengths = rng.integers(response_len // 2, response_len + 1, rows)
+    mask = (np.arange(response_len)[None] < lengths[:, None]).astype(np.float32)
+    batch = build_train_batch(prompts, tokens, mask, num_rollouts, cfg)
+
+    lr = 1e-5
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.1))
+    state = step_lib.create_train_state(student, optimizer, jax.random.key(0), remat="none")
+    teacher_graphdef, teacher_params = step_lib.split_teacher(teacher)
+    config = step_lib.StepConfig(num_rollouts=num_rollouts, kl_chunk_size=64)
+    train_step = step_lib.make_train_step(config, teacher_graphdef, optimizer)
+    device_batch = step_lib.shard_batch(batch)
+    torch_opt = torch.optim.AdamW(torch_student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    inputs_orig, inputs_pix = _torch_batch(prompts, batch, num_rollouts, cfg)
+
+    t0 = time.perf_counter()
+    state, metrics = train_step(state, teacher_params, device_batch, jax.random.key(0))
+    jax_first_loss = float(metrics["loss"])
+    compile_s = time.perf_counter() - t0
+    torch_first_loss = torch_va_opd_step(torch_student, torch_teacher, torch_opt, inputs_orig, inputs_pix, batch,
+                                         num_rollouts)
+    jax_times, torch_times = [], []
+    for _ in range(num_steps):
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, teacher_params, device_batch, jax.random.key(0))
+        jax.block_until_ready(metrics)
+        jax_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch_va_opd_step(torch_student, torch_teacher, torch_opt, inputs_orig, inputs_pix, batch, num_rollouts)
+        torch_times.append(time.perf_counter() - t0)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+    print(f"== 1. step time, CPU fp32, {n_params / 1e6:.1f}M-param student and teacher, {num_prompts} prompts x "
+          f"{num_rollouts} rollouts, sequence {batch.input_ids.shape[1]} (response {response_len}), "
+          f"vocab {cfg.text.vocab_size}, torch threads {torch.get_num_threads()}")
+    print(f"first-step loss: JAX {jax_first_loss:.6f}  PyTorch {torch_first_loss:.6f}  "
+          f"|diff| {abs(jax_first_loss - torch_first_loss):.2e}")
+    print(f"JAX compile + first step: {compile_s:.1f} s")
+    print(f"median step over {num_steps}: JAX {jax_s * 1e3:.0f} ms   PyTorch eager {torch_s * 1e3:.0f} ms   "
+          f"ratio {torch_s / jax_s:.2f}x")
+
+
+# ----------------------------------------------------------------------------- 2. AOT at paper scale
+def _abstract_model(cfg, param_dtype, compute_dtype, remat, mesh):
+    model = nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                                                    rngs=nnx.Rngs(0), remat=remat))
+    graphdef, state = nnx.split(model, nnx.Param)
+    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    leaves, treedef = jax.tree.flatten(state)  # one ShapeDtypeStruct inside each Param
+    specs = [model_sharding.logical_to_spec(v.get_metadata()["logical_axes"], None, mesh, v.shape)
+             for v in variables]
+    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+                for x, spec in zip(leaves, specs)]
+    return graphdef, jax.tree.unflatten(treedef, abstract)
+
+
+def _abstract_batch(cfg, mesh, num_prompts, num_rollouts, prompt_len, response_len, image_tokens):
+    rows, total = num_prompts * num_rollouts, prompt_len + response_len
+    patches = image_tokens * cfg.vision.merge_unit
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+    vision = qwen3_vl.VisionInputs(
+        rotary_pos=sds((num_prompts, patches, 2), jnp.int32), interp_indices=sds((num_prompts, patches, 4), jnp.int32),
+        interp_weights=sds((num_prompts, patches, 4), jnp.float32), segment_ids=sds((num_prompts, patches), jnp.int32),
+        valid=sds((num_prompts, patches), jnp.bool_), merged_valid=sds((num_prompts, image_tokens), jnp.bool_))
+    batch = TrainBatch(
+        input_ids=sds((rows, total), jnp.int32), attention_mask=sds((rows, total), jnp.int32),
+        position_ids=sds((3, rows, total), jnp.int32), response_positions=sds((rows, response_len), jnp.int32),
+        response_tokens=sds((rows, response_len), jnp.int32), response_mask=sds((rows, response_len), jnp.float32),
+        sampler_logprobs=sds((rows, response_len), jnp.float32),
+        pixel_values=sds((num_prompts, patches, cfg.vision.patch_dim), jnp.float32),
+        pixel_values_pixelated=sds((num_prompts, patches, cfg.vision.patch_dim), jnp.float32),
+        vision_inputs=vision, image_rows=sds((rows * image_tokens,), jnp.int32), num_truncated=sds((), jnp.int32))
+    specs = step_lib.batch_partition_specs(batch, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+                        batch, specs)
+
+
+def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=16, num_rollouts=4,
+               prompt_len=1024, image_tokens=768, kl_chunk_size=256, vocab_valid=151_669):
+    """Lowers and compiles the paper-scale step from abstract shapes; prints XLA's per-device memory."""
+    student_cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b()
+    teacher_cfg = {"4b": qwen3_vl.Qwen3VLConfig.qwen3_vl_4b, "8b": qwen3_vl.Qwen3VLConfig.qwen3_vl_8b,
+                   "32b": qwen3_vl.Qwen3VLConfig.qwen3_vl_32b}[teacher_name]()
+    student_graphdef, student_params = _abstract_model(student_cfg, jnp.float32, jnp.bfloat16, "block", mesh)
+    teacher_graphdef, teacher_params = _abstract_model(teacher_cfg, jnp.bfloat16, jnp.bfloat16, "none", mesh)
+    optimizer = step_lib.make_optimizer(1e-6, total_steps=1000)
+    shardings = step_lib.abstract_train_state_sharding(optimizer, student_params, student_graphdef, mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, student_params)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    state = step_lib.TrainState(
+        params=student_params, opt_state=jax.tree.map(with_sharding, abstract_opt, shardings.opt_state),
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated), graphdef=student_graphdef)
+    batch = _abstract_batch(teacher_cfg, mesh, num_prompts, num_rollouts, prompt_len, response_len, image_tokens)
+    config = step_lib.StepConfig(num_rollouts=num_rollouts, kl_chunk_size=kl_chunk_size, valid_vocab_size=vocab_valid)
+    train_step = step_lib.make_train_step(config, teacher_graphdef, optimizer, mesh=mesh, state_sharding=shardings)
+    t0 = time.perf_counter()
+    lowered = train_step.lower(state, teacher_params, batch, jax.ShapeDtypeStruct(key.shape, key.dtype,
+                                                                                  sharding=replicated))
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    mesh_desc = "x".join(f"{k}={v}" for k, v in mesh.shape.items())
+    print(f"2B student <- {teacher_name.upper()} teacher, {num_prompts}x{num_rollouts} rollouts, prompt {prompt_len} "
+          f"+ response {response_len}, mesh {mesh_desc}: lower {t1 - t0:.0f} s, compile {t2 - t1:.0f} s")
+    print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs {mem.output_size_in_bytes / GB:.2f}"
+          f" GB, aliased {mem.alias_size_in_bytes / GB:.2f} GB, temp {mem.temp_size_in_bytes / GB:.2f} GB -> peak "
+          f"{peak / GB:.2f} GB: {'fits' if peak < 80 * GB else 'does NOT fit'} an 80 GB device", flush=True)
+    return mem
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("torch", "aot", "all"), default="all")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation (part 1)")
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--rollouts", type=int, default=4)
+    parser.add_argument("--response", type=int, default=128, help="response length (part 1)")
+    parser.add_argument("--image", type=int, default=8, help="image side in patches (part 1)")
+    parser.add_argument("--teachers", default="8b,32b", help="comma list of 4b/8b/32b (part 2)")
+    parser.add_argument("--responses", default="4096,2048", help="comma list of response lengths (part 2)")
+    parser.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor sizes of the simulated mesh (part 2)")
+    args = parser.parse_args(argv)
+    print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} devices")
+    if args.part in ("torch", "all"):
+        bench_vs_torch(args.steps, args.prompts, args.rollouts, args.response, args.image)
+    if args.part in ("aot", "all"):
+        sizes = [int(x) for x in args.mesh.split(",")]
+        devices = np.asarray(jax.devices("cpu")[:int(np.prod(sizes))]).reshape(sizes)
+        mesh = Mesh(devices, ("data", "fsdp", "tensor"))
+        print("== 2. AOT compile from abstract shapes (no weights), memory per device")
+        for teacher in args.teachers.split(","):
+            for response in [int(x) for x in args.responses.split(",")]:
+                aot_report(teacher.strip(), response, mesh)
+    print("== 3. MFU: needs a GPU/TPU (not measured on CPU)")
+
+
+if __name__ == "__main__":
+    main()
