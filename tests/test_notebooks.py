@@ -18,13 +18,15 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TIMEOUT_S = 900
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _execute(name: str, workdir: Path, monkeypatch, env: dict[str, str]):
     """Runs notebooks/<name> in `workdir` with `env` added to the kernel's environment; returns the notebook."""
-    # The kernel inherits this process's environment: drop conftest's 8 simulated devices (the notebooks
-    # run the trainer on one device, like a laptop) and switch the notebooks to their tiny mode.
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    # The kernel (and the trainer it starts) inherits this process's environment: one CPU device like a
+    # laptop instead of conftest's 8 simulated ones, and XLA's cheapest CPU compilation (the tiny runs
+    # are all compilation), then the notebooks' tiny mode.
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_XLA_FLAGS)
     monkeypatch.setenv("VAOPD_NOTEBOOK_TINY", "1")
     for key, value in env.items():
         monkeypatch.setenv(key, value)

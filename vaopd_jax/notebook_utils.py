@@ -267,8 +267,11 @@ PATCH_BUCKETS = (64, 256, 1024, 4096, 16384, 65536)
 def _featurize(records: Sequence[dict], tokenizer, *, pixelate_ratio: float, min_pixels: int,
                max_pixels: int, max_prompt_tokens: int) -> dict:
     """One collated prompt batch (both views) of `records` through the data pipeline's own featurizer."""
+    # Powers of two up to the limit: the teacher pass runs over the padded prompt, so padding every
+    # prompt to the limit would cost (limit / prompt length) times the work.
+    prompt_buckets = tuple(1 << k for k in range(5, max_prompt_tokens.bit_length()) if 1 << k < max_prompt_tokens)
     config = pipeline.PipelineConfig(batch_size=len(records), shuffle=False, num_epochs=1, drop_remainder=False,
-                                     prompt_buckets=(max_prompt_tokens,), patch_buckets=PATCH_BUCKETS,
+                                     prompt_buckets=prompt_buckets + (max_prompt_tokens,), patch_buckets=PATCH_BUCKETS,
                                      min_pixels=min_pixels, max_pixels=max_pixels, pixelation_ratio=pixelate_ratio,
                                      shard_index=0, shard_count=1)
     config.validate()
