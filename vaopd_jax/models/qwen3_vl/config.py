@@ -16,6 +16,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
 SUPPORTED_ARCHITECTURES = ("Qwen3VLForConditionalGeneration",)
 REMAT_POLICIES = ("none", "block")
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn")  # attention.py re-exports these (routing in attention.attend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,10 @@ class Qwen3VLConfig:
 
     `remat` is a runtime option (not part of the HF config): 'none' or 'block' (rematerialize each
     decoder / vision block in the backward pass).
+    `attention_impl` (runtime) routes the full-sequence attention (forward, train step; not KV-cache decode):
+    'xla' (dense (B, 1, T, T) mask + jax.nn.dot_product_attention: materializes T x T scores), 'chunked'
+    (attention.chunked_attention: exact, `attention_chunk_size` queries at a time, any backend) or 'cudnn'
+    (jax.nn.dot_product_attention(implementation='cudnn'), NVIDIA GPUs).
     """
 
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
@@ -90,6 +95,8 @@ class Qwen3VLConfig:
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
     remat: str = "none"
+    attention_impl: str = "xla"
+    attention_chunk_size: int = 512
 
     def __post_init__(self):
         validate(self)
@@ -317,3 +324,7 @@ def validate(cfg: Qwen3VLConfig) -> None:
             raise ValueError(f"{name}={val} must be in [0, text.vocab_size={t.vocab_size})")
     if cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {cfg.remat!r}")
+    if cfg.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {cfg.attention_impl!r}")
+    if cfg.attention_chunk_size < 1:
+        raise ValueError(f"attention_chunk_size must be >= 1, got {cfg.attention_chunk_size}")

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .attention import MaskSpec
 from .config import Qwen3VLConfig
 from .layers import param
 from .rope import VisionInputs, get_rope_index, mrope_cos_sin, prepare_vision_inputs, text_position_ids
@@ -114,8 +115,9 @@ class Qwen3VL(nnx.Module):
         cos, sin = mrope_cos_sin(position_ids, self.config.text)
         t = input_ids.shape[1]
         # Causal + key padding (transformers' create_causal_mask); padded query rows still see real keys.
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+        mask = MaskSpec(key_valid=attention_mask.astype(bool), causal=True)
+        if self.config.attention_impl == "xla":
+            mask = mask.dense(input_ids.shape[0], t, t)  # (B, 1, T, T)
         x, _ = lm.run_layers(x, cos, sin, mask, input_ids, deepstack_embeds or ())
         return lm.final_norm(x)
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import Qwen3VLConfig
+from .attention import attend
 from .layers import maybe_remat, param, rms_norm
 from .rope import apply_rotary
 from .sharding import constrain
@@ -58,7 +59,7 @@ def decoder_layer(p: dict, x, cos, sin, mask, cfg: Qwen3VLConfig, dtype, kv=None
     """One decoder layer.
 
     p: one layer's slice of DecoderLayers.stacked(); x (B, T, E); cos/sin (B, T, D) fp32;
-    mask (B, 1, T, S) bool (True = may attend).
+    mask (B, 1, T, S) bool (True = may attend) or an attention.MaskSpec (causal + key padding, kv=None only).
     kv: None (attend to this call's own T keys, S = T) or (k, v) cache slices (B, S, K, D): the new keys are
     written at slots [write_index, write_index + T) and attention covers all S cache slots.
     Returns (x, updated (k, v) cache slices, or None when kv is None).
@@ -78,7 +79,8 @@ def decoder_layer(p: dict, x, cos, sin, mask, cfg: Qwen3VLConfig, dtype, kv=None
         ck, cv = kv
         k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_index, axis=1)
-    attn = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask, implementation=None)
+    # A MaskSpec mask goes through cfg.attention_impl ('chunked': no T x T scores); a dense mask is the XLA path.
+    attn = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_impl, chunk_size=cfg.attention_chunk_size)
     x = x + jnp.einsum("btnh,nhe->bte", attn, p["o_kernel"].astype(dtype))
     h = rms_norm(x, p["post_attention_norm"], eps).astype(dtype)
     gate = jnp.dot(h, p["gate_kernel"].astype(dtype))

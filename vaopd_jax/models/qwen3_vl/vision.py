@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import MaskSpec, attend
 from .config import Qwen3VLConfig
 from .layers import dense, gelu, layer_norm, maybe_remat, param
 from .rope import VisionInputs, apply_rotary, vision_cos_sin
@@ -72,14 +73,14 @@ class PatchMergers(nnx.Module):
 
 
 def vision_block(p: dict, x, cos, sin, mask, cfg: Qwen3VLConfig, dtype):
-    """One ViT block. p: one layer's slice of VisionBlocks.stacked(); x (N, E); mask (1, 1, N, N) bool."""
+    """One ViT block. p: one layer's slice of VisionBlocks.stacked(); x (N, E); mask (1, 1, N, N) bool or an attention.MaskSpec (segment ids)."""
     v = cfg.vision
     n = x.shape[0]
     h = layer_norm(x, p["norm1_scale"], p["norm1_bias"], v.layer_norm_eps)
     qkv = dense(h, p["qkv_kernel"], p["qkv_bias"], dtype).reshape(n, 3, v.num_heads, v.head_dim)
     q = apply_rotary(qkv[:, 0], cos[:, None, :], sin[:, None, :])
     k = apply_rotary(qkv[:, 1], cos[:, None, :], sin[:, None, :])
-    attn = jax.nn.dot_product_attention(q[None], k[None], qkv[None, :, 2], mask=mask, implementation=None)
+    attn = attend(q[None], k[None], qkv[None, :, 2], mask, cfg.attention_impl, chunk_size=cfg.attention_chunk_size)
     x = x + dense(attn.reshape(n, -1), p["proj_kernel"], p["proj_bias"], dtype)
     h = layer_norm(x, p["norm2_scale"], p["norm2_bias"], v.layer_norm_eps)
     approx = v.hidden_act != "gelu"  # gelu_pytorch_tanh / gelu_new: tanh approximation
@@ -116,7 +117,9 @@ class VisionTower(nnx.Module):
         cos, sin = vision_cos_sin(jnp.asarray(vi.rotary_pos), v)
         seg = jnp.asarray(vi.segment_ids)
         # Full bidirectional attention inside each image frame only (transformers: cu_seqlens chunks).
-        mask = (seg[:, None] == seg[None, :])[None, None]
+        mask = MaskSpec(segment_ids=seg[None])
+        if cfg.attention_impl == "xla":
+            mask = mask.dense(1, seg.shape[0], seg.shape[0])  # (1, 1, N, N)
 
         stacked = self.blocks.stacked()
         block = maybe_remat(lambda h, p: (vision_block(p, h, cos, sin, mask, cfg, dt), None), cfg.remat)
