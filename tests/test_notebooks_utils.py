@@ -40,7 +40,8 @@ def test_find_config_search_order(tmp_path, monkeypatch):
     (tmp_path / "checkout" / "configs").mkdir()
     (tmp_path / "checkout" / "configs" / "mine.py").write_text("# config\n")
     monkeypatch.delenv("VAOPD_CONFIGS", raising=False)
-    assert notebook_utils.find_config("mine.py", search_from=nested) == str(tmp_path / "checkout" / "configs" / "mine.py")
+    expected = tmp_path / "checkout" / "configs" / "mine.py"
+    assert notebook_utils.find_config("mine.py", search_from=nested) == str(expected)
     elsewhere = tmp_path / "other"
     elsewhere.mkdir()
     (elsewhere / "mine.py").write_text("# override\n")
