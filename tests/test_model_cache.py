@@ -42,7 +42,7 @@ def test_prefill_then_decode_equals_full_forward():
 
     pos, delta = qwen3_vl.get_rope_index(prompt.input_ids, prompt.image_grid_thw, prompt.attention_mask, cfg)
     cache = model.init_cache(b, t + steps)
-    assert cache.k.shape == (cfg.text.num_hidden_layers, b, t + steps, cfg.text.num_key_value_heads,
+    assert cache.k.shape == (cfg.text.num_hidden_layers, b, cfg.text.num_key_value_heads, t + steps,
                              cfg.text.head_dim)
     last, cache = _prefill(model, prompt.input_ids, prompt.attention_mask, pos, prompt.pixel_values, vi, cache,
                            last_only=True)

@@ -187,6 +187,25 @@ def test_padded_vocab_rows_never_emitted(small_model):
     assert np.asarray(out.finished).sum() == 0 and (np.asarray(out.lengths) == 16).all()
 
 
+def test_suppressed_token_ids_never_emitted(small_model):
+    model, cfg = small_model
+    batch = testing.make_batch(cfg, [[], []], [6, 6], seed=8)
+    kw = dict(max_new_tokens=16, eos_token_ids=(), pad_token_id=0, rng=2)
+    vision_ids = [60, 61, 62, 63]  # small_model's image / video / vision start / vision end ids
+    free = np.asarray(_sample(model, batch, suppress_token_ids=(), **kw).tokens)
+    assert np.isin(free, vision_ids).any()  # without suppression this key does draw vision ids
+    default = np.asarray(_sample(model, batch, **kw).tokens)
+    assert not np.isin(default, vision_ids).any()
+    # Masked like padded vocab rows: only the 5 unsuppressed ids remain, and all of them are drawn.
+    few = _sample(model, batch, suppress_token_ids=range(5, 64), **kw)
+    assert np.asarray(few.tokens).max() < 5 and len(np.unique(np.asarray(few.tokens))) == 5
+    assert np.isfinite(np.asarray(few.model_logprobs)).all()
+    with pytest.raises(ValueError, match="suppress_token_ids"):
+        _sample(model, batch, suppress_token_ids=(-3,), **kw)
+    with pytest.raises(ValueError, match="leave no token"):
+        _sample(model, batch, suppress_token_ids=range(64), **kw)
+
+
 def test_compile_count_uses_buckets(small_model):
     model, cfg = small_model
     first = None

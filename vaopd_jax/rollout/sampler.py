@@ -3,7 +3,8 @@
     from vaopd_jax.rollout import sampler
     out = sampler.generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
                            max_new_tokens, num_samples=1, temperature=1.0, top_p=1.0, top_k=0,
-                           eos_token_ids=(151645, 151643), rng=None, valid_vocab_size=None)
+                           eos_token_ids=(151645, 151643), rng=None, valid_vocab_size=None,
+                           suppress_token_ids=None)
     out.tokens          (B*K, max_new_tokens) int32, samples of one prompt adjacent, pad_token_id after the end
     out.response_mask   (B*K, max_new_tokens) int32, 1 up to and including the first end token
     out.lengths         (B*K,) int32 response lengths (= response_mask.sum(-1))
@@ -29,6 +30,11 @@ Log-probs: `logprobs` is the log-prob of each token under the distribution it wa
 top-k, top-p and the vocabulary mask applied; 0 for greedy, a point mass); `model_logprobs` is the student's
 own temperature-1, unfiltered log-prob over the valid vocabulary, the quantity the train step recomputes
 (see rollout/logits.py). They coincide at temperature 1, top-k 0, top-p 1.
+
+Suppressed ids. `suppress_token_ids` (default: the config's <|image_pad|>, <|video_pad|>, <|vision_start|>,
+<|vision_end|> ids) are masked exactly like the padded vocabulary rows (logit -inf before sampling and in
+both log-probs): a generated vision token would make the train step's get_rope_index expect image features
+that do not exist. Ids >= vocab_size are ignored (tiny configs).
 
 Sharding: pass `mesh=` (and keep the model's params on it, e.g. `sharding.shard_model`): prompts, the KV
 cache and the outputs are sharded over the batch on ('data', 'fsdp') and the cache's KV heads over 'tensor'
@@ -108,7 +114,7 @@ def _constrain(x, mesh, logical_axes):
 
 
 def _constrain_cache(cache: qwen3_vl.KVCache, mesh) -> qwen3_vl.KVCache:
-    kv_axes = ("layers", "batch", None, "kv_heads", "head_dim")
+    kv_axes = ("layers", "batch", "kv_heads", None, "head_dim")
     return qwen3_vl.KVCache(k=_constrain(cache.k, mesh, kv_axes), v=_constrain(cache.v, mesh, kv_axes),
                             valid=_constrain(cache.valid, mesh, ("batch", None)))
 
@@ -116,7 +122,7 @@ def _constrain_cache(cache: qwen3_vl.KVCache, mesh) -> qwen3_vl.KVCache:
 def repeat_cache(cache: qwen3_vl.KVCache, num_samples: int) -> qwen3_vl.KVCache:
     """Prefix sharing: each prompt's cache row repeated num_samples times, copies adjacent.
 
-    k, v (L, B, S, K, D) → (L, B*num_samples, S, K, D); valid (B, S) → (B*num_samples, S).
+    k, v (L, B, K, S, D) → (L, B*num_samples, K, S, D); valid (B, S) → (B*num_samples, S).
     """
     if num_samples == 1:
         return cache
@@ -125,12 +131,13 @@ def repeat_cache(cache: qwen3_vl.KVCache, num_samples: int) -> qwen3_vl.KVCache:
 
 
 def _run(state, input_ids, attention_mask, position_ids, next_position, pixel_values, vision_inputs,
-         max_new_tokens, rng, eos, pad, valid_vocab_size, program: _Program):
+         max_new_tokens, rng, eos, pad, valid_vocab_size, suppress, program: _Program):
     """The whole rollout as one traced function (see the module docstring for the steps).
 
     input_ids / attention_mask (B, T); position_ids (3, B, T); next_position (B,) = max position + 1;
     pixel_values (P, patch_dim) or None; max_new_tokens scalar int32 (<= program.new_bucket);
-    eos (E,) int32 end-token ids; pad, valid_vocab_size int32 scalars. These are data, not part of the
+    eos (E,) int32 end-token ids; suppress (S,) int32 ids never sampled (-1 = unused entry);
+    pad, valid_vocab_size int32 scalars. These are data, not part of the
     program key, so changing them does not compile a new program.
     """
     _COMPILES[(input_ids.shape, program.new_bucket, None if pixel_values is None else pixel_values.shape[0],
@@ -156,8 +163,12 @@ def _run(state, input_ids, attention_mask, position_ids, next_position, pixel_va
     last_logits = _constrain(jnp.repeat(last_logits, program.num_samples, axis=0), mesh, ("batch", None))
     next_position = jnp.repeat(next_position, program.num_samples, axis=0)
 
+    vocab_ids = jnp.arange(model.config.text.vocab_size, dtype=jnp.int32)
+    suppressed = jnp.any(vocab_ids[None, :] == suppress[:, None], axis=0)  # (V,) bool
+
     def sample(step, step_logits):
         key = jax.random.fold_in(rng, step)
+        step_logits = jnp.where(suppressed, logit_ops.NEG_INF, step_logits)
         return logit_ops.sample_tokens(key, step_logits, params, valid_vocab_size)
 
     tok0, lp0, mlp0 = sample(0, last_logits)
@@ -272,6 +283,7 @@ def _prepare(
     rng=None,
     valid_vocab_size: int | None = None,
     pad_token_id: int | None = None,
+    suppress_token_ids: Sequence[int] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     max_length: int | None = None,
     cache_dtype=None,
@@ -310,6 +322,16 @@ def _prepare(
         row = int(np.argmax(lengths))
         raise ValueError(f"prompt row {row} has {longest} tokens; with max_new_tokens={max_new_tokens} it needs "
                          f"{longest + max_new_tokens} cache slots but the cache allows max_length={limit}")
+    if suppress_token_ids is None:
+        suppress_token_ids = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                              cfg.vision_end_token_id)
+    suppress = tuple(int(i) for i in suppress_token_ids)
+    if any(i < 0 for i in suppress):
+        raise ValueError(f"suppress_token_ids must be non-negative token ids; got {suppress}")
+    suppress = tuple(i for i in suppress if i < vocab)
+    if len({i for i in suppress if i < valid_vocab_size}) >= valid_vocab_size:
+        raise ValueError(f"suppress_token_ids {suppress} leave no token of the valid vocabulary "
+                         f"[0, {valid_vocab_size}) to sample")
     mask_bool = attention_mask.astype(bool)
     _check_images(cfg, input_ids, mask_bool, pixel_values, image_grid_thw)
 
@@ -351,7 +373,7 @@ def _prepare(
         args = [jax.device_put(a, jax.sharding.NamedSharding(
             mesh, model_sharding.logical_to_spec(ax, mesh=mesh, shape=a.shape))) for a, ax in zip(args, axes)]
     call_args = (state, *args, pixel_values, vision_inputs, np.int32(max_new_tokens), rng, _eos_array(eos),
-                 np.int32(pad_token_id), np.int32(valid_vocab_size))
+                 np.int32(pad_token_id), np.int32(valid_vocab_size), _eos_array(suppress))
     return call_args, program, int(max_new_tokens)
 
 
@@ -371,6 +393,7 @@ def generate(
     rng=None,
     valid_vocab_size: int | None = None,
     pad_token_id: int | None = None,
+    suppress_token_ids: Sequence[int] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     max_length: int | None = None,
     cache_dtype=None,
@@ -384,13 +407,15 @@ def generate(
     all images in order, image_grid_thw (n_images, 3), or both None. temperature 0 → greedy (top_k / top_p
     ignored, as in transformers). rng: a PRNG key or an int seed (None → seed 0). valid_vocab_size: logit
     rows >= it are never sampled (LM-head padding). pad_token_id fills tokens after the end (default: the
-    first end token, as transformers does). max_length: the longest prompt + max_new_tokens allowed (default
+    first end token, as transformers does). suppress_token_ids: ids never sampled (default the vision
+    special ids of the config; () for none). max_length: the longest prompt + max_new_tokens allowed (default
     the model's max_position_embeddings). Returns a `SamplerOutput` of device arrays.
     """
     call_args, program, max_new_tokens = _prepare(
         model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens=max_new_tokens,
         num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k, eos_token_ids=eos_token_ids, rng=rng,
-        valid_vocab_size=valid_vocab_size, pad_token_id=pad_token_id, mesh=mesh, max_length=max_length,
+        valid_vocab_size=valid_vocab_size, pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids,
+        mesh=mesh, max_length=max_length,
         cache_dtype=cache_dtype, top_p_candidates=top_p_candidates, min_prompt_bucket=min_prompt_bucket,
         min_new_bucket=min_new_bucket)
     out = _run_jit(*call_args, program=program)

@@ -15,16 +15,22 @@ Instead of pixel values, precomputed `image_embeds` (M, E) and `deepstack_embeds
 
 KV cache (for the sampler):
     cache = model.init_cache(batch_size, max_length, dtype=None)       # KVCache pytree, slots all invalid
+        k, v (L, B, K, S, D): heads before slots (see text.KVCache), valid (B, S).
     logits, cache = model.prefill(input_ids, attention_mask, position_ids, *, image_embeds=None,
                                   deepstack_embeds=None, cache, last_only=False)
-        writes slots [0, T) (padding slots stay invalid); logits (B, T, V), or (B, V) at each row's last real
-        token when last_only=True.
+        attends over the T prompt positions only (causal + key padding, as the forward) and writes their keys
+        and values to slots [0, T) (padding slots stay invalid); logits (B, T, V), or (B, V) at each row's last
+        real token when last_only=True.
     logits, cache = model.decode_step(token_ids, position_ids, cache, cache_index)
-        token_ids (B, 1), position_ids (3, B, 1) (= cache_index + rope_delta on all three axes for text),
-        cache_index scalar int (same slot for every row) -> logits (B, 1, V) float32. Attends to valid cache
-        slots <= cache_index. Pure in the params: inside `jax.lax.while_loop` use
-        `graphdef, state = nnx.split(model)` outside and `nnx.merge(graphdef, state).decode_step(...)` inside
-        (or close over the model in a function passed to nnx.jit).
+        token_ids (B, 1); cache_index scalar int: the slot written, the same for every row; position_ids
+        (3, B, 1): the token's MRoPE position, which is NOT cache_index + rope_delta for right-padded prompts:
+        for a row with L real prompt tokens, rope delta d (get_rope_index) and k tokens generated before this
+        one, it is L + d + k on all three axes (text tokens), i.e. what transformers uses for a left-padded
+        batch. -> logits (B, 1, V) float32. Attends to the valid cache slots < cache_index plus itself (grouped
+        einsum attention, fp32 softmax), then writes its key/value at cache_index with one in-place update.
+        Pure in the params: inside `jax.lax.while_loop` use `graphdef, state = nnx.split(model)` outside and
+        `nnx.merge(graphdef, state).decode_step(...)` inside (or close over the model in a function passed to
+        nnx.jit).
 """
 
 from __future__ import annotations
@@ -123,8 +129,9 @@ class Qwen3VL(nnx.Module):
 
     # ------------------------------------------------------------------ KV cache
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """Empty cache: k, v (L, B, K, S, D) zeros of `dtype` (default compute dtype), valid (B, S) False."""
         t = self.config.text
-        shape = (t.num_hidden_layers, batch_size, max_length, t.num_key_value_heads, t.head_dim)
+        shape = (t.num_hidden_layers, batch_size, t.num_key_value_heads, max_length, t.head_dim)
         dtype = dtype or self.compute_dtype
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                        valid=jnp.zeros((batch_size, max_length), bool))
@@ -137,35 +144,43 @@ class Qwen3VL(nnx.Module):
             image_embeds, deepstack_embeds = self.visual(pixel_values, vision_inputs)
         deepstack_embeds = _tuple(deepstack_embeds)
         b, t = input_ids.shape
-        s = cache.k.shape[2]
+        s = cache.k.shape[3]
         if t > s:
             raise ValueError(f"prompt length {t} exceeds the cache length {s}")
-        valid = cache.valid.at[:, :t].set(attention_mask.astype(bool))
+        amask = attention_mask.astype(bool)
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, amask, 0, axis=1)
         lm = self.language_model
         x = lm.embed(input_ids, image_embeds)
         cos, sin = mrope_cos_sin(position_ids, self.config.text)
-        causal = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]  # (T, S)
-        mask = causal[None, None] & valid[:, None, None, :]
-        x, (k, v) = lm.run_layers(x, cos, sin, mask, input_ids, deepstack_embeds, kv=(cache.k, cache.v),
-                                  write_index=0)
+        # Only the T prompt positions: the slots >= T hold nothing yet (the forward's causal + key padding mask).
+        mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & amask[:, None, None, :]
+        x, (k, v) = lm.run_layers(x, cos, sin, mask, input_ids, deepstack_embeds, return_kv=True)
+        # (L, B, T, K, D) -> (L, B, K, T, D): the prompt-sized transpose happens once, here, not per decode step.
+        k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.transpose(0, 1, 3, 2, 4).astype(cache.k.dtype), 0, 3)
+        v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.transpose(0, 1, 3, 2, 4).astype(cache.v.dtype), 0, 3)
         hidden = lm.final_norm(x)
         if last_only:
             last = jnp.maximum(jnp.sum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
             hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-        return self.logits_from_hidden(hidden), KVCache(k=k, v=v, valid=valid)
+        return self.logits_from_hidden(hidden), KVCache(k=k_all, v=v_all, valid=valid)
 
     def decode_step(self, token_ids, position_ids, cache: KVCache, cache_index):
-        """One token per row at slot cache_index. token_ids (B, 1), position_ids (3, B, 1) ->
-        (logits (B, 1, V) float32, cache)."""
-        s = cache.k.shape[2]
-        valid = jax.lax.dynamic_update_slice_in_dim(
-            cache.valid, jnp.ones((cache.valid.shape[0], 1), bool), cache_index, axis=1)
+        """One token per row at slot cache_index (see the module docstring for position_ids).
+        token_ids (B, 1), position_ids (3, B, 1) -> (logits (B, 1, V) float32, cache)."""
+        s = cache.k.shape[3]
+        attend = (jnp.arange(s) < cache_index)[None, :] & cache.valid  # earlier slots; the new token is added apart
         lm = self.language_model
         x = lm.embed(token_ids)
         cos, sin = mrope_cos_sin(position_ids, self.config.text)
-        mask = ((jnp.arange(s) <= cache_index)[None, :] & valid)[:, None, None, :]
-        x, (k, v) = lm.run_layers(x, cos, sin, mask, token_ids, (), kv=(cache.k, cache.v), write_index=cache_index)
-        return self.logits_from_hidden(lm.final_norm(x)), KVCache(k=k, v=v, valid=valid)
+        x, (k_new, v_new) = lm.run_layers_decode(x, cos, sin, attend, cache.k, cache.v)
+        # One (L, B, K, 1, D) in-place write per step (the cache is a while-loop carry, never copied).
+        zero = jnp.zeros((), jnp.int32)
+        index = (zero, zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k_new[:, :, :, None].astype(cache.k.dtype), index)
+        v_all = jax.lax.dynamic_update_slice(cache.v, v_new[:, :, :, None].astype(cache.v.dtype), index)
+        valid = jax.lax.dynamic_update_slice_in_dim(
+            cache.valid, jnp.ones((cache.valid.shape[0], 1), bool), cache_index, axis=1)
+        return self.logits_from_hidden(lm.final_norm(x)), KVCache(k=k_all, v=v_all, valid=valid)
 
 
 def _tuple(x):

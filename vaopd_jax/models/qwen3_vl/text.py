@@ -23,7 +23,9 @@ from .sharding import constrain
 class KVCache(NamedTuple):
     """Preallocated decoder KV cache (a pytree).
 
-    k, v  (L, B, S, K, D) compute dtype: per layer keys (after q/k-norm and MRoPE) and values.
+    k, v  (L, B, K, S, D) compute dtype: per layer keys (after q/k-norm and MRoPE) and values. Heads before
+          slots, so the single-query decode attention contracts each (B, K) block (S, D) in place: batch dims
+          leading on both operands, no transpose or GQA repeat of the cache per step.
     valid (B, S) bool: slot holds a real token (prompt padding stays False, so right-padded prompts work).
     """
 
@@ -55,17 +57,10 @@ class DecoderLayers(nnx.Module):
         return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
-def decoder_layer(p: dict, x, cos, sin, mask, cfg: Qwen3VLConfig, dtype, kv=None, write_index=None):
-    """One decoder layer.
-
-    p: one layer's slice of DecoderLayers.stacked(); x (B, T, E); cos/sin (B, T, D) fp32;
-    mask (B, 1, T, S) bool (True = may attend) or an attention.MaskSpec (causal + key padding, kv=None only).
-    kv: None (attend to this call's own T keys, S = T) or (k, v) cache slices (B, S, K, D): the new keys are
-    written at slots [write_index, write_index + T) and attention covers all S cache slots.
-    Returns (x, updated (k, v) cache slices, or None when kv is None).
-    """
-    t = cfg.text
-    eps = t.rms_norm_eps
+def _qkv(p: dict, x, cos, sin, cfg: Qwen3VLConfig, dtype):
+    """Attention inputs of one layer: x (B, T, E) -> q (B, T, N, D), k, v (B, T, K, D) in dtype (after q/k-norm
+    and the rotary embedding)."""
+    eps = cfg.text.rms_norm_eps
     h = rms_norm(x, p["input_norm"], eps).astype(dtype)
     q = jnp.einsum("bte,enh->btnh", h, p["q_kernel"].astype(dtype))
     k = jnp.einsum("bte,enh->btnh", h, p["k_kernel"].astype(dtype))
@@ -75,18 +70,68 @@ def decoder_layer(p: dict, x, cos, sin, mask, cfg: Qwen3VLConfig, dtype, kv=None
     k = rms_norm(k, p["k_norm"], eps)
     q = apply_rotary(q, cos[:, :, None, :], sin[:, :, None, :])
     k = apply_rotary(k, cos[:, :, None, :], sin[:, :, None, :])
-    if kv is not None:
-        ck, cv = kv
-        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_index, axis=1)
-    # A MaskSpec mask goes through cfg.attention_impl ('chunked': no T x T scores); a dense mask is the XLA path.
-    attn = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_impl, chunk_size=cfg.attention_chunk_size)
-    x = x + jnp.einsum("btnh,nhe->bte", attn, p["o_kernel"].astype(dtype))
-    h = rms_norm(x, p["post_attention_norm"], eps).astype(dtype)
+    return q, k, v
+
+
+def _out_and_mlp(p: dict, x, attn, cfg: Qwen3VLConfig, dtype):
+    """Residual attention output projection + MLP block. x (B, T, E), attn (B, T, N, D) -> (B, T, E)."""
+    x = x + jnp.einsum("btnh,nhe->bte", attn.astype(dtype), p["o_kernel"].astype(dtype))
+    h = rms_norm(x, p["post_attention_norm"], cfg.text.rms_norm_eps).astype(dtype)
     gate = jnp.dot(h, p["gate_kernel"].astype(dtype))
     up = jnp.dot(h, p["up_kernel"].astype(dtype))
     x = x + jnp.dot(jax.nn.silu(gate) * up, p["down_kernel"].astype(dtype))
-    return constrain(x, ("batch", None, None)), (None if kv is None else (k, v))
+    return constrain(x, ("batch", None, None))
+
+
+def decoder_layer(p: dict, x, cos, sin, mask, cfg: Qwen3VLConfig, dtype):
+    """One decoder layer over T tokens attending to themselves (forward and prefill).
+
+    p: one layer's slice of DecoderLayers.stacked(); x (B, T, E); cos/sin (B, T, D) fp32;
+    mask (B, 1, T, T) bool (True = may attend) or an attention.MaskSpec (causal + key padding).
+    Returns (x (B, T, E), (k, v) (B, T, K, D) this layer's keys/values, for the prefill's cache).
+    """
+    q, k, v = _qkv(p, x, cos, sin, cfg, dtype)
+    # A MaskSpec mask goes through cfg.attention_impl ('chunked': no T x T scores); a dense mask is the XLA path.
+    attn = attend(q, k, v, mask, cfg.attention_impl, chunk_size=cfg.attention_chunk_size)
+    return _out_and_mlp(p, x, attn, cfg, dtype), (k, v)
+
+
+def decode_attention(q, k_new, v_new, k_cache, v_cache, valid):
+    """Single-query grouped attention over a KV cache plus the query's own key, softmax in fp32.
+
+    q (B, N, D); k_new, v_new (B, K, D) the new token's key/value (not yet in the cache);
+    k_cache, v_cache (B, K, S, D); valid (B, S) bool: cache slots to attend (the new token's slot excluded).
+    Returns (B, N, D) in q.dtype. GQA as in transformers' repeat_kv: head n reads KV head n // (N / K); q is
+    grouped to (B, K, G, D) instead of repeating the cache G times. Same scale as dot_product_attention
+    (1 / sqrt(D)). The new key is handled as one extra logit, so the cache is read once and never copied.
+    """
+    b, n, d = q.shape
+    kh = k_cache.shape[1]
+    qg = q.reshape(b, kh, n // kh, d)
+    scale = d ** -0.5
+    s_cache = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache.astype(q.dtype),
+                         preferred_element_type=jnp.float32) * scale
+    s_cache = jnp.where(valid[:, None, None, :], s_cache, jnp.finfo(jnp.float32).min)
+    s_new = jnp.einsum("bkgd,bkd->bkg", qg, k_new.astype(q.dtype), preferred_element_type=jnp.float32)[..., None]
+    s_new = s_new * scale
+    m = jnp.maximum(jnp.max(s_cache, axis=-1, keepdims=True), s_new)  # (B, K, G, 1)
+    e_cache = jnp.exp(s_cache - m)
+    e_new = jnp.exp(s_new - m)
+    denom = jnp.sum(e_cache, axis=-1, keepdims=True) + e_new
+    out = jnp.einsum("bkgs,bksd->bkgd", e_cache.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    out = (out + e_new * v_new.astype(jnp.float32)[:, :, None, :]) / denom
+    return out.reshape(b, n, d).astype(q.dtype)
+
+
+def decoder_layer_decode(p: dict, x, cos, sin, valid, k_cache, v_cache, cfg: Qwen3VLConfig, dtype):
+    """One decoder layer for one new token per row against this layer's cache.
+
+    x (B, 1, E); cos/sin (B, 1, D); valid (B, S); k_cache, v_cache (B, K, S, D).
+    Returns (x (B, 1, E), (k_new, v_new) (B, K, D)) — the caller writes them into the cache.
+    """
+    q, k, v = _qkv(p, x, cos, sin, cfg, dtype)
+    attn = decode_attention(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, valid)
+    return _out_and_mlp(p, x, attn[:, None], cfg, dtype), (k[:, 0], v[:, 0])
 
 
 def scatter_rows(input_ids, token_id: int, rows):
@@ -118,38 +163,43 @@ class TextModel(nnx.Module):
             x = jnp.where(is_img[..., None], vis, x)
         return constrain(x, ("batch", None, None))
 
-    def run_layers(self, x, cos, sin, mask, input_ids, deepstack_embeds=(), kv=None, write_index=None):
-        """Runs all layers. x (B, T, E); deepstack_embeds: tuple of (M, E), added at <|image_pad|> positions after
-        layers 0, 1, ... (one feature set per layer). kv: None or (k, v) caches (L, B, S, K, D).
-        Returns (x before the final norm, updated (k, v) caches or None)."""
+    def run_layers(self, x, cos, sin, mask, input_ids, deepstack_embeds=(), return_kv: bool = False):
+        """Runs all layers over T tokens. x (B, T, E); mask (B, 1, T, T); deepstack_embeds: tuple of (M, E), added
+        at <|image_pad|> positions after layers 0, 1, ... (one feature set per layer).
+        Returns (x before the final norm, (k, v) (L, B, T, K, D) when return_kv (prefill) else None)."""
         cfg, dt = self.cfg, self.compute_dtype
         stacked = self.layers.stacked()
         n_ds = len(deepstack_embeds or ())
 
-        def layer(h, xs):
-            p, kv_l = xs
-            h, kv_out = decoder_layer(p, h, cos, sin, mask, cfg, dt, kv_l, write_index)
-            return h, kv_out
+        def layer(h, p):
+            h, kv = decoder_layer(p, h, cos, sin, mask, cfg, dt)
+            return h, (kv if return_kv else None)
 
         layer = maybe_remat(layer, cfg.remat)
         kv_parts = []
         for i in range(n_ds):  # unrolled: each is followed by its deepstack injection
-            p_i = jax.tree.map(lambda a: a[i], stacked)
-            kv_i = None if kv is None else (kv[0][i], kv[1][i])
-            x, kv_out = layer(x, (p_i, kv_i))
-            kv_parts.append(None if kv_out is None else jax.tree.map(lambda a: a[None], kv_out))
+            x, kv = layer(x, jax.tree.map(lambda a: a[i], stacked))
+            kv_parts.append(None if kv is None else jax.tree.map(lambda a: a[None], kv))
             feat, _ = scatter_rows(input_ids, cfg.image_token_id, deepstack_embeds[i].astype(x.dtype))
             x = x + feat
-        rest = jax.tree.map(lambda a: a[n_ds:], stacked)
-        kv_rest = None if kv is None else (kv[0][n_ds:], kv[1][n_ds:])
         if cfg.text.num_hidden_layers > n_ds:
-            x, kv_out = jax.lax.scan(layer, x, (rest, kv_rest))
-            kv_parts.append(kv_out)
-        if kv is None:
+            x, kv = jax.lax.scan(layer, x, jax.tree.map(lambda a: a[n_ds:], stacked))
+            kv_parts.append(kv)
+        if not return_kv:
             return x, None
-        k_all = jnp.concatenate([a[0] for a in kv_parts], axis=0)
-        v_all = jnp.concatenate([a[1] for a in kv_parts], axis=0)
-        return x, (k_all, v_all)
+        return x, tuple(jnp.concatenate([part[j] for part in kv_parts], axis=0) for j in range(2))
+
+    def run_layers_decode(self, x, cos, sin, valid, cache_k, cache_v):
+        """All layers for one token per row. x (B, 1, E); valid (B, S) slots to attend; cache_k, cache_v
+        (L, B, K, S, D) read-only (the scan slices one layer per iteration, no cache-sized outputs).
+        Returns (x before the final norm, (k_new, v_new) (L, B, K, D)) for the caller's single cache write."""
+        cfg, dt = self.cfg, self.compute_dtype
+
+        def layer(h, xs):
+            p, k_l, v_l = xs
+            return decoder_layer_decode(p, h, cos, sin, valid, k_l, v_l, cfg, dt)
+
+        return jax.lax.scan(layer, x, (self.layers.stacked(), cache_k, cache_v))
 
     def final_norm(self, x):
         return rms_norm(x, self.norm[...], self.cfg.text.rms_norm_eps)
