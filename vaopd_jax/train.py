@@ -207,6 +207,20 @@ def real_images(batch: dict):
             batch["image_grid_thw"][:n_img])
 
 
+def to_global(tree, shardings):
+    """Process-local values (identical on every process) -> global arrays with ``shardings``."""
+    def one(x, sharding):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        value = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    # `shardings` is a prefix of `tree` (e.g. one NamedSharding per nnx.Param node).
+    return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: one(x, sharding), sub), shardings, tree)
+
+
 def host(x) -> np.ndarray:
     """A (possibly multi-process) global array as one numpy array on every process."""
     if getattr(x, "is_fully_addressable", True):
@@ -340,8 +354,20 @@ def main(argv) -> None:
     o = config.optim
     optimizer = step_lib.make_optimizer(o.lr, total_steps, o.warmup_fraction, o.b1, o.b2, o.weight_decay,
                                         o.clip_norm)
-    state = step_lib.create_train_state(student, optimizer, jax.random.key(config.seed), remat=config.model.remat,
-                                        mesh=mesh)
+    if jax.process_count() == 1:
+        state = step_lib.create_train_state(student, optimizer, jax.random.key(config.seed),
+                                            remat=config.model.remat, mesh=mesh)
+    else:
+        # JAX only device_puts process-local arrays onto addressable devices, so on several processes the
+        # params, step and key are made global here (every process holds the same values) and
+        # create_train_state keeps their shardings (mesh=None).
+        nnx.update(student, to_global(nnx.state(student, nnx.Param),
+                                      qwen3_vl.param_shardings(student, mesh)))
+        state = step_lib.create_train_state(student, optimizer, jax.random.key(config.seed),
+                                            remat=config.model.remat, mesh=None)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        state = jax.tree.map(lambda x: x if len(x.sharding.device_set) == mesh.size else to_global(x, replicated),
+                             state)  # step, key and optimizer counters were made on one local device
     del student
     teacher_graphdef, teacher_params = step_lib.split_teacher(teacher, mesh=mesh)
     del teacher
