@@ -1,5 +1,6 @@
 """KV cache: prefill + decode_step logits equal the full forward on the concatenated sequence."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -58,3 +59,31 @@ def test_prefill_then_decode_equals_full_forward():
     assert bool(cache.valid[:, t:].all())
     # Sanity: the padded slots of the shorter prompt stay masked out.
     assert not bool(cache.valid[np.argmin(lens), lens.min():t].any())
+
+
+def test_decode_attention_equals_dense_attention_with_gqa():
+    """Grouped single-query attention over the (B, K, S, D) cache + the new key == dot_product_attention over
+    the cache with the new key written into its slot (repeat_kv GQA, key padding)."""
+    from vaopd_jax.models.qwen3_vl.text import decode_attention
+
+    rng = np.random.default_rng(0)
+    b, n, kh, s, d, slot = 3, 6, 2, 10, 8, 7
+    q = rng.standard_normal((b, n, d), np.float32)
+    k_cache, v_cache = (rng.standard_normal((b, kh, s, d), np.float32) for _ in range(2))
+    k_new, v_new = (rng.standard_normal((b, kh, d), np.float32) for _ in range(2))
+    valid = (np.arange(s)[None, :] < slot) & (rng.random((b, s)) > 0.3)
+    valid[:, 0] = True
+    out = np.asarray(decode_attention(jnp.asarray(q), k_new, v_new, k_cache, v_cache, jnp.asarray(valid)))
+
+    k_full, v_full = k_cache.copy(), v_cache.copy()
+    k_full[:, :, slot], v_full[:, :, slot] = k_new, v_new
+    mask = valid.copy()
+    mask[:, slot] = True
+    to_bskd = lambda a: jnp.asarray(a.transpose(0, 2, 1, 3))  # noqa: E731
+    ref = jax.nn.dot_product_attention(jnp.asarray(q)[:, None], to_bskd(k_full), to_bskd(v_full),
+                                       mask=jnp.asarray(mask)[:, None, None, :])[:, 0]
+    np.testing.assert_allclose(out, np.asarray(ref), atol=1e-5, rtol=0)
+    # Masked slots do not matter: changing them leaves the output unchanged.
+    k_cache[~valid[:, None, :].repeat(kh, 1)] = 1e3
+    again = decode_attention(jnp.asarray(q), k_new, v_new, k_cache, v_cache, jnp.asarray(valid))
+    np.testing.assert_allclose(np.asarray(again), out, atol=1e-6, rtol=0)

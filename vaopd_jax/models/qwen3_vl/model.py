@@ -152,8 +152,11 @@ class Qwen3VL(nnx.Module):
         lm = self.language_model
         x = lm.embed(input_ids, image_embeds)
         cos, sin = mrope_cos_sin(position_ids, self.config.text)
-        # Only the T prompt positions: the slots >= T hold nothing yet (the forward's causal + key padding mask).
-        mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & amask[:, None, None, :]
+        # Only the T prompt positions: the slots >= T hold nothing yet (the forward's causal + key padding mask,
+        # routed through cfg.attention_impl like the forward).
+        mask = MaskSpec(key_valid=amask, causal=True)
+        if self.config.attention_impl == "xla":
+            mask = mask.dense(b, t, t)  # (B, 1, T, T)
         x, (k, v) = lm.run_layers(x, cos, sin, mask, input_ids, deepstack_embeds, return_kv=True)
         # (L, B, T, K, D) -> (L, B, K, T, D): the prompt-sized transpose happens once, here, not per decode step.
         k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.transpose(0, 1, 3, 2, 4).astype(cache.k.dtype), 0, 3)
@@ -168,11 +171,11 @@ class Qwen3VL(nnx.Module):
         """One token per row at slot cache_index (see the module docstring for position_ids).
         token_ids (B, 1), position_ids (3, B, 1) -> (logits (B, 1, V) float32, cache)."""
         s = cache.k.shape[3]
-        attend = (jnp.arange(s) < cache_index)[None, :] & cache.valid  # earlier slots; the new token is added apart
+        earlier = (jnp.arange(s) < cache_index)[None, :] & cache.valid  # the new token's own key is added apart
         lm = self.language_model
         x = lm.embed(token_ids)
         cos, sin = mrope_cos_sin(position_ids, self.config.text)
-        x, (k_new, v_new) = lm.run_layers_decode(x, cos, sin, attend, cache.k, cache.v)
+        x, (k_new, v_new) = lm.run_layers_decode(x, cos, sin, earlier, cache.k, cache.v)
         # One (L, B, K, 1, D) in-place write per step (the cache is a while-loop carry, never copied).
         zero = jnp.zeros((), jnp.int32)
         index = (zero, zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
