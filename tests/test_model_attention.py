@@ -88,9 +88,10 @@ def test_attend_dispatch_and_errors():
         chunked_attention(q[:, :, :1].repeat(3, axis=2), k.repeat(2, axis=2), v.repeat(2, axis=2), spec)
 
 
-def test_model_chunked_equals_xla_logits_and_grads():
+def test_model_chunked_equals_xla_logits():
     """Tiny Qwen3-VL: attention_impl='chunked' (chunk 5: does not divide T, several chunks per image frame) gives
-    the logits and parameter gradients of the 'xla' path; two images in one row (vision segments), right padding."""
+    the logits of the 'xla' path; two images in one row (vision segments), right padding. (Gradients are
+    compared at the attention level above; the model test stays one forward compile per impl.)"""
     from flax import nnx
 
     from vaopd_jax.models import qwen3_vl
@@ -98,25 +99,15 @@ def test_model_chunked_equals_xla_logits_and_grads():
 
     base = testing.tiny_config()
     batch = testing.make_batch(base, [[(1, 4, 4), (1, 4, 6)], [(1, 8, 4)]], [3, 2], seed=0)
-    args = (jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask), jnp.asarray(batch.pixel_values),
-            jnp.asarray(batch.image_grid_thw))
-    results = {}
+    logits = {}
     for impl in ("xla", "chunked"):
-        cfg = base.replace(attention_impl=impl, attention_chunk_size=5, remat="block")
-        model = qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(0))
-        valid = args[1].astype(jnp.float32)[..., None]
-
-        def loss(m):
-            logits = m(*args)
-            return jnp.sum(jax.nn.log_softmax(logits)[..., :7] * valid), logits
-
-        (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
-        results[impl] = (logits, jax.tree.leaves(grads))
-    (logits_x, grads_x), (logits_c, grads_c) = results["xla"], results["chunked"]
-    assert logits_x.shape == (2, batch.input_ids.shape[1], base.text.vocab_size)
-    np.testing.assert_allclose(logits_c, logits_x, atol=1e-4, rtol=1e-4)
-    for g_c, g_x in zip(grads_c, grads_x):
-        np.testing.assert_allclose(g_c, g_x, atol=1e-4, rtol=1e-4)
+        cfg = base.replace(attention_impl=impl, attention_chunk_size=5)
+        model = qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(0))  # same seed: same weights
+        logits[impl] = np.asarray(model(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                        batch.image_grid_thw))
+    assert logits["xla"].shape == (2, batch.input_ids.shape[1], base.text.vocab_size)
+    assert batch.attention_mask.min() == 0  # the padding path is exercised
+    np.testing.assert_allclose(logits["chunked"], logits["xla"], atol=1e-5, rtol=1e-5)
 
 
 def test_config_rejects_unknown_attention_impl():

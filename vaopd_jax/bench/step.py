@@ -4,6 +4,7 @@ the paper-scale step on a simulated 8-device mesh.
     python -m vaopd_jax.bench.step                       # both parts (the AOT part takes minutes on CPU)
     python -m vaopd_jax.bench.step --part torch          # 1. JAX vs eager PyTorch, same config/batch/weights
     python -m vaopd_jax.bench.step --part aot --teachers 8b --responses 4096,2048    # 2. AOT only
+    python -m vaopd_jax.bench.step --part layer          # 2a. one decoder layer: where the memory goes
 
 1. Step time: the jitted step (teacher on both views, VA, weights, groups, chunked KL, grad, clip, AdamW) vs
    the same step written in eager PyTorch over transformers' Qwen3VLForConditionalGeneration (student and
@@ -13,7 +14,12 @@ the paper-scale step on a simulated 8-device mesh.
    16 prompts x 4 rollouts, 1,024 prompt tokens of which --image-tokens are one image, --responses tokens)
    lowered from abstract shapes (no weights allocated) with ShapeDtypeStructs carrying the shardings of a
    simulated (data, fsdp, tensor) mesh, compiled, and XLA's per-device memory analysis printed: argument,
-   output, alias, temp bytes and whether argument + output - alias + temp fits an 80 GB device.
+   output, alias, temp bytes and whether argument + output - alias + temp fits an 80 GB device. Student and
+   teacher use --attention (default 'chunked': models/qwen3_vl/attention.py, no T x T scores); 'xla' is the
+   dense path that materializes (rows, heads, T, T) fp32 scores per layer.
+   2a. `--part layer`: one 2B decoder layer, forward + backward, compiled at one device's share of the paper
+   batch (8 rows x 5,120 tokens), for attention xla vs chunked: temp bytes against the size of one
+   (rows, heads, T, T) fp32 score matrix, which is what the full step's temp memory tracks.
 3. MFU needs a GPU/TPU; on CPU it is not measured.
 """
 
@@ -205,12 +211,44 @@ def _abstract_batch(cfg, mesh, num_prompts, num_rollouts, prompt_len, response_l
                         batch, specs)
 
 
+def layer_report(attention: str, *, rows=8, seq_len=5120, chunk_size=512):
+    """Compiles grad of one 2B decoder layer (bf16, causal + padding mask) on one device; prints temp bytes."""
+    from vaopd_jax.models.qwen3_vl.attention import MaskSpec
+    from vaopd_jax.models.qwen3_vl.text import decoder_layer
+
+    cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(attention_impl=attention, attention_chunk_size=chunk_size)
+    t = cfg.text
+    model = nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    layer_params = {name: jax.ShapeDtypeStruct(v.shape[1:], v.dtype)  # one layer's slice of the stacked params
+                    for name, v in vars(model.language_model.layers).items() if isinstance(v, nnx.Param)}
+    sds = jax.ShapeDtypeStruct
+    x = sds((rows, seq_len, t.hidden_size), jnp.bfloat16)
+    cos = sds((rows, seq_len, t.head_dim), jnp.float32)
+    valid = sds((rows, seq_len), jnp.bool_)
+
+    def loss(p, x, cos, valid):
+        mask = MaskSpec(key_valid=valid, causal=True)
+        if attention == "xla":
+            mask = mask.dense(rows, seq_len, seq_len)
+        out, _ = decoder_layer(p, x, cos, cos, mask, cfg, jnp.bfloat16)
+        return jnp.sum(out.astype(jnp.float32))
+
+    mem = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(layer_params, x, cos, valid).compile().memory_analysis()
+    scores = rows * t.num_attention_heads * seq_len * seq_len * 4
+    print(f"  one 2B decoder layer fwd+bwd, {rows} rows x {seq_len} tokens, attention={attention}"
+          f"{f' (chunk {chunk_size})' if attention == 'chunked' else ''}: temp {mem.temp_size_in_bytes / GB:.2f} GB "
+          f"(one (rows, heads, T, T) fp32 score matrix: {scores / GB:.2f} GB)", flush=True)
+    return mem
+
+
 def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=16, num_rollouts=4,
-               prompt_len=1024, image_tokens=768, kl_chunk_size=256, vocab_valid=151_669):
+               prompt_len=1024, image_tokens=768, kl_chunk_size=256, vocab_valid=151_669, attention="chunked",
+               attention_chunk_size=512):
     """Lowers and compiles the paper-scale step from abstract shapes; prints XLA's per-device memory."""
-    student_cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b()
+    options = dict(attention_impl=attention, attention_chunk_size=attention_chunk_size)
+    student_cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(**options)
     teacher_cfg = {"4b": qwen3_vl.Qwen3VLConfig.qwen3_vl_4b, "8b": qwen3_vl.Qwen3VLConfig.qwen3_vl_8b,
-                   "32b": qwen3_vl.Qwen3VLConfig.qwen3_vl_32b}[teacher_name]()
+                   "32b": qwen3_vl.Qwen3VLConfig.qwen3_vl_32b}[teacher_name](**options)
     student_graphdef, student_params = _abstract_model(student_cfg, jnp.float32, jnp.bfloat16, "block", mesh)
     teacher_graphdef, teacher_params = _abstract_model(teacher_cfg, jnp.bfloat16, jnp.bfloat16, "none", mesh)
     optimizer = step_lib.make_optimizer(1e-6, total_steps=1000)
@@ -236,7 +274,8 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     mesh_desc = "x".join(f"{k}={v}" for k, v in mesh.shape.items())
     print(f"2B student <- {teacher_name.upper()} teacher, {num_prompts}x{num_rollouts} rollouts, prompt {prompt_len} "
-          f"+ response {response_len}, mesh {mesh_desc}: lower {t1 - t0:.0f} s, compile {t2 - t1:.0f} s")
+          f"+ response {response_len}, mesh {mesh_desc}, attention {attention}"
+          f"{f' (chunk {attention_chunk_size})' if attention == 'chunked' else ''}: lower {t1 - t0:.0f} s, compile {t2 - t1:.0f} s")
     print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs {mem.output_size_in_bytes / GB:.2f}"
           f" GB, aliased {mem.alias_size_in_bytes / GB:.2f} GB, temp {mem.temp_size_in_bytes / GB:.2f} GB -> peak "
           f"{peak / GB:.2f} GB: {'fits' if peak < 80 * GB else 'does NOT fit'} an 80 GB device", flush=True)
@@ -245,7 +284,7 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("torch", "aot", "all"), default="all")
+    parser.add_argument("--part", choices=("torch", "aot", "layer", "all"), default="all")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation (part 1)")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--rollouts", type=int, default=4)
@@ -254,10 +293,17 @@ def main(argv=None):
     parser.add_argument("--teachers", default="8b,32b", help="comma list of 4b/8b/32b (part 2)")
     parser.add_argument("--responses", default="4096,2048", help="comma list of response lengths (part 2)")
     parser.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor sizes of the simulated mesh (part 2)")
+    parser.add_argument("--attention", default="chunked", choices=("chunked", "xla", "cudnn"),
+                        help="attention_impl of student and teacher (part 2); 'cudnn' needs an NVIDIA GPU")
+    parser.add_argument("--attention-chunk", type=int, default=512, help="query chunk of 'chunked' (parts 2, 2a)")
     args = parser.parse_args(argv)
     print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} devices")
     if args.part in ("torch", "all"):
         bench_vs_torch(args.steps, args.prompts, args.rollouts, args.response, args.image)
+    if args.part in ("layer", "all"):
+        print("== 2a. where the memory goes: one decoder layer, forward + backward")
+        for attention in ("xla", "chunked"):
+            layer_report(attention, chunk_size=args.attention_chunk)
     if args.part in ("aot", "all"):
         sizes = [int(x) for x in args.mesh.split(",")]
         devices = np.asarray(jax.devices("cpu")[:int(np.prod(sizes))]).reshape(sizes)
@@ -265,7 +311,8 @@ def main(argv=None):
         print("== 2. AOT compile from abstract shapes (no weights), memory per device")
         for teacher in args.teachers.split(","):
             for response in [int(x) for x in args.responses.split(",")]:
-                aot_report(teacher.strip(), response, mesh)
+                aot_report(teacher.strip(), response, mesh, attention=args.attention,
+                           attention_chunk_size=args.attention_chunk)
     print("== 3. MFU: needs a GPU/TPU (not measured on CPU)")
 
 
