@@ -34,10 +34,17 @@ def get_config(arg=None):
   c.tokenizer_path = ""             # '' = the student's HF directory, else the offline Qwen tokenizer
 
   c.student = ml_collections.ConfigDict()
-  c.student.init = "hf"             # 'hf' (student.hf_path) or 'random' (student.tiny, the demo)
+  c.student.init = "hf"             # 'hf' (student.hf_path), 'random' or 'sft' (student.tiny, the demo)
   c.student.hf_path = ""
   c.student.tiny = config_lib.tiny_spec(hidden=64, layers=2, heads=2, kv_heads=1, mlp=128, vision_depth=1,
                                        vision_hidden=32)
+
+  c.student.sft = ml_collections.ConfigDict()  # init='sft': a warm-up standing in for pre-training
+  c.student.sft.steps = 1
+  c.student.sft.lr = 1e-3
+  c.student.sft.batch_size = 1
+  c.student.sft.fine_fraction = 0.0  # coarse questions only: the fine skill must come from the teacher
+  c.student.sft.output_dir = ""      # '' = <workdir>/student_sft
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.hf_path = ""            # frozen; loaded from here, never copied into checkpoints
@@ -46,6 +53,7 @@ def get_config(arg=None):
   c.teacher.sft.steps = 1
   c.teacher.sft.lr = 1e-3
   c.teacher.sft.batch_size = 1
+  c.teacher.sft.fine_fraction = 0.5  # the whole task
   c.teacher.sft.output_dir = ""     # '' = <workdir>/teacher_sft (reused when it holds a finished teacher)
   c.teacher.sft.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,
                                             vision_hidden=64)
@@ -74,8 +82,8 @@ def get_config(arg=None):
   c.data.num_epochs = 5.0
   c.data.min_pixels = 262144
   c.data.max_pixels = 4194304
-  c.data.prompt_buckets = [256, 512, 1024, 2048, 4096, 8192]  # the largest is the prompt limit
-  c.data.patch_buckets = [4096, 8192, 16384, 32768, 65536]  # patch rows per batch (per view)
+  c.data.prompt_buckets = (256, 512, 1024, 2048, 4096, 8192)  # the largest is the prompt limit
+  c.data.patch_buckets = (4096, 8192, 16384, 32768, 65536)  # patch rows per batch (per view)
   c.data.num_workers = 0
   c.data.synthetic_train_size = 2048
   c.data.image_size = 64            # synthetic images only

@@ -38,8 +38,8 @@ def get_config(arg=None):
   c.data.image_size = 64              # 64x64 images -> 4x4 patches -> 4 visual tokens
   c.data.min_pixels = 1024
   c.data.max_pixels = 4096
-  c.data.prompt_buckets = [32, 64]
-  c.data.patch_buckets = [128, 256, 512, 1024]
+  c.data.prompt_buckets = (32, 64)
+  c.data.patch_buckets = (128, 256, 512, 1024)
   c.data.prompts_per_step = 8
   c.data.synthetic_train_size = 4096
 

@@ -285,12 +285,17 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     if sum(1 for a in ("data", "fsdp", "tensor") if c.get(f"mesh.{a}") == -1) > 1:
         c.problems.append("config.mesh: at most one of data/fsdp/tensor may be -1")
 
-    student_init = c.choice("student.init", ("hf", "random"))
+    student_init = c.choice("student.init", ("hf", "random", "sft"))
     teacher_sft = c.boolean("teacher.sft.enabled")
-    if teacher_sft:
-        c.number("teacher.sft.steps", 1, None, integer=True)
-        c.number("teacher.sft.lr", 0, None, lo_open=True)
-        c.number("teacher.sft.batch_size", 1, None, integer=True)
+    for role, used in (("teacher", teacher_sft), ("student", student_init == "sft")):
+        if used:
+            c.number(f"{role}.sft.steps", 1, None, integer=True)
+            c.number(f"{role}.sft.lr", 0, None, lo_open=True)
+            c.number(f"{role}.sft.batch_size", 1, None, integer=True)
+            c.number(f"{role}.sft.fine_fraction", 0, 1, why="share of fine-detail questions in the warm-up data")
+            if c.get("data.source") != "synthetic":
+                c.fail("data.source", c.get("data.source"), f"must be 'synthetic' when {role}.sft is used "
+                       "(the demo warm-up is defined on the synthetic task)")
     if check_paths:
         _check_paths(c, student_init, teacher_sft)
     if c.problems:
@@ -315,7 +320,7 @@ def _check_paths(c: _Checker, student_init: str | None, teacher_sft: bool | None
                    "must be a local Hugging Face Qwen3-VL directory with config.json (or config.student.init='random')")
         else:
             student_vocab = hf_vocab_size(student_path)
-    elif student_init == "random":
+    elif student_init in ("random", "sft"):
         student_vocab = c.get("student.tiny.text.vocab_size")
     if teacher_sft:
         teacher_vocab = c.get("teacher.sft.tiny.text.vocab_size")

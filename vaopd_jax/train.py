@@ -69,25 +69,33 @@ def say(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- models
-def demo_teacher(config, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
-    """The demo teacher: trained by SFT on the synthetic task once, then reloaded from its HF directory."""
-    out_dir = config.teacher.sft.output_dir or os.path.join(config.workdir, "teacher_sft")
+def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
+    """A tiny demo model taught the synthetic task by SFT once, then reloaded from its HF directory.
+
+    role 'teacher': ``config.teacher.sft`` (the whole task); role 'student':
+    ``config.student.sft``, a warm-up standing in for pre-training (by default
+    coarse questions only, so the fine-detail skill must come from distillation).
+    """
+    node = config.teacher.sft if role == "teacher" else config.student.sft
+    spec = config.teacher.sft.tiny if role == "teacher" else config.student.tiny
+    out_dir = node.output_dir or os.path.join(config.workdir, f"{role}_sft")
     if os.path.exists(os.path.join(out_dir, SFT_DONE)):
-        say(f"teacher: reusing the SFT teacher in {out_dir}")
+        say(f"{role}: reusing the SFT {role} in {out_dir}")
         return qwen3_vl.load_hf_checkpoint(out_dir, dtype=jnp.float32, mesh=mesh)
-    cfg = config_lib.model_config_from_spec(config.teacher.sft.tiny)
-    model = qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed + 1))
-    say(f"teacher: SFT of a tiny teacher ({count_params(model):,} params) on the synthetic task, "
-        f"{config.teacher.sft.steps} steps -> {out_dir}")
-    data = pipeline_for(config, tokenizer, split="sft", batch_size=config.teacher.sft.batch_size)
+    cfg = config_lib.model_config_from_spec(spec)
+    model = qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed + (1 if role == "teacher" else 0)))
+    say(f"{role}: SFT of a tiny {role} ({count_params(model):,} params) on the synthetic task "
+        f"(fine-question share {node.fine_fraction}), {node.steps} steps -> {out_dir}")
+    data = pipeline_for(config, tokenizer, split=f"{role}_sft", batch_size=node.batch_size,
+                        fine_fraction=node.fine_fraction)
     batches = (sft.build_sft_batch(global_batch(b), tokenizer, cfg) for b in data)
-    model, _ = sft.train_sft(model, batches, steps=config.teacher.sft.steps, lr=config.teacher.sft.lr)
+    model, _ = sft.train_sft(model, batches, steps=node.steps, lr=node.lr)
     qwen3_vl.save_hf_checkpoint(model, out_dir)
     if primary():
         tokenizer.save_pretrained(out_dir)
         with open(os.path.join(out_dir, SFT_DONE), "w") as f:
             f.write("ok\n")
-    sync("teacher_sft_saved")
+    sync(f"{role}_sft_saved")
     return qwen3_vl.load_hf_checkpoint(out_dir, dtype=jnp.float32, mesh=mesh)
 
 
@@ -103,7 +111,7 @@ def sync(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- data
-SYNTHETIC_SEEDS = {"sft": 1, "train": 2, "val": 3}  # disjoint record sets; fixed so every run validates alike
+SYNTHETIC_SEEDS = {"teacher_sft": 1, "train": 2, "val": 3, "student_sft": 4}  # disjoint record sets; fixed so every run validates alike
 
 
 class _Subset:
@@ -122,13 +130,14 @@ class _Subset:
         return f"_Subset({self.source!r}, n={self.n})"
 
 
-def data_source(config, split: str):
-    """The raw-record source of a split: 'train' / 'sft' (teacher warm-up) / 'val'."""
+def data_source(config, split: str, fine_fraction: float = 0.5):
+    """The raw-record source of a split: 'train' / 'val' / 'teacher_sft' / 'student_sft' (demo warm-ups)."""
     d = config.data
     name = d.val_source if split == "val" else d.source
     if name == "synthetic":
         size = config.eval.num_problems if split == "val" else d.synthetic_train_size
-        return synthetic.SyntheticSource(size, seed=SYNTHETIC_SEEDS[split], image_size=d.image_size)
+        return synthetic.SyntheticSource(size, seed=SYNTHETIC_SEEDS[split], image_size=d.image_size,
+                                         fine_fraction=fine_fraction)
     if split == "val":
         source = (sources.geometry3k_validation_source(d.val_path) if name == "geometry3k"
                   else sources.ViRL39KSource(d.val_path))
@@ -137,7 +146,7 @@ def data_source(config, split: str):
         sources.ViRL39KSource(d.train_path)
 
 
-def pipeline_for(config, tokenizer, *, split: str, batch_size: int):
+def pipeline_for(config, tokenizer, *, split: str, batch_size: int, fine_fraction: float = 0.5):
     """A grain iterator of batches: training splits are shuffled, repeated and sharded by process
     (``batch_size`` global prompts, ``batch_size / processes`` each); validation is read whole by every
     process, once, in order."""
@@ -152,7 +161,7 @@ def pipeline_for(config, tokenizer, *, split: str, batch_size: int):
         patch_buckets=tuple(d.patch_buckets), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
         pixelation_ratio=config.va.pixelate_ratio, num_workers=d.num_workers if train else 0,
         shard_index=None if train else 0, shard_count=None if train else 1)
-    return pipeline.make_iterator(data_source(config, split), pcfg, tokenizer=tokenizer)
+    return pipeline.make_iterator(data_source(config, split, fine_fraction), pcfg, tokenizer=tokenizer)
 
 
 def without_filler(batch: dict) -> dict:
@@ -325,13 +334,15 @@ def main(argv) -> None:
 
     dtype = DTYPES[config.model.dtype]
     if config.teacher.sft.enabled:
-        teacher = demo_teacher(config, tokenizer, mesh)
+        teacher = demo_sft_model(config, "teacher", tokenizer, mesh)
     else:
         teacher = qwen3_vl.load_hf_checkpoint(config.teacher.hf_path, dtype=dtype, mesh=mesh)
     # Student params stay float32 (the AdamW master copy); matmuls run in config.model.dtype.
     if config.student.init == "hf":
         student = qwen3_vl.load_hf_checkpoint(config.student.hf_path, dtype=jnp.float32, mesh=mesh,
                                               compute_dtype=dtype)
+    elif config.student.init == "sft":
+        student = demo_sft_model(config, "student", tokenizer, mesh)
     else:
         student = qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(config.student.tiny), param_dtype=jnp.float32,
                                    compute_dtype=dtype, rngs=nnx.Rngs(config.seed))
