@@ -334,5 +334,25 @@ def make_train_step(config: StepConfig, teacher_graphdef, optimizer: optax.Gradi
     if mesh is None:
         return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(fn, donate_argnums=0, out_shardings=(state_sharding, replicated),
-                   compiler_options=compiler_options)
+    return _OnMesh(jax.jit(fn, donate_argnums=0, out_shardings=(state_sharding, replicated),
+                           compiler_options=compiler_options), mesh)
+
+
+class _OnMesh:
+    """A jitted function traced, lowered and run with `mesh` set (`jax.set_mesh`).
+
+    The model's activation sharding constraints (`sharding.constrain`) read the mesh from the context; traced
+    without it they are no-ops and GSPMD replicates e.g. the teacher's MLP activations on every device (the
+    paper-scale step then needs 124 GB instead of 61 GB per device, `python -m vaopd_jax.bench.step --part aot`).
+    """
+
+    def __init__(self, jitted, mesh: Mesh):
+        self._jitted, self._mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self._mesh):
+            return self._jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self._mesh):
+            return self._jitted.lower(*args)
