@@ -112,7 +112,8 @@ def test_missing_teacher_path(tmp_path):
     cfg = _with(load("base"), workdir=str(tmp_path), teacher__hf_path=str(tmp_path / "nope"),
                 student__hf_path=_hf_dir(tmp_path, "student", 151936),
                 data__train_path=str(tmp_path), data__val_path=str(tmp_path))
-    with pytest.raises(config_lib.ConfigError, match=r"config.teacher.hf_path = '.*nope': must be a local Hugging Face"):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"config.teacher.hf_path = '.*nope': must be a local Hugging Face"):
         config_lib.validate(cfg)
 
 

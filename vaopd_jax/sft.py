@@ -107,13 +107,15 @@ def sft_loss(model: qwen3_vl.Qwen3VL, batch: dict) -> tuple[jax.Array, jax.Array
 
 def train_sft(model: qwen3_vl.Qwen3VL, batches: Iterable[dict], *, steps: int, lr: float,
               weight_decay: float = 0.0, warmup_steps: int = 10, log_every: int = 25,
-              data_sharding=None) -> tuple[qwen3_vl.Qwen3VL, list[tuple[int, float, float]]]:
+              data_sharding=None, label: str = "SFT"
+              ) -> tuple[qwen3_vl.Qwen3VL, list[tuple[int, float, float]]]:
     """Trains ``model`` in place for ``steps`` AdamW steps on ``build_sft_batch`` batches.
 
     Args:
       batches: an iterator of ``build_sft_batch`` outputs (host numpy).
       lr: peak learning rate of a linear warm-up + cosine decay schedule.
       data_sharding: optional callable mapping a host batch to device arrays (multi-device runs).
+      label: prefix of the progress lines (e.g. "teacher SFT").
     Returns:
       the model and [(step, loss, reply-token accuracy)] every ``log_every`` steps.
     """
@@ -139,6 +141,6 @@ def train_sft(model: qwen3_vl.Qwen3VL, batches: Iterable[dict], *, steps: int, l
             loss, accuracy = float(loss), float(accuracy)
             history.append((i, loss, accuracy))
             if jax.process_index() == 0:
-                print(f"teacher SFT step {i}/{steps} | loss {loss:.4f} | reply-token accuracy {accuracy:.3f} | "
+                print(f"{label} step {i}/{steps} | loss {loss:.4f} | reply-token accuracy {accuracy:.3f} | "
                       f"{time.perf_counter() - start:.0f}s", flush=True)
     return model, history

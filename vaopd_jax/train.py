@@ -89,7 +89,7 @@ def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     data = pipeline_for(config, tokenizer, split=f"{role}_sft", batch_size=node.batch_size,
                         fine_fraction=node.fine_fraction)
     batches = (sft.build_sft_batch(global_batch(b), tokenizer, cfg) for b in data)
-    model, _ = sft.train_sft(model, batches, steps=node.steps, lr=node.lr)
+    model, _ = sft.train_sft(model, batches, steps=node.steps, lr=node.lr, label=f"{role} SFT")
     qwen3_vl.save_hf_checkpoint(model, out_dir)
     if primary():
         tokenizer.save_pretrained(out_dir)
@@ -111,7 +111,8 @@ def sync(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- data
-SYNTHETIC_SEEDS = {"teacher_sft": 1, "train": 2, "val": 3, "student_sft": 4}  # disjoint record sets; fixed so every run validates alike
+# Disjoint synthetic record sets, fixed (not config.seed) so that every run validates on the same problems.
+SYNTHETIC_SEEDS = {"teacher_sft": 1, "train": 2, "val": 3, "student_sft": 4}
 
 
 class _Subset:
