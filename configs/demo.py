@@ -3,14 +3,16 @@ r"""python -m vaopd_jax.train --config configs/demo.py
 The offline demo: no downloads, CPU, minutes. A tiny Qwen3-VL-shaped teacher
 (2 layers, width 128, the real Qwen vocabulary and tokenizer) is first taught
 the synthetic vision-critical task by supervised fine-tuning (cached in
-<workdir>/teacher_sft and reused by later runs), then distilled into a smaller,
-randomly initialised student with VA-OPD. The task (vaopd_jax/data/synthetic.py):
-FINE questions ask for a small digit that 10% pixelation destroys; COARSE
-questions ask for the background colour or the side of a big disk, which
-survive it. The run ends with a table of student accuracy on fine and coarse
-validation questions and the student's mean visual advantage, before and after
-distillation, and prints where the tensorboard logs and the exported student
-(Hugging Face format) are.
+<workdir>/teacher_sft and reused by later runs), then distilled into a smaller
+student with VA-OPD. The student first gets a short warm-up on coarse questions
+only (standing in for pre-training; cached in <workdir>/student_sft).
+
+The task (vaopd_jax/data/synthetic.py): FINE questions ask for a small digit
+that 10% pixelation destroys; COARSE questions ask for the background colour or
+the side of a big disk, which survive it. The run ends with a table of student
+accuracy on fine and coarse validation questions and the student's mean visual
+advantage, before and after distillation, and prints where the tensorboard
+logs and the exported student (Hugging Face format) are.
 
 Variants: `configs/demo.py:method=opd` for the standard-OPD baseline (compare
 the two tables). Smaller/faster: `--config.train.num_steps=20`.
@@ -23,9 +25,15 @@ def get_config(arg=None):
   base = config_lib.load_sibling(__file__, "base")
   c = base.get_config(arg)
   c.workdir = "/tmp/vaopd_demo"
-  c.student.init = "random"
+  # The student stands in for a pre-trained model: a short SFT warm-up on COARSE questions only
+  # (answer format, colours, sides); the fine-detail (digit) skill can only come from the teacher.
+  c.student.init = "sft"
   c.student.tiny = config_lib.tiny_spec(hidden=64, layers=2, heads=2, kv_heads=1, mlp=128, vision_depth=1,
                                         vision_hidden=32)
+  c.student.sft.steps = 100
+  c.student.sft.lr = 3e-3
+  c.student.sft.batch_size = 32
+  c.student.sft.fine_fraction = 0.0
   c.teacher.sft.enabled = True
   c.teacher.sft.steps = 200
   c.teacher.sft.lr = 3e-3
@@ -52,7 +60,7 @@ def get_config(arg=None):
   c.model.remat = "none"
   c.model.kl_chunk_size = 8
 
-  c.optim.lr = 2e-3                   # a randomly initialised tiny student, not a 2B model
+  c.optim.lr = 1e-3                   # a tiny student, not a 2B model
   c.optim.weight_decay = 0.0
 
   c.train.num_steps = 60
