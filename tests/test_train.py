@@ -47,7 +47,7 @@ def train_args(shared, workdir, *extra):
     t = TINY
     return [
         sys.executable, "-m", "vaopd_jax.train", "--config", os.path.join(REPO, "configs", "demo.py"),
-        f"--config.workdir={workdir}", "--config.teacher.sft.enabled=False",
+        f"--config.workdir={workdir}", "--config.teacher.sft.enabled=False", "--config.student.init=random",
         f"--config.teacher.hf_path={shared['teacher']}",
         f"--config.student.tiny.text.hidden_size={t['hidden']}",
         f"--config.student.tiny.text.num_hidden_layers={t['layers']}",

@@ -181,7 +181,8 @@ def global_batch(local: dict) -> dict:
     Token arrays are all-gathered (padded to the widest prompt bucket); pixel rows
     and image grids are concatenated over their real rows only (each process pads
     its own), then the pixel rows are padded to a power of two so shapes stay
-    bucketed. String metadata is not needed for training and is dropped.
+    bucketed. String metadata (answer, kind, id) is gathered too (the demo SFT
+    needs every row's answer).
     """
     if jax.process_count() == 1:
         return local
@@ -207,7 +208,23 @@ def global_batch(local: dict) -> dict:
     for key in ("pixel_values", "pixel_values_pixelated"):
         out[key] = np.pad(out[key], [(0, bucket - n_patch), (0, 0)])
     out["num_images"], out["num_patches"] = np.int32(len(out["image_grid_thw"])), np.int32(n_patch)
+    for key in ("answer", "kind", "id"):
+        if key in local:
+            out[key] = _gather_strings(local[key])
     return out
+
+
+def _gather_strings(values) -> np.ndarray:
+    """All processes' string arrays concatenated in process order (UTF-8 bytes through an all-gather)."""
+    from jax.experimental import multihost_utils
+
+    encoded = [str(v).encode("utf-8") for v in values]
+    width = int(np.max(multihost_utils.process_allgather(np.int64(max([len(e) for e in encoded] + [1])))))
+    local = np.zeros((len(encoded), width), np.uint8)
+    for i, e in enumerate(encoded):
+        local[i, :len(e)] = np.frombuffer(e, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, width)
+    return np.array([bytes(r).rstrip(b"\0").decode("utf-8") for r in rows], dtype=np.str_)
 
 
 def real_images(batch: dict):
