@@ -106,7 +106,7 @@ def test_run_writes_tensorboard_checkpoints_and_hf_export(reference):
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
     assert all(np.isfinite(v) for _, v in scalars["train/loss"])
     for tag in ("train/kl", "train/va_mean", "train/grad_norm", "time/rollout_s", "time/update_s",
-                "perf/tokens_per_s", "val/accuracy", "val/student_va_mean"):
+                "perf/tokens_per_s", "val/accuracy", "val/student_va_mean", "data/skipped"):
         assert tag in scalars, tag
     assert [s for s, _ in scalars["val/accuracy"]] == [0, 2, 4]
     assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4]

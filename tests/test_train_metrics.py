@@ -20,7 +20,8 @@ def test_logger_writes_tensorboard_jsonl_and_console(tmp_path, capsys):
     logger = metrics_lib.MetricsLogger(str(tmp_path), total_steps=4, console_every=2)
     for step in (1, 2, 3):
         scalars = logger.log_train(step, {"loss": 0.5 * step, "mean_va": 0.1}, rollout_s=3.0, update_s=1.0,
-                                   tokens=400, flops=4e12, num_devices=2, peak_tflops_per_device=1.0)
+                                   tokens=400, flops=4e12, num_devices=2, peak_tflops_per_device=1.0,
+                                   extra={"data/skipped": step - 1})
     logger.log_val(2, {"accuracy": 0.25})
     logger.close()
     assert scalars["perf/tokens_per_s"] == 100.0
@@ -32,6 +33,7 @@ def test_logger_writes_tensorboard_jsonl_and_console(tmp_path, capsys):
     tb = metrics_lib.read_tensorboard_scalars(str(tmp_path / "tb"))
     assert tb["train/loss"] == [(1, 0.5), (2, 1.0), (3, 1.5)]
     assert {"time/rollout_s", "time/update_s", "perf/tokens_per_s", "perf/mfu", "val/accuracy"} <= set(tb)
+    assert tb["data/skipped"] == [(1, 0.0), (2, 1.0), (3, 2.0)]
     records = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert [(r["step"], r["kind"]) for r in records] == [(1, "train"), (2, "train"), (3, "train"), (2, "val")]
 

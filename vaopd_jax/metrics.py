@@ -107,7 +107,7 @@ class MetricsLogger:
 
     def log_train(self, step: int, metrics: Mapping[str, float], *, rollout_s: float, update_s: float,
                   tokens: int, flops: float | None = None, num_devices: int = 1,
-                  peak_tflops_per_device: float | None = None) -> dict:
+                  peak_tflops_per_device: float | None = None, extra: Mapping[str, float] | None = None) -> dict:
         """Logs one training step; returns the scalars written (for tests and the caller).
 
         Args:
@@ -115,6 +115,7 @@ class MetricsLogger:
           rollout_s / update_s: wall time of sampling and of the fused update.
           tokens: tokens processed this step (prompt + response, all rollouts).
           flops: model FLOPs of the step (``rollout_flops + update_flops``) for MFU.
+          extra: more scalars written under their own names (e.g. ``data/skipped``).
         """
         step_s = rollout_s + update_s
         self._step_times.append(step_s)
@@ -124,6 +125,7 @@ class MetricsLogger:
             "time/rollout_share": rollout_s / step_s if step_s > 0 else 0.0,
             "perf/tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
         })
+        scalars.update({k: float(v) for k, v in (extra or {}).items()})
         if flops is not None:
             scalars["perf/tflops_per_s_per_device"] = flops / max(step_s, 1e-9) / num_devices / 1e12
             util = mfu(flops, step_s, num_devices, peak_tflops_per_device)

@@ -451,8 +451,10 @@ def main(argv) -> None:
         seq_tokens = int(tb.attention_mask.sum())
         flops = (metrics_lib.rollout_flops(n_student, int(prompt_batch["attention_mask"].sum()), int(mask.sum())) +
                  metrics_lib.update_flops(n_student, n_teacher, seq_tokens, teacher_views))
+        # Bad records skipped by this process's pipeline (counted, logged once per id by the pipeline).
         logger.log_train(step, metrics, rollout_s=rollout_s, update_s=update_s, tokens=seq_tokens, flops=flops,
-                         num_devices=jax.device_count(), peak_tflops_per_device=peak)
+                         num_devices=jax.device_count(), peak_tflops_per_device=peak,
+                         extra=train_iter.counters.as_dict())
         nonfinite_streak = nonfinite_streak + 1 if metrics["skipped"] else 0
         if nonfinite_streak >= config.train.max_nonfinite_steps:
             ckpt.save(step, saved(state), data_iterator=train_iter, meta={"nonfinite_streak": nonfinite_streak},
