@@ -310,7 +310,7 @@ def test_side_by_side_with_the_project_pixelate():
     out = np.asarray(diagnostics.side_by_side(image, pixelated, labels=None, gap=4))
     np.testing.assert_array_equal(out[:, :64], np.asarray(image))
     np.testing.assert_array_equal(out[:, 68:], np.asarray(pixelated))
-    assert not np.array_equal(out[:, :64], out[:, 68:])  # the digit's detail is gone on the right
+    assert not np.array_equal(out[:, :64], out[:, 68:])  # the texture is gone on the right
 
 
 def test_token_texts_keeps_split_characters_whole():

@@ -720,7 +720,7 @@ def _write_readme_examples(out_dir: str) -> list[str]:
     pixelated = processor.pixelate(image, ratio=0.1)
     enlarge = lambda picture: picture.resize((4 * picture.width, 4 * picture.height), Image.NEAREST)  # noqa: E731
     pair = side_by_side(enlarge(image), enlarge(pixelated),
-                        labels=(f"original (digit {scene.digit})", "pixelated, ratio 0.1"))
+                        labels=(f"original ({scene.pattern} texture)", "pixelated, ratio 0.1"))
     pair_path = os.path.join(out_dir, "pixelated_example.png")
     pair.save(pair_path, format="PNG")
     written.append(pair_path)

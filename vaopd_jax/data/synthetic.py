@@ -1,14 +1,19 @@
 """Offline, deterministic vision-critical task for the demo and tests.
 
-Every image (S x S pixels, default 64) holds three things:
-  * a background colour (red / green / blue / yellow)            -> COARSE question
-  * a big white disk in the left or the right half               -> COARSE question
-  * a small digit (3x5 bitmap font scaled to ~S/6 pixels tall) in the other half, at a random
-    position with a random ink strength                          -> FINE question
-Pixelation at ratio 0.1 (S=64 -> 6x6 cells of ~11 px) keeps the colour and the disk side but
-melts the digit into a blob a few grey levels deep whose shape no longer tells the digit
-(tests/test_data_synthetic.py measures it). Answers are single Qwen tokens (a digit, a colour
-word, left/right), so a tiny Qwen3-VL-shaped model learns the task on a CPU in minutes.
+Every image (S x S pixels, default 64) shows a big disk on a textured background:
+  * the background colour (red / green / blue / yellow)            -> COARSE question
+  * the colour of the disk (white / black)                         -> COARSE question
+  * the background's 1-pixel texture: horizontal stripes, vertical stripes or a grid
+    (checkerboard) of darker ink, at a random ink strength           -> FINE question
+Every texture inks exactly half of the background's pixels, so pixelation at ratio 0.1 (S=64 ->
+6x6 cells of ~11 px) averages all three into the same flat tint while both colours survive it: the
+texture is in the highest spatial frequency an image has, the detail a pixelated view loses first.
+tests/test_data_synthetic.py measures it: changing the texture moves the pixelated image by about
+half a grey level (the colours move it by tens), and a reader fitted on original images reads the
+texture from pixelated ones at chance. (What is left is a faint trace of the stripes' phase along
+the image border, which a probe fitted on pixelated images themselves can pick up.) All three cues
+cover most of the image, so a tiny Qwen3-VL-shaped model learns to read them on a CPU in minutes.
+Answers are single Qwen tokens.
 
 Records are generated on the fly from (seed, index): `SyntheticSource` is a picklable random-access
 source for grain, as cheap to shard and shuffle as a file source.
@@ -27,32 +32,29 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "blue": (60, 90, 200),
     "yellow": (220, 200, 60),
 }
-SIDES = ("left", "right")
-DIGITS = tuple("0123456789")
-DISK_COLOR = (245, 245, 245)
+DISKS: dict[str, tuple[int, int, int]] = {"white": (245, 245, 245), "black": (15, 15, 15)}
+PATTERNS = ("horizontal", "vertical", "grid")
 
-# 3x5 bitmap font, rows top to bottom ('#' = ink).
-_FONT = {
-    "0": ("###", "#.#", "#.#", "#.#", "###"),
-    "1": (".#.", "##.", ".#.", ".#.", "###"),
-    "2": ("###", "..#", "###", "#..", "###"),
-    "3": ("###", "..#", "###", "..#", "###"),
-    "4": ("#.#", "#.#", "###", "..#", "..#"),
-    "5": ("###", "#..", "###", "..#", "###"),
-    "6": ("###", "#..", "###", "#.#", "###"),
-    "7": ("###", "..#", ".#.", ".#.", ".#."),
-    "8": ("###", "#.#", "###", "#.#", "###"),
-    "9": ("###", "#.#", "###", "..#", "###"),
-}
-GLYPHS = {d: np.array([[c == "#" for c in row] for row in rows], dtype=bool) for d, rows in _FONT.items()}
+
+def pattern_mask(pattern: str, height: int, width: int) -> np.ndarray:
+    """(height, width) bool ink mask of a texture (ink on the even rows / columns / cells)."""
+    rows, cols = np.indices((height, width))
+    if pattern == "horizontal":
+        return rows % 2 == 0
+    if pattern == "vertical":
+        return cols % 2 == 0
+    if pattern == "grid":
+        return (rows + cols) % 2 == 0
+    raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
+
 
 QUESTIONS = {
-    "digit": "<image>Which digit is drawn in the picture?",
+    "pattern": "<image>Which texture has the background: horizontal, vertical or grid?",
     "background": "<image>What colour is the background?",
-    "side": "<image>Is the big white disk on the left or on the right?",
+    "disk": "<image>Is the big disk white or black?",
 }
-KIND_OF_TASK = {"digit": "fine", "background": "coarse", "side": "coarse"}
-ANSWER_VOCAB = {"digit": DIGITS, "background": tuple(BACKGROUNDS), "side": SIDES}
+KIND_OF_TASK = {"pattern": "fine", "background": "coarse", "disk": "coarse"}
+ANSWER_VOCAB = {"pattern": PATTERNS, "background": tuple(BACKGROUNDS), "disk": tuple(DISKS)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,72 +63,50 @@ class Scene:
 
     size: int
     background: str
-    side: str  # where the disk is; the digit is in the other half
+    pattern: str
+    ink_alpha: float  # 0..1, how much the texture's ink darkens the background
+    disk: str  # disk colour
     disk_center: tuple[int, int]  # (x, y)
     disk_radius: int
-    digit: str
-    digit_origin: tuple[int, int]  # (x, y) top-left of the glyph
-    digit_scale: int
-    ink_alpha: float  # 0..1, how dark the digit is over the background
 
 
 def sample_scene(rng: np.random.Generator, size: int = 64) -> Scene:
-    """Random scene; all positions keep the disk and the digit inside their own halves."""
+    """Random scene; the disk lies wholly inside the image."""
     if size < 32:
         raise ValueError(f"synthetic image size must be >= 32 pixels, got {size}")
-    half = size // 2
     radius = max(4, int(round(0.2 * size)))
-    side = SIDES[rng.integers(2)]
-    cx = int(rng.integers(radius + 1, max(radius + 2, half - radius)))
-    cy = int(rng.integers(radius + 1, size - radius - 1))
-    if side == "right":
-        cx = size - 1 - cx
-    scale = max(1, size // 32)
-    glyph_w, glyph_h = 3 * scale, 5 * scale
-    margin = max(2, size // 16)
-    gx = int(rng.integers(margin, half - glyph_w - margin + 1))
-    gy = int(rng.integers(margin, size - glyph_h - margin + 1))
-    if side == "left":  # digit goes to the right half
-        gx += half
+    cx, cy = (int(rng.integers(radius + 1, size - radius - 1)) for _ in range(2))
     return Scene(
         size=size,
         background=list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
-        side=side,
+        pattern=PATTERNS[rng.integers(len(PATTERNS))],
+        ink_alpha=float(rng.uniform(0.4, 0.8)),
+        disk=list(DISKS)[rng.integers(len(DISKS))],
         disk_center=(cx, cy),
         disk_radius=radius,
-        digit=DIGITS[rng.integers(len(DIGITS))],
-        digit_origin=(gx, gy),
-        digit_scale=scale,
-        ink_alpha=float(rng.uniform(0.55, 1.0)),
     )
 
 
 def render_scene(scene: Scene) -> Image.Image:
     """Draws the scene as an RGB PIL image (size x size)."""
     size = scene.size
-    bg = np.array(BACKGROUNDS[scene.background], np.float32)
-    image = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
-    draw = ImageDraw.Draw(image)
+    array = np.broadcast_to(np.array(BACKGROUNDS[scene.background], np.float32), (size, size, 3)).copy()
+    array[pattern_mask(scene.pattern, size, size)] *= 1.0 - scene.ink_alpha  # ink darkens
+    image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))
     cx, cy = scene.disk_center
     r = scene.disk_radius
-    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=DISK_COLOR)
-    array = np.asarray(image).astype(np.float32)
-    glyph = np.kron(GLYPHS[scene.digit], np.ones((scene.digit_scale, scene.digit_scale), bool))
-    gx, gy = scene.digit_origin
-    region = array[gy : gy + glyph.shape[0], gx : gx + glyph.shape[1]]
-    # Ink = background darkened toward black by ink_alpha (random strength blurs the ink total).
-    region[glyph] = region[glyph] * (1.0 - scene.ink_alpha)
-    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))
+    ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill=DISKS[scene.disk])
+    return image
 
 
 def answer_for(scene: Scene, task: str) -> str:
-    """Gradable short answer of `task` ('digit' | 'background' | 'side') for the scene."""
-    if task == "digit":
-        return scene.digit
+    """Gradable short answer of `task` ('pattern' | 'background' | 'disk') for the scene."""
+    if task == "pattern":
+        return scene.pattern
     if task == "background":
         return scene.background
-    if task == "side":
-        return scene.side
+    if task == "disk":
+        return scene.disk
     raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(QUESTIONS)}")
 
 
@@ -135,9 +115,9 @@ def make_record(seed: int, index: int, size: int = 64, fine_fraction: float = 0.
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng, size)
     if rng.random() < fine_fraction:
-        task = "digit"
+        task = "pattern"
     else:
-        task = ("background", "side")[int(rng.integers(2))]
+        task = ("background", "disk")[int(rng.integers(2))]
     return {
         "id": f"synthetic-{seed}-{index}",
         "images": [render_scene(scene)],
@@ -156,7 +136,7 @@ class SyntheticSource:
       num_records: length of the source.
       seed: task seed; the same (seed, index) always gives the same record.
       image_size: side S of the square images (>= 32).
-      fine_fraction: share of records asking the fine (digit) question, in [0, 1].
+      fine_fraction: share of records asking the fine (texture) question, in [0, 1].
     """
 
     def __init__(self, num_records: int = 1024, seed: int = 0, image_size: int = 64, fine_fraction: float = 0.5):
