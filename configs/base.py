@@ -43,7 +43,9 @@ def get_config(arg=None):
   c.student.sft.steps = 1
   c.student.sft.lr = 1e-3
   c.student.sft.batch_size = 1
-  c.student.sft.fine_fraction = 0.0  # coarse questions only: the fine skill must come from the teacher
+  c.student.sft.fine_fraction = 0.5
+  c.student.sft.pixelated = True     # learn from the pixelated views: the questions, the answer words and the
+                                     # coarse cues, but not the fine detail, which must come from the teacher
   c.student.sft.output_dir = ""      # '' = <workdir>/student_sft
 
   c.teacher = ml_collections.ConfigDict()
@@ -54,6 +56,7 @@ def get_config(arg=None):
   c.teacher.sft.lr = 1e-3
   c.teacher.sft.batch_size = 1
   c.teacher.sft.fine_fraction = 0.5  # the whole task
+  c.teacher.sft.pixelated = False    # the teacher learns from the original images
   c.teacher.sft.output_dir = ""     # '' = <workdir>/teacher_sft (reused when it holds a finished teacher)
   c.teacher.sft.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,
                                             vision_hidden=64)
@@ -92,6 +95,8 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"        # params and matmuls; norms, softmax and the loss stay fp32
   c.model.remat = "block"
   c.model.kl_chunk_size = 512       # tokens per chunk of the full-vocab KL
+  c.model.attention_impl = "chunked"  # exact, no T x T scores (fits 4k responses); 'xla' | 'cudnn' (GPU)
+  c.model.attention_chunk_size = 512  # queries per block of 'chunked' attention
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6

@@ -118,3 +118,16 @@ def test_best_is_strictly_better_and_earliest_wins_ties(tmp_path):
     assert_state_equal(fresh.restore_best(ckpt_lib.abstract_like(params(0.0))), params(4.0))
     # A resumed run replaying step 40 with the same accuracy keeps the stored best.
     assert not fresh.maybe_save_best(40, params(5.0), 0.55)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error_and_is_kept(tmp_path):
+    manager = ckpt_lib.CheckpointManager(str(tmp_path), keep=2, save_every=1, async_save=False)
+    manager.save(1, make_state(1.0, step=1))
+    manager.wait()
+    wider = make_state()
+    wider["params"]["b"] = jnp.zeros((5,))  # another model: same tree, other shape
+    fresh = ckpt_lib.CheckpointManager(str(tmp_path), keep=2, save_every=1, async_save=False)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="different model or optimizer.*new directory"):
+        fresh.restore_latest(ckpt_lib.abstract_like(wider))
+    assert os.path.isdir(os.path.join(str(tmp_path), ckpt_lib.STATE_DIR, "1"))  # not moved aside as corrupt
+    assert not os.path.exists(os.path.join(str(tmp_path), ckpt_lib.CORRUPT_DIR))

@@ -78,6 +78,7 @@ def _with(cfg, **fields):
     ("data__min_pixels", 10**8, r"config.data.min_pixels = 100000000: must be <= config.data.max_pixels"),
     ("data__prompt_buckets", (512, 256), r"config.data.prompt_buckets = \(512, 256\): must be a non-empty increasing"),
     ("model__dtype", "float16", r"config.model.dtype = 'float16': must be one of \('float32', 'bfloat16'\)"),
+    ("model__attention_impl", "flash", r"config.model.attention_impl = 'flash': must be one of \('xla', 'chunked'"),
     ("train__num_steps", 0, r"config.train.num_steps = 0: must be >= 1, or -1"),
     ("workdir", "", r"config.workdir = '': must be a non-empty path"),
     ("mesh__tensor", 0, r"config.mesh.tensor = 0: must be >= 1 or -1"),
@@ -156,3 +157,9 @@ def test_every_field_is_overridable_from_the_command_line():
     for name in TRAIN_CONFIGS:
         for field, value in leaves(load(name)):
             assert type(value) in (int, float, bool, str, tuple), f"configs/{name}.py: {field} is {type(value)}"
+
+
+def test_attention_choices_follow_the_model():
+    from vaopd_jax.models.qwen3_vl import config as model_config
+
+    assert config_lib.ATTENTION_IMPLS == model_config.ATTENTION_IMPLS

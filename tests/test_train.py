@@ -56,6 +56,7 @@ def train_args(shared, workdir, *extra):
         "--config.data.prompts_per_step=2", "--config.rollout.num_rollouts=2", "--config.rollout.max_new_tokens=4",
         "--config.eval.every=2", "--config.eval.num_problems=4", "--config.eval.batch_size=4",
         "--config.eval.max_new_tokens=4", "--config.data.synthetic_train_size=64",
+        "--config.model.attention_impl=chunked", "--config.model.attention_chunk_size=16",
         *extra,
     ]
 
@@ -96,6 +97,24 @@ def reference(shared):
     proc = run(train_args(shared, workdir), env_for(shared))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"workdir": workdir, "stdout": proc.stdout}
+
+
+def test_checkpoints_load_with_the_runs_attention_options(shared):
+    import importlib
+
+    import jax.numpy as jnp
+
+    train = importlib.import_module("vaopd_jax.train")
+    config = module_config("demo")
+    config.model.attention_impl, config.model.attention_chunk_size = "chunked", 16
+    model = train.load_model(config, shared["teacher"], None, dtype=jnp.float32)
+    assert (model.config.attention_impl, model.config.attention_chunk_size) == ("chunked", 16)
+
+
+def module_config(name):
+    from vaopd_jax import config as config_lib
+
+    return config_lib.load_sibling(os.path.join(REPO, "configs", "base.py"), name).get_config(None)
 
 
 def test_run_writes_tensorboard_checkpoints_and_hf_export(reference):

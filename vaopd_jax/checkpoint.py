@@ -54,6 +54,10 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+class CheckpointMismatchError(RuntimeError):
+    """The workdir's checkpoints hold arrays of other shapes than this run's state (another model)."""
+
+
 class CheckpointManager:
     """Saves and restores the train state, data iterator state and the best student.
 
@@ -124,6 +128,12 @@ class CheckpointManager:
                 # Surface truncated array data now rather than at first use.
                 jax.block_until_ready(state)
             except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
+                if "not compatible with the stored shape" in str(err):
+                    # A well-formed checkpoint of another model: not corrupt, so never moved aside.
+                    raise CheckpointMismatchError(
+                        f"{os.path.join(self.workdir, STATE_DIR, str(step))} was written by a run with a different "
+                        f"model or optimizer ({str(err).splitlines()[0][:200]}). Point --config.workdir at a new "
+                        "directory, or rerun with the config that wrote it.") from err
                 log.warning("checkpoint step %d in %s is incomplete or corrupt (%s: %s); skipping it and "
                             "trying the previous step", step, os.path.join(self.workdir, STATE_DIR),
                             type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")

@@ -30,6 +30,7 @@ REWEIGHTING_METHODS = ("va_opd", "reweight_only")
 DATA_SOURCES = ("synthetic", "geometry3k", "virl39k")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "block", "full")
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn")  # == models.qwen3_vl.config.ATTENTION_IMPLS (tested)
 
 
 class ConfigError(ValueError):
@@ -251,6 +252,8 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     c.choice("model.dtype", DTYPES)
     c.choice("model.remat", REMAT_POLICIES)
     c.number("model.kl_chunk_size", 1, None, integer=True)
+    c.choice("model.attention_impl", ATTENTION_IMPLS)
+    c.number("model.attention_chunk_size", 1, None, integer=True)
 
     c.number("optim.lr", 0, None, lo_open=True)
     c.number("optim.b1", 0, 1, hi_open=True)
@@ -293,6 +296,7 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
             c.number(f"{role}.sft.lr", 0, None, lo_open=True)
             c.number(f"{role}.sft.batch_size", 1, None, integer=True)
             c.number(f"{role}.sft.fine_fraction", 0, 1, why="share of fine-detail questions in the warm-up data")
+            c.boolean(f"{role}.sft.pixelated")
             if c.get("data.source") != "synthetic":
                 c.fail("data.source", c.get("data.source"), f"must be 'synthetic' when {role}.sft is used "
                        "(the demo warm-up is defined on the synthetic task)")

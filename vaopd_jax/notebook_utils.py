@@ -295,7 +295,7 @@ def _teacher_logprobs(teacher_params, batch: step_lib.TrainBatch, teacher_graphd
     teacher = nnx.merge(teacher_graphdef, teacher_params)
     kernel = teacher.lm_head_kernel().astype(teacher.compute_dtype)
     return tuple(
-        kl_lib.token_logprobs(step_lib._response_hidden(teacher, batch, pixels), kernel, batch.response_tokens,
+        kl_lib.token_logprobs(step_lib.response_hidden(teacher, batch, pixels), kernel, batch.response_tokens,
                               chunk_size=chunk_size)
         for pixels in (batch.pixel_values, batch.pixel_values_pixelated))
 

@@ -73,22 +73,24 @@ def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     """A tiny demo model taught the synthetic task by SFT once, then reloaded from its HF directory.
 
     role 'teacher': ``config.teacher.sft`` (the whole task); role 'student':
-    ``config.student.sft``, a warm-up standing in for pre-training (by default
-    coarse questions only, so the fine-detail skill must come from distillation).
+    ``config.student.sft``, a warm-up standing in for pre-training (by default on
+    the pixelated views: the student learns the questions, the answer words and the
+    coarse cues, so the fine-detail skill must come from distillation).
     """
     node = config.teacher.sft if role == "teacher" else config.student.sft
     spec = config.teacher.sft.tiny if role == "teacher" else config.student.tiny
     out_dir = node.output_dir or os.path.join(config.workdir, f"{role}_sft")
     if os.path.exists(os.path.join(out_dir, SFT_DONE)):
         say(f"{role}: reusing the SFT {role} in {out_dir}")
-        return qwen3_vl.load_hf_checkpoint(out_dir, dtype=jnp.float32, mesh=mesh)
+        return load_model(config, out_dir, mesh, dtype=jnp.float32)
     cfg = config_lib.model_config_from_spec(spec)
     model = qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed + (1 if role == "teacher" else 0)))
     say(f"{role}: SFT of a tiny {role} ({count_params(model):,} params) on the synthetic task "
-        f"(fine-question share {node.fine_fraction}), {node.steps} steps -> {out_dir}")
+        f"(fine-question share {node.fine_fraction}, {'pixelated' if node.pixelated else 'original'} images), "
+        f"{node.steps} steps -> {out_dir}")
     data = pipeline_for(config, tokenizer, split=f"{role}_sft", batch_size=node.batch_size,
                         fine_fraction=node.fine_fraction)
-    batches = (sft.build_sft_batch(global_batch(b), tokenizer, cfg) for b in data)
+    batches = (sft.build_sft_batch(pixel_view(global_batch(b), node.pixelated), tokenizer, cfg) for b in data)
     model, _ = sft.train_sft(model, batches, steps=node.steps, lr=node.lr, label=f"{role} SFT")
     qwen3_vl.save_hf_checkpoint(model, out_dir)
     if primary():
@@ -96,7 +98,23 @@ def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
         with open(os.path.join(out_dir, SFT_DONE), "w") as f:
             f.write("ok\n")
     sync(f"{role}_sft_saved")
-    return qwen3_vl.load_hf_checkpoint(out_dir, dtype=jnp.float32, mesh=mesh)
+    return load_model(config, out_dir, mesh, dtype=jnp.float32)
+
+
+def pixel_view(batch: dict, pixelated: bool) -> dict:
+    """The batch with its pixelated view in ``pixel_values`` when ``pixelated`` (a low-resolution warm-up)."""
+    return {**batch, "pixel_values": batch["pixel_values_pixelated"]} if pixelated else batch
+
+
+def runtime_options(config) -> dict:
+    """Model-config fields that the run chooses, not the checkpoint (attention kernel and its chunking)."""
+    return {"attention_impl": config.model.attention_impl, "attention_chunk_size": config.model.attention_chunk_size}
+
+
+def load_model(config, path: str, mesh, *, dtype, compute_dtype=None) -> qwen3_vl.Qwen3VL:
+    """A Hugging Face checkpoint with this run's runtime options (``config.model.attention_impl`` ...)."""
+    cfg = qwen3_vl.Qwen3VLConfig.from_hf(path).replace(**runtime_options(config))
+    return qwen3_vl.load_hf_checkpoint(path, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype, config=cfg)
 
 
 def count_params(model) -> int:
@@ -272,7 +290,7 @@ def _va_sums(params, batch: step_lib.TrainBatch, graphdef):
     """Sum of the student's own VA, max(0, log p_S(y|v) - log p_S(y|v~)), over valid tokens, and their count."""
     model = nnx.merge(graphdef, params)
     kernel = model.lm_head_kernel()
-    logp = [kl_lib.token_logprobs(step_lib._response_hidden(model, batch, pixels), kernel, batch.response_tokens)
+    logp = [kl_lib.token_logprobs(step_lib.response_hidden(model, batch, pixels), kernel, batch.response_tokens)
             for pixels in (batch.pixel_values, batch.pixel_values_pixelated)]
     va = objective.visual_advantage(logp[0], logp[1], batch.response_mask)
     return (va * batch.response_mask).sum(), batch.response_mask.sum()
@@ -354,16 +372,15 @@ def main(argv) -> None:
     if config.teacher.sft.enabled:
         teacher = demo_sft_model(config, "teacher", tokenizer, mesh)
     else:
-        teacher = qwen3_vl.load_hf_checkpoint(config.teacher.hf_path, dtype=dtype, mesh=mesh)
+        teacher = load_model(config, config.teacher.hf_path, mesh, dtype=dtype)
     # Student params stay float32 (the AdamW master copy); matmuls run in config.model.dtype.
     if config.student.init == "hf":
-        student = qwen3_vl.load_hf_checkpoint(config.student.hf_path, dtype=jnp.float32, mesh=mesh,
-                                              compute_dtype=dtype)
+        student = load_model(config, config.student.hf_path, mesh, dtype=jnp.float32, compute_dtype=dtype)
     elif config.student.init == "sft":
         student = demo_sft_model(config, "student", tokenizer, mesh)
     else:
-        student = qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(config.student.tiny), param_dtype=jnp.float32,
-                                   compute_dtype=dtype, rngs=nnx.Rngs(config.seed))
+        student = qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(config.student.tiny).replace(
+            **runtime_options(config)), param_dtype=jnp.float32, compute_dtype=dtype, rngs=nnx.Rngs(config.seed))
     if student.config.text.vocab_size != teacher.config.text.vocab_size:
         raise config_lib.ConfigError(
             f"student vocabulary size {student.config.text.vocab_size} != teacher vocabulary size "

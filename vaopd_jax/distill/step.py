@@ -222,7 +222,7 @@ def shard_batch(batch: TrainBatch, mesh: Mesh | None = None, rules=None) -> Trai
                         is_leaf=lambda x: x is None)
 
 
-def _response_hidden(model: Qwen3VL, batch: TrainBatch, pixel_values) -> jax.Array:
+def response_hidden(model: Qwen3VL, batch: TrainBatch, pixel_values) -> jax.Array:
     """Final hidden states at the positions that predict the response tokens: (R, Tr, E)."""
     image_embeds = deepstack = None
     if pixel_values is not None:
@@ -250,16 +250,16 @@ def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, te
 
     teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
     teacher_kernel = teacher.lm_head_kernel().astype(teacher.compute_dtype)
-    teacher_hidden = jax.lax.stop_gradient(_response_hidden(teacher, batch, batch.pixel_values))
+    teacher_hidden = jax.lax.stop_gradient(response_hidden(teacher, batch, batch.pixel_values))
     if obj_cfg.needs_visual_advantage:
-        pix_hidden = jax.lax.stop_gradient(_response_hidden(teacher, batch, batch.pixel_values_pixelated))
+        pix_hidden = jax.lax.stop_gradient(response_hidden(teacher, batch, batch.pixel_values_pixelated))
         logp_pix = kl_lib.token_logprobs(pix_hidden, teacher_kernel, tokens, **kl_kwargs)
     else:
         logp_pix = None
 
     def loss_fn(params):
         student = nnx.merge(state.graphdef, params)
-        student_hidden = _response_hidden(student, batch, batch.pixel_values)
+        student_hidden = response_hidden(student, batch, batch.pixel_values)
         student_kernel = student.lm_head_kernel().astype(student.compute_dtype)
         kl_tok, logp_teacher, logp_student = kl_lib.token_kl_and_logprobs(
             student_hidden, student_kernel, teacher_hidden, teacher_kernel, tokens, **kl_kwargs)
