@@ -80,9 +80,13 @@ def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     node = config.teacher.sft if role == "teacher" else config.student.sft
     spec = config.teacher.sft.tiny if role == "teacher" else config.student.tiny
     out_dir = node.output_dir or os.path.join(config.workdir, f"{role}_sft")
+    # Loaded like an HF teacher / student would be: the teacher in config.model.dtype; the student's params
+    # in float32 (the AdamW master copy) with config.model.dtype matmuls.
+    dtype = DTYPES[config.model.dtype]
+    dtypes = {"dtype": dtype} if role == "teacher" else {"dtype": jnp.float32, "compute_dtype": dtype}
     if os.path.exists(os.path.join(out_dir, SFT_DONE)):
         say(f"{role}: reusing the SFT {role} in {out_dir}")
-        return load_model(config, out_dir, mesh, dtype=jnp.float32)
+        return load_model(config, out_dir, mesh, **dtypes)
     cfg = config_lib.model_config_from_spec(spec)
     model = qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed + (1 if role == "teacher" else 0)))
     say(f"{role}: SFT of a tiny {role} ({count_params(model):,} params) on the synthetic task "
@@ -98,7 +102,7 @@ def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
         with open(os.path.join(out_dir, SFT_DONE), "w") as f:
             f.write("ok\n")
     sync(f"{role}_sft_saved")
-    return load_model(config, out_dir, mesh, dtype=jnp.float32)
+    return load_model(config, out_dir, mesh, **dtypes)
 
 
 def pixel_view(batch: dict, pixelated: bool) -> dict:
