@@ -44,8 +44,10 @@ def get_config(arg=None):
   c.student.sft.lr = 1e-3
   c.student.sft.batch_size = 1
   c.student.sft.fine_fraction = 0.5
-  c.student.sft.pixelated = True     # learn from the pixelated views: the questions, the answer words and the
-                                     # coarse cues, but not the fine detail, which must come from the teacher
+  c.student.sft.images = "pixelated"  # original | pixelated | pixelated_fine (only the fine-detail questions'
+                                     # images pixelated). On pixelated views the student learns the questions, the
+                                     # answer words and the coarse cues, but not the fine detail, which must come
+                                     # from the teacher
   c.student.sft.output_dir = ""      # '' = <workdir>/student_sft
 
   c.teacher = ml_collections.ConfigDict()
@@ -56,7 +58,7 @@ def get_config(arg=None):
   c.teacher.sft.lr = 1e-3
   c.teacher.sft.batch_size = 1
   c.teacher.sft.fine_fraction = 0.5  # the whole task
-  c.teacher.sft.pixelated = False    # the teacher learns from the original images
+  c.teacher.sft.images = "original"  # the teacher learns from the original images
   c.teacher.sft.output_dir = ""     # '' = <workdir>/teacher_sft (reused when it holds a finished teacher)
   c.teacher.sft.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,
                                             vision_hidden=64)
@@ -89,6 +91,7 @@ def get_config(arg=None):
   c.data.patch_buckets = (4096, 8192, 16384, 32768, 65536)  # patch rows per batch (per view)
   c.data.num_workers = 0
   c.data.synthetic_train_size = 2048
+  c.data.synthetic_fine_fraction = 0.5  # synthetic training prompts: share of fine-detail questions
   c.data.image_size = 64            # synthetic images only
 
   c.model = ml_collections.ConfigDict()

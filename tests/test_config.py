@@ -82,11 +82,20 @@ def _with(cfg, **fields):
     ("train__num_steps", 0, r"config.train.num_steps = 0: must be >= 1, or -1"),
     ("workdir", "", r"config.workdir = '': must be a non-empty path"),
     ("mesh__tensor", 0, r"config.mesh.tensor = 0: must be >= 1 or -1"),
+    ("data__synthetic_fine_fraction", 1.2, r"config.data.synthetic_fine_fraction = 1.2: must be in \[0, 1\]"),
 ])
 def test_bad_field_fails_naming_field_value_and_range(field, value, message):
     cfg = _with(load("base"), workdir="/tmp/x")
     cfg = _with(cfg, **{field: value})
     with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(cfg, check_paths=False)
+
+
+def test_demo_warm_up_images_must_be_a_known_view():
+    cfg = _with(load("demo"), student__sft__images="blurred")
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"config.student.sft.images = 'blurred': must be one of \('original', 'pixelated', "
+                             r"'pixelated_fine'\)"):
         config_lib.validate(cfg, check_paths=False)
 
 

@@ -1,4 +1,7 @@
-"""sft.py: reply layout of the supervised batch, and a few steps lower the answer loss."""
+"""sft.py: reply layout of the supervised batch, and a few steps lower the answer loss; the demo warm-ups'
+image views; the trainer's vocabulary bound."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -57,3 +60,38 @@ def test_a_few_steps_lower_the_reply_loss(setup):
     loss_after, accuracy = (float(x) for x in sft.sft_loss(model, fixed[0]))
     assert np.isfinite(loss_before) and loss_after < loss_before - 1.0
     assert accuracy > 0.5  # "Answer", ":" and <|im_end|> are learned first
+
+
+def test_warm_up_views_replace_exactly_the_chosen_images(setup):
+    from vaopd_jax import train
+
+    tok, cfg, batches = setup
+    batch = next(batches)
+    kinds = batch["kind"]
+    assert {"fine", "coarse"} <= set(kinds)  # both kinds in one batch, so the mixed view is exercised
+    original, pixelated = batch["pixel_values"], batch["pixel_values_pixelated"]
+    assert train.pixel_view(batch, "original") is batch
+    np.testing.assert_array_equal(train.pixel_view(batch, "pixelated")["pixel_values"], pixelated)
+    mixed = train.pixel_view(batch, "pixelated_fine")["pixel_values"]
+    row = image = 0
+    for b, n_images in enumerate(batch["images_per_prompt"]):
+        n_rows = sum(int(np.prod(g)) for g in batch["image_grid_thw"][image:image + n_images])
+        image += n_images
+        want = pixelated if kinds[b] == "fine" else original
+        np.testing.assert_array_equal(mixed[row:row + n_rows], want[row:row + n_rows])
+        row += n_rows
+    np.testing.assert_array_equal(mixed[row:], original[row:])  # padding rows untouched
+    assert not np.array_equal(mixed, original) and not np.array_equal(mixed, pixelated)
+    with pytest.raises(ValueError, match="unknown warm-up images 'blurred'"):
+        train.pixel_view(batch, "blurred")
+
+
+def test_lm_head_padding_rows_are_left_out_of_sampling_and_the_loss(setup):
+    from vaopd_jax import train
+
+    tok, cfg, _ = setup
+    # Qwen3-VL's LM head has 151,936 rows for 151,669 tokens: the trainer samples, KLs and VAs over the tokens.
+    assert cfg.text.vocab_size == 151936
+    assert train.valid_vocab_size(tok, cfg) == len(tok) == 151669
+    small = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=1000))  # a head smaller than the tokenizer
+    assert train.valid_vocab_size(tok, small) == 1000

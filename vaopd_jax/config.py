@@ -28,6 +28,8 @@ METHODS = ("va_opd", "opd", "reweight_only", "group_only")
 # Methods whose rollout weights are a softmax over the K siblings of one prompt.
 REWEIGHTING_METHODS = ("va_opd", "reweight_only")
 DATA_SOURCES = ("synthetic", "geometry3k", "virl39k")
+# The demo warm-ups' view of the images (see train.pixel_view).
+SFT_IMAGES = ("original", "pixelated", "pixelated_fine")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "block", "full")
 ATTENTION_IMPLS = ("xla", "chunked", "cudnn")  # == models.qwen3_vl.config.ATTENTION_IMPLS (tested)
@@ -247,6 +249,7 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     c.number("train.inject_nonfinite_from_step", 0, None, integer=True, why="0 = off (fault injection)")
     c.number("data.num_workers", 0, None, integer=True)
     c.number("data.synthetic_train_size", 1, None, integer=True)
+    c.number("data.synthetic_fine_fraction", 0, 1, why="share of fine-detail questions in the synthetic training prompts")
     c.number("data.image_size", 32, None, integer=True)
 
     c.choice("model.dtype", DTYPES)
@@ -296,7 +299,7 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
             c.number(f"{role}.sft.lr", 0, None, lo_open=True)
             c.number(f"{role}.sft.batch_size", 1, None, integer=True)
             c.number(f"{role}.sft.fine_fraction", 0, 1, why="share of fine-detail questions in the warm-up data")
-            c.boolean(f"{role}.sft.pixelated")
+            c.choice(f"{role}.sft.images", SFT_IMAGES)
             if c.get("data.source") != "synthetic":
                 c.fail("data.source", c.get("data.source"), f"must be 'synthetic' when {role}.sft is used "
                        "(the demo warm-up is defined on the synthetic task)")

@@ -285,8 +285,9 @@ def _featurize(records: Sequence[dict], tokenizer, *, pixelate_ratio: float, min
     return pipeline.collate(examples, config, pad_id=tokenizer.pad_token_id)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
-def _teacher_logprobs(teacher_params, batch: step_lib.TrainBatch, teacher_graphdef, chunk_size: int):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "valid_vocab"))
+def _teacher_logprobs(teacher_params, batch: step_lib.TrainBatch, teacher_graphdef, chunk_size: int,
+                      valid_vocab: int):
     """Teacher log-probs of the response tokens on the original and the pixelated view, each (R, T).
 
     The same chunked path as the train step: final hidden states at the response
@@ -296,7 +297,7 @@ def _teacher_logprobs(teacher_params, batch: step_lib.TrainBatch, teacher_graphd
     kernel = teacher.lm_head_kernel().astype(teacher.compute_dtype)
     return tuple(
         kl_lib.token_logprobs(step_lib.response_hidden(teacher, batch, pixels), kernel, batch.response_tokens,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, valid_vocab_size=valid_vocab)
         for pixels in (batch.pixel_values, batch.pixel_values_pixelated))
 
 
@@ -330,6 +331,8 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
         raise ValueError(f"student vocab_size {student.config.text.vocab_size} != teacher vocab_size "
                          f"{teacher.config.text.vocab_size}: VA needs the teacher to score the student's tokens")
     teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
+    # LM-head rows beyond the tokenizer are padding: never sampled, left out of the normalisation.
+    valid_vocab = min(len(tokenizer), student.config.text.vocab_size)
     decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
     scored: list[ScoredRollout] = []
     for start in range(0, len(records), batch_size):
@@ -343,11 +346,13 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
         out = sampler.generate(student, batch["input_ids"], batch["attention_mask"],
                                batch["pixel_values"][:n_patches], batch["image_grid_thw"][:n_images],
                                max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-                               top_p=top_p, rng=jax.random.fold_in(jax.random.key(seed), start))
+                               top_p=top_p, rng=jax.random.fold_in(jax.random.key(seed), start),
+                               valid_vocab_size=valid_vocab)
         tokens, mask = np.asarray(out.tokens), np.asarray(out.response_mask)
         train_batch = step_lib.build_train_batch(batch, tokens, mask, num_samples, teacher.config)
         logp_orig, logp_pix = _teacher_logprobs(teacher_params, jax.tree.map(jnp.asarray, train_batch),
-                                                teacher_graphdef, chunk_size=min(chunk_size, tokens.shape[1]))
+                                                teacher_graphdef, chunk_size=min(chunk_size, tokens.shape[1]),
+                                                valid_vocab=valid_vocab)
         score_mask = np.asarray(train_batch.response_mask)
         va = np.asarray(objective.visual_advantage(logp_orig, logp_pix, jnp.asarray(score_mask)))
         logp_orig, logp_pix = np.asarray(logp_orig), np.asarray(logp_pix)

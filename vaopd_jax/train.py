@@ -20,6 +20,7 @@ Outputs under --config.workdir: checkpoints/ (Orbax), checkpoints_best/, tb/
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -90,11 +91,11 @@ def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     cfg = config_lib.model_config_from_spec(spec)
     model = qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed + (1 if role == "teacher" else 0)))
     say(f"{role}: SFT of a tiny {role} ({count_params(model):,} params) on the synthetic task "
-        f"(fine-question share {node.fine_fraction}, {'pixelated' if node.pixelated else 'original'} images), "
+        f"(fine-question share {node.fine_fraction}, {node.images.replace('_', ' ')} images), "
         f"{node.steps} steps -> {out_dir}")
     data = pipeline_for(config, tokenizer, split=f"{role}_sft", batch_size=node.batch_size,
                         fine_fraction=node.fine_fraction)
-    batches = (sft.build_sft_batch(pixel_view(global_batch(b), node.pixelated), tokenizer, cfg) for b in data)
+    batches = (sft.build_sft_batch(pixel_view(global_batch(b), node.images), tokenizer, cfg) for b in data)
     model, _ = sft.train_sft(model, batches, steps=node.steps, lr=node.lr, label=f"{role} SFT")
     qwen3_vl.save_hf_checkpoint(model, out_dir)
     if primary():
@@ -105,9 +106,27 @@ def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     return load_model(config, out_dir, mesh, **dtypes)
 
 
-def pixel_view(batch: dict, pixelated: bool) -> dict:
-    """The batch with its pixelated view in ``pixel_values`` when ``pixelated`` (a low-resolution warm-up)."""
-    return {**batch, "pixel_values": batch["pixel_values_pixelated"]} if pixelated else batch
+def pixel_view(batch: dict, images: str) -> dict:
+    """The batch with the warm-up's view of each image in ``pixel_values``.
+
+    ``images``: 'original'; 'pixelated' (every image); 'pixelated_fine' (the images of fine-detail
+    questions pixelated, the others original: a student that sees colours and shapes but has never
+    seen the fine detail, the situation VA-OPD is made for).
+    """
+    if images == "original":
+        return batch
+    if images == "pixelated":
+        return {**batch, "pixel_values": batch["pixel_values_pixelated"]}
+    if images != "pixelated_fine":
+        raise ValueError(f"unknown warm-up images {images!r}; expected one of {config_lib.SFT_IMAGES}")
+    # Patch rows are laid out image after image, prompt after prompt (see data/pipeline.py).
+    rows_per_image = np.prod(np.asarray(batch["image_grid_thw"]), axis=-1)[: int(batch["num_images"])]
+    owner = np.repeat(np.arange(len(batch["images_per_prompt"])), np.asarray(batch["images_per_prompt"]))
+    fine_rows = np.repeat(np.asarray(batch["kind"])[owner] == "fine", rows_per_image)
+    pick = np.zeros(len(batch["pixel_values"]), bool)
+    pick[: len(fine_rows)] = fine_rows
+    pixel_values = np.where(pick[:, None], batch["pixel_values_pixelated"], batch["pixel_values"])
+    return {**batch, "pixel_values": pixel_values}
 
 
 def runtime_options(config) -> dict:
@@ -203,8 +222,8 @@ def global_batch(local: dict) -> dict:
     Token arrays are all-gathered (padded to the widest prompt bucket); pixel rows
     and image grids are concatenated over their real rows only (each process pads
     its own), then the pixel rows are padded to a power of two so shapes stay
-    bucketed. String metadata (answer, kind, id) is gathered too (the demo SFT
-    needs every row's answer).
+    bucketed. ``images_per_prompt`` and the string metadata (answer, kind, id) are
+    gathered too (the demo SFT needs every row's answer and kind).
     """
     if jax.process_count() == 1:
         return local
@@ -230,6 +249,7 @@ def global_batch(local: dict) -> dict:
     for key in ("pixel_values", "pixel_values_pixelated"):
         out[key] = np.pad(out[key], [(0, bucket - n_patch), (0, 0)])
     out["num_images"], out["num_patches"] = np.int32(len(out["image_grid_thw"])), np.int32(n_patch)
+    out["images_per_prompt"] = np.asarray(multihost_utils.process_allgather(local["images_per_prompt"])).reshape(-1)
     for key in ("answer", "kind", "id"):
         if key in local:
             out[key] = _gather_strings(local[key])
@@ -280,21 +300,31 @@ def host(x) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- rollouts and validation
-def rollout(model, batch, *, max_new_tokens, num_samples, temperature, top_p, top_k, rng, mesh):
-    """Student samples for a global prompt batch -> host (tokens, response_mask, model_logprobs)."""
+def valid_vocab_size(tokenizer, model_cfg: qwen3_vl.Qwen3VLConfig) -> int:
+    """LM-head rows at and beyond this are padding past the tokenizer (Qwen3-VL: 151,936 rows, 151,669
+    tokens): never sampled, and left out of the KL and VA normalisations."""
+    return min(len(tokenizer), model_cfg.text.vocab_size)
+
+
+def rollout(model, batch, *, max_new_tokens, num_samples, temperature, top_p, top_k, rng, mesh, valid_vocab):
+    """Student samples for a global prompt batch -> host (tokens, response_mask, model_logprobs).
+
+    ``valid_vocab``: ``valid_vocab_size(tokenizer, model.config)``; padding rows are never sampled."""
     pixels, _, grids = real_images(batch)
     out = sampler.generate(model, batch["input_ids"], batch["attention_mask"], pixels, grids,
                            max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-                           top_p=top_p, top_k=top_k, eos_token_ids=(IM_END, END_OF_TEXT), rng=rng, mesh=mesh)
+                           top_p=top_p, top_k=top_k, eos_token_ids=(IM_END, END_OF_TEXT), rng=rng, mesh=mesh,
+                           valid_vocab_size=valid_vocab)
     return host(out.tokens), host(out.response_mask), host(out.model_logprobs)
 
 
-@jax.jit
-def _va_sums(params, batch: step_lib.TrainBatch, graphdef):
+@functools.partial(jax.jit, static_argnames="valid_vocab")
+def _va_sums(params, batch: step_lib.TrainBatch, graphdef, valid_vocab):
     """Sum of the student's own VA, max(0, log p_S(y|v) - log p_S(y|v~)), over valid tokens, and their count."""
     model = nnx.merge(graphdef, params)
     kernel = model.lm_head_kernel()
-    logp = [kl_lib.token_logprobs(step_lib.response_hidden(model, batch, pixels), kernel, batch.response_tokens)
+    logp = [kl_lib.token_logprobs(step_lib.response_hidden(model, batch, pixels), kernel, batch.response_tokens,
+                                  valid_vocab_size=valid_vocab)
             for pixels in (batch.pixel_values, batch.pixel_values_pixelated)]
     va = objective.visual_advantage(logp[0], logp[1], batch.response_mask)
     return (va * batch.response_mask).sum(), batch.response_mask.sum()
@@ -310,10 +340,12 @@ def validate(state, val_batches, config, tokenizer, mesh, step) -> dict:
     e = config.eval
     counts: dict[str, list[int]] = {}  # kind -> [correct, total]
     va_sum = va_count = 0.0
+    valid_vocab = valid_vocab_size(tokenizer, model.config)
     for i, batch in enumerate(val_batches):
         rng = jax.random.fold_in(jax.random.key(config.seed + 7), step * 1000 + i)
         tokens, mask, _ = rollout(model, batch, max_new_tokens=e.max_new_tokens, num_samples=e.num_samples,
-                                  temperature=e.temperature, top_p=e.top_p, top_k=0, rng=rng, mesh=mesh)
+                                  temperature=e.temperature, top_p=e.top_p, top_k=0, rng=rng, mesh=mesh,
+                                  valid_vocab=valid_vocab)
         texts = tokenizer.batch_decode([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
         golds = [str(a) for a in np.repeat(batch["answer"], e.num_samples)]
         kinds = np.repeat(batch["kind"], e.num_samples)
@@ -322,7 +354,7 @@ def validate(state, val_batches, config, tokenizer, mesh, step) -> dict:
             tally[0] += int(ok)
             tally[1] += 1
         tb = step_lib.build_train_batch(batch, tokens, mask, e.num_samples, model.config)
-        total, count = _va_sums(state.params, step_lib.shard_batch(tb, mesh), state.graphdef)
+        total, count = _va_sums(state.params, step_lib.shard_batch(tb, mesh), state.graphdef, valid_vocab)
         va_sum, va_count = va_sum + float(total), va_count + float(count)
     result = {"accuracy": sum(c for c, _ in counts.values()) / max(sum(n for _, n in counts.values()), 1),
               "student_va_mean": va_sum / max(va_count, 1.0)}
@@ -393,7 +425,8 @@ def main(argv) -> None:
     model_cfg = student.config
     say(f"student {n_student:,} params, teacher {n_teacher:,} params (frozen), method {config.method}")
 
-    train_iter = pipeline_for(config, tokenizer, split="train", batch_size=config.data.prompts_per_step)
+    train_iter = pipeline_for(config, tokenizer, split="train", batch_size=config.data.prompts_per_step,
+                              fine_fraction=config.data.synthetic_fine_fraction)
     val_batches = [without_filler(b) for b in pipeline_for(config, tokenizer, split="val",
                                                            batch_size=config.eval.batch_size)]
     total_steps = config.train.num_steps
@@ -424,7 +457,8 @@ def main(argv) -> None:
     k = config.rollout.num_rollouts
     step_cfg = step_lib.StepConfig(num_rollouts=k, method=config.method, high_fraction=config.va.p_v,
                                    high_weight=config.va.lam, temperature=config.va.tau, eps=config.va.eps,
-                                   kl_chunk_size=config.model.kl_chunk_size)
+                                   kl_chunk_size=config.model.kl_chunk_size,
+                                   valid_vocab_size=valid_vocab_size(tokenizer, model_cfg))
     train_step = step_lib.make_train_step(step_cfg, teacher_graphdef, optimizer, mesh=mesh,
                                           state_sharding=step_lib.train_state_sharding(state))
 
@@ -459,7 +493,8 @@ def main(argv) -> None:
         tokens, mask, logprobs = rollout(nnx.merge(state.graphdef, state.params), prompt_batch,
                                          max_new_tokens=config.rollout.max_new_tokens, num_samples=k,
                                          temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-                                         top_k=config.rollout.top_k, rng=sample_rng, mesh=mesh)
+                                         top_k=config.rollout.top_k, rng=sample_rng, mesh=mesh,
+                                         valid_vocab=step_cfg.valid_vocab_size)
         rollout_s = time.perf_counter() - start
         start = time.perf_counter()
         tb = step_lib.build_train_batch(prompt_batch, tokens, mask, k, model_cfg, sampler_logprobs=logprobs)
