@@ -87,12 +87,10 @@ def test_warm_up_views_replace_exactly_the_chosen_images(setup):
 
 
 def test_lm_head_padding_rows_are_left_out_of_sampling_and_the_loss(setup):
-    from vaopd_jax import train
-
     tok, cfg, _ = setup
     # Qwen3-VL's LM head has 151,936 rows for 151,669 tokens: the trainer samples, KLs and VAs over the tokens.
     assert cfg.text.vocab_size == 151936
-    assert train.valid_vocab_size(tok, cfg) == len(tok) == 151669
+    assert tokenizer_lib.valid_vocab_size(tok, cfg.text.vocab_size) == len(tok) == 151669
     # A head with fewer rows than the tokenizer has tokens (still holding the image-token ids).
     small = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=151660))
-    assert train.valid_vocab_size(tok, small) == 151660
+    assert tokenizer_lib.valid_vocab_size(tok, small.text.vocab_size) == 151660

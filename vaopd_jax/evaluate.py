@@ -506,6 +506,8 @@ class Runtime:
 
     def __call__(self) -> dict:
         if not self.loaded:
+            from vaopd_jax.data import tokenizer as tokenizer_lib
+
             tok = self.tokenizer if self.tokenizer is not None else _tokenizer_for(self.config)
             if self.model is None:
                 mdl = load_model(self.config, mesh=self.mesh)
@@ -518,8 +520,7 @@ class Runtime:
             self.loaded = dict(
                 tokenizer=tok, model=mdl,
                 eos_ids=tuple(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")),
-                # Rows of the LM head beyond the tokenizer are padding: never sampled.
-                valid_vocab_size=min(len(tok), mdl.config.text.vocab_size),
+                valid_vocab_size=tokenizer_lib.valid_vocab_size(tok, mdl.config.text.vocab_size),
                 max_positions=getattr(mdl.config.text, "max_position_embeddings", None))
         return self.loaded
 

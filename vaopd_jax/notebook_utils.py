@@ -34,6 +34,7 @@ from flax import nnx
 
 from vaopd_jax import diagnostics
 from vaopd_jax.data import pipeline, processor
+from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.distill import kl as kl_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import step as step_lib
@@ -331,8 +332,7 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
         raise ValueError(f"student vocab_size {student.config.text.vocab_size} != teacher vocab_size "
                          f"{teacher.config.text.vocab_size}: VA needs the teacher to score the student's tokens")
     teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
-    # LM-head rows beyond the tokenizer are padding: never sampled, left out of the normalisation.
-    valid_vocab = min(len(tokenizer), student.config.text.vocab_size)
+    valid_vocab = tokenizer_lib.valid_vocab_size(tokenizer, student.config.text.vocab_size)
     decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
     scored: list[ScoredRollout] = []
     for start in range(0, len(records), batch_size):

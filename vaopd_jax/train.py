@@ -300,16 +300,10 @@ def host(x) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- rollouts and validation
-def valid_vocab_size(tokenizer, model_cfg: qwen3_vl.Qwen3VLConfig) -> int:
-    """LM-head rows at and beyond this are padding past the tokenizer (Qwen3-VL: 151,936 rows, 151,669
-    tokens): never sampled, and left out of the KL and VA normalisations."""
-    return min(len(tokenizer), model_cfg.text.vocab_size)
-
-
 def rollout(model, batch, *, max_new_tokens, num_samples, temperature, top_p, top_k, rng, mesh, valid_vocab):
     """Student samples for a global prompt batch -> host (tokens, response_mask, model_logprobs).
 
-    ``valid_vocab``: ``valid_vocab_size(tokenizer, model.config)``; padding rows are never sampled."""
+    ``valid_vocab``: ``tokenizer_lib.valid_vocab_size``; LM-head padding rows are never sampled."""
     pixels, _, grids = real_images(batch)
     out = sampler.generate(model, batch["input_ids"], batch["attention_mask"], pixels, grids,
                            max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
@@ -340,7 +334,7 @@ def validate(state, val_batches, config, tokenizer, mesh, step) -> dict:
     e = config.eval
     counts: dict[str, list[int]] = {}  # kind -> [correct, total]
     va_sum = va_count = 0.0
-    valid_vocab = valid_vocab_size(tokenizer, model.config)
+    valid_vocab = tokenizer_lib.valid_vocab_size(tokenizer, model.config.text.vocab_size)
     for i, batch in enumerate(val_batches):
         rng = jax.random.fold_in(jax.random.key(config.seed + 7), step * 1000 + i)
         tokens, mask, _ = rollout(model, batch, max_new_tokens=e.max_new_tokens, num_samples=e.num_samples,
@@ -458,7 +452,8 @@ def main(argv) -> None:
     step_cfg = step_lib.StepConfig(num_rollouts=k, method=config.method, high_fraction=config.va.p_v,
                                    high_weight=config.va.lam, temperature=config.va.tau, eps=config.va.eps,
                                    kl_chunk_size=config.model.kl_chunk_size,
-                                   valid_vocab_size=valid_vocab_size(tokenizer, model_cfg))
+                                   valid_vocab_size=tokenizer_lib.valid_vocab_size(tokenizer,
+                                                                                   model_cfg.text.vocab_size))
     train_step = step_lib.make_train_step(step_cfg, teacher_graphdef, optimizer, mesh=mesh,
                                           state_sharding=step_lib.train_state_sharding(state))
 

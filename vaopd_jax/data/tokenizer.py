@@ -316,6 +316,12 @@ def _check_special_ids(tok, source: str) -> None:
 
 
 @functools.lru_cache(maxsize=8)
+def valid_vocab_size(tokenizer, lm_head_rows: int) -> int:
+    """LM-head rows at and beyond this are padding past the tokenizer (Qwen3-VL: 151,936 rows for 151,669
+    tokens): never sampled, and left out of the KL and VA normalisations (spec/METHOD.md)."""
+    return min(len(tokenizer), int(lm_head_rows))
+
+
 def load_tokenizer(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None):
     """Returns the Qwen3-VL tokenizer (a transformers fast tokenizer).
 
