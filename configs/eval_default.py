@@ -24,7 +24,7 @@ summary then says where the rule-based fallback was used.
 
 import ml_collections
 
-from vaopd_jax import benchmarks
+from vaopd_jax.eval import benchmarks
 
 
 def get_config(arg=None):

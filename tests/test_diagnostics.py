@@ -1,4 +1,4 @@
-"""Tests for vaopd_jax.diagnostics on hand-made inputs with known answers."""
+"""Tests for vaopd_jax.notebook.diagnostics on hand-made inputs with known answers."""
 
 import html
 import io
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vaopd_jax import diagnostics
+from vaopd_jax.notebook import diagnostics
 
 
 # ---------------------------------------------------------------- concentration

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from vaopd_jax import benchmarks
-from vaopd_jax.benchmarks import common, fixtures, judge as judge_lib, wemath
-from vaopd_jax.benchmarks.common import BadRecord, MissingBenchmark
+from vaopd_jax.eval import benchmarks
+from vaopd_jax.eval import judge as judge_lib
+from vaopd_jax.eval.benchmarks import common, fixtures, wemath
+from vaopd_jax.eval.benchmarks.common import BadRecord, MissingBenchmark
 
 
 @pytest.fixture(scope="module")

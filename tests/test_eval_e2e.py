@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vaopd_jax import evaluate
-from vaopd_jax.benchmarks import common, fixtures
+from vaopd_jax.eval.benchmarks import common, fixtures
 from vaopd_jax.rollout import sampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +181,7 @@ def test_process_slices_are_merged(tokenizer, tiny_model, bench_root, tmp_path, 
     config = make_config(bench_root, tmp_path / "eval", benchmarks="mmstar")
     out = Path(config.output_dir)
     out.mkdir(parents=True)
-    from vaopd_jax import benchmarks
+    from vaopd_jax.eval import benchmarks
 
     bench = benchmarks.get("mmstar")
     for index in (0, 1):  # what two processes do, each with its own slice and file
@@ -218,7 +218,7 @@ def test_two_processes_barrier_then_process_0_merges(bench_root, tmp_path):
     out = tmp_path / "eval"
     config = make_config(bench_root, out, benchmarks="wemath,ai2d")
     evaluate.check_run_settings(out, config, "fixed")
-    records = __import__("vaopd_jax.benchmarks", fromlist=["get"]).get("wemath").read(bench_root / "wemath").records
+    records = __import__("vaopd_jax.eval.benchmarks", fromlist=["get"]).get("wemath").read(bench_root / "wemath").records
     (out / "samples").mkdir()
     for index in (0, 1):
         with open(out / "samples" / f"wemath.p{index}.jsonl", "w") as f:
@@ -249,7 +249,7 @@ def test_two_processes_barrier_then_process_0_merges(bench_root, tmp_path):
 
 
 def test_prompt_longer_than_the_model_allows_is_skipped(tokenizer, bench_root, tmp_path):
-    from vaopd_jax import benchmarks
+    from vaopd_jax.eval import benchmarks
 
     mmstar = benchmarks.get("mmstar")
     record = mmstar.read(bench_root / "mmstar").records[0]

@@ -1,4 +1,4 @@
-"""vaopd_jax.notebook_utils: trainer command line, run comparison table, and the teacher VA of a student's answers
+"""vaopd_jax.notebook.utils: trainer command line, run comparison table, and the teacher VA of a student's answers
 (checked against log-probs from full-vocabulary logits of the plain forward pass)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vaopd_jax import notebook_utils
+from vaopd_jax.notebook import utils as notebook_utils
 
 
 def test_train_command_builds_the_trainer_argv():

@@ -41,10 +41,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vaopd_jax import benchmarks as benchmarks_lib
-from vaopd_jax import rewards
-from vaopd_jax.benchmarks import common
-from vaopd_jax.benchmarks.judge import make_judge
+from vaopd_jax.eval import benchmarks as benchmarks_lib
+from vaopd_jax.eval import grading
+from vaopd_jax.eval.benchmarks import common
+from vaopd_jax.eval.judge import make_judge
 
 log = logging.getLogger("vaopd_jax.evaluate")
 
@@ -563,7 +563,7 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
             statuses[name] = {"status": "error", "reason": str(err)}
 
     counters = {"judge_calls": judge.calls if judge else 0, "judge_failures": judge.failures if judge else 0,
-                **{f"grading_{k}": v for k, v in rewards.grading_counters().items()}}
+                **{f"grading_{k}": v for k, v in grading.grading_counters().items()}}
     (out_dir / f"counters.p{process_index}.json").write_text(json.dumps(counters))
     if process_count > 1:
         from jax.experimental import multihost_utils

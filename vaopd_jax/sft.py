@@ -4,7 +4,7 @@ The demo has no downloadable teacher, so it first teaches a tiny Qwen3-VL-shaped
 model the task of ``vaopd_jax.data.synthetic`` with cross-entropy on the answer
 tokens ``"Answer: <answer><|im_end|>"`` after each chat prompt. That reply form
 is graded by the same first-committed-answer rule as real data (an ``Answer:``
-line, ``vaopd_jax.rewards.extract_answer``). The trained teacher is written once
+line, ``vaopd_jax.eval.grading.extract_answer``). The trained teacher is written once
 in Hugging Face format and reused by every later run with the same workdir.
 
 Public API::

@@ -38,7 +38,8 @@ from ml_collections import config_flags
 from vaopd_jax import checkpoint as ckpt_lib
 from vaopd_jax import config as config_lib
 from vaopd_jax import metrics as metrics_lib
-from vaopd_jax import rewards, sft
+from vaopd_jax import sft
+from vaopd_jax.eval import grading
 from vaopd_jax.data import pipeline, sources, synthetic
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.distill import kl as kl_lib
@@ -343,7 +344,7 @@ def validate(state, val_batches, config, tokenizer, mesh, step) -> dict:
         texts = tokenizer.batch_decode([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
         golds = [str(a) for a in np.repeat(batch["answer"], e.num_samples)]
         kinds = np.repeat(batch["kind"], e.num_samples)
-        for ok, kind in zip(rewards.grade_responses(texts, golds), kinds):
+        for ok, kind in zip(grading.grade_responses(texts, golds), kinds):
             tally = counts.setdefault(str(kind) or "all", [0, 0])
             tally[0] += int(ok)
             tally[1] += 1
@@ -533,7 +534,7 @@ def main(argv) -> None:
         + (f"\nbest student:     {os.path.join(workdir, 'export', 'best')} (step {ckpt.best_info['step']}, "
            f"validation accuracy {ckpt.best_info['accuracy']:.4f})" if ckpt.best_info else ""))
     ckpt.close()
-    rewards.shutdown()
+    grading.shutdown()
 
 
 def export(config, state, ckpt, tokenizer, workdir) -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 
-from vaopd_jax.benchmarks import common
-from vaopd_jax.benchmarks.ai2d import MC_SUFFIX
-from vaopd_jax.benchmarks.base import Benchmark
-from vaopd_jax.benchmarks.common import BadRecord, Record
+from vaopd_jax.eval.benchmarks import common
+from vaopd_jax.eval.benchmarks.ai2d import MC_SUFFIX
+from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.common import BadRecord, Record
 
 _INLINE_OPTION = re.compile(r"(?:^|[\s,(])([A-F])\s*[:.)]\s*")
 

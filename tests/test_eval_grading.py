@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from vaopd_jax import rewards
+from vaopd_jax.eval import grading
 
 
 # ---- extraction ---------------------------------------------------------------------
@@ -33,12 +33,12 @@ from vaopd_jax import rewards
     ],
 )
 def test_extract_answer(text, expected):
-    assert rewards.extract_answer(text) == expected
+    assert grading.extract_answer(text) == expected
 
 
 def test_extract_boxed_ignores_other_commands():
-    assert rewards.extract_boxed("\\boxedsymbol{1} \\boxed{2}") == "2"
-    assert rewards.extract_boxed("no box") is None
+    assert grading.extract_boxed("\\boxedsymbol{1} \\boxed{2}") == "2"
+    assert grading.extract_boxed("no box") is None
 
 
 # ---- normalization ------------------------------------------------------------------
@@ -60,21 +60,21 @@ def test_extract_boxed_ignores_other_commands():
     ],
 )
 def test_normalize_answer(raw, expected):
-    assert rewards.normalize_answer(raw) == expected
+    assert grading.normalize_answer(raw) == expected
 
 
 def test_exact_and_normalized_match():
-    assert rewards.exact_match(" 5 ", "5")
-    assert not rewards.exact_match("5.0", "5")
-    assert not rewards.exact_match(None, "5")
-    assert rewards.normalized_match("5.0", "5")
-    assert rewards.normalized_match("0.50", ".5")
-    assert rewards.normalized_match("x = 5", "5")
-    assert rewards.normalized_match("2\\sqrt{221}", "2 \\sqrt { 221 }")
-    assert rewards.normalized_match("17", "17^\\circ")
-    assert not rewards.normalized_match("5.01", "5")
-    assert not rewards.normalized_match("", "")
-    assert not rewards.normalized_match("(1,2)", "(2,1)")
+    assert grading.exact_match(" 5 ", "5")
+    assert not grading.exact_match("5.0", "5")
+    assert not grading.exact_match(None, "5")
+    assert grading.normalized_match("5.0", "5")
+    assert grading.normalized_match("0.50", ".5")
+    assert grading.normalized_match("x = 5", "5")
+    assert grading.normalized_match("2\\sqrt{221}", "2 \\sqrt { 221 }")
+    assert grading.normalized_match("17", "17^\\circ")
+    assert not grading.normalized_match("5.01", "5")
+    assert not grading.normalized_match("", "")
+    assert not grading.normalized_match("(1,2)", "(2,1)")
 
 
 # ---- multiple choice ----------------------------------------------------------------
@@ -102,18 +102,18 @@ OPTIONS = ["30°", "45°", "60°", "90°"]
     ],
 )
 def test_extract_choice_with_options(pred, expected):
-    assert rewards.extract_choice(pred, OPTIONS) == expected
+    assert grading.extract_choice(pred, OPTIONS) == expected
 
 
 def test_extract_choice_without_options():
-    assert rewards.extract_choice("C") == "C"
-    assert rewards.extract_choice("a") is None  # ambiguous without options (article / variable)
-    assert rewards.extract_choice("45") is None
+    assert grading.extract_choice("C") == "C"
+    assert grading.extract_choice("a") is None  # ambiguous without options (article / variable)
+    assert grading.extract_choice("45") is None
 
 
 def test_extract_choice_ambiguous_text():
     # Two options with the same text: the text alone does not commit to one letter.
-    assert rewards.extract_choice("1", ["1", "2", "1"]) is None
+    assert grading.extract_choice("1", ["1", "2", "1"]) is None
 
 
 # ---- math-verify grading ------------------------------------------------------------
@@ -141,14 +141,14 @@ def test_grade_free_form_math():
         "5",
         "0.3333",
     ]
-    details = rewards.grade_batch_detailed(preds, golds, timeout_s=20.0)
+    details = grading.grade_batch_detailed(preds, golds, timeout_s=20.0)
     assert [d.correct for d in details] == [True, True, True, True, True, False, False, False, False]
     assert details[0].status == "normalized"  # cheap path, no worker round trip
     assert details[3].status == "verified"
     assert details[5].status == "rejected"
     assert details[6].status == "empty"
-    assert rewards.grade("\\frac{6}{4}", "\\frac { 3 } { 2 }", timeout_s=20.0)
-    assert rewards.grade_responses(["so \\boxed{17^\\circ}.", "Answer: 16"], ["17", "17"], timeout_s=20.0) == [
+    assert grading.grade("\\frac{6}{4}", "\\frac { 3 } { 2 }", timeout_s=20.0)
+    assert grading.grade_responses(["so \\boxed{17^\\circ}.", "Answer: 16"], ["17", "17"], timeout_s=20.0) == [
         True,
         False,
     ]
@@ -156,26 +156,26 @@ def test_grade_free_form_math():
 
 def test_grade_batch_length_mismatch():
     with pytest.raises(ValueError, match="2 predictions but 1 gold"):
-        rewards.grade_batch(["1", "2"], ["1"])
+        grading.grade_batch(["1", "2"], ["1"])
 
 
 def test_timeout_counts_as_wrong_and_pool_recovers(caplog):
     # 9^(9^(9^9)) makes sympy grind in C code that not even signal.alarm interrupts: the
     # worker must be killed from outside, the item scored wrong, and grading continue.
-    before = rewards.grading_counters()["timeouts"]
+    before = grading.grading_counters()["timeouts"]
     start = time.monotonic()
-    with caplog.at_level("WARNING", logger="vaopd_jax.rewards"):
-        details = rewards.grade_batch_detailed(
+    with caplog.at_level("WARNING", logger="vaopd_jax.eval.grading"):
+        details = grading.grade_batch_detailed(
             ["9^{9^{9^{9}}}", "\\frac{\\sqrt2}{2}"], ["1", "\\sqrt{2}/2"], timeout_s=2.0
         )
     elapsed = time.monotonic() - start
-    assert details[0] == rewards.GradeResult(False, "timeout")
-    assert details[1] == rewards.GradeResult(True, "verified")
-    assert rewards.grading_counters()["timeouts"] == before + 1
+    assert details[0] == grading.GradeResult(False, "timeout")
+    assert details[1] == grading.GradeResult(True, "verified")
+    assert grading.grading_counters()["timeouts"] == before + 1
     assert any("counted as wrong" in r.message for r in caplog.records)
     assert elapsed < 30.0
     # The replacement worker grades normally.
-    assert rewards.grade("\\frac{2}{4}", "0.5", timeout_s=20.0)
+    assert grading.grade("\\frac{2}{4}", "0.5", timeout_s=20.0)
 
 
 def test_grading_works_off_the_main_thread():
@@ -184,7 +184,7 @@ def test_grading_works_off_the_main_thread():
     out = {}
 
     def run():
-        out["result"] = rewards.grade_batch(["\\sqrt{4}", "3"], ["2", "2"], timeout_s=20.0)
+        out["result"] = grading.grade_batch(["\\sqrt{4}", "3"], ["2", "2"], timeout_s=20.0)
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -194,6 +194,6 @@ def test_grading_works_off_the_main_thread():
 
 def test_pool_rejects_bad_settings():
     with pytest.raises(ValueError, match="num_workers must be >= 1"):
-        rewards.VerifyPool(num_workers=0)
+        grading.VerifyPool(num_workers=0)
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
-        rewards.VerifyPool(num_workers=1).run([("1", "1")], timeout_s=0)
+        grading.VerifyPool(num_workers=1).run([("1", "1")], timeout_s=0)

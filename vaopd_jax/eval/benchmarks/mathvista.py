@@ -20,17 +20,17 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from vaopd_jax import rewards
-from vaopd_jax.benchmarks import common
-from vaopd_jax.benchmarks.base import Benchmark
-from vaopd_jax.benchmarks.common import BadRecord, Record
+from vaopd_jax.eval import grading
+from vaopd_jax.eval.benchmarks import common
+from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.common import BadRecord, Record
 
 _NUMBER_WITH_UNIT = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))([a-z]*)")
 
 
 def parse_number(text: str) -> Optional[float]:
     """A number from an answer like '12', '1,000', '3.5 cm', '25%' (normalized); else None."""
-    match = _NUMBER_WITH_UNIT.fullmatch(rewards.normalize_answer(text))
+    match = _NUMBER_WITH_UNIT.fullmatch(grading.normalize_answer(text))
     return float(match.group(1)) if match else None
 
 

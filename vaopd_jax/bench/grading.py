@@ -1,11 +1,11 @@
-"""Grading throughput: rewards.grade_batch vs plain sequential math-verify, same inputs.
+"""Grading throughput: grading.grade_batch vs plain sequential math-verify, same inputs.
 
-    python -m vaopd_jax.benchmarks.grading_speed [--prompts 200] [--rollouts 4] [--workers N]
+    python -m vaopd_jax.bench.grading [--prompts 200] [--rollouts 4] [--workers N]
 
 Builds a validation-sized batch (prompts x rollouts responses, Geometry3K-style gold
 answers; a realistic mix of exact repeats, LaTeX-spacing variants, equivalent forms
 and wrong answers), then times, in one process:
-  1. extraction (rewards.extract_answer) of every response;
+  1. extraction (grading.extract_answer) of every response;
   2. grade_batch with a cold worker pool (includes starting the workers);
   3. grade_batch again on fresh pairs with the pool warm (the cache cleared);
   4. the reference: math-verify parse + verify called sequentially on the main thread
@@ -19,7 +19,7 @@ import argparse
 import random
 import time
 
-from vaopd_jax import rewards
+from vaopd_jax.eval import grading
 
 GOLDS = ["2 \\sqrt { 221 }", "\\frac { 3 } { 2 }", "17", "4.5", "60", "\\frac { 40 } { 3 }", "8 \\sqrt { 3 }",
          "25", "\\frac { 7 } { 2 }", "12.5", "3 \\sqrt { 2 }", "135"]
@@ -84,18 +84,18 @@ def main(argv=None) -> None:
     texts, golds = make_responses(n, seed=0)
 
     start = time.perf_counter()
-    preds = [rewards.extract_answer(t) for t in texts]
+    preds = [grading.extract_answer(t) for t in texts]
     extract_s = time.perf_counter() - start
 
-    rewards._POOL = rewards.VerifyPool(args.workers)
-    rewards._POOL_PID = __import__("os").getpid()
+    grading._POOL = grading.VerifyPool(args.workers)
+    grading._POOL_PID = __import__("os").getpid()
     start = time.perf_counter()
-    cold = rewards.grade_batch(preds, golds)
+    cold = grading.grade_batch(preds, golds)
     cold_s = time.perf_counter() - start
 
-    rewards._CACHE.clear()
+    grading._CACHE.clear()
     start = time.perf_counter()
-    warm = rewards.grade_batch(preds, golds)
+    warm = grading.grade_batch(preds, golds)
     warm_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -103,10 +103,10 @@ def main(argv=None) -> None:
     reference_s = time.perf_counter() - start
 
     unique = len(set(zip(preds, golds)))
-    cheap = sum(rewards.normalized_match(p, g) for p, g in set(zip(preds, golds)))
+    cheap = sum(grading.normalized_match(p, g) for p, g in set(zip(preds, golds)))
     print(f"batch: {args.prompts} prompts x {args.rollouts} rollouts = {n} responses "
           f"({unique} distinct (pred, gold) pairs, {cheap} settled by normalized match); "
-          f"{rewards._POOL.num_workers} worker processes")
+          f"{grading._POOL.num_workers} worker processes")
     print(f"extract_answer          : {n / extract_s:10.0f} responses/s ({extract_s * 1e3:.1f} ms)")
     print(f"grade_batch, cold pool  : {n / cold_s:10.0f} answers/s ({cold_s:.2f} s, includes worker start-up)")
     print(f"grade_batch, warm pool  : {n / warm_s:10.0f} answers/s ({warm_s:.2f} s)")
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     mismatches = sum(a != b for a, b in zip(warm, reference))
     print(f"decisions differing from sequential math-verify: {mismatches} of {n} "
           f"(cold == warm: {cold == warm})")
-    rewards.shutdown()
+    grading.shutdown()
 
 
 if __name__ == "__main__":

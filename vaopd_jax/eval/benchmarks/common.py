@@ -23,13 +23,13 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from vaopd_jax import rewards
+from vaopd_jax.eval import grading
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # Kinds of per-sample grading (Benchmark.kind_of(record)).
 KIND_CHOICE = "choice"  # option letter vs gold letter
-KIND_MATH = "math"  # free-form answer vs gold(s) through rewards.grade_batch (math-verify)
+KIND_MATH = "math"  # free-form answer vs gold(s) through grading.grade_batch (math-verify)
 KIND_OCR = "ocr"  # case-insensitive substring of any gold answer in the response
 KIND_YESNO = "yesno"  # yes/no extraction vs gold yes/no
 
@@ -205,23 +205,23 @@ SHORT_REPLY_CHARS = 80
 def extract_choice_from_response(text: str, options: Optional[Sequence[str]] = None) -> Optional[str]:
     """Option letter of a response: from its committed answer, else from the reply itself.
 
-    1. The committed answer (first ``\\boxed{}`` / ``Answer:`` line, rewards.extract_answer)
+    1. The committed answer (first ``\\boxed{}`` / ``Answer:`` line, grading.extract_answer)
        read as a letter or option text.
     2. A short one-line reply (multiple-choice prompts ask for the letter directly):
        ``B``, ``B. 45°``, ``(B)``, ``Option B``, or the text of one option.
     3. In a longer reply, the first "answer/option/choice is X" phrase (not a mere
        mention such as "option A is wrong": "is" must follow answer/option/choice).
     """
-    committed = rewards.extract_answer(text)
+    committed = grading.extract_answer(text)
     if committed is not None:
-        letter = rewards.extract_choice(committed, options)
+        letter = grading.extract_choice(committed, options)
         if letter is not None:
             return letter
     stripped = (text or "").strip()
     if not stripped:
         return None
     if "\n" not in stripped and len(stripped) <= SHORT_REPLY_CHARS:
-        letter = rewards.extract_choice(stripped, options)
+        letter = grading.extract_choice(stripped, options)
         if letter is not None:
             return letter
     valid = LETTERS[: len(options)] if options else LETTERS
@@ -240,7 +240,7 @@ def extract_yes_no(text: str) -> Optional[str]:
 
     A reply counts as yes (no) when its words contain yes (no) and not the other.
     """
-    committed = rewards.extract_answer(text)
+    committed = grading.extract_answer(text)
     for candidate in ([committed] if committed else []) + [text or ""]:
         words = set(re.findall(r"[a-z]+", candidate.lower()))
         has_yes, has_no = "yes" in words, "no" in words

@@ -1,21 +1,21 @@
 """The paper's eight evaluation benchmarks: readers, prompt builders and scorers.
 
 ``BENCHMARKS`` maps a name (also the default directory name under
-``config.benchmarks_dir``) to its :class:`~vaopd_jax.benchmarks.base.Benchmark`, in
+``config.benchmarks_dir``) to its :class:`~vaopd_jax.eval.benchmarks.base.Benchmark`, in
 the column order of the paper's table: math first (WeMath, MathVista, MathVerse),
 then visual (HallusionBench, AI2D, MMMU, MMStar, OCRBench).
 """
 
-from vaopd_jax.benchmarks.ai2d import AI2D
-from vaopd_jax.benchmarks.base import Benchmark
-from vaopd_jax.benchmarks.common import BadRecord, ImageRef, MissingBenchmark, ReadResult, Record
-from vaopd_jax.benchmarks.hallusionbench import HallusionBench
-from vaopd_jax.benchmarks.mathverse import MathVerse
-from vaopd_jax.benchmarks.mathvista import MathVista
-from vaopd_jax.benchmarks.mmmu import MMMU
-from vaopd_jax.benchmarks.mmstar import MMStar
-from vaopd_jax.benchmarks.ocrbench import OCRBench
-from vaopd_jax.benchmarks.wemath import WeMath
+from vaopd_jax.eval.benchmarks.ai2d import AI2D
+from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.common import BadRecord, ImageRef, MissingBenchmark, ReadResult, Record
+from vaopd_jax.eval.benchmarks.hallusionbench import HallusionBench
+from vaopd_jax.eval.benchmarks.mathverse import MathVerse
+from vaopd_jax.eval.benchmarks.mathvista import MathVista
+from vaopd_jax.eval.benchmarks.mmmu import MMMU
+from vaopd_jax.eval.benchmarks.mmstar import MMStar
+from vaopd_jax.eval.benchmarks.ocrbench import OCRBench
+from vaopd_jax.eval.benchmarks.wemath import WeMath
 
 BENCHMARKS: dict = {
     b.name: b

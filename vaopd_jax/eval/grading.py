@@ -23,9 +23,9 @@ Public API::
     grading_counters() -> {"timeouts", "errors"}             # for logging
     shutdown()                                               # stop the worker pool
 
-Workers are plain ``python -m vaopd_jax.rewards --worker`` subprocesses speaking JSON
+Workers are plain ``python -m vaopd_jax.eval.grading --worker`` subprocesses speaking JSON
 lines (not multiprocessing), so grading works from any thread, notebook or unguarded
-script. Throughput: ``python -m vaopd_jax.benchmarks.grading_speed``.
+script. Throughput: ``python -m vaopd_jax.bench.grading``.
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def _verify_in_worker(pred: str, gold: str) -> bool:
 
 
 def _worker_main() -> None:
-    """Worker loop (``python -m vaopd_jax.rewards --worker``): JSON lines in and out.
+    """Worker loop (``python -m vaopd_jax.eval.grading --worker``): JSON lines in and out.
 
     Reads ``[pred, gold]`` per line on stdin, answers ``["ok", bool]`` or
     ``["error", message]``; the first line written is ``["ready", null]``.
@@ -353,7 +353,7 @@ class _Worker:
 
     def __init__(self):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vaopd_jax.rewards", "--worker"],
+            [sys.executable, "-m", "vaopd_jax.eval.grading", "--worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"},
         )
@@ -429,7 +429,7 @@ class VerifyPool:
                     w.kill()
                 raise RuntimeError(
                     f"a math-verify worker process did not start within {self.startup_timeout_s:.0f}s "
-                    f"(check `{sys.executable} -m vaopd_jax.rewards --worker`; is math-verify installed?)")
+                    f"(check `{sys.executable} -m vaopd_jax.eval.grading --worker`; is math-verify installed?)")
         return fresh
 
     def _replace(self, worker: _Worker) -> _Worker:
@@ -599,5 +599,5 @@ def grade_responses(
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--worker"]:
-        raise SystemExit("usage: python -m vaopd_jax.rewards --worker (a grading subprocess; see VerifyPool)")
+        raise SystemExit("usage: python -m vaopd_jax.eval.grading --worker (a grading subprocess; see VerifyPool)")
     _worker_main()

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vaopd_jax.benchmarks import common
-from vaopd_jax.benchmarks.base import Benchmark
-from vaopd_jax.benchmarks.common import BadRecord, Record
+from vaopd_jax.eval.benchmarks import common
+from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.common import BadRecord, Record
 
 HME = "Handwritten Mathematical Expression Recognition"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vaopd_jax.benchmarks import common
-from vaopd_jax.benchmarks.base import Benchmark
-from vaopd_jax.benchmarks.common import BadRecord, Record
+from vaopd_jax.eval.benchmarks import common
+from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.common import BadRecord, Record
 
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 

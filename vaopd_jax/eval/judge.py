@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Callable, Optional, Sequence
 
-from vaopd_jax.benchmarks.common import LETTERS
+from vaopd_jax.eval.benchmarks.common import LETTERS
 
 logger = logging.getLogger(__name__)
 

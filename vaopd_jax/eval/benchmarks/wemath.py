@@ -25,9 +25,9 @@ from typing import Sequence
 
 import numpy as np
 
-from vaopd_jax.benchmarks import common
-from vaopd_jax.benchmarks.base import Benchmark
-from vaopd_jax.benchmarks.common import BadRecord, Record
+from vaopd_jax.eval.benchmarks import common
+from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.common import BadRecord, Record
 
 _OPTION = re.compile(r"(?:^|[;；]\s*)([A-H])[.．、:]\s*")
 GROUP_KEYS = {

@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from vaopd_jax.benchmarks import common
-from vaopd_jax.benchmarks.base import Benchmark
-from vaopd_jax.benchmarks.common import BadRecord, Record
+from vaopd_jax.eval.benchmarks import common
+from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.common import BadRecord, Record
 
 
 def _all_right_share(rows: Sequence[dict], k: int, key: str) -> float:

@@ -32,13 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vaopd_jax import diagnostics
 from vaopd_jax.data import pipeline, processor
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.distill import kl as kl_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.models import qwen3_vl
+from vaopd_jax.notebook import diagnostics
 from vaopd_jax.rollout import sampler
 
 # ----------------------------------------------------------------------------- running the trainer

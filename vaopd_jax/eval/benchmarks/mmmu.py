@@ -21,11 +21,11 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from vaopd_jax import rewards
-from vaopd_jax.benchmarks import common
-from vaopd_jax.benchmarks.ai2d import MC_SUFFIX
-from vaopd_jax.benchmarks.base import Benchmark
-from vaopd_jax.benchmarks.common import BadRecord, Record
+from vaopd_jax.eval import grading
+from vaopd_jax.eval.benchmarks import common
+from vaopd_jax.eval.benchmarks.ai2d import MC_SUFFIX
+from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.common import BadRecord, Record
 
 OPEN_SUFFIX = "Answer the question using a single word or phrase."
 MAX_IMAGES = 7
@@ -99,7 +99,7 @@ class MMMU(Benchmark):
         return common.KIND_CHOICE if record.meta["question_type"] == "multiple-choice" else common.KIND_MATH
 
     def extract_free_form(self, record: Record, text: str) -> Optional[str]:
-        committed = rewards.extract_answer(text)
+        committed = grading.extract_answer(text)
         if committed is not None:
             return committed
         lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
@@ -107,6 +107,6 @@ class MMMU(Benchmark):
         return lines[0].rstrip(".") if len(lines) == 1 else None
 
     def grade_free_form(self, record: Record, pred: str) -> Optional[bool]:
-        if any(rewards.normalized_match(pred, gold) for gold in self.golds(record)):
+        if any(grading.normalized_match(pred, gold) for gold in self.golds(record)):
             return True
         return None

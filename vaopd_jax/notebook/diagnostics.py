@@ -20,7 +20,7 @@ arrays are accepted and converted with ``np.asarray``. VA arrays are the
 output of ``objective.visual_advantage`` (Eq. 2): non-negative, (R, T) for a
 batch of rollouts or (T,) for one, with a response mask of the same shape.
 
-Regenerate the README pictures with ``python -m vaopd_jax.diagnostics docs/images``.
+Regenerate the README pictures with ``python -m vaopd_jax.notebook.diagnostics docs/images``.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def _resolve_vmax(va: np.ndarray, mask: np.ndarray, vmax: float | None) -> float
 
 def _token_colors(va: np.ndarray, vmax: float) -> np.ndarray:
     """(T,) VA → (T, 3) uint8 RGB background colours on the Reds map, clipped at vmax."""
-    from matplotlib import colormaps  # lazy: keeps `import vaopd_jax.diagnostics` cheap
+    from matplotlib import colormaps  # lazy: keeps `import vaopd_jax.notebook.diagnostics` cheap
 
     levels = np.clip(va / vmax, 0.0, 1.0)
     rgba = colormaps[_CMAP_NAME](levels)

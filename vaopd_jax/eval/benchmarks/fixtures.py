@@ -2,7 +2,7 @@
 
 Used by the tests and for a smoke run of the evaluator without the real data::
 
-    python -m vaopd_jax.benchmarks.fixtures /tmp/fake_benchmarks
+    python -m vaopd_jax.eval.benchmarks.fixtures /tmp/fake_benchmarks
     python -m vaopd_jax.evaluate --config configs/eval_default.py:tiny \\
         --config.benchmarks_dir=/tmp/fake_benchmarks
 
@@ -233,7 +233,7 @@ def write_all(root, names=None) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m vaopd_jax.benchmarks.fixtures OUTPUT_DIR")
+        raise SystemExit("usage: python -m vaopd_jax.eval.benchmarks.fixtures OUTPUT_DIR")
     written = write_all(sys.argv[1])
     for name, rows in written.items():
         print(f"{name}: {len(rows)} rows -> {Path(sys.argv[1]) / name}")

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from vaopd_jax import rewards
-from vaopd_jax.benchmarks import common
-from vaopd_jax.benchmarks.common import BadRecord, ReadResult, Record
+from vaopd_jax.eval import grading
+from vaopd_jax.eval.benchmarks import common
+from vaopd_jax.eval.benchmarks.common import BadRecord, ReadResult, Record
 
 
 class Benchmark:
@@ -78,7 +78,7 @@ class Benchmark:
         return [str(a) for a in answer] if isinstance(answer, (list, tuple)) else [str(answer)]
 
     def extract_free_form(self, record: Record, text: str) -> Optional[str]:
-        return rewards.extract_answer(text)
+        return grading.extract_answer(text)
 
     def grade_free_form(self, record: Record, pred: str) -> Optional[bool]:
         """Benchmark-specific rule for a free-form answer; None -> math-verify decides."""
@@ -115,7 +115,7 @@ class Benchmark:
                     yes_no = common.extract_yes_no(text)
                     out[i][k] = (yes_no, yes_no is not None and yes_no == record.answer, extractor)
                 elif kind == common.KIND_OCR:
-                    committed = rewards.extract_answer(text)
+                    committed = grading.extract_answer(text)
                     shown = committed if committed is not None else (text or "").strip()[:200]
                     correct = common.ocr_match(text, self.golds(record), strip_spaces=bool(record.meta.get("hme")))
                     out[i][k] = (shown, correct, extractor)
@@ -138,7 +138,7 @@ class Benchmark:
                 else:
                     raise ValueError(f"{self.name}: unknown grading kind {kind!r} for record {record.id}")
         if math_pairs:
-            verdicts = rewards.grade_batch([p for p, _ in math_pairs], [g for _, g in math_pairs], timeout_s=timeout_s)
+            verdicts = grading.grade_batch([p for p, _ in math_pairs], [g for _, g in math_pairs], timeout_s=timeout_s)
             offset = 0
             for i, k, n in math_slots:
                 pred, _, extractor = out[i][k]
