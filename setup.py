@@ -29,6 +29,13 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
+        # Accelerator builds of JAX (the default install above is CPU-only JAX). The extras are JAX's own:
+        # "cuda" = CUDA 12 wheels (NVIDIA drivers for CUDA 12 or newer: the broadest choice, e.g. A100/H100
+        # clusters), "cuda13" = CUDA 13 wheels (newer drivers only), "tpu" = libtpu for Cloud TPU VMs.
+        "cuda": ["jax[cuda12]>=0.7"],
+        "cuda12": ["jax[cuda12]>=0.7"],
+        "cuda13": ["jax[cuda13]>=0.7"],
+        "tpu": ["jax[tpu]>=0.7"],
         # torch is a test-time reference only (parity with transformers' Qwen3-VL).
         "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
     },

@@ -3,6 +3,10 @@
 # hosts without a scheduler (one process per host; give each the same
 # coordinator address and its own process id).
 #
+# Install once per host, from the repository root (CUDA 12 wheels; ".[cuda13]" for CUDA 13 drivers):
+#   pip install -e ".[cuda]"
+# The script stops before training if JAX sees no GPU (a CPU-only JAX would run the paper config at CPU speed).
+#
 #   launch/gpu_host.sh configs/geo3k_8b_to_2b.py:method=va_opd --config.workdir=/runs/geo3k_8b_va_opd \
 #       --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
 #       --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
@@ -24,4 +28,8 @@ if [[ -n "${COORDINATOR:-}" ]]; then
   export JAX_COORDINATOR_ADDRESS=$COORDINATOR JAX_NUM_PROCESSES=${NUM_PROCESSES:?} JAX_PROCESS_ID=${PROCESS_ID:?}
 fi
 cd "$(dirname "$0")/.."
+XLA_PYTHON_CLIENT_PREALLOCATE=false python -c 'import jax, sys; b = jax.default_backend(); print(f"JAX {jax.__version__}: {jax.device_count()} x {jax.devices()[0].device_kind} ({b})"); sys.exit(b != "gpu")' || {
+  echo "JAX found no GPU on $(hostname). Install the CUDA build: pip install -e \".[cuda]\" (or \".[cuda13]\"), check nvidia-smi and CUDA_VISIBLE_DEVICES." >&2
+  exit 1
+}
 exec python -m vaopd_jax.train --config "$config" "$@"

@@ -5,7 +5,7 @@
 #   export TPU_NAME=vaopd-v5p-64 ZONE=us-east5-a ACCELERATOR_TYPE=v5p-64 \
 #          RUNTIME_VERSION=v2-alpha-tpuv5 BUCKET=gs://my-bucket
 #   launch/tpu_pod.sh create                  # create the slice
-#   launch/tpu_pod.sh setup                   # copy this repo to every worker, pip install
+#   launch/tpu_pod.sh setup                   # copy this repo to every worker, pip install -e ".[tpu]"
 #   launch/tpu_pod.sh run configs/geo3k_8b_to_2b.py:method=va_opd \
 #       --config.workdir=$BUCKET/vaopd/geo3k_8b_va_opd \
 #       --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
@@ -37,8 +37,7 @@ case "${1:-}" in
     tar -C "$HERE" --exclude=.git --exclude='*.egg-info' -czf /tmp/vaopd_jax.tgz .
     gcloud compute tpus tpu-vm scp /tmp/vaopd_jax.tgz "$TPU_NAME":/tmp/ --zone="$ZONE" --worker=all
     ssh_all "mkdir -p ~/$REMOTE_DIR && tar -C ~/$REMOTE_DIR -xzf /tmp/vaopd_jax.tgz && \
-      pip install -q 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html && \
-      pip install -q -e ~/$REMOTE_DIR" ;;
+      pip install -q -e ~/$REMOTE_DIR'[tpu]'" ;;
   run)
     shift
     config=$1; shift

@@ -306,6 +306,9 @@ def test_cli_reports_missing_benchmarks_and_bad_fields(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {n: b["status"] for n, b in summary["benchmarks"].items()} == {"wemath": "missing", "ocrbench": "missing"}
     assert summary["math_avg"] is None
+    # The start-up line names the backend; the bf16 default config on a CPU-only JAX is warned about.
+    assert "devices: 1 x cpu in 1 process(es) (backend cpu" in proc.stderr
+    assert "meant for GPUs/TPUs (bfloat16 weights and matmuls)" in proc.stderr
     # A bad field fails before any compute, naming it and the allowed range.
     bad = subprocess.run(cmd + ["--config.top_p=0"], capture_output=True, text=True, timeout=300,
                          cwd=str(tmp_path), env=env)

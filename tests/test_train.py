@@ -96,7 +96,7 @@ def reference(shared):
     workdir = str(shared["root"] / "reference")
     proc = run(train_args(shared, workdir), env_for(shared))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"workdir": workdir, "stdout": proc.stdout}
+    return {"workdir": workdir, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def test_checkpoints_load_with_the_runs_attention_options(shared):
@@ -130,6 +130,9 @@ def test_run_writes_tensorboard_checkpoints_and_hf_export(reference):
     assert [s for s, _ in scalars["val/accuracy"]] == [0, 2, 4]
     assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4]
     assert "step 4/4 | loss" in reference["stdout"] and "mean student VA" in reference["stdout"]
+    # The start-up line names the backend; chunked attention (a GPU/TPU setting) on CPU is warned about.
+    assert "devices: 1 x cpu in 1 process(es) (backend cpu" in reference["stdout"]
+    assert "meant for GPUs/TPUs (attention_impl='chunked')" in reference["stderr"]
 
     import torch
     from transformers import Qwen3VLForConditionalGeneration

@@ -544,6 +544,15 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
     check_run_settings(out_dir, config, model_name)
     judge = make_judge(config.judge.url, config.judge.model, api_key_env=config.judge.api_key_env,
                        timeout_s=config.judge.timeout_s)
+    from vaopd_jax.parallel import backend as backend_lib
+
+    # The backend and device kind, and a warning when a GPU/TPU config (bf16, a multi-device mesh) lands on CPU.
+    devices_line, backend_warnings = backend_lib.startup_report(
+        backend_lib.backend_info(), dtype=config.dtype, mesh_shape=(config.mesh.data, config.mesh.fsdp,
+                                                                   config.mesh.tensor))
+    log.info("%s", devices_line)
+    for warning in backend_warnings:
+        log.warning("%s", warning)
     mesh = local_mesh(config)
     runtime = Runtime(config, model=model, tokenizer=tokenizer, mesh=mesh)
 

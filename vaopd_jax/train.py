@@ -46,6 +46,7 @@ from vaopd_jax.distill import kl as kl_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.models import qwen3_vl
+from vaopd_jax.parallel import backend as backend_lib
 from vaopd_jax.parallel import mesh as mesh_lib
 from vaopd_jax.rollout import sampler
 
@@ -385,12 +386,18 @@ def main(argv) -> None:
         raise config_lib.ConfigError(
             f"config.data.prompts_per_step = {config.data.prompts_per_step}: must be divisible by the number of "
             f"processes ({jax.process_count()})")
+    # Names the backend and device kind; warns when a GPU/TPU config (bf16, chunked attention, a multi-device
+    # mesh) lands on CPU, before make_mesh can fail on the device count.
+    devices_line, backend_warnings = backend_lib.startup_report(
+        backend_lib.backend_info(), dtype=config.model.dtype, attention_impl=config.model.attention_impl,
+        mesh_shape=(config.mesh.data, config.mesh.fsdp, config.mesh.tensor), field_prefix="config.model.")
+    for warning in backend_warnings:
+        log.warning(warning)
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     workdir = config.workdir
     if primary():
         os.makedirs(workdir, exist_ok=True)
-    say(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} process(es); "
-        f"mesh {dict(mesh.shape)}; workdir {workdir}")
+    say(f"{devices_line}; mesh {dict(mesh.shape)}; workdir {workdir}")
 
     if config.tokenizer_path:
         tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer_path)
