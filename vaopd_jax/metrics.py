@@ -35,6 +35,27 @@ PEAK_TFLOPS = (
 )
 
 
+# HBM bandwidth per device, GB/s (vendor datasheets), matched by prefix of ``device_kind``: first match wins,
+# so the more specific names come first.
+PEAK_HBM_GBPS = (
+    ("TPU v6", 1640.0), ("TPU v5 lite", 819.0), ("TPU v5e", 819.0), ("TPU v5p", 2765.0), ("TPU v5", 2765.0),
+    ("TPU v4", 1200.0), ("TPU v3", 900.0),
+    ("NVIDIA H200", 4800.0), ("NVIDIA GH200", 4000.0), ("NVIDIA H100 PCIe", 2000.0), ("NVIDIA H100 NVL", 3900.0),
+    ("NVIDIA H100", 3350.0), ("NVIDIA A100-SXM4-80GB", 2039.0), ("NVIDIA A100 80GB PCIe", 1935.0),
+    ("NVIDIA A100", 1555.0), ("NVIDIA B200", 8000.0), ("NVIDIA L4", 300.0), ("NVIDIA A10", 600.0),
+)
+
+
+def peak_hbm_gbps(device_kind: str, override: float = 0.0) -> float | None:
+    """HBM bandwidth of one device in GB/s; ``override`` > 0 wins; None when unknown (e.g. CPU)."""
+    if override > 0:
+        return float(override)
+    for prefix, value in PEAK_HBM_GBPS:
+        if device_kind.startswith(prefix):
+            return value
+    return None
+
+
 def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
     """Peak dense bf16 TFLOP/s of one device; ``override`` > 0 wins; None when unknown (e.g. CPU)."""
     if override > 0:
