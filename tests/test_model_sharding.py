@@ -17,8 +17,9 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulat
 
 def test_make_mesh_shapes_and_errors():
     mesh = make_mesh(data=-1, fsdp=2, tensor=2)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert dict(make_mesh(data=1, fsdp=-1).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert dict(make_mesh(data=1, fsdp=-1).shape) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+    assert dict(make_mesh(data=1, expert=-1, tensor=2).shape) == {"data": 1, "fsdp": 1, "expert": 4, "tensor": 2}
     with pytest.raises(ValueError, match=r"needs 12 devices, but 8 are available"):
         make_mesh(data=3, fsdp=2, tensor=2)
     with pytest.raises(ValueError, match=r"only one mesh axis may be -1"):

@@ -1,6 +1,6 @@
-"""Device mesh with axes ('data', 'fsdp', 'tensor') and multi-host initialization.
+"""Device mesh with axes ('data', 'fsdp', 'expert', 'tensor') and multi-host initialization.
 
-    mesh = make_mesh(data=-1, fsdp=1, tensor=1)        # -1: all remaining devices
+    mesh = make_mesh(data=-1, fsdp=1, tensor=1, expert=1)   # -1: all remaining devices
     maybe_initialize_distributed()                     # before any other JAX call on a multi-process launch
 """
 
@@ -14,19 +14,22 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 log = logging.getLogger(__name__)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """A Mesh of shape (data, fsdp, tensor) over `devices` (default: all devices of all processes).
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None, *,
+              expert: int = 1) -> Mesh:
+    """A Mesh of shape (data, fsdp, expert, tensor) over `devices` (default: all devices of all processes).
 
     At most one size may be -1 (it takes the remaining devices). The product must equal the device count.
     `tensor` is the fastest-varying axis so tensor-parallel groups sit on neighbouring devices (one host /
-    one NVLink or ICI island).
+    one NVLink or ICI island), `expert` the next (the MoE layers all-gather and reduce-scatter tokens over it).
+    `expert` > 1 is expert parallelism for mixture-of-experts models (the experts of a layer split over it); for
+    the dense parts it acts as one more data/fsdp axis (sharding.DEFAULT_RULES).
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
     for name, size in sizes.items():
         if size == 0 or size < -1:
             raise ValueError(f"mesh {name}={size}: must be a positive int or -1 (all remaining devices)")
@@ -41,7 +44,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
         sizes[unknown[0]] = len(devices) // known
     shape = tuple(sizes[a] for a in MESH_AXES)
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape data*fsdp*tensor = {shape} needs {int(np.prod(shape))} devices, "
+        raise ValueError(f"mesh shape data*fsdp*expert*tensor = {shape} needs {int(np.prod(shape))} devices, "
                          f"but {len(devices)} are available")
     try:
         from jax.experimental import mesh_utils

@@ -3,6 +3,10 @@
 `Qwen3VLConfig.from_hf` reads a transformers `config.json` (path to the file, its directory, or the
 dict); it accepts both the legacy `rope_scaling` and the newer `rope_parameters` forms of the text rope.
 `to_hf_dict()` writes the dict that transformers' `Qwen3VLConfig(**d)` / `from_pretrained` accepts.
+
+Mixture-of-experts models (`qwen3_vl_moe`, transformers' `Qwen3VLMoeForConditionalGeneration`: Qwen3-VL-30B-A3B,
+235B-A22B) are the same config with `text.num_experts > 0`; `from_hf` reads both model types and `to_hf_dict`
+writes the one the config describes.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import math
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
-SUPPORTED_ARCHITECTURES = ("Qwen3VLForConditionalGeneration",)
+SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+SUPPORTED_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLS = ("xla", "chunked", "cudnn")  # attention.py re-exports these (routing in attention.attend)
 
@@ -58,7 +62,14 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The Qwen3 dense text decoder."""
+    """The Qwen3 text decoder: dense (num_experts == 0) or mixture-of-experts.
+
+    MoE fields (transformers' Qwen3VLMoeTextConfig): layer i has a routed-experts MLP when num_experts > 0,
+    i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0; other layers keep the dense SwiGLU MLP
+    of width intermediate_size. A sparse layer routes each token to its num_experts_per_tok experts (SwiGLU of
+    width moe_intermediate_size) by the softmax of the router logits, the top-k probabilities renormalised to
+    sum to 1 when norm_topk_prob (transformers' Qwen3VLMoe always renormalises; Qwen3-MoE makes it optional).
+    """
 
     vocab_size: int = 151936
     hidden_size: int = 4096
@@ -73,6 +84,22 @@ class TextConfig:
     max_position_embeddings: int = 262144
     hidden_act: str = "silu"
     attention_bias: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Per decoder layer: True where the MLP is the routed-experts block (transformers' rule)."""
+        return tuple(self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+                     for i in range(self.num_hidden_layers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +112,8 @@ class Qwen3VLConfig:
     'xla' (dense (B, 1, T, T) mask + jax.nn.dot_product_attention: materializes T x T scores), 'chunked'
     (attention.chunked_attention: exact, `attention_chunk_size` queries at a time, any backend) or 'cudnn'
     (jax.nn.dot_product_attention(implementation='cudnn'), NVIDIA GPUs).
+    `moe_chunk_size` (runtime, MoE models): tokens routed per grouped matmul; the routed rows of a layer are
+    processed chunk by chunk, so the sorted (tokens x top-k) buffers stay bounded whatever the batch (moe.py).
     """
 
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
@@ -97,6 +126,7 @@ class Qwen3VLConfig:
     remat: str = "none"
     attention_impl: str = "xla"
     attention_chunk_size: int = 512
+    moe_chunk_size: int = 4096
 
     def __post_init__(self):
         validate(self)
@@ -120,6 +150,16 @@ class Qwen3VLConfig:
     @classmethod
     def qwen3_vl_32b(cls, **overrides) -> "Qwen3VLConfig":
         return _preset(5120, 25600, 64, 64, False, 27, 1152, 4304, (8, 16, 24), overrides)
+
+    @classmethod
+    def qwen3_vl_30b_a3b(cls, **overrides) -> "Qwen3VLConfig":
+        """Qwen3-VL-30B-A3B: 48 layers, width 2048, 32 q / 4 KV heads, 128 experts (MLP 768), top-8."""
+        return _moe_preset(2048, 6144, 48, 32, 768, overrides)
+
+    @classmethod
+    def qwen3_vl_235b_a22b(cls, **overrides) -> "Qwen3VLConfig":
+        """Qwen3-VL-235B-A22B: 94 layers, width 4096, 64 q / 4 KV heads, 128 experts (MLP 1536), top-8."""
+        return _moe_preset(4096, 12288, 94, 64, 1536, overrides)
 
     @classmethod
     def tiny(cls, **overrides) -> "Qwen3VLConfig":
@@ -162,10 +202,11 @@ class Qwen3VLConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"{where}: unsupported model_type {model_type!r}; this port supports {SUPPORTED_MODEL_TYPES} "
-                "(dense Qwen3-VL; MoE 'qwen3_vl_moe' is not implemented)")
+                "(dense Qwen3-VL and its mixture-of-experts variant)")
         bad = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
         if bad:
             raise ValueError(f"{where}: unsupported architectures {bad}; supported: {SUPPORTED_ARCHITECTURES}")
+        moe = model_type == "qwen3_vl_moe"
         t = dict(d.get("text_config") or {})
         v = dict(d.get("vision_config") or {})
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
@@ -190,6 +231,7 @@ class Qwen3VLConfig:
             max_position_embeddings=t.get("max_position_embeddings", 128000),
             hidden_act=t.get("hidden_act", "silu"),
             attention_bias=bool(t.get("attention_bias", False)),
+            **(_moe_fields(t, where) if moe else {}),
         )
         vrope = v.get("rope_parameters") or {}
         vision = VisionConfig(
@@ -222,9 +264,15 @@ class Qwen3VLConfig:
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
         """The transformers `config.json` dict (loadable by `Qwen3VLForConditionalGeneration.from_pretrained`)."""
         t, v = self.text, self.vision
+        moe = t.is_moe
+        text_moe = {}
+        if moe:
+            text_moe = {"num_experts": t.num_experts, "num_experts_per_tok": t.num_experts_per_tok,
+                        "moe_intermediate_size": t.moe_intermediate_size, "norm_topk_prob": t.norm_topk_prob,
+                        "decoder_sparse_step": t.decoder_sparse_step, "mlp_only_layers": list(t.mlp_only_layers)}
         return {
-            "architectures": ["Qwen3VLForConditionalGeneration"],
-            "model_type": "qwen3_vl",
+            "architectures": ["Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"],
+            "model_type": "qwen3_vl_moe" if moe else "qwen3_vl",
             "dtype": dtype,
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
@@ -232,7 +280,7 @@ class Qwen3VLConfig:
             "vision_end_token_id": self.vision_end_token_id,
             "tie_word_embeddings": self.tie_word_embeddings,
             "text_config": {
-                "model_type": "qwen3_vl_text",
+                "model_type": "qwen3_vl_moe_text" if moe else "qwen3_vl_text",
                 "vocab_size": t.vocab_size,
                 "hidden_size": t.hidden_size,
                 "intermediate_size": t.intermediate_size,
@@ -252,9 +300,10 @@ class Qwen3VLConfig:
                     "mrope_section": list(t.mrope_section),
                     "mrope_interleaved": True,
                 },
+                **text_moe,
             },
             "vision_config": {
-                "model_type": "qwen3_vl_vision",
+                "model_type": "qwen3_vl_moe_vision" if moe else "qwen3_vl_vision",
                 "depth": v.depth,
                 "hidden_size": v.hidden_size,
                 "intermediate_size": v.intermediate_size,
@@ -275,6 +324,32 @@ class Qwen3VLConfig:
 
 def _tuples(d: dict) -> dict:
     return {k: tuple(x) if isinstance(x, list) else x for k, x in d.items()}
+
+
+def _moe_fields(t: dict, where: str) -> dict:
+    """The MoE fields of a qwen3_vl_moe text_config (transformers' defaults where a field is absent)."""
+    experts = t.get("num_experts", t.get("num_local_experts"))
+    if experts is None:
+        raise ValueError(f"{where}: text_config.num_experts is missing (a qwen3_vl_moe config needs it)")
+    return dict(num_experts=int(experts), num_experts_per_tok=int(t.get("num_experts_per_tok", 4)),
+                moe_intermediate_size=int(t.get("moe_intermediate_size", 1408)),
+                # transformers' Qwen3VLMoe router always renormalises the top-k weights: absent means True.
+                norm_topk_prob=bool(t.get("norm_topk_prob", True)),
+                decoder_sparse_step=int(t.get("decoder_sparse_step", 1)),
+                mlp_only_layers=tuple(int(i) for i in (t.get("mlp_only_layers") or ())))
+
+
+def _moe_preset(hidden, mlp, layers, heads, moe_mlp, overrides) -> Qwen3VLConfig:
+    """The released Qwen3-VL MoE shapes: 4 KV heads, 128 experts, top-8, renormalised, every layer sparse; the
+    vision tower of the 8B/32B models with out_hidden_size = hidden."""
+    text = TextConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                      moe_intermediate_size=moe_mlp, norm_topk_prob=True)
+    vision = VisionConfig(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=hidden,
+                          deepstack_visual_indexes=(8, 16, 24))
+    text = dataclasses.replace(text, **_tuples(overrides.pop("text", {}) or {}))
+    vision = dataclasses.replace(vision, **_tuples(overrides.pop("vision", {}) or {}))
+    return Qwen3VLConfig(text=text, vision=vision, tie_word_embeddings=False, **overrides)
 
 
 def _preset(hidden, mlp, layers, heads, tie, vdepth, vhidden, vmlp, deepstack, overrides) -> Qwen3VLConfig:
@@ -328,3 +403,19 @@ def validate(cfg: Qwen3VLConfig) -> None:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {cfg.attention_impl!r}")
     if cfg.attention_chunk_size < 1:
         raise ValueError(f"attention_chunk_size must be >= 1, got {cfg.attention_chunk_size}")
+    if cfg.moe_chunk_size < 1:
+        raise ValueError(f"moe_chunk_size must be >= 1, got {cfg.moe_chunk_size}")
+    if t.num_experts < 0:
+        raise ValueError(f"text.num_experts must be >= 0 (0 = dense), got {t.num_experts}")
+    if t.is_moe:
+        if not 1 <= t.num_experts_per_tok <= t.num_experts:
+            raise ValueError(f"text.num_experts_per_tok must be in [1, num_experts={t.num_experts}], "
+                             f"got {t.num_experts_per_tok}")
+        if t.moe_intermediate_size < 1:
+            raise ValueError(f"text.moe_intermediate_size must be >= 1, got {t.moe_intermediate_size}")
+        if t.decoder_sparse_step < 1:
+            raise ValueError(f"text.decoder_sparse_step must be >= 1, got {t.decoder_sparse_step}")
+        bad = [i for i in t.mlp_only_layers if not 0 <= i < t.num_hidden_layers]
+        if bad:
+            raise ValueError(f"text.mlp_only_layers entries must be in [0, num_hidden_layers={t.num_hidden_layers}), "
+                             f"got {bad}")

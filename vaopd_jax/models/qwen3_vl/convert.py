@@ -10,6 +10,14 @@ host memory holds at most one (stacked) parameter beyond the resulting model. Th
 `model.safetensors` (or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`) and `config.json`
 in the layout transformers' `Qwen3VLForConditionalGeneration.from_pretrained` reads.
 
+Mixture-of-experts checkpoints (`Qwen3VLMoeForConditionalGeneration`) keep all experts of a layer in two fused
+tensors: `mlp.experts.gate_up_proj` (gate rows first, then up) and `mlp.experts.down_proj`, plus the router
+`mlp.gate.weight` (X, E). The released Qwen3-VL MoE files store them as (X, E, 2I) and (X, I, E); transformers >= 5
+holds (and its save_pretrained writes) (X, 2I, E) and (X, E, I), and its loader transposes the released layout by
+shape (conversion_mapping.py: Transpose(1, 2, check_dims=True)). The loader here reads both, by the same rule;
+the saver writes the released layout, which every reader of the released files accepts (transformers 4.57 and 5),
+except where the two layouts have the same shape (E == 2I or E == I) and only transformers >= 5's is unambiguous.
+
 `python -m vaopd_jax.models.qwen3_vl.convert IN_DIR OUT_DIR [--dtype bfloat16]` round-trips a checkpoint
 (load, then save) - e.g. to re-shard or change the dtype.
 """
@@ -52,8 +60,10 @@ class ParamSpec:
     """How one model parameter maps onto Hugging Face tensors.
 
     path: attribute path in the NNX module; keys: one HF key per stacked slice (a single key if unstacked);
-    hf_shape: the HF tensor shape; kind: 'copy', 'linear' (HF (out, in) -> kernel (in, ...out) reshaped)
-    or 'conv' (Conv3d (out, C, T, P, P) -> (C*T*P*P, out)).
+    hf_shape: the HF tensor shape (transformers' in-memory layout); kind: 'copy', 'linear' (HF (out, in) ->
+    kernel (in, ...out) reshaped), 'conv' (Conv3d (out, C, T, P, P) -> (C*T*P*P, out)), or one half of a fused
+    expert tensor: 'expert_gate' / 'expert_up' (gate_up_proj (X, 2I, E) -> (X, E, I)), 'expert_down' (down_proj
+    (X, E, I) -> (X, I, E)); expert tensors are also read in the released checkpoints' transposed layout.
     """
 
     path: tuple[str, ...]
@@ -90,9 +100,27 @@ def param_specs(cfg: Qwen3VLConfig) -> list[ParamSpec]:
     add(lay + ("o_kernel",), lm + ".layers.{}.self_attn.o_proj.weight", (E, N * D), "linear", L)
     add(lay + ("q_norm",), lm + ".layers.{}.self_attn.q_norm.weight", (D,), "copy", L)
     add(lay + ("k_norm",), lm + ".layers.{}.self_attn.k_norm.weight", (D,), "copy", L)
-    add(lay + ("gate_kernel",), lm + ".layers.{}.mlp.gate_proj.weight", (F, E), "linear", L)
-    add(lay + ("up_kernel",), lm + ".layers.{}.mlp.up_proj.weight", (F, E), "linear", L)
-    add(lay + ("down_kernel",), lm + ".layers.{}.mlp.down_proj.weight", (E, F), "linear", L)
+    # MLP stacks hold only their kind's layers (text.DecoderLayers): one key per layer of that kind, in order.
+    sparse = t.sparse_layers
+    dense_ids = [i for i in range(L) if not sparse[i]]
+    sparse_ids = [i for i in range(L) if sparse[i]]
+
+    def add_layers(name, key_fmt, hf_shape, kind, ids):
+        specs.append(ParamSpec(lay + (name,), tuple(key_fmt.format(i) for i in ids), tuple(hf_shape), kind, True))
+
+    if dense_ids:
+        add_layers("gate_kernel", lm + ".layers.{}.mlp.gate_proj.weight", (F, E), "linear", dense_ids)
+        add_layers("up_kernel", lm + ".layers.{}.mlp.up_proj.weight", (F, E), "linear", dense_ids)
+        add_layers("down_kernel", lm + ".layers.{}.mlp.down_proj.weight", (E, F), "linear", dense_ids)
+    if sparse_ids:
+        X, I = t.num_experts, t.moe_intermediate_size
+        add_layers("router_kernel", lm + ".layers.{}.mlp.gate.weight", (X, E), "linear", sparse_ids)
+        add_layers("expert_gate_kernel", lm + ".layers.{}.mlp.experts.gate_up_proj", (X, 2 * I, E), "expert_gate",
+                   sparse_ids)
+        add_layers("expert_up_kernel", lm + ".layers.{}.mlp.experts.gate_up_proj", (X, 2 * I, E), "expert_up",
+                   sparse_ids)
+        add_layers("expert_down_kernel", lm + ".layers.{}.mlp.experts.down_proj", (X, E, I), "expert_down",
+                   sparse_ids)
     if not cfg.tie_word_embeddings:
         add(("lm_head",), "lm_head.weight", (V, E), "linear")
 
@@ -128,8 +156,30 @@ def param_specs(cfg: Qwen3VLConfig) -> list[ParamSpec]:
     return specs
 
 
+EXPERT_KINDS = ("expert_gate", "expert_up", "expert_down")
+
+
+def released_expert_shape(spec: ParamSpec) -> tuple[int, ...]:
+    """The released checkpoints' layout of a fused expert tensor: transformers' (X, a, b) transposed to (X, b, a)."""
+    x, a, b = spec.hf_shape
+    return (x, b, a)
+
+
+def _transformers_layout(hf: np.ndarray, spec: ParamSpec) -> np.ndarray:
+    """A fused expert tensor in transformers' layout (X, 2I, E) / (X, E, I): as is when it has that shape (the
+    rule of transformers' Transpose(check_dims=True)), else transposed from the released layout."""
+    return hf if tuple(hf.shape) == spec.hf_shape else hf.transpose(0, 2, 1)
+
+
 def hf_to_ours(hf: np.ndarray, spec: ParamSpec, slice_shape: tuple[int, ...]) -> np.ndarray:
     """One HF tensor -> one (unstacked) slice of our parameter with shape slice_shape."""
+    if spec.kind in EXPERT_KINDS:
+        hf = _transformers_layout(hf, spec)
+        if spec.kind == "expert_down":
+            return hf.transpose(0, 2, 1)  # (X, E, I) -> (X, I, E)
+        half = spec.hf_shape[1] // 2  # gate_up_proj rows: gate first, then up (transformers' chunk(2))
+        part = hf[:, :half] if spec.kind == "expert_gate" else hf[:, half:]
+        return part.transpose(0, 2, 1)  # (X, I, E) -> (X, E, I)
     if spec.kind == "copy":
         return hf.reshape(slice_shape)
     if spec.kind == "linear":
@@ -140,7 +190,10 @@ def hf_to_ours(hf: np.ndarray, spec: ParamSpec, slice_shape: tuple[int, ...]) ->
 
 
 def ours_to_hf(ours: np.ndarray, spec: ParamSpec) -> np.ndarray:
-    """One (unstacked) slice of our parameter -> the HF tensor (spec.hf_shape)."""
+    """One (unstacked) slice of our parameter -> the HF tensor (spec.hf_shape; expert kinds: see
+    experts_to_hf)."""
+    if spec.kind == "expert_down":  # ours (X, I, E) -> transformers (X, E, I)
+        return np.ascontiguousarray(ours.transpose(0, 2, 1))
     if spec.kind == "copy":
         return ours.reshape(spec.hf_shape)
     if spec.kind == "linear":
@@ -217,8 +270,21 @@ class CheckpointReader:
 
 def _checked(reader: Callable[[str], np.ndarray], key: str, spec: ParamSpec, where: str) -> np.ndarray:
     hf = reader(key)
-    if tuple(hf.shape) != spec.hf_shape:
-        raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(hf.shape)}, expected {spec.hf_shape}")
+    shape = tuple(hf.shape)
+    if spec.kind in EXPERT_KINDS:
+        allowed = (spec.hf_shape, released_expert_shape(spec))
+        if shape not in allowed:
+            if len(shape) == 3 and shape[0] != spec.hf_shape[0]:
+                raise CheckpointError(f"{where}: tensor {key!r} holds {shape[0]} experts (shape {shape}), but the "
+                                      f"config has num_experts={spec.hf_shape[0]}")
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {shape}, expected {allowed[0]} (transformers) "
+                                  f"or {allowed[1]} (released checkpoints)")
+        return hf
+    if spec.kind == "linear" and key.endswith(".mlp.gate.weight") and len(shape) == 2 and shape[0] != spec.hf_shape[0]:
+        raise CheckpointError(f"{where}: router {key!r} scores {shape[0]} experts (shape {shape}), but the config "
+                              f"has num_experts={spec.hf_shape[0]}")
+    if shape != spec.hf_shape:
+        raise CheckpointError(f"{where}: tensor {key!r} has shape {shape}, expected {spec.hf_shape}")
     return hf
 
 
@@ -271,9 +337,9 @@ def model_from_tensors(cfg: Qwen3VLConfig, reader: Callable[[str], np.ndarray], 
 
 def _check_architecture(config_dict: dict, where: str):
     mt = config_dict.get("model_type")
-    if mt != "qwen3_vl":
+    if mt not in ("qwen3_vl", "qwen3_vl_moe"):
         raise CheckpointError(f"{where}: unsupported model_type {mt!r} (expected 'qwen3_vl', "
-                              "Qwen3VLForConditionalGeneration)")
+                              "Qwen3VLForConditionalGeneration, or 'qwen3_vl_moe', Qwen3VLMoeForConditionalGeneration)")
 
 
 def load_hf_checkpoint(path, dtype=jnp.float32, mesh: Mesh | None = None, *, compute_dtype=None,
@@ -299,19 +365,60 @@ def load_hf_checkpoint(path, dtype=jnp.float32, mesh: Mesh | None = None, *, com
                               where=path)
 
 
+def experts_to_hf(gate: np.ndarray, up: np.ndarray, spec: ParamSpec) -> np.ndarray:
+    """One layer's gate and up expert kernels (X, E, I) -> the fused gate_up_proj in the released layout
+    (X, E, 2I), or transformers' (X, 2I, E) when the two layouts have the same shape (E == 2I)."""
+    fused = np.concatenate([gate, up], axis=2)  # (X, E, 2I)
+    if fused.shape == spec.hf_shape:  # ambiguous by shape: write the layout transformers takes as is
+        return np.ascontiguousarray(fused.transpose(0, 2, 1))
+    return np.ascontiguousarray(fused)
+
+
+def _expert_down_to_hf(ours: np.ndarray, spec: ParamSpec) -> np.ndarray:
+    """ours (X, I, E) -> down_proj in the released layout (X, I, E), or transformers' (X, E, I) when E == I."""
+    if ours.shape == spec.hf_shape:
+        return ours_to_hf(ours, spec)
+    return np.ascontiguousarray(ours)
+
+
+@jax.jit
+def _layer_slice(stacked, i):
+    return jax.lax.dynamic_index_in_dim(stacked, i, keepdims=False)
+
+
+def _host(model: Qwen3VL, spec: ParamSpec, np_dtype, layer: int | None = None) -> np.ndarray:
+    """A parameter (or, with `layer`, one slice of a stacked one) gathered to the host as numpy."""
+    value = _get_param(model, spec.path)[...]
+    if layer is not None:
+        value = _layer_slice(value, np.int32(layer))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        value = multihost_utils.process_allgather(value, tiled=True)
+    host = np.asarray(jax.device_get(value))
+    return host if np_dtype is None else host.astype(np_dtype)
+
+
 def iter_hf_tensors(model: Qwen3VL, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (hf_key, numpy tensor) one parameter at a time (gathered to the host)."""
+    """Yields (hf_key, numpy tensor) one parameter at a time (gathered to the host); the gate and up expert
+    kernels of a layer leave as one fused gate_up_proj."""
     np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    for spec in param_specs(model.config):
-        value = _get_param(model, spec.path)[...]
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            value = multihost_utils.process_allgather(value, tiled=True)
-        host = np.asarray(jax.device_get(value))
-        if np_dtype is not None:
-            host = host.astype(np_dtype)
+    specs = param_specs(model.config)
+    by_kind = {s.kind: s for s in specs if s.kind in EXPERT_KINDS}
+    for spec in specs:
+        if spec.kind == "expert_up":
+            continue  # written with its gate half
+        if spec.kind in EXPERT_KINDS:  # one layer at a time: a layer's experts are GBs, all layers' tens of GBs
+            for i, key in enumerate(spec.keys):
+                part = _host(model, spec, np_dtype, layer=i)
+                if spec.kind == "expert_gate":
+                    yield key, experts_to_hf(part, _host(model, by_kind["expert_up"], np_dtype, layer=i), spec)
+                else:
+                    yield key, _expert_down_to_hf(part, spec)
+            continue
+        host = _host(model, spec, np_dtype)
         for i, key in enumerate(spec.keys):
-            yield key, ours_to_hf(host[i] if spec.stacked else host, spec)
+            part = host[i] if spec.stacked else host
+            yield key, ours_to_hf(part, spec)
 
 
 def _write_safetensors(path: str, tensors: list[tuple[str, np.ndarray]]):

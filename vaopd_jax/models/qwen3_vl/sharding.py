@@ -1,4 +1,4 @@
-"""Logical axis names -> mesh axes ('data', 'fsdp', 'tensor') for Qwen3-VL parameters and activations.
+"""Logical axis names -> mesh axes ('data', 'fsdp', 'expert', 'tensor') for Qwen3-VL parameters and activations.
 
 Every nnx.Param of the model carries `logical_axes` metadata (layers.param). A rule table maps each logical
 name to a mesh axis, a tuple of mesh axes, or None (replicated). Changing the parallelism is a change of
@@ -15,23 +15,29 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # fsdp shards the model width ('embed'); tensor shards heads / MLP / vocab (Megatron-style column/row split).
+# expert (expert parallelism) shards the experts of a MoE layer; for everything else it is one more data/fsdp
+# axis: the batch and the model width are sharded over it too (the MaxText convention), so a mesh with an expert
+# axis wastes no memory or compute on the dense parts. A mesh axis is used once per array, so an expert kernel
+# (expert, embed, expert_mlp) is split over 'expert', 'fsdp' and 'tensor'.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "layers": None,
     "stack": None,
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "expert"),
     "mlp": "tensor",
+    "expert": "expert",
+    "expert_mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
-    "vision_embed": "fsdp",
+    "vision_embed": ("fsdp", "expert"),
     "vision_mlp": "tensor",
     "vision_qkv": "tensor",
     "vision_heads": "tensor",
     "vision_patch": None,
     "vision_pos": None,
-    "vision_merged": "fsdp",
+    "vision_merged": ("fsdp", "expert"),
 }
 
 
@@ -85,7 +91,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None) -> 
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules: Mapping | None = None) -> NamedSharding:
-    """Sharding for an activation / input whose `batch_axis` is the batch: batch on ('data', 'fsdp')."""
+    """Sharding for an activation / input whose `batch_axis` is the batch: batch on ('data', 'fsdp', 'expert')."""
     axes = [None] * ndim
     axes[batch_axis] = "batch"
     return NamedSharding(mesh, logical_to_spec(axes, rules, mesh))
@@ -94,7 +100,7 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules: Mapping | 
 def constrain(x, axes: Sequence[str | None], rules: Mapping | None = None):
     """with_sharding_constraint by logical axes when a mesh is set (`jax.set_mesh`); a no-op otherwise.
 
-    Keeps activations batch-sharded on ('data', 'fsdp') inside the model, whatever GSPMD would propagate from
+    Keeps activations batch-sharded on ('data', 'fsdp', 'expert') inside the model, whatever GSPMD would propagate from
     the fsdp/tensor-sharded weights."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

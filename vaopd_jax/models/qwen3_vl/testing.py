@@ -1,7 +1,7 @@
 """Test helpers shared by the model, sampler and train-step parity tests (torch is imported lazily).
 
-    cfg = tiny_config(tie_word_embeddings=True)
-    hf = hf_reference_model(cfg, seed=0)          # transformers Qwen3VLForConditionalGeneration, fp32, eager
+    cfg = tiny_config(tie_word_embeddings=True)    # tiny_moe_config(...): the mixture-of-experts variant
+    hf = hf_reference_model(cfg, seed=0)          # transformers Qwen3VL(Moe)ForConditionalGeneration, fp32, eager
     model = model_from_hf(hf, cfg)                  # our Qwen3VL with the same weights
     batch = make_batch(cfg, [[(1, 4, 6)], [(1, 8, 4), (1, 4, 4)]], text_lens=[5, 3], seed=0)
     hf_logits = hf_logits(hf, batch)               # numpy (B, T, V)
@@ -24,17 +24,33 @@ def tiny_config(**overrides) -> Qwen3VLConfig:
     return Qwen3VLConfig.tiny(**overrides)
 
 
+def tiny_moe_config(**overrides) -> Qwen3VLConfig:
+    """The tiny config with a mixture-of-experts decoder: 6 experts of width 24, top-2, renormalised, every layer
+    sparse. overrides as tiny_config; `text=dict(...)` entries replace these defaults."""
+    text = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
+                intermediate_size=96)
+    text.update(overrides.pop("text", {}) or {})
+    return Qwen3VLConfig.tiny(text=text, **overrides)
+
+
 def hf_reference_model(cfg: Qwen3VLConfig, seed: int = 0):
-    """transformers' Qwen3VLForConditionalGeneration for `cfg`, random init, fp32, eager attention, eval mode."""
+    """transformers' Qwen3VLForConditionalGeneration (Qwen3VLMoeForConditionalGeneration for a MoE config) for
+    `cfg`, random init, fp32, eager attention, eval mode.
+
+    transformers' Qwen3VLMoe router always renormalises the top-k weights; for norm_topk_prob=False each router is
+    replaced by transformers' Qwen3-MoE router (Qwen3MoeTopKRouter, which honours the flag) with the same weight."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    hf_cfg = transformers.Qwen3VLConfig(**cfg.to_hf_dict())
+    moe = cfg.text.is_moe
+    config_cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
+    model_cls = transformers.Qwen3VLMoeForConditionalGeneration if moe else transformers.Qwen3VLForConditionalGeneration
+    hf_cfg = config_cls(**cfg.to_hf_dict())
     hf_cfg._attn_implementation = "eager"
     hf_cfg.text_config._attn_implementation = "eager"
     hf_cfg.vision_config._attn_implementation = "eager"
-    model = transformers.Qwen3VLForConditionalGeneration(hf_cfg).to(torch.float32).eval()
+    model = model_cls(hf_cfg).to(torch.float32).eval()
     # Re-initialize so activations and logits are O(1) (transformers' std 0.02 makes logits tiny and parity
     # tests insensitive) and norms/biases are not trivially 1/0, so every parameter is exercised.
     with torch.no_grad():
@@ -45,10 +61,33 @@ def hf_reference_model(cfg: Qwen3VLConfig, seed: int = 0):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif p.ndim == 1 or "embed_tokens" in name or "pos_embed" in name:
                 p.copy_(torch.randn_like(p))
+            elif ".mlp.experts." in name:  # fused (X, out, in) expert kernels
+                p.copy_(torch.randn_like(p) / p.shape[-1]**0.5)
             else:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn_like(p) / fan_in**0.5)
+    if moe and not cfg.text.norm_topk_prob:
+        _use_unnormalised_routers(model, cfg)
     return model
+
+
+def _use_unnormalised_routers(model, cfg: Qwen3VLConfig):
+    """Swaps every sparse layer's router for transformers' Qwen3MoeTopKRouter(norm_topk_prob=False), same weight."""
+    import types
+
+    import torch
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    t = cfg.text
+    router_cfg = types.SimpleNamespace(num_experts_per_tok=t.num_experts_per_tok, num_experts=t.num_experts,
+                                       norm_topk_prob=False, hidden_size=t.hidden_size)
+    for layer in model.model.language_model.layers:
+        old = getattr(layer.mlp, "gate", None)
+        if isinstance(old, torch.nn.Module) and hasattr(old, "top_k"):
+            new = Qwen3MoeTopKRouter(router_cfg)
+            with torch.no_grad():
+                new.weight.copy_(old.weight)
+            layer.mlp.gate = new.to(old.weight.dtype)
 
 
 def model_from_hf(hf_model, cfg: Qwen3VLConfig | None = None, dtype=jnp.float32, **kwargs) -> Qwen3VL:

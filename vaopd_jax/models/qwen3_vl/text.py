@@ -1,8 +1,11 @@
-"""The Qwen3 dense text decoder of Qwen3-VL: stacked layer parameters, scanned layers, KV cache.
+"""The Qwen3 text decoder of Qwen3-VL (dense, or mixture-of-experts): stacked layer parameters, scanned layers,
+KV cache.
 
 Pure layer function `decoder_layer` over one layer's parameter slice; the `TextModel` module owns the
 parameters and runs the layers with `jax.lax.scan` (deepstack layers, which add visual features to their
-output, are unrolled first).
+output, are unrolled first). In a MoE model the MLP of a sparse layer is the routed-experts block (moe.py);
+dense and sparse layers keep separate parameter stacks, and each run of consecutive layers of one kind is one
+scan (the released MoE models are sparse throughout: one scan, as the dense model).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import moe
 from .config import Qwen3VLConfig
 from .attention import attend
 from .layers import maybe_remat, param, rms_norm
@@ -35,7 +39,11 @@ class KVCache(NamedTuple):
 
 
 class DecoderLayers(nnx.Module):
-    """`num_hidden_layers` Qwen3 decoder layers with parameters stacked on a leading 'layers' axis."""
+    """`num_hidden_layers` Qwen3 decoder layers with parameters stacked on a leading 'layers' axis.
+
+    Attention and norm parameters stack all L layers; the dense MLP kernels (gate/up/down_kernel) stack the dense
+    layers only and the MoE parameters (moe.PARAM_NAMES) the sparse layers only (text.sparse_layers), in layer
+    order. A dense model has no MoE parameters and stacks every layer's MLP."""
 
     def __init__(self, cfg: Qwen3VLConfig, dtype, rngs: nnx.Rngs):
         t = cfg.text
@@ -49,12 +57,47 @@ class DecoderLayers(nnx.Module):
         self.o_kernel = param(rngs, (L, N, D, E), ("layers", "heads", "head_dim", "embed"), dtype)
         self.q_norm = param(rngs, (L, D), ("layers", "head_dim"), dtype, "ones")
         self.k_norm = param(rngs, (L, D), ("layers", "head_dim"), dtype, "ones")
-        self.gate_kernel = param(rngs, (L, E, F), ("layers", "embed", "mlp"), dtype)
-        self.up_kernel = param(rngs, (L, E, F), ("layers", "embed", "mlp"), dtype)
-        self.down_kernel = param(rngs, (L, F, E), ("layers", "mlp", "embed"), dtype)
+        n_sparse = sum(t.sparse_layers)
+        if L - n_sparse:
+            self.gate_kernel = param(rngs, (L - n_sparse, E, F), ("layers", "embed", "mlp"), dtype)
+            self.up_kernel = param(rngs, (L - n_sparse, E, F), ("layers", "embed", "mlp"), dtype)
+            self.down_kernel = param(rngs, (L - n_sparse, F, E), ("layers", "mlp", "embed"), dtype)
+        if n_sparse:
+            for name, value in moe.expert_params(cfg, n_sparse, dtype, rngs).items():
+                setattr(self, name, value)
 
     def stacked(self) -> dict:
         return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+DENSE_MLP_NAMES = ("gate_kernel", "up_kernel", "down_kernel")
+
+
+def layer_runs(cfg: Qwen3VLConfig, start: int, stop: int) -> list[tuple[int, int, bool, int]]:
+    """Layers [start, stop) as maximal runs of one MLP kind: (first, end, sparse, index of `first` in its kind's
+    parameter stack). A dense model gives one run."""
+    sparse = cfg.text.sparse_layers
+    runs = []
+    for i in range(start, stop):
+        if runs and runs[-1][2] == sparse[i]:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1, sparse[i], sum(1 for j in range(i) if sparse[j] == sparse[i])])
+    return [tuple(r) for r in runs]
+
+
+def run_params(stacked: dict, first: int, end: int, sparse: bool, kind_first: int) -> dict:
+    """The stacked parameters of layers [first, end) of one MLP kind (layer_runs): attention/norms sliced by layer,
+    the MLP stack of that kind by its own index; the other kind's parameters left out."""
+    mine, other = (moe.PARAM_NAMES, DENSE_MLP_NAMES) if sparse else (DENSE_MLP_NAMES, moe.PARAM_NAMES)
+    n = end - first
+    out = {}
+    for name, value in stacked.items():
+        if name in other:
+            continue
+        lo = kind_first if name in mine else first
+        out[name] = value if (lo == 0 and n == value.shape[0]) else value[lo:lo + n]
+    return out
 
 
 def _qkv(p: dict, x, cos, sin, cfg: Qwen3VLConfig, dtype):
@@ -77,6 +120,8 @@ def _out_and_mlp(p: dict, x, attn, cfg: Qwen3VLConfig, dtype):
     """Residual attention output projection + MLP block. x (B, T, E), attn (B, T, N, D) -> (B, T, E)."""
     x = x + jnp.einsum("btnh,nhe->bte", attn.astype(dtype), p["o_kernel"].astype(dtype))
     h = rms_norm(x, p["post_attention_norm"], cfg.text.rms_norm_eps).astype(dtype)
+    if "router_kernel" in p:  # a sparse layer's slice (run_params): the routed-experts MLP
+        return constrain(x + moe.sparse_mlp(h, p, cfg, dtype), ("batch", None, None))
     gate = jnp.dot(h, p["gate_kernel"].astype(dtype))
     up = jnp.dot(h, p["up_kernel"].astype(dtype))
     x = x + jnp.dot(jax.nn.silu(gate) * up, p["down_kernel"].astype(dtype))
@@ -178,12 +223,13 @@ class TextModel(nnx.Module):
         layer = maybe_remat(layer, cfg.remat)
         kv_parts = []
         for i in range(n_ds):  # unrolled: each is followed by its deepstack injection
-            x, kv = layer(x, jax.tree.map(lambda a: a[i], stacked))
+            (run,) = layer_runs(cfg, i, i + 1)
+            x, kv = layer(x, jax.tree.map(lambda a: a[0], run_params(stacked, *run)))
             kv_parts.append(None if kv is None else jax.tree.map(lambda a: a[None], kv))
             feat, _ = scatter_rows(input_ids, cfg.image_token_id, deepstack_embeds[i].astype(x.dtype))
             x = x + feat
-        if cfg.text.num_hidden_layers > n_ds:
-            x, kv = jax.lax.scan(layer, x, jax.tree.map(lambda a: a[n_ds:], stacked))
+        for run in layer_runs(cfg, n_ds, cfg.text.num_hidden_layers):
+            x, kv = jax.lax.scan(layer, x, run_params(stacked, *run))
             kv_parts.append(kv)
         if not return_kv:
             return x, None
@@ -199,7 +245,16 @@ class TextModel(nnx.Module):
             p, k_l, v_l = xs
             return decoder_layer_decode(p, h, cos, sin, valid, k_l, v_l, cfg, dt)
 
-        return jax.lax.scan(layer, x, (self.layers.stacked(), cache_k, cache_v))
+        stacked = self.layers.stacked()
+        runs = layer_runs(cfg, 0, cfg.text.num_hidden_layers)
+        if len(runs) == 1:
+            return jax.lax.scan(layer, x, (run_params(stacked, *runs[0]), cache_k, cache_v))
+        new = []
+        for run in runs:  # mixed dense / sparse layers: one scan per run of one kind
+            first, end = run[0], run[1]
+            x, kv = jax.lax.scan(layer, x, (run_params(stacked, *run), cache_k[first:end], cache_v[first:end]))
+            new.append(kv)
+        return x, tuple(jnp.concatenate([kv[j] for kv in new], axis=0) for j in range(2))
 
     def final_norm(self, x):
         return rms_norm(x, self.norm[...], self.cfg.text.rms_norm_eps)
