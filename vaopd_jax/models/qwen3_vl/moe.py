@@ -125,33 +125,45 @@ def _axes(entry) -> tuple[str, ...]:
 def sparse_mlp(h, p: dict, cfg: Qwen3VLConfig, dtype):
     """The routed-experts MLP of one layer: h (B, T, E) (post-attention RMSNorm output, compute dtype) and the
     layer's slice of the MoE parameters -> (B, T, E) in dtype."""
-    t = cfg.text
-    b, s, e = h.shape
     x = h.astype(dtype)
-    weights, experts = route(x.reshape(b * s, e), p["router_kernel"], t.num_experts_per_tok, t.norm_topk_prob)
-    weights, experts = weights.reshape(b, s, -1), experts.reshape(b, s, -1)
-    gate, up, down = p["expert_gate_kernel"], p["expert_up_kernel"], p["expert_down_kernel"]
+    params = (p["router_kernel"], p["expert_gate_kernel"], p["expert_up_kernel"], p["expert_down_kernel"])
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or all(size == 1 for size in mesh.shape.values()):
-        out = _chunked(lambda xc, ec, wc: grouped_swiglu(xc, ec, wc, gate, up, down, 0), cfg.moe_chunk_size,
-                       x.reshape(b * s, e), experts.reshape(b * s, -1), weights.reshape(b * s, -1))
-        return out.reshape(b, s, e).astype(dtype)
-    return _sharded_experts(mesh, x, experts, weights, gate, up, down, cfg.moe_chunk_size).astype(dtype)
+        b, s, e = x.shape
+        return _local_moe(x.reshape(b * s, e), *params, cfg, chunk=cfg.moe_chunk_size).reshape(b, s, e).astype(dtype)
+    return _sharded_moe(mesh, x, *params, cfg).astype(dtype)
 
 
-def _sharded_experts(mesh, x, experts, weights, gate, up, down, chunk: int):
-    """sparse_mlp's expert matmuls under shard_map (see the module docstring). x (B, T, E); experts, weights
-    (B, T, k); gate/up (X, E, I), down (X, I, E) in their logical-axis shardings. Returns (B, T, E) in x.dtype."""
+def _local_moe(x, router, gate, up, down, cfg: Qwen3VLConfig, *, chunk: int, first_expert=0,
+               gather: Callable | None = None, scatter: Callable | None = None):
+    """Routes the tokens x (N, E) and applies the experts held here (ids from first_expert) chunk by chunk.
+
+    gather / scatter (expert parallelism): per chunk, the routed tokens of the devices holding other experts are
+    gathered before the grouped matmuls and the results reduce-scattered back. Returns (N, E) in x.dtype."""
+    t = cfg.text
+    weights, experts = route(x, router, t.num_experts_per_tok, t.norm_topk_prob)
+
+    def one_chunk(xc, ec, wc):
+        if gather is not None:
+            xc, ec, wc = gather(xc), gather(ec), gather(wc)
+        y = grouped_swiglu(xc, ec, wc, gate, up, down, first_expert).astype(x.dtype)
+        return y if scatter is None else scatter(y)
+
+    return _chunked(one_chunk, chunk, x, experts, weights)
+
+
+def _sharded_moe(mesh, x, router, gate, up, down, cfg: Qwen3VLConfig):
+    """sparse_mlp under shard_map (see the module docstring). x (B, T, E); router (E, X); gate/up (X, E, I), down
+    (X, I, E) in their logical-axis shardings. Routing is local to each device's tokens. Returns (B, T, E)."""
     x_spec = logical_to_spec(("batch", None, None), None, mesh, x.shape)
-    k_spec = logical_to_spec(("batch", None, None), None, mesh, experts.shape)
+    router_spec = logical_to_spec(ROUTER_AXES, None, mesh, router.shape)
     gate_spec = logical_to_spec(GATE_UP_AXES, None, mesh, gate.shape)
     down_spec = logical_to_spec(DOWN_AXES, None, mesh, down.shape)
     batch_axes = _axes(x_spec[0])
-    if _axes(k_spec[0]) != batch_axes:  # k does not change the batch dim, but keep the two specs in step
-        k_spec = jax.sharding.PartitionSpec(x_spec[0], None, None)
     expert_axes, width_axes, mlp_axes = (_axes(a) for a in gate_spec)
-    if _axes(down_spec[0]) != expert_axes or _axes(down_spec[2]) != width_axes or _axes(down_spec[1]) != mlp_axes:
+    if (_axes(down_spec[0]), _axes(down_spec[1]), _axes(down_spec[2])) != (expert_axes, mlp_axes, width_axes):
         raise ValueError(f"expert kernels sharded inconsistently: gate/up {gate_spec}, down {down_spec}")
+    router_axes = tuple(a for entry in router_spec for a in _axes(entry))
     # Tokens that differ along an expert-sharding axis are gathered (and the result scattered back); along an
     # expert axis that does not shard the batch, every device already has all the tokens: sum the shares.
     gather_axes = tuple(a for a in batch_axes if a in expert_axes)
@@ -159,29 +171,25 @@ def _sharded_experts(mesh, x, experts, weights, gate, up, down, chunk: int):
     gather_size = 1
     for a in gather_axes:
         gather_size *= mesh.shape[a]
-    local_chunk = max(1, chunk // gather_size)
 
-    def local(x, experts, weights, gate, up, down):
+    def local(x, router, gate, up, down):
         bl, s, e = x.shape
+        if router_axes:  # the router is small: every device scores its own tokens against all experts
+            router = jax.lax.all_gather(router, router_axes, axis=0, tiled=True)
         if width_axes:  # FSDP: the full model width of this layer's local experts
             gate = jax.lax.all_gather(gate, width_axes, axis=1, tiled=True)
             up = jax.lax.all_gather(up, width_axes, axis=1, tiled=True)
             down = jax.lax.all_gather(down, width_axes, axis=2, tiled=True)
         first = jax.lax.axis_index(expert_axes) * gate.shape[0] if expert_axes else 0
-
-        def one_chunk(xc, ec, wc):
-            if gather_axes:
-                xc, ec, wc = (jax.lax.all_gather(a, gather_axes, axis=0, tiled=True) for a in (xc, ec, wc))
-            y = grouped_swiglu(xc, ec, wc, gate, up, down, first).astype(x.dtype)
-            if gather_axes:
-                y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)
-            return y
-
-        out = _chunked(one_chunk, local_chunk, x.reshape(bl * s, e), experts.reshape(bl * s, -1),
-                       weights.reshape(bl * s, -1))
+        gather = scatter = None
+        if gather_axes:
+            gather = lambda a: jax.lax.all_gather(a, gather_axes, axis=0, tiled=True)  # noqa: E731
+            scatter = lambda a: jax.lax.psum_scatter(a, gather_axes, scatter_dimension=0, tiled=True)  # noqa: E731
+        out = _local_moe(x.reshape(bl * s, e), router, gate, up, down, cfg, chunk=max(1, cfg.moe_chunk_size //
+                         gather_size), first_expert=first, gather=gather, scatter=scatter)
         if sum_axes:
             out = jax.lax.psum(out, sum_axes)
         return out.reshape(bl, s, e)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, k_spec, k_spec, gate_spec, gate_spec, down_spec),
-                         out_specs=x_spec)(x, experts, weights, gate, up, down)
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, router_spec, gate_spec, gate_spec, down_spec),
+                         out_specs=x_spec)(x, router, gate, up, down)

@@ -1,0 +1,352 @@
+"""Mixture-of-experts Qwen3-VL (transformers' Qwen3VLMoeForConditionalGeneration) on tiny fp32 configs: config
+bridge and presets, logits parity, the grouped expert matmuls, KV-cache decoding, greedy generation, checkpoints
+in and out, and expert parallelism on an 8-device mesh."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from vaopd_jax.models import qwen3_vl  # noqa: E402
+from vaopd_jax.models.qwen3_vl import moe, sharding, testing  # noqa: E402
+from vaopd_jax.models.qwen3_vl.convert import CheckpointError, model_from_tensors  # noqa: E402
+from vaopd_jax.parallel import make_mesh  # noqa: E402
+from vaopd_jax.rollout import sampler  # noqa: E402
+
+TOL = 1e-4
+SEQ_LEN = 40
+PATCH_ROWS = 128
+REAL_30B = {
+    "architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "tie_word_embeddings": False,
+    # text_config of the released Qwen3-VL-30B-A3B-Instruct config.json (legacy rope_scaling form)
+    "text_config": {
+        "model_type": "qwen3_vl_moe_text", "attention_bias": False, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 2048, "intermediate_size": 6144, "max_position_embeddings": 262144, "num_attention_heads": 32,
+        "num_hidden_layers": 48, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+        "rope_theta": 5000000, "vocab_size": 151936, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "moe_intermediate_size": 768, "norm_topk_prob": True, "num_experts": 128, "num_experts_per_tok": 8},
+    "vision_config": {
+        "deepstack_visual_indexes": [8, 16, 24], "depth": 27, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152,
+        "in_channels": 3, "intermediate_size": 4304, "model_type": "qwen3_vl", "num_heads": 16,
+        "num_position_embeddings": 2304, "out_hidden_size": 2048, "patch_size": 16, "spatial_merge_size": 2,
+        "temporal_patch_size": 2},
+}
+
+# Every routing variant the issue names: top-2 renormalised with a dense layer among sparse ones (mlp_only_layers);
+# top-1 without renormalisation with every other layer dense (decoder_sparse_step=2) and small token chunks (the
+# lax.map path with a padded last chunk); top-3 without renormalisation.
+CONFIGS = {
+    "top2_norm_dense_layer1": dict(text=dict(mlp_only_layers=(1,))),
+    "top1_raw_step2_chunked": dict(text=dict(num_experts_per_tok=1, norm_topk_prob=False, decoder_sparse_step=2),
+                                   moe_chunk_size=16),
+    "top3_raw": dict(text=dict(num_experts_per_tok=3, norm_topk_prob=False)),
+}
+IMAGES = [[(1, 4, 6)], [(1, 8, 4), (1, 4, 4)], []]  # several sizes, a text-only row, right padding
+TEXT_LENS = [4, 2, 9]
+
+_PAIRS = {}
+
+
+def _pair(name):
+    if name not in _PAIRS:
+        cfg = testing.tiny_moe_config(**CONFIGS[name])
+        hf = testing.hf_reference_model(cfg, seed=1)
+        _PAIRS[name] = (cfg, hf, testing.model_from_hf(hf, cfg))
+    return _PAIRS[name]
+
+
+def _logits(model, batch):
+    pv = None
+    if batch.pixel_values is not None:
+        pad = -batch.pixel_values.shape[0] % PATCH_ROWS
+        pv = jnp.asarray(np.pad(batch.pixel_values, ((0, pad), (0, 0))))
+    return np.asarray(model(jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask), pv,
+                            batch.image_grid_thw))
+
+
+# ----------------------------------------------------------------------------- config
+def test_from_hf_reads_the_released_30b_config_and_equals_the_preset():
+    cfg = qwen3_vl.Qwen3VLConfig.from_hf(REAL_30B)
+    t = cfg.text
+    assert (t.num_experts, t.num_experts_per_tok, t.moe_intermediate_size, t.norm_topk_prob) == (128, 8, 768, True)
+    assert t.sparse_layers == (True,) * 48 and t.num_key_value_heads == 4
+    assert cfg == qwen3_vl.Qwen3VLConfig.qwen3_vl_30b_a3b()
+    # transformers reads our config dict and gives it back unchanged.
+    hf_cfg = transformers.Qwen3VLMoeConfig(**cfg.to_hf_dict())
+    assert hf_cfg.text_config.num_experts == 128 and hf_cfg.text_config.moe_intermediate_size == 768
+    assert qwen3_vl.Qwen3VLConfig.from_hf(hf_cfg.to_dict()) == cfg
+
+
+def _count(cfg):
+    """(total, active per token) parameter counts of the abstract model."""
+    model = nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, jnp.bfloat16, rngs=nnx.Rngs(0)))
+    total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    t = cfg.text
+    experts = sum(t.sparse_layers) * t.num_experts * 3 * t.hidden_size * t.moe_intermediate_size
+    return total, total - experts + experts * t.num_experts_per_tok // t.num_experts
+
+
+@pytest.mark.parametrize("preset,total,active", [("qwen3_vl_30b_a3b", 31.1e9, 3e9),
+                                                 ("qwen3_vl_235b_a22b", 236e9, 22e9)])
+def test_moe_presets_have_the_published_sizes(preset, total, active):
+    """The model cards' sizes: 31.1B / 236B parameters (safetensors), about 3B / 22B of them active per token."""
+    n_total, n_active = _count(getattr(qwen3_vl.Qwen3VLConfig, preset)())
+    assert abs(n_total - total) / total < 0.005, n_total
+    assert active < n_active < active + 1e9, n_active
+
+
+def test_moe_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"num_experts_per_tok must be in \[1, num_experts=6\], got 7"):
+        testing.tiny_moe_config(text=dict(num_experts_per_tok=7))
+    with pytest.raises(ValueError, match=r"mlp_only_layers entries must be in \[0, num_hidden_layers=3\), got \[3\]"):
+        testing.tiny_moe_config(text=dict(mlp_only_layers=(3,)))
+    bad = json.loads(json.dumps(REAL_30B))
+    del bad["text_config"]["num_experts"]
+    with pytest.raises(ValueError, match=r"text_config.num_experts is missing"):
+        qwen3_vl.Qwen3VLConfig.from_hf(bad)
+    with pytest.raises(ValueError, match=r"moe_chunk_size must be >= 1"):
+        testing.tiny_moe_config(moe_chunk_size=0)
+
+
+# ----------------------------------------------------------------------------- the grouped expert matmuls
+def test_grouped_swiglu_equals_a_per_token_loop_over_local_experts():
+    """The sorted ragged_dot path == sum_k w_k SwiGLU_{e_k}(x) restricted to the experts held locally (the expert-
+    parallel share), with padding tokens (expert -1) and experts that receive no token."""
+    rng = np.random.default_rng(0)
+    c, k, e, i, n_local, first = 10, 3, 8, 5, 3, 2
+    x = rng.standard_normal((c, e), np.float32)
+    experts = rng.integers(0, 7, (c, k)).astype(np.int32)
+    experts[-2:] = -1
+    weights = rng.random((c, k), np.float32)
+    gate, up = (rng.standard_normal((n_local, e, i), np.float32) for _ in range(2))
+    down = rng.standard_normal((n_local, i, e), np.float32)
+    out = np.asarray(moe.grouped_swiglu(x, experts, weights, gate, up, down, first))
+    ref = np.zeros((c, e), np.float32)
+    for row in range(c):
+        for j in range(k):
+            local = experts[row, j] - first
+            if 0 <= local < n_local:
+                g, u = x[row] @ gate[local], x[row] @ up[local]
+                ref[row] += weights[row, j] * ((g / (1 + np.exp(-g))) * u) @ down[local]
+    assert np.abs(ref).max() > 1.0
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5)
+    assert not out[-2:].any()
+
+
+def test_route_renormalises_only_when_asked():
+    h = jnp.asarray(np.random.default_rng(1).standard_normal((5, 8)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal((8, 6)), jnp.float32)
+    probs = np.asarray(jax.nn.softmax(h @ w, axis=-1))
+    for norm in (True, False):
+        weights, experts = moe.route(h, w, 2, norm)
+        expected_ids = np.argsort(-probs, axis=-1)[:, :2]
+        np.testing.assert_array_equal(np.asarray(experts), expected_ids)
+        top = np.take_along_axis(probs, expected_ids, axis=-1)
+        np.testing.assert_allclose(np.asarray(weights), top / top.sum(-1, keepdims=True) if norm else top, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_transformers_moe(name):
+    cfg, hf, model = _pair(name)
+    for images, lens in ((IMAGES, TEXT_LENS), ([[], []], [11, 6])):  # images of several sizes; text only
+        batch = testing.make_batch(cfg, images, lens, seed=len(name), pad_to=SEQ_LEN)
+        ref = testing.hf_logits(hf, batch)
+        out = _logits(model, batch)
+        valid = batch.attention_mask.astype(bool)
+        assert np.abs(ref).max() > 1.0
+        assert np.abs(out - ref)[valid].max() <= TOL, (name, images)
+
+
+def test_routing_matters_so_the_parity_can_fail():
+    """Experts differ and the router chooses among them: sending every token to expert 0 changes the logits."""
+    cfg, hf, model = _pair("top2_norm_dense_layer1")
+    batch = testing.make_batch(cfg, [[], []], [11, 6], seed=3, pad_to=SEQ_LEN)
+    ref = _logits(model, batch)
+    layers = model.language_model.layers
+    saved = layers.router_kernel[...]
+    biased = saved.at[:, :, 0].add(1e3)  # every token's top expert becomes 0
+    layers.router_kernel.set_value(biased)
+    try:
+        out = _logits(model, batch)
+    finally:
+        layers.router_kernel.set_value(saved)
+    valid = batch.attention_mask.astype(bool)
+    assert np.abs(out - ref)[valid].max() > 100 * TOL
+
+
+# ----------------------------------------------------------------------------- KV cache and generation
+@nnx.jit
+def _prefill(model, ids, mask, pos, pixels, vi, cache):
+    embeds, ds = model.encode_images(pixels, vi)
+    return model.prefill(ids, mask, pos, image_embeds=embeds, deepstack_embeds=ds, cache=cache, last_only=True)
+
+
+@nnx.jit
+def _decode(model, tok, pos, cache, index):
+    return model.decode_step(tok, pos, cache, index)
+
+
+def test_kv_cache_decoding_equals_the_full_forward_moe():
+    """Prefill + decode steps == the full forward on prompt + generated tokens, with dense and sparse layers
+    mixed (the decode path scans each run of one kind)."""
+    cfg = testing.tiny_moe_config(text=dict(mlp_only_layers=(1,)))
+    model = qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(3))
+    prompt = testing.make_batch(cfg, [[(1, 4, 6)], [(1, 8, 4), (1, 4, 4)]], [5, 2], seed=11)
+    b, t = prompt.input_ids.shape
+    lens = prompt.attention_mask.sum(1)
+    steps = 3
+    gen = np.random.default_rng(0).integers(0, 400, size=(b, steps)).astype(np.int32)
+    full_ids = np.zeros((b, t + steps), np.int32)
+    full_mask = np.zeros((b, t + steps), np.int32)
+    for i in range(b):
+        full_ids[i, :lens[i]] = prompt.input_ids[i, :lens[i]]
+        full_ids[i, lens[i]:lens[i] + steps] = gen[i]
+        full_mask[i, :lens[i] + steps] = 1
+    full = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask), jnp.asarray(prompt.pixel_values),
+                            prompt.image_grid_thw))
+    pos, delta = qwen3_vl.get_rope_index(prompt.input_ids, prompt.image_grid_thw, prompt.attention_mask, cfg)
+    vi = qwen3_vl.prepare_vision_inputs(prompt.image_grid_thw, cfg)
+    last, cache = _prefill(model, prompt.input_ids, prompt.attention_mask, pos, prompt.pixel_values, vi,
+                           model.init_cache(b, t + steps))
+    np.testing.assert_allclose(np.asarray(last), full[np.arange(b), lens - 1], atol=TOL, rtol=0)
+    for j in range(steps):
+        step_pos = np.broadcast_to((lens + j + delta)[None, :, None], (3, b, 1)).astype(np.int32)
+        logits, cache = _decode(model, gen[:, j:j + 1], step_pos, cache, t + j)
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), full[np.arange(b), lens + j], atol=TOL, rtol=0)
+
+
+def test_greedy_sampling_equals_transformers_generate_moe():
+    cfg, hf, model = _pair("top2_norm_dense_layer1")
+    eos, n_new = (7, 9), 8
+    batch = testing.make_batch(cfg, [[], [(1, 4, 4)], [(1, 4, 6), (1, 8, 4)]], [6, 3, 2], seed=1)
+    out = sampler.generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                           max_new_tokens=n_new, temperature=0.0, eos_token_ids=eos)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    pix = 0
+    images = iter(batch.image_grid_thw)
+    for row in range(batch.input_ids.shape[0]):
+        n = int(batch.attention_mask[row].sum())
+        ids = torch.tensor(batch.input_ids[row:row + 1, :n], dtype=torch.long)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+        n_img = int((ids == cfg.image_token_id).sum())
+        grids = []
+        while n_img > 0:
+            grids.append(next(images))
+            n_img -= int(np.prod(grids[-1])) // cfg.vision.merge_unit
+        if grids:
+            rows = int(sum(np.prod(g) for g in grids))
+            kwargs.update(pixel_values=torch.tensor(batch.pixel_values[pix:pix + rows]),
+                          image_grid_thw=torch.tensor(np.array(grids)),
+                          mm_token_type_ids=(ids == cfg.image_token_id).to(torch.int32))
+            pix += rows
+        with torch.no_grad():
+            seq = hf.generate(**kwargs, do_sample=False, max_new_tokens=n_new, eos_token_id=list(eos),
+                              pad_token_id=eos[0], use_cache=True)
+        ref = seq[0, n:].numpy()
+        assert lengths[row] == len(ref), (row, lengths[row], ref)
+        np.testing.assert_array_equal(tokens[row, :len(ref)], ref, err_msg=f"row {row}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_through_transformers_moe(tmp_path):
+    """Ours -> save_hf_checkpoint (released expert layout) -> transformers from_pretrained: same logits; and
+    transformers' save_pretrained (its own layout) -> load_hf_checkpoint: same logits."""
+    cfg, hf, model = _pair("top2_norm_dense_layer1")
+    batch = testing.make_batch(cfg, [[], []], [11, 6], seed=5, pad_to=SEQ_LEN)
+    ref = testing.hf_logits(hf, batch)
+    valid = batch.attention_mask.astype(bool)
+    t = cfg.text
+
+    ours_dir = tmp_path / "ours"
+    qwen3_vl.save_hf_checkpoint(model, ours_dir)
+    from safetensors import safe_open
+    with safe_open(str(ours_dir / "model.safetensors"), "np") as f:
+        keys = set(f.keys())
+        assert f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape() == [
+            t.num_experts, t.hidden_size, 2 * t.moe_intermediate_size]
+        assert f.get_slice("model.language_model.layers.2.mlp.experts.down_proj").get_shape() == [
+            t.num_experts, t.moe_intermediate_size, t.hidden_size]
+    assert "model.language_model.layers.1.mlp.gate_proj.weight" in keys  # the dense layer
+    assert "model.language_model.layers.1.mlp.experts.down_proj" not in keys
+    reloaded = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(
+        str(ours_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    assert np.abs(testing.hf_logits(reloaded, batch) - ref)[valid].max() <= TOL
+
+    theirs_dir = tmp_path / "theirs"
+    hf.save_pretrained(str(theirs_dir))
+    with safe_open(str(theirs_dir / "model.safetensors"), "np") as f:
+        assert f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape() == [
+            t.num_experts, 2 * t.moe_intermediate_size, t.hidden_size]
+    loaded = qwen3_vl.load_hf_checkpoint(theirs_dir)
+    assert loaded.config.text == cfg.text
+    assert np.abs(_logits(loaded, batch) - ref)[valid].max() <= TOL
+
+
+def test_checkpoint_errors_name_the_expert_tensor():
+    cfg, hf, _ = _pair("top2_norm_dense_layer1")
+    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+
+    def reader_without(missing):
+        def read(key):
+            if key == missing or key not in state:
+                raise CheckpointError(f"state dict: missing tensor {key!r}")
+            return state[key]
+        return read
+
+    key = "model.language_model.layers.2.mlp.experts.down_proj"
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.language_model\.layers\.2\.mlp\.experts"):
+        model_from_tensors(cfg, reader_without(key))
+    more = cfg.replace(text=dataclasses.replace(cfg.text, num_experts=8))
+    with pytest.raises(CheckpointError, match=r"router '.*layers\.0\.mlp\.gate\.weight' scores 6 experts .* "
+                                              r"num_experts=8"):
+        model_from_tensors(more, reader_without(None))
+    fused = "model.language_model.layers.2.mlp.experts.gate_up_proj"
+    state[fused] = state[fused][:5]
+    with pytest.raises(CheckpointError, match=r"'.*layers\.2\.mlp\.experts\.gate_up_proj' holds 5 experts .* "
+                                              r"num_experts=6"):
+        model_from_tensors(cfg, reader_without(None))
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+def test_expert_parallel_logits_on_8_devices_equal_one_device():
+    """Experts split over an 'expert' mesh axis, composed with fsdp and tensor (2 x 2 x 2) and alone (8): the
+    logits equal the single-device model's; a batch the mesh cannot split (3 rows) takes the replicated-token
+    path. Small token chunks exercise the per-chunk gather / reduce-scatter. (Text prompts: the vision tower and
+    the deepstack path are the dense model's, tested on meshes in test_model_sharding.)"""
+    cfg = testing.tiny_moe_config(text=dict(num_experts=8, mlp_only_layers=(1,)), moe_chunk_size=32)
+    hf = testing.hf_reference_model(cfg, seed=2)
+    single = testing.model_from_hf(hf, cfg)
+    batch = testing.make_batch(cfg, [[]] * 8, [3, 5, 2, 4, 9, 7, 8, 6], seed=6, pad_to=24)
+    ref = _logits(single, batch)
+    valid = batch.attention_mask.astype(bool)
+    assert np.abs(ref - testing.hf_logits(hf, batch))[valid].max() <= TOL
+    for shape, gate_spec in ((dict(data=1, fsdp=2, expert=2, tensor=2), P(None, "expert", "fsdp", "tensor")),
+                             (dict(data=1, expert=8), P(None, "expert", None, None))):
+        mesh = make_mesh(**shape)
+        sharded = testing.model_from_hf(hf, cfg, mesh=mesh)
+        gate = sharded.language_model.layers.expert_gate_kernel[...]
+        assert gate.sharding.spec == gate_spec
+        assert gate.addressable_shards[0].data.shape[1] == cfg.text.num_experts // shape["expert"]
+        ids, mask = (jax.device_put(a, sharding.batch_sharding(mesh, 2)) for a in
+                     (batch.input_ids, batch.attention_mask))
+        with jax.set_mesh(mesh):
+            out = sharded(ids, mask)
+        assert np.abs(np.asarray(out) - ref)[valid].max() <= 1e-5, shape
+    # 3 rows on expert=8: the batch stays replicated, each device sums its experts' share over all tokens.
+    text = testing.make_batch(cfg, [[], [], []], [7, 4, 9], seed=8, pad_to=24)
+    with jax.set_mesh(mesh):
+        out = sharded(jnp.asarray(text.input_ids), jnp.asarray(text.attention_mask))
+    keep = text.attention_mask.astype(bool)
+    assert np.abs(np.asarray(out) - _logits(single, text))[keep].max() <= 1e-5
