@@ -5,7 +5,9 @@ Layout under ``<workdir>``::
     checkpoints/<step>/state   the train state pytree (student params, optimizer
                                state, step, RNG), sharded arrays written per process
     checkpoints/<step>/data    the grain iterator position, one JSON per process
-    checkpoints/<step>/meta    JSON run metadata (consecutive non-finite steps, ...)
+                               (process_<i>-of-<n>.json)
+    checkpoints/<step>/meta    JSON run metadata (consecutive non-finite steps, ...) and the
+                               topology that wrote it ({"processes", "devices"})
     checkpoints_best/<step>/   student params of the best validation accuracy
                                (``meta`` holds {"step", "accuracy"})
     checkpoints_corrupt/       latest steps that failed to restore, moved aside
@@ -17,6 +19,17 @@ listed but cannot be restored (files missing or truncated) is skipped with a
 warning and moved to ``checkpoints_corrupt/`` so the run resumes from the
 previous one and can later save that step number again.
 
+Elastic restore: arrays are restored into the target's shardings (``abstract_like``
+of a state built on the current mesh), so a checkpoint written on one mesh and device
+count restores onto any other (8 devices fsdp=8 -> 4 -> 1 and back). The data position
+is restored exactly when the process count is unchanged; otherwise every process reads
+all processes' positions and the iterator re-derives its own
+(``set_state_from_processes``, see data/pipeline.py).
+
+The trainer decides when to save (periodic steps, the agreed preemption step); Orbax's
+own preemption check is turned off here because each call to JAX's preemption sync point
+counts as a check point (vaopd_jax/preemption.py).
+
 The teacher is frozen and loaded from its Hugging Face directory: it is never
 part of the state saved here.
 """
@@ -24,14 +37,17 @@ part of the state saved here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +63,26 @@ class Restored:
     step: int
     state: Any
     meta: dict
+    topology: dict | None = None  # {"processes", "devices"} of the run that wrote it (None: not recorded)
+    data_note: str | None = None  # how the data position was re-derived for another process count
+
+
+def topology() -> dict:
+    """The processes and devices of this run (saved with each checkpoint)."""
+    return {"processes": jax.process_count(), "devices": jax.device_count()}
+
+
+class _OrbaxManager(ocp.CheckpointManager):
+    """Orbax's manager without its own preemption check.
+
+    Orbax calls JAX's preemption sync point from ``save`` and from its finishing thread; JAX
+    counts every call as a check point, so those calls would move the count the trainer's
+    processes agree on. The trainer saves at the agreed point itself (``force=True``).
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False
 
 
 def abstract_like(tree: Any) -> Any:
@@ -70,18 +106,20 @@ class CheckpointManager:
     """
 
     def __init__(self, workdir: str, *, keep: int = 3, save_every: int = 1, async_save: bool = True):
+        if "://" not in workdir:
+            workdir = os.path.abspath(workdir)  # Orbax requires absolute paths
         self.workdir = workdir
         self.save_every = save_every
         self.is_primary = jax.process_index() == 0
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save, save_interval_steps=1)
-        self._state = ocp.CheckpointManager(os.path.join(workdir, STATE_DIR), options=options)
+        self._state = _OrbaxManager(os.path.join(workdir, STATE_DIR), options=options)
         # The best manager only ever receives strictly better checkpoints, so
         # keeping one keeps the best (and the earliest among equals).
         best_options = ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
-        self._best = ocp.CheckpointManager(os.path.join(workdir, BEST_DIR), options=best_options)
+        self._best = _OrbaxManager(os.path.join(workdir, BEST_DIR), options=best_options)
         self._best_info = self._read_best_info()
 
     # ----------------------------------------------------------------- state
@@ -93,13 +131,14 @@ class CheckpointManager:
         """Saves ``state`` (a pytree of arrays) at ``step`` if due; returns whether it saved.
 
         ``data_iterator`` is a grain ``DatasetIterator`` (or ``DataLoaderIterator``);
-        its position is saved per process. ``meta`` is a small JSON-able dict.
+        its position is saved per process. ``meta`` is a small JSON-able dict; the
+        run's ``topology()`` is added to it.
         """
         if not force and step % self.save_every != 0:
             return False
         if step in self._state.all_steps():
             return False
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta or {}))}
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({**(meta or {}), "topology": topology()})}
         if data_iterator is not None:
             import grain  # grain's Orbax handler is registered on import
 
@@ -111,22 +150,23 @@ class CheckpointManager:
 
         Args:
           abstract_state: the target pytree (``abstract_like(state)``): shapes,
-            dtypes and shardings of the state to restore into.
-          data_iterator: the grain iterator to reposition (``set_state``).
+            dtypes and shardings of the state to restore into (any mesh and device
+            count: Orbax reshards into them).
+          data_iterator: the grain iterator to reposition (``set_state``; with another
+            process count than the checkpoint's, ``set_state_from_processes``).
         Steps that fail to restore are skipped with a warning and moved to
         ``<workdir>/checkpoints_corrupt``; the next older step is tried.
         """
         for step in sorted(self._state.all_steps(), reverse=True):
             items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-            if data_iterator is not None:
-                import grain
-
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
                 restored = self._state.restore(step, args=ocp.args.Composite(**items))
                 state = restored["state"]
                 # Surface truncated array data now rather than at first use.
                 jax.block_until_ready(state)
+                data_note = self._restore_data(step, data_iterator) if data_iterator is not None else None
+            except CheckpointMismatchError:
+                raise
             except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
                 if "not compatible with the stored shape" in str(err):
                     # A well-formed checkpoint of another model: not corrupt, so never moved aside.
@@ -139,8 +179,47 @@ class CheckpointManager:
                             type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
                 self._quarantine(step)
                 continue
-            return Restored(step=step, state=state, meta=dict(restored["meta"] or {}))
+            meta = dict(restored["meta"] or {})
+            return Restored(step=step, state=state, meta=meta, topology=meta.pop("topology", None),
+                            data_note=data_note)
         return None
+
+    def _restore_data(self, step: int, data_iterator: Any) -> str | None:
+        """Repositions ``data_iterator`` from the step's per-process positions; returns a note when re-derived.
+
+        The files are those grain's Orbax handler writes (``process_<i>-of-<n>.json``).
+        """
+        folder = epath.Path(self.workdir) / STATE_DIR / str(step) / "data"
+        if not folder.exists():
+            log.warning("checkpoint step %d holds no data position (%s): the data starts from the beginning", step,
+                        folder)
+            return None
+        index, count = jax.process_index(), jax.process_count()
+        own = folder / f"process_{index}-of-{count}.json"
+        note = None
+        if own.exists():
+            data_iterator.set_state(json.loads(own.read_text()))
+        else:
+            files = {}
+            for path in folder.glob("process_*-of-*.json"):
+                match = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", path.name)
+                if match:
+                    files[(int(match[1]), int(match[2]))] = path
+            written_by = {n for _, n in files}
+            if len(written_by) != 1 or set(files) != {(i, n) for n in written_by for i in range(n)}:
+                raise ValueError(f"data positions in {folder} are incomplete: {sorted(p.name for p in files.values())}")
+            (old_count,) = written_by
+            reshard = getattr(data_iterator, "set_state_from_processes", None)
+            if reshard is None:
+                raise CheckpointMismatchError(
+                    f"{folder} holds the data positions of {old_count} processes, this run has {count}, and its data "
+                    f"iterator ({type(data_iterator).__name__}) cannot re-derive its position for another process "
+                    "count. Resume with the process count that wrote the checkpoint.")
+            note = reshard([json.loads(files[(i, old_count)].read_text()) for i in range(old_count)])
+        start = getattr(data_iterator, "start_prefetch", None)
+        if start is not None:
+            start()
+        return note
 
     def _quarantine(self, step: int) -> None:
         src = os.path.join(self.workdir, STATE_DIR, str(step))
