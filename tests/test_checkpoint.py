@@ -131,3 +131,109 @@ def test_checkpoint_of_another_model_is_a_clear_error_and_is_kept(tmp_path):
         fresh.restore_latest(ckpt_lib.abstract_like(wider))
     assert os.path.isdir(os.path.join(str(tmp_path), ckpt_lib.STATE_DIR, "1"))  # not moved aside as corrupt
     assert not os.path.exists(os.path.join(str(tmp_path), ckpt_lib.CORRUPT_DIR))
+
+
+# ----------------------------------------------------------------------------- elastic restore
+RESTORE_ELSEWHERE = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from vaopd_jax import checkpoint as ckpt_lib
+workdir, fsdp = sys.argv[1], int(sys.argv[2])
+mesh = jax.make_mesh((fsdp,), ("fsdp",))
+target = {"params": {"w": jax.device_put(jnp.zeros((16, 4)), NamedSharding(mesh, P("fsdp"))), "b": jnp.zeros((3,))},
+          "opt": {"mu": jnp.zeros((16, 4))}, "step": jnp.int32(0), "rng": jax.random.key(0)}
+manager = ckpt_lib.CheckpointManager(workdir, keep=5, async_save=False)
+restored = manager.restore_latest(ckpt_lib.abstract_like(target))
+w = restored.state["params"]["w"]
+print(json.dumps({"step": restored.step, "topology": restored.topology, "devices": len(w.sharding.device_set),
+                  "w": np.asarray(w).tolist(), "rng": np.asarray(jax.random.key_data(restored.state["rng"])).tolist()}))
+# Continue on this mesh: one more "step", saved for the next device count.
+state = jax.tree.map(lambda x: x, restored.state)
+state["params"]["w"] = state["params"]["w"] * 2 + 1
+state["step"] = state["step"] + 1
+manager.save(restored.step + 1, state, force=True)
+manager.close()
+"""
+
+
+def restore_on(workdir, devices):
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=repo)
+    proc = subprocess.run([sys.executable, "-c", RESTORE_ELSEWHERE, workdir, str(devices)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_checkpoint_restores_on_other_device_counts_and_back(tmp_path):
+    """8 devices (fsdp=8) -> 4 (fsdp=4) -> 1 -> 8: each restores the previous mesh's arrays exactly."""
+    manager = ckpt_lib.CheckpointManager(str(tmp_path), keep=5, async_save=False)
+    state = make_state(2.0, step=4)
+    manager.save(4, state)
+    manager.close()
+    w = np.asarray(state["params"]["w"])
+    on4 = restore_on(str(tmp_path), 4)
+    assert on4["step"] == 4 and on4["devices"] == 4 and on4["topology"] == {"processes": 1, "devices": 8}
+    np.testing.assert_array_equal(np.asarray(on4["w"]), w)
+    np.testing.assert_array_equal(on4["rng"], np.asarray(jax.random.key_data(state["rng"])))
+    on1 = restore_on(str(tmp_path), 1)  # restores step 5, written on 4 devices
+    assert on1["step"] == 5 and on1["devices"] == 1 and on1["topology"] == {"processes": 1, "devices": 4}
+    np.testing.assert_array_equal(np.asarray(on1["w"]), w * 2 + 1)
+    back = ckpt_lib.CheckpointManager(str(tmp_path), keep=5).restore_latest(ckpt_lib.abstract_like(make_state()))
+    assert back.step == 6 and back.topology == {"processes": 1, "devices": 1}
+    assert back.state["params"]["w"].sharding == state["params"]["w"].sharding  # fsdp=8 again
+    np.testing.assert_array_equal(np.asarray(back.state["params"]["w"]), (w * 2 + 1) * 2 + 1)
+
+
+class ReshardingIterator:
+    """Stands in for the pipeline's iterator: records the per-process states it re-derives its position from."""
+
+    def __init__(self):
+        self.state = self.states = None
+
+    def get_state(self):
+        return {"position": 0}
+
+    def set_state(self, state):
+        self.state = state
+
+    def set_state_from_processes(self, states):
+        self.states = states
+        return f"re-derived from {len(states)} processes"
+
+
+def test_data_position_written_by_another_process_count(tmp_path):
+    manager = ckpt_lib.CheckpointManager(str(tmp_path), keep=3, async_save=False)
+    it = make_iterator()
+    manager.save(1, make_state(1.0, 1), data_iterator=it)
+    manager.save(2, make_state(2.0, 2), data_iterator=it)
+    manager.close()
+    # What two processes would have written at step 2 (this test runs one process).
+    data = tmp_path / "checkpoints" / "2" / "data"
+    os.remove(data / "process_0-of-1.json")
+    for i in range(2):
+        (data / f"process_{i}-of-2.json").write_text(f'{{"position": {10 + i}}}')
+
+    plain = ckpt_lib.CheckpointManager(str(tmp_path), keep=3, async_save=False)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="data positions of 2 processes, this run has 1"):
+        plain.restore_latest(ckpt_lib.abstract_like(make_state()), data_iterator=make_iterator())
+    assert plain.all_steps() == [1, 2]  # not moved aside as corrupt
+
+    resharding = ReshardingIterator()
+    restored = ckpt_lib.CheckpointManager(str(tmp_path), keep=3).restore_latest(
+        ckpt_lib.abstract_like(make_state()), data_iterator=resharding)
+    assert restored.step == 2 and restored.data_note == "re-derived from 2 processes"
+    assert resharding.states == [{"position": 10}, {"position": 11}] and resharding.state is None
+
+    os.remove(data / "process_1-of-2.json")  # one process's position missing: the step is unusable
+    fresh = ckpt_lib.CheckpointManager(str(tmp_path), keep=3, async_save=False)
+    same_count = ReshardingIterator()
+    restored = fresh.restore_latest(ckpt_lib.abstract_like(make_state()), data_iterator=same_count)
+    assert restored.step == 1 and restored.data_note is None
+    assert same_count.state == it.get_state() and same_count.states is None  # written by this process count

@@ -132,7 +132,7 @@ class Watchdog:
 
     def _report(self, name: str, step: int, elapsed: float, limit: float) -> None:
         self.reports += 1
-        header = (f"watchdog: phase '{name}' of step {step} has run {elapsed:.1f} s, past its limit of {limit:.0f} s, "
+        header = (f"watchdog: phase '{name}' of step {step} has run {elapsed:.1f} s, past its limit of {limit:g} s, "
                   f"on process {self.process_index} (host {socket.gethostname()}, pid {os.getpid()}). "
                   + ("Exiting with code %d so the run can be restarted from its last checkpoint."
                      % EXIT_CODE if self.action == "exit" else "Still waiting.")
