@@ -52,10 +52,12 @@ def get_config(arg=None):
   c.min_prompt_bucket = 256         # prompts pad to powers of two >= this: few compiled programs
   c.seed = 0
 
-  # Prompts: the model's own chat template; images resized like training.
+  # Prompts: the model's own chat template; images prepared like training.
   c.prompt_suffix = ""              # appended to every question (none by default)
   c.min_pixels = 262_144
   c.max_pixels = 4_194_304
+  c.image_path = "release"          # release: Pillow resize into the pixel bounds + RGB, then the processor
+                                    # (EasyR1's process_image); single_resize: the processor's resize only
   c.max_prompt_tokens = 8192        # longer prompts are skipped and reported
   c.limit = 0                       # questions per benchmark (0 = all)
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from tests.fixtures_data import write_geometry3k, write_virl39k_raw
+from tests.fixtures_data import encode_image, write_geometry3k, write_virl39k_raw
+from tests.release_reference import mode_image, release_views
 from vaopd_jax.data import pipeline as PL
 from vaopd_jax.data import processor as P
 from vaopd_jax.data import sources as S
@@ -50,6 +51,40 @@ def test_batch_layout_both_views_and_static_shapes(tok):
         np.testing.assert_array_equal(batch["pixel_values_pixelated"][16 * b : 16 * (b + 1)], rows_pix)
         assert batch["answer"][b] == record["answer"] and batch["kind"][b] == record["kind"]
     assert not np.array_equal(batch["pixel_values"], batch["pixel_values_pixelated"])
+
+
+@pytest.mark.parametrize("image_path", ["release", "single_resize"])
+def test_featurize_gives_the_releases_views_for_every_mode_and_size(tok, image_path):
+    """Images below / inside / above the bounds in RGB, RGBA, L, P, P+transparency and 1-bit, stored as PNG
+    (modes survive): the pipeline's rows and grids equal the release's two views run through the processor
+    (image_path="release"), or the older path (pixelate the decoded image, one resize) when asked for."""
+    bounds = dict(min_pixels=4096, max_pixels=16384)
+    featurize = PL.Featurize(_config(prompt_buckets=(256,), image_path=image_path, **bounds), tokenizer=tok)
+    checked = 0
+    for height, width in ((25, 37), (70, 90), (151, 209)):
+        for mode in ("RGB", "RGBA", "L", "P", "P+transparency", "1"):
+            image = mode_image(height, width, mode, seed=height * width)
+            record = {"id": f"{mode}-{height}", "question": "<image>What is shown?", "answer": "1",
+                      "images": [{"bytes": encode_image(image), "path": None}]}
+            example = featurize(record)
+            assert "skip" not in example, example
+            if image_path == "release":
+                original, pixelated = release_views(image, 0.1, **bounds)
+            else:
+                decoded = S.load_image(record["images"][0])
+                original, pixelated = decoded, P.pixelate(P._continuous_mode(decoded), 0.1)
+            rows, grid = P.preprocess_image(original, **bounds)
+            rows_pix, grid_pix = P.preprocess_image(pixelated, **bounds)
+            np.testing.assert_array_equal(example["image_grid_thw"], [grid])
+            np.testing.assert_array_equal(grid, grid_pix)
+            np.testing.assert_array_equal(example["pixel_values"], rows)
+            np.testing.assert_array_equal(example["pixel_values_pixelated"], rows_pix)
+            checked += 1
+    assert checked == 18
+    with pytest.raises(ValueError, match="image_path"):
+        _config(image_path="twice").validate()
+    with pytest.raises(ValueError, match="pixelation_ratio"):
+        _config(pixelation_ratio=True).validate()
 
 
 def test_same_seed_same_batches_other_seed_other_order(tok):

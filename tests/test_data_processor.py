@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.release_reference import mode_image, release_pixelate, release_views
 from vaopd_jax.data import processor as P
 from vaopd_jax.data.tokenizer import load_tokenizer
 
@@ -104,22 +105,81 @@ def test_pixelate_equals_pillow_reference_and_keeps_grid(height, width, mode):
         )
 
 
-def test_pixelate_palette_one_bit_and_arrays():
+@pytest.mark.parametrize("mode", ["P", "P+transparency", "1", "RGB", "RGBA", "L"])
+def test_pixelate_matches_the_release_and_restores_the_mode(mode):
+    image = mode_image(50, 70, mode, seed=3)
+    before = image.tobytes()
+    out = P.pixelate(image, 0.1)
+    ref = release_pixelate(image, 0.1)
+    assert out.mode == image.mode == ref.mode and out.size == image.size
+    assert out.tobytes() == ref.tobytes()
+    if image.mode == "P":  # re-quantised: same palette as the release's convert("P")
+        assert out.getpalette() == ref.getpalette()
+    assert image.tobytes() == before  # the input is not mutated
+
+
+def test_pixelate_arrays_and_the_releases_ratio_errors():
     rgb = _random_image(50, 70)
-    palette = rgb.convert("P")
-    out = P.pixelate(palette)
-    assert out.mode == "RGB" and out.size == palette.size
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(_pillow_pixelate(palette.convert("RGB"), 0.1)))
-    bitmap = rgb.convert("1")
-    out = P.pixelate(bitmap)
-    assert out.mode == "L"
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(_pillow_pixelate(bitmap.convert("L"), 0.1)))
     array = np.asarray(rgb)
     out = P.pixelate(array, ratio=0.25)
     assert isinstance(out, np.ndarray) and out.shape == array.shape and out.dtype == np.uint8
     np.testing.assert_array_equal(out, np.asarray(_pillow_pixelate(rgb, 0.25)))
-    with pytest.raises(ValueError, match="ratio"):
-        P.pixelate(rgb, ratio=0.0)
+    assert P.pixelate(rgb, ratio=1).tobytes() == rgb.tobytes()  # int 1 is a valid ratio
+    assert P.pixelate(rgb, ratio=np.float32(0.1)).tobytes() == P.pixelate(rgb, 0.1).tobytes()
+    for bad in (0, 0.0, -0.1, 1.1, True, False, "0.1", None, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="ratio"):
+            P.pixelate(rgb, ratio=bad)
+
+
+VIEW_MODES = ["RGB", "RGBA", "L", "P", "P+transparency", "1"]
+# (height, width, min_pixels, max_pixels): below, inside and above the bounds (small bounds keep it fast)
+VIEW_SIZES = [(25, 37, 4096, 16384), (70, 90, 4096, 16384), (151, 209, 4096, 16384)]  # int() != round() in both resizes
+
+
+def test_release_views_geometry3k_sized_diagram_at_paper_bounds():
+    """300x200 (below 262,144 pixels): 62x41 pixelation cells and a 640x416 grid (single resize: 30x20, 640x448)."""
+    image = _random_image(200, 300)
+    original, pixelated = P.image_views(image, 0.1, P.MIN_PIXELS, P.MAX_PIXELS)
+    assert original.size == (627, 418)  # int(300 * f) x int(200 * f), f = sqrt(262144 / 60000)
+    ref_original, ref_pixelated = release_views(image, 0.1, P.MIN_PIXELS, P.MAX_PIXELS)
+    assert original.tobytes() == ref_original.tobytes() and pixelated.tobytes() == ref_pixelated.tobytes()
+    cells = np.asarray(pixelated)
+    assert len(np.unique(cells[0], axis=0)) <= 62 and len(np.unique(cells[:, 0], axis=0)) <= 41
+    _, _, grid = P.preprocess_views(image, 0.1)
+    np.testing.assert_array_equal(grid, [1, 416 // 16, 640 // 16])
+    _, _, grid_single = P.preprocess_views(image, 0.1, image_path="single_resize")
+    np.testing.assert_array_equal(grid_single, [1, 448 // 16, 640 // 16])
+
+
+@pytest.mark.parametrize("height,width,min_pixels,max_pixels", VIEW_SIZES)
+@pytest.mark.parametrize("mode", VIEW_MODES)
+def test_release_views_equal_the_processors_pixel_for_pixel(height, width, min_pixels, max_pixels, mode):
+    image = mode_image(height, width, mode, seed=height + width)
+    ref_original, ref_pixelated = release_views(image, 0.1, min_pixels, max_pixels)
+    original, pixelated = P.image_views(image, 0.1, min_pixels, max_pixels)
+    assert original.mode == pixelated.mode == "RGB" and original.size == pixelated.size == ref_original.size
+    assert original.tobytes() == ref_original.tobytes()
+    assert pixelated.tobytes() == ref_pixelated.tobytes()
+    rows, rows_pix, grid = P.preprocess_views(image, 0.1, min_pixels, max_pixels)
+    reference = _reference(min_pixels, max_pixels)
+    for view, got in ((ref_original, rows), (ref_pixelated, rows_pix)):
+        ref = reference(images=[view], return_tensors="np")
+        np.testing.assert_array_equal(grid, ref["image_grid_thw"][0])
+        assert got.shape == ref["pixel_values"].shape
+        assert float(np.abs(got - ref["pixel_values"]).max()) <= 1e-5
+
+
+def test_single_resize_path_is_the_older_one():
+    image = mode_image(40, 60, "RGBA", seed=1)
+    original, pixelated = P.image_views(image, 0.1, 4096, 16384, image_path="single_resize")
+    assert original is image and pixelated.mode == "RGBA"
+    assert pixelated.tobytes() == _pillow_pixelate(image, 0.1).tobytes()
+    palette = mode_image(40, 60, "P", seed=1)
+    _, pixelated = P.image_views(palette, 0.1, 4096, 16384, image_path="single_resize")
+    assert pixelated.mode == "RGB"  # palette interpolated in RGB and left there, as before
+    assert P.model_image(image, 4096, 16384, "single_resize") is image
+    with pytest.raises(ValueError, match="image_path"):
+        P.image_views(image, 0.1, image_path="twice")
 
 
 def test_split_question_placeholders():

@@ -1,5 +1,6 @@
 """End-to-end evaluation: a tiny random Qwen3-VL on fixture benchmarks, resume, sharding, CLI."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -261,6 +262,33 @@ def test_prompt_longer_than_the_model_allows_is_skipped(tokenizer, bench_root, t
     config.max_prompt_tokens = len(prompt.input_ids) - 1
     with pytest.raises(common.BadRecord, match="> max_prompt_tokens"):
         evaluate.build_prompt(mmstar, record, tokenizer, config)
+
+
+def test_prompt_images_follow_the_releases_path(tokenizer, bench_root, tmp_path):
+    """Default image_path 'release': Pillow bounds resize + RGB (alpha dropped) before the processor; the
+    'single_resize' option is the processor alone (alpha composited onto white)."""
+    from tests.release_reference import mode_image, release_views
+    from vaopd_jax.data import processor
+    from vaopd_jax.data.fixtures import encode_image
+    from vaopd_jax.eval import benchmarks
+
+    mmstar = benchmarks.get("mmstar")
+    image = mode_image(25, 37, "RGBA", seed=5)  # below min_pixels=1024: the release resizes it first
+    record = mmstar.read(bench_root / "mmstar").records[0]
+    record = dataclasses.replace(record, images=[common.ImageRef(data=encode_image(image))])
+    config = make_config(bench_root, tmp_path)
+    assert config.image_path == "release"
+    prompt = evaluate.build_prompt(mmstar, record, tokenizer, config)
+    expected, grid = processor.preprocess_image(release_views(image, 0.1, 1024, 4096)[0], 1024, 4096)
+    np.testing.assert_array_equal(prompt.pixel_values, expected)
+    np.testing.assert_array_equal(prompt.grid_thw, [grid])
+    config.image_path = "single_resize"
+    single = evaluate.build_prompt(mmstar, record, tokenizer, config)
+    np.testing.assert_array_equal(single.pixel_values, processor.preprocess_image(image, 1024, 4096)[0])
+    assert not np.array_equal(single.pixel_values, prompt.pixel_values)
+    config.image_path = "twice"
+    with pytest.raises(evaluate.EvalConfigError, match="image_path"):
+        evaluate.validate(config)
 
 
 def test_invalid_config_names_fields(bench_root, tmp_path):

@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from vaopd_jax.data import processor
 from vaopd_jax.eval import benchmarks as benchmarks_lib
 from vaopd_jax.eval import grading
 from vaopd_jax.eval.benchmarks import common
@@ -49,7 +50,7 @@ from vaopd_jax.eval.judge import make_judge
 log = logging.getLogger("vaopd_jax.evaluate")
 
 RUN_KEYS = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "prompt_suffix",
-            "min_pixels", "max_pixels")
+            "min_pixels", "max_pixels", "image_path")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -92,6 +93,8 @@ def validate(config) -> None:
           config.max_prompt_tokens, "must be an int >= 1")
     check(1 <= config.min_pixels <= config.max_pixels, "min_pixels/max_pixels",
           (config.min_pixels, config.max_pixels), "need 1 <= min_pixels <= max_pixels")
+    check(config.image_path in processor.IMAGE_PATHS, "image_path", config.image_path,
+          f"must be one of {processor.IMAGE_PATHS}")
     check(isinstance(config.min_prompt_bucket, int) and config.min_prompt_bucket >= 1, "min_prompt_bucket",
           config.min_prompt_bucket, "must be an int >= 1 (smallest padded prompt length)")
     check(config.limit >= 0, "limit", config.limit, "must be >= 0 (0 = every question)")
@@ -135,10 +138,10 @@ def build_prompt(bench, record, tokenizer, config, max_positions: Optional[int] 
 
     max_positions: the model's position limit; a prompt that leaves no room for
     config.max_new_tokens is skipped (reported), not sent to the sampler."""
-    from vaopd_jax.data import processor
-
     images = [ref.load() for ref in record.images]
     try:
+        images = [processor.model_image(image, config.min_pixels, config.max_pixels, config.image_path)
+                  for image in images]
         pixel_values, grids = processor.preprocess_images(images, config.min_pixels, config.max_pixels)
         ids, _ = processor.build_prompt(tokenizer, bench.prompt_text(record, config.prompt_suffix), grids)
     except (ValueError, OSError) as err:

@@ -1,7 +1,7 @@
 """grain input pipeline: records -> padded, bucketed batches holding BOTH image views.
 
     MapDataset.source(src) -> shard by process -> shuffle(seed) -> repeat(epochs)
-      -> map(featurize)          per record: decode, pixelate, preprocess both views, chat prompt
+      -> map(featurize)          per record: decode, bound + RGB, pixelate, preprocess both views, prompt
       -> to_iter_dataset -> mp_prefetch(workers)      (optional worker processes)
       -> PromptBatchIterator     main process: skip + count bad records, bucket, pad, batch
 
@@ -75,6 +75,7 @@ class PipelineConfig:
     min_pixels: int = processor.MIN_PIXELS
     max_pixels: int = processor.MAX_PIXELS
     pixelation_ratio: float = 0.1
+    image_path: str = "release"  # processor.IMAGE_PATHS: the release's bounds resize -> RGB -> pixelate, or single_resize
     num_workers: int = 0  # grain worker processes (0 = featurize in this process)
     worker_buffer_size: int = 2
     read_threads: int = 2  # threads per process running the per-record map
@@ -90,8 +91,9 @@ class PipelineConfig:
                 continue
             if not buckets or any(int(b) < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
                 raise ValueError(f"PipelineConfig.{name} must be strictly increasing positive ints, got {buckets}")
-        if not 0.0 < self.pixelation_ratio <= 1.0:
-            raise ValueError(f"PipelineConfig.pixelation_ratio must be in (0, 1], got {self.pixelation_ratio}")
+        processor.check_pixelation_ratio(self.pixelation_ratio, "PipelineConfig.pixelation_ratio")
+        if self.image_path not in processor.IMAGE_PATHS:
+            raise ValueError(f"PipelineConfig.image_path must be one of {processor.IMAGE_PATHS}, got {self.image_path!r}")
         if not 1 <= self.min_pixels <= self.max_pixels:
             raise ValueError(f"PipelineConfig needs 1 <= min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
         if self.read_threads < 1:
@@ -164,11 +166,8 @@ class Featurize:
         try:
             rows, grids, rows_pix = [], [], []
             for image in images:
-                pix = processor.pixelate(image, cfg.pixelation_ratio)
-                r, g = processor.preprocess_image(image, cfg.min_pixels, cfg.max_pixels)
-                rp, gp = processor.preprocess_image(pix, cfg.min_pixels, cfg.max_pixels)
-                if not np.array_equal(g, gp):  # cannot happen (same size); guards the VA alignment
-                    raise ValueError(f"pixelated grid {gp} != original grid {g}")
+                r, rp, g = processor.preprocess_views(image, cfg.pixelation_ratio, cfg.min_pixels, cfg.max_pixels,
+                                                      cfg.image_path)
                 rows.append(r)
                 rows_pix.append(rp)
                 grids.append(g)

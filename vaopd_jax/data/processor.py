@@ -8,6 +8,16 @@ onto white), smart resize to multiples of 32, Pillow BICUBIC resize, rescale 1/2
 
 `pixelate` builds the VA-OPD pixelated view ṽ (spec/METHOD.md, "Pixelated view").
 
+`image_views` is the image path of the authors' release (handsome-rich/VA-OPD on EasyR1) step for
+step, the default everywhere (`IMAGE_PATHS[0]`):
+  1. `bound_pixels`: EasyR1's `verl/utils/dataset.py::process_image`: a Pillow resize into
+     [min_pixels, max_pixels] (factor sqrt(bound / area), sizes truncated with int(), Pillow's
+     default filter for the mode), then `convert("RGB")` (alpha dropped, no compositing);
+  2. `pixelate` of THAT image (the release's trainer builds ṽ from `process_image`'s output:
+     `PerceptionReasoningCorruptionBuilder._transform_multi_modal_data`);
+  3. the Qwen processor (`preprocess_image`: smart_resize + patchify) on both.
+`"single_resize"` is the older path: pixelate the decoded image, one smart resize, alpha composited.
+
 `build_prompt` turns a dataset question with `<image>` placeholders into the token ids of the
 model's own chat template with each image expanded to t*h*w/4 `<|image_pad|>` tokens.
 """
@@ -15,6 +25,7 @@ model's own chat template with each image expanded to t*h*w/4 `<|image_pad|>` to
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +39,9 @@ PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1536
 MIN_PIXELS = 262_144  # paper recipe (METHOD.md defaults)
 MAX_PIXELS = 4_194_304
 IMAGE_PLACEHOLDER = "<image>"
+# "release": bounds resize -> RGB -> pixelate -> processor (the release's path, see module docstring);
+# "single_resize": pixelate the decoded image, then one smart resize per view.
+IMAGE_PATHS = ("release", "single_resize")
 
 # mm_token_type_ids values (transformers >= 5.3 convention, spec/QWEN3VL.md)
 TOKEN_TYPE_TEXT = 0
@@ -156,7 +170,7 @@ def preprocess_images(
 
 
 def _continuous_mode(image: Image.Image) -> Image.Image:
-    """Palette / 1-bit images -> a mode Pillow can interpolate (METHOD.md: converted first)."""
+    """Palette / 1-bit images -> a mode Pillow can interpolate (the single_resize path's pixelation input)."""
     if image.mode == "1":
         return image.convert("L")
     if image.mode == "P":
@@ -166,27 +180,111 @@ def _continuous_mode(image: Image.Image) -> Image.Image:
     return image
 
 
-def pixelate(image, ratio: float = 0.1):
-    """Pixelated view ṽ: BILINEAR down to floor(ratio*side) (>= 1) per side, NEAREST back up.
-
-    Same size as the input, so ṽ gets exactly the same grid / visual tokens as the original.
-    Returns the same type as given: a PIL image (same mode, except palette/1-bit which become
-    L/RGB/RGBA) or a uint8 array of the same shape.
+def check_pixelation_ratio(ratio, name: str = "pixelation ratio") -> float:
+    """The release's ratio check: a finite real number in (0, 1]; booleans and strings are refused.
 
     Raises:
-      ValueError: ratio outside (0, 1].
+      ValueError: bool, non-numeric, NaN/inf, or outside (0, 1] (the release raises ValueError for all).
     """
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"pixelation ratio must be in (0, 1], got {ratio}")
+    if isinstance(ratio, bool) or not isinstance(ratio, Real) or not math.isfinite(ratio) or not 0 < ratio <= 1:
+        raise ValueError(f"{name} must be a finite number in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def pixelate(image, ratio: float = 0.1):
+    """Pixelated view ṽ: BILINEAR down to max(1, int(side * ratio)) per side, NEAREST back up.
+
+    The release's `va_opd/images.py::pixelate_image`, rule for rule: palette ("P", with or without
+    transparency) is interpolated in RGB and 1-bit in L, and the result is converted back to the
+    input's mode (P re-quantised with Pillow's default palette, 1-bit dithered); every other mode is
+    resized as it is. Same size as the input, so ṽ gets exactly the grid / visual tokens of the original.
+    Returns the same type as given: a PIL image in the input's mode, or a uint8 array of the same shape.
+
+    Raises:
+      ValueError: ratio not a finite number in (0, 1] (booleans and strings included).
+    """
+    ratio = check_pixelation_ratio(ratio)
     is_array = not isinstance(image, Image.Image)
-    pil = _continuous_mode(to_pil(image))
+    pil = to_pil(image)
     width, height = pil.size
-    small_w = max(1, int(math.floor(ratio * width)))
-    small_h = max(1, int(math.floor(ratio * height)))
-    out = pil.resize((small_w, small_h), resample=Image.BILINEAR).resize((width, height), resample=Image.NEAREST)
-    if is_array:  # arrays keep L/RGB/RGBA, so the shape round-trips exactly
+    source = pil.convert("RGB") if pil.mode == "P" else pil.convert("L") if pil.mode == "1" else pil
+    small = source.resize((max(1, int(width * ratio)), max(1, int(height * ratio))), Image.Resampling.BILINEAR)
+    out = small.resize(pil.size, Image.Resampling.NEAREST)
+    if out.mode != pil.mode:
+        out = out.convert(pil.mode)
+    if is_array:  # arrays are L/RGB/RGBA, so the shape round-trips exactly
         return np.asarray(out).reshape(np.asarray(image).shape)
     return out
+
+
+def bound_pixels(image, min_pixels: int | None = MIN_PIXELS, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """The release's dataset step (EasyR1 `process_image`): Pillow resize into the pixel bounds, then RGB.
+
+    If w*h > max_pixels, resize by f = sqrt(max_pixels / (w*h)); then, if w*h < min_pixels, by
+    f = sqrt(min_pixels / (w*h)); new sizes int(w*f) x int(h*f) (so the area may end a little below
+    min_pixels); Pillow's default filter for the mode (NEAREST for "1"/"P", else BICUBIC). Then
+    `convert("RGB")` for any other mode: alpha is dropped, not composited, and a palette's
+    transparency is ignored. None disables a bound, as in the release.
+
+    Raises:
+      ValueError: a resize to a zero side (aspect ratios past ~4e6:1), from Pillow.
+    """
+    pil = to_pil(image)
+    if max_pixels is not None and pil.width * pil.height > max_pixels:
+        factor = math.sqrt(max_pixels / (pil.width * pil.height))
+        pil = pil.resize((int(pil.width * factor), int(pil.height * factor)))
+    if min_pixels is not None and pil.width * pil.height < min_pixels:
+        factor = math.sqrt(min_pixels / (pil.width * pil.height))
+        pil = pil.resize((int(pil.width * factor), int(pil.height * factor)))
+    if pil.mode != "RGB":
+        pil = pil.convert("RGB")
+    return pil
+
+
+def image_views(image, ratio: float = 0.1, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                image_path: str = "release"):
+    """(original, pixelated) images the processor then turns into the two teacher views.
+
+    image_path "release" (default): `bound_pixels` then `pixelate` of that RGB image (the release);
+    "single_resize": the decoded image and its pixelation (palette / 1-bit interpolated in RGB(A) / L,
+    as before), each resized once by `preprocess_image` with alpha composited onto white.
+    Both returned images have the same size, so `preprocess_image` gives them the same grid.
+
+    Raises:
+      ValueError: an unknown image_path or a bad ratio.
+    """
+    if image_path == "release":
+        original = bound_pixels(image, min_pixels, max_pixels)
+        return original, pixelate(original, ratio)
+    if image_path == "single_resize":
+        original = to_pil(image)
+        return original, pixelate(_continuous_mode(original), ratio)
+    raise ValueError(f"image_path must be one of {IMAGE_PATHS}, got {image_path!r}")
+
+
+def preprocess_views(image, ratio: float = 0.1, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                     image_path: str = "release") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image -> (rows (N, 1536), pixelated rows (N, 1536), image_grid_thw (3,)) by `image_views`.
+
+    Raises:
+      ValueError: bad image_path / ratio, or an image smart_resize refuses (aspect ratio > 200).
+    """
+    original, pixelated = image_views(image, ratio, min_pixels, max_pixels, image_path)
+    rows, grid = preprocess_image(original, min_pixels, max_pixels)
+    rows_pix, grid_pix = preprocess_image(pixelated, min_pixels, max_pixels)
+    if not np.array_equal(grid, grid_pix):  # cannot happen (same size); guards the VA alignment
+        raise ValueError(f"pixelated grid {grid_pix} != original grid {grid}")
+    return rows, rows_pix, grid
+
+
+def model_image(image, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                image_path: str = "release") -> Image.Image:
+    """The image the processor is given on `image_path` (what the student sees; no pixelation)."""
+    if image_path == "release":
+        return bound_pixels(image, min_pixels, max_pixels)
+    if image_path == "single_resize":
+        return to_pil(image)
+    raise ValueError(f"image_path must be one of {IMAGE_PATHS}, got {image_path!r}")
 
 
 def split_question(question: str, num_images: int) -> list[dict]:

@@ -266,7 +266,7 @@ PATCH_BUCKETS = (64, 256, 1024, 4096, 16384, 65536)
 
 
 def _featurize(records: Sequence[dict], tokenizer, *, pixelate_ratio: float, min_pixels: int,
-               max_pixels: int, max_prompt_tokens: int) -> dict:
+               max_pixels: int, max_prompt_tokens: int, image_path: str = "release") -> dict:
     """One collated prompt batch (both views) of `records` through the data pipeline's own featurizer."""
     # Powers of two up to the limit: the teacher pass runs over the padded prompt, so padding every
     # prompt to the limit would cost (limit / prompt length) times the work.
@@ -274,7 +274,7 @@ def _featurize(records: Sequence[dict], tokenizer, *, pixelate_ratio: float, min
     config = pipeline.PipelineConfig(batch_size=len(records), shuffle=False, num_epochs=1, drop_remainder=False,
                                      prompt_buckets=prompt_buckets + (max_prompt_tokens,), patch_buckets=PATCH_BUCKETS,
                                      min_pixels=min_pixels, max_pixels=max_pixels, pixelation_ratio=pixelate_ratio,
-                                     shard_index=0, shard_count=1)
+                                     image_path=image_path, shard_index=0, shard_count=1)
     config.validate()
     featurize = pipeline.Featurize(config, tokenizer=tokenizer)
     examples = []
@@ -307,12 +307,13 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
                            temperature: float = 0.0, top_p: float = 1.0, pixelate_ratio: float = 0.1,
                            min_pixels: int = processor.MIN_PIXELS, max_pixels: int = processor.MAX_PIXELS,
                            max_prompt_tokens: int = 4096, batch_size: int = 4, seed: int = 0,
-                           chunk_size: int = 128) -> list[ScoredRollout]:
+                           chunk_size: int = 128, image_path: str = "release") -> list[ScoredRollout]:
     """The student answers each record; the teacher's VA (Eq. 2) of every answer token.
 
     For each record the student samples `num_samples` answers (greedy at
     temperature 0); the teacher scores each answer on the original image and
-    on its pixelated copy (``processor.pixelate(image, pixelate_ratio)``), and
+    on its pixelated copy (``processor.image_views(image, pixelate_ratio, min_pixels, max_pixels,
+    image_path)``: by default the release's path, bounds resize + RGB, then pixelation), and
     VA = max(0, log p_T(y_t | v, x, y_<t) - log p_T(y_t | v~, x, y_<t)).
 
     Args:
@@ -341,7 +342,7 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
         # so every call has the same shapes and compiles once.
         filled = chunk + [chunk[-1]] * (min(batch_size, len(records)) - len(chunk))
         batch = _featurize(filled, tokenizer, pixelate_ratio=pixelate_ratio, min_pixels=min_pixels,
-                           max_pixels=max_pixels, max_prompt_tokens=max_prompt_tokens)
+                           max_pixels=max_pixels, max_prompt_tokens=max_prompt_tokens, image_path=image_path)
         n_images, n_patches = int(batch["num_images"]), int(batch["num_patches"])
         out = sampler.generate(student, batch["input_ids"], batch["attention_mask"],
                                batch["pixel_values"][:n_patches], batch["image_grid_thw"][:n_images],
