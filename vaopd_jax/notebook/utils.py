@@ -66,7 +66,7 @@ def find_config(name: str = "demo.py", search_from: str | os.PathLike | None = N
         if parent == here:
             break
         here = parent
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # vaopd_jax/notebook/
     candidates.append(os.path.join(package_parent, "configs", name))
     for path in candidates:
         if os.path.isfile(path):
