@@ -20,6 +20,7 @@ Public API::
     grade_batch(preds, golds, *, timeout_s=5.0) -> list[bool]
     grade_batch_detailed(preds, golds, *, timeout_s=5.0) -> list[GradeResult]
     grade_responses(texts, golds) -> list[bool]              # extract, then grade
+    grade_pairs(pairs, grader="math_verify"|"mathruler")     # the worker pool, cached, time-limited
     grading_counters() -> {"timeouts", "errors"}             # for logging
     shutdown()                                               # stop the worker pool
 
@@ -320,11 +321,20 @@ def _verify_in_worker(pred: str, gold: str) -> bool:
     return bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
+def _mathruler_in_worker(pred: str, gold: str) -> bool:
+    from mathruler.grader import grade_answer
+
+    return bool(grade_answer(pred, gold))
+
+
+GRADERS = {"math_verify": _verify_in_worker, "mathruler": _mathruler_in_worker}
+
+
 def _worker_main() -> None:
     """Worker loop (``python -m vaopd_jax.eval.grading --worker``): JSON lines in and out.
 
-    Reads ``[pred, gold]`` per line on stdin, answers ``["ok", bool]`` or
-    ``["error", message]``; the first line written is ``["ready", null]``.
+    Reads ``[pred, gold, grader]`` per line on stdin (grader: a GRADERS key), answers
+    ``["ok", bool]`` or ``["error", message]``; the first line written is ``["ready", null]``.
     """
     import math_verify.grader
     import math_verify.parser
@@ -334,13 +344,17 @@ def _worker_main() -> None:
     math_verify.grader.TIMEOUT_WARNING_SHOWN = True
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     _verify_in_worker("1", "1")  # warm sympy's lazy imports before the parent starts the clock
+    try:
+        _mathruler_in_worker("1", "1")
+    except ImportError:  # only validation grading needs mathruler; its caller checks the import
+        pass
     out = sys.stdout
     out.write(json.dumps(["ready", None]) + "\n")
     out.flush()
     for line in sys.stdin:
         try:
-            pred, gold = json.loads(line)
-            reply = ["ok", _verify_in_worker(pred, gold)]
+            pred, gold, grader = json.loads(line)
+            reply = ["ok", GRADERS[grader](pred, gold)]
         except Exception as exc:  # noqa: BLE001 - any parser failure is a wrong answer
             reply = ["error", f"{type(exc).__name__}: {exc}"]
         out.write(json.dumps(reply) + "\n")
@@ -367,8 +381,8 @@ class _Worker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def send(self, pred: str, gold: str) -> None:
-        self.process.stdin.write((json.dumps([pred, gold]) + "\n").encode("utf-8"))
+    def send(self, pred: str, gold: str, grader: str = "math_verify") -> None:
+        self.process.stdin.write((json.dumps([pred, gold, grader]) + "\n").encode("utf-8"))
         self.process.stdin.flush()
 
     def recv(self) -> list:
@@ -439,8 +453,9 @@ class VerifyPool:
         self._workers.append(replacement)
         return replacement
 
-    def run(self, pairs: Sequence[tuple[str, str]], timeout_s: float) -> list[GradeResult]:
-        """Grade (pred, gold) pairs; results in input order."""
+    def run(self, pairs: Sequence[tuple[str, ...]], timeout_s: float) -> list[GradeResult]:
+        """Grade (pred, gold) or (pred, gold, grader) items (grader: a GRADERS key, default math_verify);
+        results in input order."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
         results: list[Optional[GradeResult]] = [None] * len(pairs)
@@ -481,7 +496,7 @@ class VerifyPool:
                         idle.append(worker)
                         continue
                     self.num_errors += 1
-                    logger.warning("math-verify error on pred=%.200r gold=%.200r: %s", *pairs[index], value)
+                    logger.warning("grading error on pred=%.200r gold=%.200r: %s", *pairs[index][:2], value)
                     results[index] = GradeResult(False, "error")
                     idle.append(worker if worker.alive() else self._replace(worker))
                 now = time.monotonic()
@@ -489,8 +504,8 @@ class VerifyPool:
                     busy.remove(worker)
                     index = worker.item
                     self.num_timeouts += 1
-                    logger.warning("math-verify exceeded %.1fs on pred=%.200r gold=%.200r: counted as wrong",
-                                   timeout_s, *pairs[index])
+                    logger.warning("grading exceeded %.1fs on pred=%.200r gold=%.200r: counted as wrong",
+                                   timeout_s, *pairs[index][:2])
                     results[index] = GradeResult(False, "timeout")
                     idle.append(self._replace(worker))
         return results  # type: ignore[return-value]
@@ -504,7 +519,7 @@ class VerifyPool:
 
 _POOL: Optional[VerifyPool] = None
 _POOL_PID: Optional[int] = None
-_CACHE: "collections.OrderedDict[tuple[str, str], GradeResult]" = collections.OrderedDict()
+_CACHE: "collections.OrderedDict[tuple[str, str, str], GradeResult]" = collections.OrderedDict()
 _CACHE_SIZE = 100_000
 
 
@@ -559,11 +574,37 @@ def grade_batch_detailed(
         if "\\boxed" in gold:  # ViRL39K stores gold answers inside \boxed{}
             gold = extract_boxed(gold) or gold
         key = (str(pred).strip(), gold.strip())
+        if normalized_match(*key):
+            results[i] = GradeResult(True, "normalized")
+        else:
+            todo.setdefault(key, []).append(i)
+    if todo:
+        keys = list(todo)
+        for key, result in zip(keys, grade_pairs(keys, grader="math_verify", timeout_s=timeout_s)):
+            for i in todo[key]:
+                results[i] = result
+    return results  # type: ignore[return-value]
+
+
+def grade_pairs(pairs: Sequence[tuple[str, str]], *, grader: str = "math_verify",
+                timeout_s: float = 5.0) -> list[GradeResult]:
+    """``GRADERS[grader](pred, gold)`` of each pair in the worker pool, each with its own ``timeout_s``.
+
+    No shortcut: every pair goes to the grader ('verified' / 'rejected', or 'timeout' / 'error',
+    counted wrong). Identical pairs are graded once; decisions are cached across calls.
+
+    Raises:
+      ValueError: an unknown grader.
+    """
+    if grader not in GRADERS:
+        raise ValueError(f"grader must be one of {sorted(GRADERS)}, got {grader!r}")
+    results: list[Optional[GradeResult]] = [None] * len(pairs)
+    todo: dict[tuple[str, str, str], list[int]] = {}
+    for i, (pred, gold) in enumerate(pairs):
+        key = (str(pred), str(gold), grader)
         cached = _CACHE.get(key)
         if cached is not None:
             results[i] = cached
-        elif normalized_match(*key):
-            results[i] = GradeResult(True, "normalized")
         else:
             todo.setdefault(key, []).append(i)
     if todo:
