@@ -32,6 +32,7 @@ setup(
         "sympy>=1.12",
         "pylatexenc>=2.10",
         "tqdm>=4",
+        "levenshtein>=0.25",  # MathVista's official nearest-option rule (the official scorer's library)
         "matplotlib>=3.8",
     ],
     extras_require={

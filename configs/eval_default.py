@@ -62,6 +62,11 @@ def get_config(arg=None):
   c.limit = 0                       # questions per benchmark (0 = all)
 
   c.grading_timeout_s = 5.0         # math-verify wall-clock limit per answer (then: wrong, logged)
+  # official: each official scorer's leniency (MathVista: an unparsed multiple-choice answer -> the most
+  # similar option; MMMU: -> a seeded random option; HallusionBench: "uncertain" is right on the no-figure
+  # VS rows; OCRBench HME100k: spaces removed); strict: none of them. results.md says which was used.
+  c.scoring = "official"
+  c.mmstar_average = "rows"         # rows (VLMEvalKit) | l2_categories (lmms-eval); both are reported
   c.judge = ml_collections.ConfigDict()
   c.judge.url = ""                  # OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
   c.judge.model = ""

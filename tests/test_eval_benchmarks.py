@@ -33,9 +33,9 @@ def test_registry_order_matches_the_paper_table():
 def test_wemath_reader(bench_root):
     result = read(bench_root, "wemath")
     assert result.problems == []
-    assert [r.id for r in result.records][:3] == ["g2:2steps_1", "g2:2steps_2", "g2:2steps_multi"]
+    assert [r.id for r in result.records][:4] == ["7:2steps_1", "7:2steps_2", "7:2steps_multi", "7:3steps_1"]
     record = result.records[0]
-    assert record.meta == {"options": ["30°", "45°", "60°", "90°"], "group": "g2", "key": "2steps_1"}
+    assert record.meta == {"options": ["30°", "45°", "60°", "90°"], "group": "7", "key": "2steps_1"}
     assert record.answer == "B"
     assert "Options:\nA. 30°\nB. 45°" in record.question
     assert record.images[0].load().size == (48, 40)  # from the image_path HF struct
@@ -69,14 +69,36 @@ def test_mathverse_reader(bench_root):
     assert records[0].question.startswith("Please first conduct reasoning")  # query_cot
 
 
+def test_mathverse_vision_only_rows_are_read(tmp_path):
+    """Vision-Only rows have an empty `question` (the question is in the image) and their text in
+    query_cot / query_wo: they are read; a row with none of the three is listed, not dropped silently."""
+    rows = fixtures.write_mathverse(tmp_path)
+    vision_only = rows[1]
+    assert vision_only["problem_version"] == "Vision Only" and vision_only["question"] == ""
+    result = benchmarks.get("mathverse").read(tmp_path / "mathverse")
+    by_id = {r.id: r for r in result.records}
+    assert by_id["2"].question == vision_only["query_cot"] and len(by_id["2"].images) == 1
+    assert by_id["2"].meta["problem_version"] == "Vision Only"
+    bare = dict(vision_only, sample_index="3", query_cot=None, query_wo="")
+    fixtures._write(tmp_path / "mathverse" / "testmini.parquet", rows + [dict(vision_only, sample_index="4",
+                                                                              query_cot=""), bare])
+    result = benchmarks.get("mathverse").read(tmp_path / "mathverse")
+    assert {r.id for r in result.records} == {"1", "2", "4"}
+    assert result.records[-1].question == vision_only["query_wo"]  # no query_cot: query_wo
+    assert result.problems == [{"id": "testmini:3", "reason": "record 3: query_cot, query_wo and question are "
+                                                              "all missing or empty"}]
+
+
 def test_hallusionbench_reader_reads_both_splits(bench_root):
     records = read(bench_root, "hallusionbench").records
-    assert len(records) == 5
-    assert records[0].id == "VS_chart_0_0_0"
-    assert records[0].meta == {"figure_group": "VS_chart_0_0", "question_group": "VS_chart_0_0"}
-    assert [r.answer for r in records] == ["yes", "no", "no", "yes", "yes"]
+    assert len(records) == 7
+    assert records[0].id == "VD_illusion_0_0_0"
+    assert records[0].meta == {"figure_group": "VD_illusion_0_0", "question_group": "VD_illusion_0_0",
+                               "no_figure": False}  # VD figure 0 is the original figure, not "no figure"
+    assert [r.answer for r in records] == ["yes", "no", "no", "yes", "yes", "no", "yes"]
+    assert all(len(r.images) == 1 for r in records[:6])
     non_image = records[-1]
-    assert non_image.images == () and non_image.id == "VD_math_5_0_0"
+    assert non_image.images == () and non_image.id == "VS_chart_1_0_0" and non_image.meta["no_figure"]
 
 
 def test_ai2d_reader(bench_root):
@@ -139,19 +161,20 @@ def test_bad_rows_are_listed_not_dropped_silently(tmp_path):
 
 # ---- scorers ------------------------------------------------------------------------
 
-def score(bench_root, name, responses_by_id):
+def score(bench_root, name, responses_by_id, mode="official"):
     records = {r.id: r for r in read(bench_root, name).records}
     ids = list(responses_by_id)
-    return {rid: out for rid, out in zip(ids, benchmarks.get(name).score(
-        [records[i] for i in ids], [responses_by_id[i] for i in ids], timeout_s=20.0))}
+    return {rid: [tuple(x) for x in out] for rid, out in zip(ids, benchmarks.get(name).score(
+        [records[i] for i in ids], [responses_by_id[i] for i in ids], timeout_s=20.0,
+        scoring=benchmarks.Scoring(mode)))}
 
 
 def test_choice_scoring_letter_and_option_text(bench_root):
     long_reply = "Option A is wrong since the angle is acute.\nLooking again, the correct option is (B)."
-    out = score(bench_root, "wemath", {"g2:2steps_1": [
+    out = score(bench_root, "wemath", {"7:2steps_1": [
         "B", "\\boxed{45^\\circ}", "The answer is (C).", "Answer: B. 45°", "I am not sure", "\\boxed{E}",
         long_reply, "45°", "Step 1: a long derivation\nso 45° it is"]})
-    got = out["g2:2steps_1"]
+    got = out["7:2steps_1"]
     assert [g[0] for g in got] == ["B", "B", "C", "B", None, None, "B", "B", None]
     assert [g[1] for g in got] == [True, True, False, True, False, False, True, True, False]
     assert {g[2] for g in got} == {"rule"}
@@ -194,18 +217,69 @@ def test_mmmu_scoring_mc_and_open(bench_root):
 def test_mmstar_option_text_and_yes_no(bench_root):
     out = score(bench_root, "mmstar", {"0": ["purple", "D", "\\boxed{A}"]})
     assert [c for _, c, _ in out["0"]] == [True, True, False]
-    hb = score(bench_root, "hallusionbench", {"VS_chart_0_0_0": ["Yes, it is.", "\\boxed{No}", "Maybe yes or no"]})
-    assert [(p, c) for p, c, _ in hb["VS_chart_0_0_0"]] == [("yes", True), ("no", False), (None, False)]
+    hb = score(bench_root, "hallusionbench", {"VD_illusion_0_0_0": ["Yes, it is.", "\\boxed{No}", "Maybe yes or no"]})
+    assert [(p, c) for p, c, _ in hb["VD_illusion_0_0_0"]] == [("yes", True), ("no", False), (None, False)]
 
 
 def test_ocrbench_substring_rules(bench_root):
     ids = [r.id for r in read(bench_root, "ocrbench").records]
-    out = score(bench_root, "ocrbench", {
+    responses = {
         ids[0]: ["The word is stop.", "SPOT"],
-        ids[1]: ["$x^{2}+1$", "x^{3}+1"],  # handwritten math: whitespace removed on both sides
+        # HME100k (gold 'x ^ { 2 } + 1'), official: spaces removed on both sides, case-sensitive
+        ids[1]: ["$x^{2}+1$", "x^{3}+1", "X^{2}+1", "x ^ { 2 } + 1 ."],
         ids[2]: ["It says 5 may 2020", "June"],
-    })
-    assert [[c for _, c, _ in out[i]] for i in ids] == [[True, False], [True, False], [True, False]]
+    }
+    out = score(bench_root, "ocrbench", responses)
+    assert [[c for _, c, _ in out[i]] for i in ids] == [[True, False], [True, False, False, True], [True, False]]
+    strict = score(bench_root, "ocrbench", responses, mode="strict")  # HME100k spaces kept
+    assert [c for _, c, _ in strict[ids[1]]] == [False, False, False, True]
+    assert [c for _, c, _ in strict[ids[0]]] == [True, False]  # other categories: as official
+    assert not common.ocr_match("x ^ { 2 } + 1", ["X ^ { 2 } + 1"], case_sensitive=True, drop_spaces=True)
+    assert common.ocr_match("the date:\nMay 5", ["MAY 5"])  # newline -> space, case-insensitive
+
+
+def test_mathvista_unparsed_choice_goes_to_the_nearest_option_in_official_mode(bench_root):
+    from vaopd_jax.eval.benchmarks import mathvista
+
+    # options 30° / 45° / 60°, gold B; Levenshtein('45 deg', options) = 6, 4, 6
+    responses = {"1": ["Answer: 45 deg", "", "I am not sure", "\\boxed{C}"]}
+    official = score(bench_root, "mathvista", responses)
+    assert official["1"] == [("B", True, "nearest_option"), ("A", False, "nearest_option"),
+                             ("A", False, "nearest_option"), ("C", False, "rule")]  # ties: the first closest
+    strict = score(bench_root, "mathvista", responses, mode="strict")
+    assert strict["1"] == [(None, False, "rule"), (None, False, "rule"), (None, False, "rule"), ("C", False, "rule")]
+    assert mathvista.nearest_option("60 degrees", ["30°", "45°", "60°"]) == 2
+    # free-form questions are never mapped
+    assert score(bench_root, "mathvista", {"2": ["no idea"]})["2"] == [(None, False, "rule")]
+
+
+def test_mmmu_unparsed_choice_gets_a_seeded_random_option_in_official_mode(bench_root):
+    import random
+
+    responses = {"validation_Art_2": ["I cannot tell.", "I cannot tell.", "C"], "validation_Math_1": ["no idea"]}
+    official = score(bench_root, "mmmu", responses)
+    expected = [random.Random(f"mmmu/validation_Art_2/{k}").choice("ABC") for k in range(2)]
+    assert [p for p, _, _ in official["validation_Art_2"][:2]] == expected == ["B", "C"]
+    assert official["validation_Art_2"] == [("B", False, "random_option"), ("C", True, "random_option"),
+                                            ("C", True, "rule")]
+    assert score(bench_root, "mmmu", responses) == official  # the same draw on every run
+    assert official["validation_Math_1"] == [("no idea", False, "rule")]  # open questions: no draw
+    strict = score(bench_root, "mmmu", responses, mode="strict")
+    assert [c for _, c, _ in strict["validation_Art_2"]] == [False, False, True]
+    with pytest.raises(ValueError, match="scoring mode"):
+        score(bench_root, "mmmu", responses, mode="lenient")
+
+
+def test_mmstar_average_over_rows_and_over_l2_categories():
+    rows = [{"meta": {"category": "c", "l2_category": "a"}, "correct": [True]} for _ in range(3)] + [
+        {"meta": {"category": "c", "l2_category": "b"}, "correct": [False]}]
+    mmstar = benchmarks.get("mmstar")
+    by_rows = mmstar.aggregate(rows, 1)
+    assert by_rows["score"] == pytest.approx(75.0) and by_rows["average"] == "rows"  # VLMEvalKit
+    assert by_rows["accuracy_l2_categories"] == pytest.approx(50.0)  # lmms-eval: mean of 100 and 0
+    by_l2 = mmstar.aggregate(rows, 1, benchmarks.Scoring(mmstar_average="l2_categories"))
+    assert by_l2["score"] == pytest.approx(50.0) and by_l2["accuracy_rows"] == pytest.approx(75.0)
+    assert by_l2["l2_categories"] == {"a": pytest.approx(100.0), "b": pytest.approx(0.0)}
 
 
 def _rows(meta_list, correct_runs):
@@ -214,8 +288,9 @@ def _rows(meta_list, correct_runs):
 
 
 def test_wemath_four_dimensional_metric_multi_step_consistency():
-    metas = [{"group": "g2", "key": k} for k in ("2steps_1", "2steps_2", "2steps_multi")] + [
-        {"group": "g3", "key": k} for k in ("3steps_1", "3steps_2", "3steps_3", "3steps_multi")]
+    # The 2-step and the 3-step problem share the ID '7' (as in the release): two groups, split by steps first.
+    metas = [{"group": "7", "key": k} for k in ("2steps_1", "2steps_2", "2steps_multi")] + [
+        {"group": "7", "key": k} for k in ("3steps_1", "3steps_2", "3steps_3", "3steps_multi")]
     # Run 0: g2 subs right, multi wrong -> IG; g3 one sub wrong, multi right -> RM strict, CM loose.
     run0 = [True, True, False, True, False, True, True]
     run1 = [True] * 7  # complete mastery everywhere
@@ -224,7 +299,7 @@ def test_wemath_four_dimensional_metric_multi_step_consistency():
     assert result["strict"] == pytest.approx(62.5)
     assert result["loose"] == pytest.approx(87.5)
     assert result["score"] == pytest.approx(75.0)
-    assert result["groups"] == 2 and result["incomplete_groups"] == 0
+    assert result["groups"] == 2 and result["incomplete_groups"] == 0 and result["official_groups"] == 525
     assert result["rates"]["IG"] == pytest.approx(0.25)
     # RM loose needs the multi right with NO sub right.
     run2 = [False, False, True, False, False, False, True]
@@ -237,12 +312,30 @@ def test_wemath_four_dimensional_metric_multi_step_consistency():
 
 def test_hallusionbench_figure_and_question_accuracy(bench_root):
     metas = [r.meta for r in read(bench_root, "hallusionbench").records]
-    # fig0: q0 T q1 T | fig1: q0 F q1 T | non-image T
-    result = benchmarks.get("hallusionbench").aggregate(_rows(metas, [[True, True, False, True, True]]), 1)
-    assert result["aAcc"] == pytest.approx(80.0)
-    assert result["fAcc"] == pytest.approx(200 / 3)  # fig0 and the non-image figure fully right
-    assert result["qAcc"] == pytest.approx(200 / 3)  # question 1 right on both figures, non-image right
-    assert result["score"] == pytest.approx((80 + 200 / 3 + 200 / 3) / 3)
+    # VD fig0: q0 T q1 T | VD fig1: q0 F q1 T | VS fig1 q0 T | VS fig2 q0 T | VS no figure q0 F
+    result = benchmarks.get("hallusionbench").aggregate(_rows(metas, [[True, True, False, True, True, True, False]]), 1)
+    assert result["aAcc"] == pytest.approx(500 / 7)
+    # official get_eval_fig: 4 figures (the no-figure VS row is left out, not a 5th "figure"): VD fig0, VS 1, VS 2 right
+    assert result["figures"] == 4 and result["no_figure_questions"] == 1
+    assert result["fAcc"] == pytest.approx(75.0)
+    # questions: VD q0 (F on fig1), VD q1 (T, T), VS q0 (T, T and F without a figure): 1 of 3
+    assert result["qAcc"] == pytest.approx(100 / 3)
+    assert result["score"] == pytest.approx((500 / 7 + 75 + 100 / 3) / 3)
+    # Rows of an older run without the no_figure flag: read from the figure group (VS ..._0).
+    old = [{k: v for k, v in m.items() if k != "no_figure"} for m in metas]
+    assert benchmarks.get("hallusionbench").aggregate(_rows(old, [[True, True, False, True, True, True, False]]),
+                                                      1)["fAcc"] == pytest.approx(75.0)
+
+
+def test_hallusionbench_uncertain_counts_on_no_figure_rows_only_in_official_mode(bench_root):
+    responses = {"VS_chart_1_0_0": ["I cannot know without the chart.", "No."],
+                 "VS_chart_1_1_0": ["I cannot tell."], "VD_illusion_0_0_0": ["Hard to say."]}
+    official = score(bench_root, "hallusionbench", responses)
+    assert official["VS_chart_1_0_0"] == [(None, True, "uncertain_counts_as_correct"), ("no", False, "rule")]
+    assert official["VS_chart_1_1_0"] == [(None, False, "rule")]  # VS with a figure: uncertain is wrong
+    assert official["VD_illusion_0_0_0"] == [(None, False, "rule")]
+    strict = score(bench_root, "hallusionbench", responses, mode="strict")
+    assert strict["VS_chart_1_0_0"] == [(None, False, "rule"), ("no", False, "rule")]
 
 
 def test_ocrbench_points_and_avg_at_k():

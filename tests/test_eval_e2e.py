@@ -168,7 +168,13 @@ def test_scores_through_the_whole_pipeline(tiny_model, tokenizer, bench_root, tm
     assert b["mathvista"]["accuracy"] == pytest.approx(1 / 3)  # only the MC question (B = 45°)
     assert b["mmstar"]["score"] == pytest.approx(0.0)  # golds D and A
     rows = evaluate.read_rows(evaluate.samples_files(Path(config.output_dir), "wemath"))
-    assert rows["g2:2steps_1"]["answers"] == ["B", "B"] and rows["g2:2steps_1"]["correct"] == [True, True]
+    assert rows["7:2steps_1"]["answers"] == ["B", "B"] and rows["7:2steps_1"]["correct"] == [True, True]
+    # results.md says how each benchmark was scored
+    assert summary["settings"]["scoring"] == "official" and b["mathvista"]["scoring"] == "official"
+    results = (Path(config.output_dir) / "results.md").read_text()
+    assert "- MathVista: official scoring, an unparsed multiple-choice answer is mapped to the most similar" in results
+    assert "- WeMath: 2 complete groups of the official 525 (0 incomplete)" in results
+    assert "- MMStar: score = mean over all questions (VLMEvalKit); over all questions 0.0, over l2 categories" in results
     # A later run over fewer questions (config.limit) summarizes only those questions.
     limited = make_config(bench_root, tmp_path / "eval", benchmarks="wemath,mathvista,mmstar",
                           max_new_tokens=32, limit=2)
@@ -224,7 +230,7 @@ def test_two_processes_barrier_then_process_0_merges(bench_root, tmp_path):
     for index in (0, 1):
         with open(out / "samples" / f"wemath.p{index}.jsonl", "w") as f:
             for record in records[index::2]:  # every answer right except on the 3-step group's multi question
-                correct = record.id != "g3:3steps_multi"
+                correct = record.id != "7:3steps_multi"
                 f.write(json.dumps({"id": record.id, "meta": record.meta, "correct": [correct, correct],
                                     "answers": ["B", "B"], "response_tokens": [3, 3],
                                     "truncated": [False, False]}) + "\n")
@@ -244,7 +250,7 @@ def test_two_processes_barrier_then_process_0_merges(bench_root, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     wemath = summary["benchmarks"]["wemath"]
     assert wemath["scored"] == 7  # rows from both processes' files
-    # g2 complete mastery; g3 all subs right but multi wrong -> IG: (2 - 0.5) / 2 = 75 strict and loose.
+    # 2-step group: complete mastery; 3-step group (same ID): all subs right, multi wrong -> IG: (2 - 0.5) / 2 = 75.
     assert wemath["score"] == pytest.approx(75.0)
     assert summary["benchmarks"]["ai2d"]["status"] == "missing"
 
@@ -288,6 +294,9 @@ def test_prompt_images_follow_the_releases_path(tokenizer, bench_root, tmp_path)
     assert not np.array_equal(single.pixel_values, prompt.pixel_values)
     config.image_path = "twice"
     with pytest.raises(evaluate.EvalConfigError, match="image_path"):
+        evaluate.validate(config)
+    config.image_path, config.scoring, config.mmstar_average = "release", "lenient", "rows"
+    with pytest.raises(evaluate.EvalConfigError, match="config.scoring = 'lenient'"):
         evaluate.validate(config)
 
 

@@ -50,7 +50,7 @@ from vaopd_jax.eval.judge import make_judge
 log = logging.getLogger("vaopd_jax.evaluate")
 
 RUN_KEYS = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "prompt_suffix",
-            "min_pixels", "max_pixels", "image_path")
+            "min_pixels", "max_pixels", "image_path", "scoring")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -98,6 +98,10 @@ def validate(config) -> None:
     check(isinstance(config.min_prompt_bucket, int) and config.min_prompt_bucket >= 1, "min_prompt_bucket",
           config.min_prompt_bucket, "must be an int >= 1 (smallest padded prompt length)")
     check(config.limit >= 0, "limit", config.limit, "must be >= 0 (0 = every question)")
+    check(config.scoring in benchmarks_lib.SCORING_MODES, "scoring", config.scoring,
+          f"must be one of {benchmarks_lib.SCORING_MODES}")
+    check(config.mmstar_average in benchmarks_lib.MMSTAR_AVERAGES, "mmstar_average", config.mmstar_average,
+          f"must be one of {benchmarks_lib.MMSTAR_AVERAGES}")
     check(config.grading_timeout_s > 0, "grading_timeout_s", config.grading_timeout_s, "must be > 0 seconds")
     check(config.dtype in DTYPES, "dtype", config.dtype, f"must be one of {DTYPES}")
     check(bool(config.benchmarks_dir) or any(config.paths.get(n, "") for n in names), "benchmarks_dir",
@@ -240,7 +244,8 @@ def generate_rows(bench, prompts: Sequence[Prompt], model, tokenizer, config, *,
     k = config.num_samples
     texts = [[_decode(tokenizer, tokens[i * k + j], response_mask[i * k + j]) for j in range(k)]
              for i in range(len(prompts))]
-    graded = bench.score([p.record for p in prompts], texts, judge=judge, timeout_s=config.grading_timeout_s)
+    graded = bench.score([p.record for p in prompts], texts, judge=judge, timeout_s=config.grading_timeout_s,
+                         scoring=scoring_of(config))
     rows = []
     for i, p in enumerate(prompts):
         rows.append({
@@ -327,11 +332,20 @@ def evaluate_benchmark(bench, config, runtime, out_dir: Path, *, process_index: 
 # ----------------------------------------------------------------------------- summary
 
 
-def summarize_benchmark(bench, out_dir: Path, num_samples: int, judge, ids: Optional[Sequence[str]] = None) -> dict:
+def scoring_of(config) -> benchmarks_lib.Scoring:
+    return benchmarks_lib.Scoring(config.scoring, config.mmstar_average).check()
+
+
+LENIENCY_LABELS = ("nearest_option", "random_option", "uncertain_counts_as_correct")
+
+
+def summarize_benchmark(bench, out_dir: Path, num_samples: int, judge, ids: Optional[Sequence[str]] = None,
+                        scoring: benchmarks_lib.Scoring = benchmarks_lib.Scoring()) -> dict:
     """Merge every process's samples and problems files into the benchmark's summary.
 
     ids: the benchmark's current question ids (rows of questions outside them, e.g. from a
     run with a larger config.limit, are left out); None keeps every row.
+    scoring: how the samples were scored (recorded) and how the score is averaged (MMStar).
     """
     rows_by_id = read_rows(samples_files(out_dir, bench.name))
     if ids is not None:
@@ -366,9 +380,13 @@ def summarize_benchmark(bench, out_dir: Path, num_samples: int, judge, ids: Opti
         "problems": problems[:50],
         "files": files,
         "num_samples": num_samples,
+        "scoring": scoring.mode,
+        "leniency": (bench.leniency if scoring.mode == "official" else "") or None,
+        "leniency_samples": {label: sum(e == label for r in rows for e in r.get("extractor", []))
+                             for label in LENIENCY_LABELS},
     }
     if rows:
-        summary.update(bench.aggregate(rows, num_samples))
+        summary.update(bench.aggregate(rows, num_samples, scoring))
         tokens = [t for r in rows for t in r["response_tokens"]]
         summary["mean_response_tokens"] = float(np.mean(tokens))
         summary["truncated_share"] = float(np.mean([t for r in rows for t in r["truncated"]]))
@@ -422,11 +440,37 @@ def markdown_table(summaries: dict, label: str) -> str:
                          f"(bad image / file / prompt; see summary.json) and not scored.")
         if s.get("status") == "ok" and s.get("extraction", "").startswith("rule-based fallback"):
             lines.append(f"- {s['display']}: rule-based extraction instead of the official LLM judge.")
+        if s.get("status") == "ok":
+            lines.extend(scoring_notes(s))
     if math_absent:
         lines.append(f"- Math avg n/a: no score for {', '.join(math_absent)}.")
     if visual_absent:
         lines.append(f"- Visual avg n/a: no score for {', '.join(visual_absent)}.")
     return "\n".join(lines) + "\n"
+
+
+def scoring_notes(s: dict) -> list[str]:
+    """results.md lines saying how a benchmark's samples were scored (official leniency or strict)."""
+    lines = []
+    applied = sum((s.get("leniency_samples") or {}).values())
+    if s.get("leniency"):
+        lines.append(f"- {s['display']}: official scoring, {s['leniency']}"
+                     + (f"; decided {applied} samples." if applied else "."))
+    elif s.get("scoring") == "strict":
+        lines.append(f"- {s['display']}: strict scoring (no official leniency).")
+    if "official_groups" in s and s.get("groups") != s["official_groups"]:
+        lines.append(f"- {s['display']}: {s.get('groups')} complete groups of the official {s['official_groups']} "
+                     f"({s.get('incomplete_groups', 0)} incomplete); strict/loose over the complete ones.")
+    if "accuracy_l2_categories" in s:
+        other = s["accuracy_l2_categories"]
+        lines.append(f"- {s['display']}: score = mean over "
+                     + ("all questions (VLMEvalKit)" if s.get("average") == "rows" else "l2 categories (lmms-eval)")
+                     + f"; over all questions {s['accuracy_rows']:.1f}, over l2 categories "
+                     + ("n/a" if other is None else f"{other:.1f}") + ".")
+    if "no_figure_questions" in s:
+        lines.append(f"- {s['display']}: fAcc over {s['figures']} figures ({s['no_figure_questions']} no-figure "
+                     "VS questions left out of fAcc, official get_eval_fig).")
+    return lines
 
 
 # ----------------------------------------------------------------------------- model
@@ -591,7 +635,7 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
             summaries[name] = {"display": bench.display, "group": bench.group, "score": None, **statuses[name]}
             continue
         summaries[name] = summarize_benchmark(bench, out_dir, config.num_samples, judge,
-                                              ids=statuses[name]["ids"])
+                                              ids=statuses[name]["ids"], scoring=scoring_of(config))
     math_avg, _ = group_average(summaries, benchmarks_lib.MATH_BENCHMARKS)
     visual_avg, _ = group_average(summaries, benchmarks_lib.VISUAL_BENCHMARKS)
     totals: dict = {}  # this run's counters, summed over processes
@@ -601,7 +645,7 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
             totals[key] = totals.get(key, 0) + value
     summary = {
         "model": model_name,
-        "settings": {k: config[k] for k in RUN_KEYS},
+        "settings": {**{k: config[k] for k in RUN_KEYS}, "mmstar_average": config.mmstar_average},
         "math_avg": math_avg,
         "visual_avg": visual_avg,
         "judge": judge.describe() if judge else None,

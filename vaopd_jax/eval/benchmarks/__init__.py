@@ -7,7 +7,7 @@ then visual (HallusionBench, AI2D, MMMU, MMStar, OCRBench).
 """
 
 from vaopd_jax.eval.benchmarks.ai2d import AI2D
-from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.base import MMSTAR_AVERAGES, SCORING_MODES, Benchmark, Scoring
 from vaopd_jax.eval.benchmarks.common import BadRecord, ImageRef, MissingBenchmark, ReadResult, Record
 from vaopd_jax.eval.benchmarks.hallusionbench import HallusionBench
 from vaopd_jax.eval.benchmarks.mathverse import MathVerse
@@ -33,6 +33,6 @@ def get(name: str) -> Benchmark:
 
 
 __all__ = [
-    "BENCHMARKS", "MATH_BENCHMARKS", "VISUAL_BENCHMARKS", "Benchmark", "BadRecord", "ImageRef",
-    "MissingBenchmark", "ReadResult", "Record", "get",
+    "BENCHMARKS", "MATH_BENCHMARKS", "MMSTAR_AVERAGES", "SCORING_MODES", "VISUAL_BENCHMARKS", "Benchmark",
+    "BadRecord", "ImageRef", "MissingBenchmark", "ReadResult", "Record", "Scoring", "get",
 ]

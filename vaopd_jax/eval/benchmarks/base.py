@@ -1,17 +1,43 @@
 """The Benchmark base class: read local files, grade K samples per record, aggregate.
 
 Subclasses set the class attributes and implement ``parse_row`` (one parquet row ->
-Record) and, where the metric is not plain accuracy, ``aggregate``.
+Record) and, where the metric is not plain accuracy, ``aggregate``. Where an official
+scorer is lenient (an answer nothing parses still gets an option, "uncertain" counts as
+right), the subclass implements the rule in ``fallback_choice`` / ``uncertain_is_correct``
+and names it in ``leniency``; ``Scoring.mode`` chooses it ('official') or not ('strict').
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from vaopd_jax.eval import grading
 from vaopd_jax.eval.benchmarks import common
 from vaopd_jax.eval.benchmarks.common import BadRecord, ReadResult, Record
+
+SCORING_MODES = ("official", "strict")
+MMSTAR_AVERAGES = ("rows", "l2_categories")
+
+
+class Scoring(NamedTuple):
+    """How samples are scored (evaluator ``config.scoring`` / ``config.mmstar_average``).
+
+    mode: 'official' applies each official scorer's leniency (Benchmark.leniency); 'strict'
+      counts an answer nothing parses as wrong and compares OCRBench HME100k answers as written.
+    mmstar_average: 'rows' (VLMEvalKit: mean over all questions) or 'l2_categories'
+      (lmms-eval: mean of the per-l2_category means); both are reported.
+    """
+
+    mode: str = "official"
+    mmstar_average: str = "rows"
+
+    def check(self) -> "Scoring":
+        if self.mode not in SCORING_MODES:
+            raise ValueError(f"scoring mode must be one of {SCORING_MODES}, got {self.mode!r}")
+        if self.mmstar_average not in MMSTAR_AVERAGES:
+            raise ValueError(f"mmstar_average must be one of {MMSTAR_AVERAGES}, got {self.mmstar_average!r}")
+        return self
 
 
 class Benchmark:
@@ -24,6 +50,7 @@ class Benchmark:
     # the rule-based extraction is used and the summary says so.
     official_uses_judge: bool = False
     protocol: str = ""  # one line for the summary: how the official score is computed
+    leniency: str = ""  # the official scorer's leniency applied in Scoring.mode 'official' ('' = none)
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -84,6 +111,18 @@ class Benchmark:
         """Benchmark-specific rule for a free-form answer; None -> math-verify decides."""
         return None
 
+    def fallback_choice(self, record: Record, text: str, sample_index: int) -> Optional[tuple[str, str]]:
+        """The official scorer's option for a response no rule (or judge) parsed: (letter, label), or
+        None to count it wrong. Used only in Scoring.mode 'official'."""
+        return None
+
+    def uncertain_is_correct(self, record: Record) -> bool:
+        """Whether the official scorer counts a yes/no response that is neither as right."""
+        return False
+
+    def ocr_correct(self, record: Record, text: str, scoring: Scoring) -> bool:
+        return common.ocr_match(text, self.golds(record))
+
     def score(
         self,
         records: Sequence[Record],
@@ -91,12 +130,16 @@ class Benchmark:
         *,
         judge=None,
         timeout_s: float = 5.0,
+        scoring: Scoring = Scoring(),
     ) -> list[list[tuple]]:
         """Per record, per sample: (extracted answer or None, correct, extractor).
 
         extractor is 'rule' or 'judge' (the judge is asked only where the rules found
-        no answer and the official protocol uses one).
+        no answer and the official protocol uses one), or the label of the official
+        leniency that decided the sample (``fallback_choice`` / ``uncertain_is_correct``).
         """
+        scoring.check()
+        official = scoring.mode == "official"
         out: list[list] = [[None] * len(r) for r in responses]
         math_pairs: list[tuple[str, str]] = []
         math_slots: list[tuple[int, int, int]] = []  # (record, sample, number of golds)
@@ -110,15 +153,21 @@ class Benchmark:
                     if letter is None and judge is not None and self.official_uses_judge:
                         letter = judge.extract_choice(record.question, text, options)
                         extractor = "judge"
+                    if letter is None and official:
+                        fallback = self.fallback_choice(record, text, k)
+                        if fallback is not None:
+                            letter, extractor = fallback
                     out[i][k] = (letter, letter is not None and letter == str(record.answer).upper(), extractor)
                 elif kind == common.KIND_YESNO:
                     yes_no = common.extract_yes_no(text)
+                    if yes_no is None and official and self.uncertain_is_correct(record):
+                        out[i][k] = (None, True, "uncertain_counts_as_correct")
+                        continue
                     out[i][k] = (yes_no, yes_no is not None and yes_no == record.answer, extractor)
                 elif kind == common.KIND_OCR:
                     committed = grading.extract_answer(text)
                     shown = committed if committed is not None else (text or "").strip()[:200]
-                    correct = common.ocr_match(text, self.golds(record), strip_spaces=bool(record.meta.get("hme")))
-                    out[i][k] = (shown, correct, extractor)
+                    out[i][k] = (shown, self.ocr_correct(record, text, scoring), extractor)
                 elif kind == common.KIND_MATH:
                     pred = self.extract_free_form(record, text)
                     if pred is None and judge is not None and self.official_uses_judge:
@@ -148,7 +197,7 @@ class Benchmark:
 
     # ---- aggregation ---------------------------------------------------------------------
 
-    def aggregate(self, rows: Sequence[dict], num_samples: int) -> dict:
+    def aggregate(self, rows: Sequence[dict], num_samples: int, scoring: Scoring = Scoring()) -> dict:
         """Score 0-100 (avg@K accuracy) and details from the per-record JSONL rows."""
         accuracy = common.run_means(rows, common.sample_accuracy, num_samples)
         return {"score": 100.0 * accuracy, "accuracy": accuracy}

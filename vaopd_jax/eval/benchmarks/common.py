@@ -30,7 +30,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Kinds of per-sample grading (Benchmark.kind_of(record)).
 KIND_CHOICE = "choice"  # option letter vs gold letter
 KIND_MATH = "math"  # free-form answer vs gold(s) through grading.grade_batch (math-verify)
-KIND_OCR = "ocr"  # case-insensitive substring of any gold answer in the response
+KIND_OCR = "ocr"  # a gold answer is a substring of the response (Benchmark.ocr_correct)
 KIND_YESNO = "yesno"  # yes/no extraction vs gold yes/no
 
 
@@ -251,22 +251,21 @@ def extract_yes_no(text: str) -> Optional[str]:
     return None
 
 
-def ocr_match(text: str, golds: Sequence[str], *, strip_spaces: bool = False) -> bool:
-    """OCRBench rule: any gold answer is a case-insensitive substring of the response.
+def ocr_match(text: str, golds: Sequence[str], *, case_sensitive: bool = False, drop_spaces: bool = False) -> bool:
+    """OCRBench rule (the official eval script): a gold answer is a substring of the response.
 
-    ``strip_spaces`` (the official rule for handwritten math expressions) removes all
-    whitespace from both sides first.
+    Both sides are stripped and newlines become spaces. Default (every category but
+    HME100k): case-insensitive. HME100k (handwritten math) officially: case-sensitive with
+    the spaces removed (``case_sensitive=True, drop_spaces=True``).
     """
-    pred = (text or "").lower().strip().replace("\n", " ")
-    if strip_spaces:
-        pred = re.sub(r"\s+", "", pred)
-    for gold in golds:
-        g = str(gold).lower().strip().replace("\n", " ")
-        if strip_spaces:
-            g = re.sub(r"\s+", "", g)
-        if g and g in pred:
-            return True
-    return False
+    def clean(value: str) -> str:
+        value = str(value).strip().replace("\n", " ")
+        if not case_sensitive:
+            value = value.lower()
+        return value.replace(" ", "") if drop_spaces else value
+
+    pred = clean(text or "")
+    return any(clean(gold) and clean(gold) in pred for gold in golds)
 
 
 def run_means(rows: Sequence[dict], metric, num_samples: int) -> float:

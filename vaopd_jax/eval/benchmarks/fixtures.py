@@ -56,9 +56,9 @@ def _image_type():
 
 
 def write_wemath(root: Path) -> list[dict]:
-    """One 2-step group (3 rows) and one 3-step group (4 rows)."""
+    """A 2-step group (3 rows) and a 3-step group (4 rows) that share the ID '7', as the release's can."""
     rows = []
-    for group, steps in (("g2", 2), ("g3", 3)):
+    for group, steps in (("7", 2), ("7", 3)):
         keys = [f"{steps}steps_{i}" for i in range(1, steps + 1)] + [f"{steps}steps_multi"]
         for number, key in enumerate(keys, start=1):
             rows.append({
@@ -115,35 +115,46 @@ def write_mathverse(root: Path) -> list[dict]:
          "question_type": "multi-choice", "query_wo": "Find x.", "question_for_eval": "Find x.",
          "query_cot": "Please first conduct reasoning, and then answer the question and provide the correct "
                       "option letter, e.g., A, B, C, D, at the end.\nQuestion: Find x. Choices: A:1 B:2 C:3 D:4"},
+        # Vision Only: the question is in the image; the text fields hold only the instruction.
         {"sample_index": "2", "problem_index": "2", "problem_version": "Vision Only",
-         "question": "Find the length.", "image": image_struct(12), "answer": "2\\sqrt{221}",
-         "question_type": "free-form", "query_wo": "Find the length.", "question_for_eval": "Find the length.",
-         "query_cot": "Please first conduct reasoning, and then answer the question.\nQuestion: Find the length."},
+         "question": "", "image": image_struct(12), "answer": "2\\sqrt{221}",
+         "question_type": "free-form",
+         "query_wo": "According to the question shown in the image, please directly answer the question.",
+         "question_for_eval": "Find the length.",
+         "query_cot": "According to the question shown in the image, please first conduct reasoning, and then "
+                      "answer the question."},
     ]
     _write(Path(root) / "mathverse" / "testmini.parquet", rows)
     return rows
 
 
 def write_hallusionbench(root: Path) -> list[dict]:
-    """Set 0: two figures x two questions (image split) + one non-image question."""
+    """The release's row kinds: VD set 0 (original figure 0 with visual_input 1, edited figure 1 with
+    visual_input 2) x two questions, VS set 1 (figures 1 and 2, visual_input 1 / 2) x one question in the
+    image split, and that VS question without a figure (figure_id 0, visual_input 0) in the non-image split."""
     import pyarrow as pa
 
     base = Path(root) / "hallusionbench" / "data"
-    image_rows = []
-    for figure in ("0", "1"):
-        for question in ("0", "1"):
-            image_rows.append({
-                "category": "VS", "subcategory": "chart", "visual_input": "1", "set_id": "0",
-                "figure_id": figure, "sample_note": "", "question_id": question,
-                "question": f"Is bar {question} taller in figure {figure}?", "gt_answer_details": "",
-                "gt_answer": "1" if question == figure else "0", "filename": f"VS/chart/0_{figure}.png",
-                "image": image_struct(20 + int(figure)),
-            })
-    non_image_rows = [{
-        "category": "VD", "subcategory": "math", "visual_input": "0", "set_id": "5", "figure_id": "0",
-        "sample_note": "", "question_id": "0", "question": "Is 7 a prime number?", "gt_answer_details": "",
-        "gt_answer": "1", "filename": None, "image": None,
-    }]
+
+    def row(category, subcategory, set_id, figure, visual_input, question, text, gt):
+        has_image = visual_input != "0"
+        return {
+            "category": category, "subcategory": subcategory, "visual_input": visual_input, "set_id": set_id,
+            "figure_id": figure, "sample_note": "", "question_id": question, "question": text,
+            "gt_answer_details": "", "gt_answer": gt,
+            "filename": f"{category}/{subcategory}/{set_id}_{figure}.png" if has_image else None,
+            "image": image_struct(20 + 3 * int(set_id) + int(figure)) if has_image else None,
+        }
+
+    image_rows = [
+        row("VD", "illusion", "0", figure, "1" if figure == "0" else "2", question,
+            f"Is line {question} longer in figure {figure}?", "1" if question == figure else "0")
+        for figure in ("0", "1") for question in ("0", "1")
+    ] + [
+        row("VS", "chart", "1", "1", "1", "0", "According to the chart, was A larger than B in 2020?", "1"),
+        row("VS", "chart", "1", "2", "2", "0", "According to the chart, was A larger than B in 2020?", "0"),
+    ]
+    non_image_rows = [row("VS", "chart", "1", "0", "0", "0", "Was A larger than B in 2020?", "1")]
     schema = pa.schema([(k, pa.string()) for k in image_rows[0] if k != "image"] + [("image", _image_type())])
     _write(base / "image-00000-of-00001.parquet", image_rows, schema)
     _write(base / "non_image-00000-of-00001.parquet", non_image_rows, schema)

@@ -5,10 +5,21 @@ Layout: parquet ``data/image-*.parquet`` and ``data/non_image-*.parquet`` with
 ``figure_id``, ``question_id``, ``question``, ``gt_answer`` ('1' yes / '0' no),
 ``filename`` and ``image`` (HF struct, null for non-image questions).
 
-Metric (official): aAcc = question accuracy; fAcc = share of figures
-(category, subcategory, set_id, figure_id) whose questions are ALL right; qAcc =
-share of questions (category, subcategory, set_id, question_id) right on ALL their
-figures. Reported score = (aAcc + fAcc + qAcc) / 3.
+Rows: VD (visual dependent) rows have visual_input 1 (original figure, figure_id 0) or
+2 (edited figures, figure_id 1..); VS (visual supplement) rows with an image have
+figure_id 1.. (visual_input 1 or 2); the 178 non-image questions are VS rows with
+figure_id 0 and visual_input 0.
+
+Metric (official ``utils.py`` of tianyi-lab/HallusionBench): aAcc = question accuracy
+(``get_eval_all``); fAcc = share of figures (category, subcategory, set_id, figure_id)
+whose questions are ALL right, leaving out the VS rows with figure_id 0, which have no
+figure (``get_eval_fig``); qAcc = share of questions (category, subcategory, set_id,
+question_id) right on ALL their figures, the no-figure version included
+(``get_eval_pair_all``). Reported score = (aAcc + fAcc + qAcc) / 3.
+Official leniency (``assign_correctness``): on the no-figure VS rows an "uncertain"
+reply counts as right; here a reply that says neither yes nor no is the uncertain one.
+VLMEvalKit and lmms-eval score the 951 image rows only (put only the image split in the
+folder to match them).
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from vaopd_jax.eval.benchmarks import common
-from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.base import Benchmark, Scoring
 from vaopd_jax.eval.benchmarks.common import BadRecord, Record
 
 
@@ -31,11 +42,19 @@ def _all_right_share(rows: Sequence[dict], k: int, key: str) -> float:
     return float(np.mean([all(v) for v in groups.values()])) if groups else float("nan")
 
 
+def has_no_figure(meta: dict) -> bool:
+    """A VS row with figure_id 0: the question asked without any figure (official: no figure)."""
+    if "no_figure" in meta:
+        return bool(meta["no_figure"])
+    group = meta["figure_group"]  # rows written before the flag existed: category_subcategory_set_figure
+    return group.startswith("VS_") and group.endswith("_0")
+
+
 def hallusion_metrics(rows: Sequence[dict], k: int) -> dict:
     """aAcc, fAcc, qAcc (fractions) of sample run k."""
     return {
         "aAcc": common.sample_accuracy(rows, k),
-        "fAcc": _all_right_share(rows, k, "figure_group"),
+        "fAcc": _all_right_share([r for r in rows if not has_no_figure(r["meta"])], k, "figure_group"),
         "qAcc": _all_right_share(rows, k, "question_group"),
     }
 
@@ -47,7 +66,9 @@ class HallusionBench(Benchmark):
     patterns = ("**/image-*.parquet", "**/non_image-*.parquet")
     required_columns = ("category", "subcategory", "set_id", "figure_id", "question_id", "question", "gt_answer")
     official_uses_judge = False
-    protocol = "rule yes/no extraction; (aAcc + fAcc + qAcc) / 3 (official: judge or rule)"
+    protocol = ("rule yes/no extraction; (aAcc + fAcc + qAcc) / 3, fAcc over figures (no-figure VS rows left "
+                "out, official get_eval_fig)")
+    leniency = "a reply that is neither yes nor no counts as right on the no-figure VS rows (official)"
 
     def locate(self, root: Path) -> list[Path]:
         files: list[Path] = []
@@ -79,16 +100,22 @@ class HallusionBench(Benchmark):
             meta={
                 "figure_group": f"{category}_{subcategory}_{set_id}_{figure_id}",
                 "question_group": f"{category}_{subcategory}_{set_id}_{question_id}",
+                "no_figure": category == "VS" and figure_id == "0",
             },
         )
 
     def kind(self, record: Record) -> str:
         return common.KIND_YESNO
 
-    def aggregate(self, rows: Sequence[dict], num_samples: int) -> dict:
+    def uncertain_is_correct(self, record: Record) -> bool:
+        return has_no_figure(record.meta)
+
+    def aggregate(self, rows: Sequence[dict], num_samples: int, scoring: Scoring = Scoring()) -> dict:
         runs = [hallusion_metrics(rows, k) for k in range(num_samples)]
         means = {name: float(np.mean([r[name] for r in runs])) for name in ("aAcc", "fAcc", "qAcc")}
         return {
             "score": 100.0 * float(np.mean(list(means.values()))),
             **{name: 100.0 * value for name, value in means.items()},
+            "figures": len({r["meta"]["figure_group"] for r in rows if not has_no_figure(r["meta"])}),
+            "no_figure_questions": sum(has_no_figure(r["meta"]) for r in rows),
         }

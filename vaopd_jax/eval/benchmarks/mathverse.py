@@ -5,6 +5,10 @@ Layout: parquet ``testmini.parquet`` with ``sample_index``, ``problem_index``,
 ``answer``, ``question_type`` (``multi-choice`` | ``free-form``),
 ``question_for_eval`` and ``image`` (HF struct; may be null).
 
+The 788 Vision-Only rows carry their question inside the image: their ``question``
+may be empty and the text is in ``query_cot`` / ``query_wo``; a row needs an answer,
+a question type and one of ``query_cot``, ``query_wo``, ``question``.
+
 Scoring (paper: rule-based): multiple choice by option letter, free form through
 math-verify on the first committed answer. VLMEvalKit uses a judge instead.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vaopd_jax.eval.benchmarks import common
-from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.base import Benchmark, Scoring
 from vaopd_jax.eval.benchmarks.common import BadRecord, Record
 
 
@@ -29,7 +33,10 @@ class MathVerse(Benchmark):
 
     def parse_row(self, row: dict, path: Path, index: int) -> Record:
         rid = common.clean_str(row.get("sample_index")) or f"{path.stem}-{index}"
-        common.require(row, ("question", "answer", "question_type"), rid)
+        common.require(row, ("answer", "question_type"), rid)
+        texts = [common.clean_str(row.get(field)).strip() for field in ("query_cot", "query_wo", "question")]
+        if not any(texts):
+            raise BadRecord(f"record {rid}: query_cot, query_wo and question are all missing or empty")
         qtype = str(row["question_type"])
         answer = str(row["answer"]).strip()
         if qtype == "multi-choice":
@@ -38,7 +45,7 @@ class MathVerse(Benchmark):
                 raise BadRecord(f"record {rid}: multi-choice answer {answer!r} is not an option letter")
             answer = letter
         image = common.image_ref(row.get("image"), path.parent)
-        question = common.clean_str(row.get("query_cot")).strip() or str(row["question"]).strip()
+        question = next(text for text in texts if text)  # the official CoT prompt where there is one
         return Record(
             id=rid, question=question, images=(image,) if image is not None else (), answer=answer,
             meta={"question_type": qtype, "problem_version": common.clean_str(row.get("problem_version"))},
@@ -47,7 +54,7 @@ class MathVerse(Benchmark):
     def kind(self, record: Record) -> str:
         return common.KIND_CHOICE if record.meta["question_type"] == "multi-choice" else common.KIND_MATH
 
-    def aggregate(self, rows, num_samples: int) -> dict:
+    def aggregate(self, rows, num_samples: int, scoring: Scoring = Scoring()) -> dict:
         """avg@K accuracy over all versions (the paper's number) plus per-version accuracy."""
         out = super().aggregate(rows, num_samples)
         groups: dict = {}

@@ -7,11 +7,15 @@ Layout: parquet ``data/testmini-*.parquet`` with ``pid``, ``question``, ``query`
 ``text`` | ``list``), ``precision``, ``unit``, and the image as ``decoded_image``
 (HF struct) or ``image`` (relative path, e.g. ``images/1.jpg``).
 
-Official scoring: an LLM judge extracts the answer, then it is normalized by
-answer type (integer: ``int(float(x))``; float: rounded to ``precision``) and
-compared exactly; multiple choice compares the chosen option text. Here the rule
-extraction (first committed answer / option letter or text) replaces the judge
-unless one is configured.
+Official scoring (lupantech/MathVista ``evaluation/calculate_score.py``): an LLM judge
+extracts the answer, then it is normalized by answer type (integer: ``int(float(x))``;
+float: rounded to ``precision``) and compared exactly; multiple choice compares the
+chosen option text, and an extraction that is not an option letter is mapped to the
+most similar option by Levenshtein distance (``get_most_similar``: the first of the
+closest), so every multiple-choice answer picks an option. Here the rule extraction
+(first committed answer / option letter or text) replaces the judge unless one is
+configured; the nearest-option rule is applied to the committed answer (else the whole
+reply) of a response nothing else parsed (Scoring.mode 'official').
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class MathVista(Benchmark):
     required_columns = ("pid", "question", "answer", "question_type", "answer_type")
     official_uses_judge = True
     protocol = "judge extraction then normalized match (rule-based extraction without a judge)"
+    leniency = "an unparsed multiple-choice answer is mapped to the most similar option (Levenshtein, official)"
 
     def parse_row(self, row: dict, path: Path, index: int) -> Record:
         rid = common.clean_str(row.get("pid")) or f"{path.stem}-{index}"
@@ -71,6 +76,9 @@ class MathVista(Benchmark):
     def kind(self, record: Record) -> str:
         return common.KIND_CHOICE if record.meta["question_type"] == "multi_choice" else common.KIND_MATH
 
+    def fallback_choice(self, record: Record, text: str, sample_index: int) -> Optional[tuple[str, str]]:
+        return common.LETTERS[nearest_option(_extraction(text), record.meta["options"])], "nearest_option"
+
     def grade_free_form(self, record: Record, pred: str) -> Optional[bool]:
         answer_type = record.meta.get("answer_type")
         if answer_type not in ("integer", "float"):
@@ -83,6 +91,23 @@ class MathVista(Benchmark):
         precision = record.meta.get("precision")
         digits = int(precision) if precision is not None and precision == precision else 2
         return round(value, digits) == round(gold, digits)
+
+
+def _extraction(text: str) -> str:
+    """What the official judge would hand over, as near as rules get: the committed answer, else the reply."""
+    committed = grading.extract_answer(text)
+    return (committed if committed is not None else (text or "")).strip()
+
+
+def nearest_option(extraction: str, options: list) -> int:
+    """Index of the option with the smallest Levenshtein distance to extraction (first one on ties)."""
+    try:
+        from Levenshtein import distance
+    except ImportError as err:
+        raise ImportError("MathVista's official nearest-option rule needs the Levenshtein package "
+                          "(pip install levenshtein), as the official scorer does") from err
+    distances = [distance(extraction, str(option)) for option in options]
+    return distances.index(min(distances))
 
 
 def _dataset_root(parquet_path: Path, relative: str) -> Path:

@@ -11,12 +11,17 @@ reference in the question and options (then any unreferenced non-null images);
 the ``<image n>`` text stays, so the model can tell them apart.
 Scoring: multiple choice by option letter or option text; open answers against
 every gold through the normalized match / math-verify (official: rule parse with a
-judge fallback).
+judge fallback). Official leniency (MMMU-Benchmark/MMMU ``eval/eval_utils.py``,
+``parse_multi_choice_response``): when no option can be parsed, a random option
+(``random.choice``, the module seeded with 42) is the prediction. Here the draw is
+seeded per (question id, sample index), so a resumed or multi-process run draws the
+same option (Scoring.mode 'official').
 """
 
 from __future__ import annotations
 
 import ast
+import random
 import re
 from pathlib import Path
 from typing import Optional
@@ -64,6 +69,7 @@ class MMMU(Benchmark):
     required_columns = ("id", "question", "options", "answer", "question_type")
     official_uses_judge = True
     protocol = "rule: option letter / normalized open answer (official: rule parse, judge fallback)"
+    leniency = "a multiple-choice answer nothing parses gets a random option (seeded per question and sample, official)"
 
     def parse_row(self, row: dict, path: Path, index: int) -> Record:
         rid = common.clean_str(row.get("id")) or f"{path.parent.name}-{path.stem}-{index}"
@@ -97,6 +103,10 @@ class MMMU(Benchmark):
 
     def kind(self, record: Record) -> str:
         return common.KIND_CHOICE if record.meta["question_type"] == "multiple-choice" else common.KIND_MATH
+
+    def fallback_choice(self, record: Record, text: str, sample_index: int) -> Optional[tuple[str, str]]:
+        letters = common.LETTERS[: len(record.meta["options"])]
+        return random.Random(f"mmmu/{record.id}/{sample_index}").choice(letters), "random_option"
 
     def extract_free_form(self, record: Record, text: str) -> Optional[str]:
         committed = grading.extract_answer(text)

@@ -6,14 +6,18 @@ Layout: parquet ``testmini*.parquet`` with columns ``ID`` (group id), ``question
 concept``, and the image as an HF struct in ``image`` (or ``image_path`` in the
 released parquet).
 
-Metric (We-Math paper, VLMEvalKit ``wemath``): each group is one multi-step problem
-and its one-step sub-problems. With "all sub-problems right" (strict) or "any
-sub-problem right" (loose):
+Metric (We-Math/We-Math ``evaluation/four_dimensional_metrics.py``, VLMEvalKit
+``wemath``): each group is one multi-step problem and its one-step sub-problems. The
+official code splits the rows into 2-step and 3-step problems first and groups each
+part by ``ID`` (the same ID can name a 2-step and a 3-step group), so a group here is
+(steps, ID). With "all sub-problems right" (strict) or "any sub-problem right" (loose):
   IK insufficient knowledge  = multi wrong and not all subs right
   IG inadequate generalization = multi wrong and all subs right
   CM complete mastery        = multi right and all (strict) / any (loose) subs right
   RM rote memorization       = multi right and not all (strict) / no (loose) subs right
   score = (N - 0.5 IG - RM - IK) / N;  reported score = (strict + loose) / 2.
+The official code divides by the 525 groups of testmini; here N is the number of
+complete groups read (525 on the full testmini), and the summary says how many there were.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from typing import Sequence
 import numpy as np
 
 from vaopd_jax.eval.benchmarks import common
-from vaopd_jax.eval.benchmarks.base import Benchmark
+from vaopd_jax.eval.benchmarks.base import Benchmark, Scoring
 from vaopd_jax.eval.benchmarks.common import BadRecord, Record
 
 _OPTION = re.compile(r"(?:^|[;；]\s*)([A-H])[.．、:]\s*")
+OFFICIAL_GROUPS = 525  # testmini: 360 two-step + 165 three-step problems (1,740 rows)
 GROUP_KEYS = {
     2: ("2steps_1", "2steps_2", "2steps_multi"),
     3: ("3steps_1", "3steps_2", "3steps_3", "3steps_multi"),
@@ -50,16 +55,21 @@ def parse_options(text: str) -> list[str]:
     return options
 
 
+def group_id(meta: dict) -> tuple[str, str]:
+    """(steps, ID) of a row: '2' or '3' from its key, then the We-Math ID."""
+    return meta["key"].split("steps")[0], meta["group"]
+
+
 def group_counts(groups: dict) -> dict:
     """IK / IG / CM / RM counts (strict and loose) over complete groups.
 
-    groups: {group_id: {key: correct}}; groups without a complete key set are not
+    groups: {(steps, ID): {key: correct}}; groups without a complete key set are not
     counted (returned as 'incomplete').
     """
     counts = {"IK": 0, "IG": 0, "CM_strict": 0, "RM_strict": 0, "CM_loose": 0, "RM_loose": 0,
               "groups": 0, "incomplete": 0}
     for values in groups.values():
-        keys = GROUP_KEYS[3] if "3steps_multi" in values else GROUP_KEYS[2]
+        keys = GROUP_KEYS[3] if any(key.startswith("3steps") for key in values) else GROUP_KEYS[2]
         if set(values) != set(keys):
             counts["incomplete"] += 1
             continue
@@ -115,12 +125,12 @@ class WeMath(Benchmark):
     def kind(self, record: Record) -> str:
         return common.KIND_CHOICE
 
-    def aggregate(self, rows: Sequence[dict], num_samples: int) -> dict:
+    def aggregate(self, rows: Sequence[dict], num_samples: int, scoring: Scoring = Scoring()) -> dict:
         per_run = []
         for k in range(num_samples):
             groups: dict = defaultdict(dict)
             for row in rows:
-                groups[row["meta"]["group"]][row["meta"]["key"]] = bool(row["correct"][k])
+                groups[group_id(row["meta"])][row["meta"]["key"]] = bool(row["correct"][k])
             per_run.append(four_dim_scores(groups))
         strict = float(np.mean([r["strict"] for r in per_run]))
         loose = float(np.mean([r["loose"] for r in per_run]))
@@ -135,6 +145,7 @@ class WeMath(Benchmark):
             "loose": 100.0 * loose,
             "accuracy": common.run_means(rows, common.sample_accuracy, num_samples),
             "groups": n,
+            "official_groups": OFFICIAL_GROUPS,
             "incomplete_groups": per_run[0]["incomplete"] if per_run else 0,
             "rates": rates,
         }
