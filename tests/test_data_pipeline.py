@@ -5,13 +5,17 @@ import pytest
 
 from tests.fixtures_data import encode_image, write_geometry3k, write_virl39k_raw
 from tests.release_reference import mode_image, release_views
+from vaopd_jax import config as config_lib
 from vaopd_jax.data import pipeline as PL
 from vaopd_jax.data import processor as P
 from vaopd_jax.data import sources as S
 from vaopd_jax.data.synthetic import SyntheticSource
 from vaopd_jax.data.tokenizer import load_tokenizer
 
-SMALL = dict(min_pixels=32 * 32, max_pixels=64 * 64, prompt_buckets=(32, 64, 128), patch_buckets=(32, 64, 128))
+SMALL = dict(min_pixels=32 * 32, max_pixels=64 * 64, prompt_buckets=(32, 64, 128), prompt_patch_buckets=(16, 32, 64))
+# The models reading the batches: the real special ids and merge size, a tiny vision position grid.
+MODEL = config_lib.model_config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
+                                                               vision_depth=1, vision_hidden=32))
 
 
 @pytest.fixture(scope="module")
@@ -25,32 +29,47 @@ def _config(**overrides):
     return PL.PipelineConfig(**base)
 
 
+def _iterator(source, config, tok):
+    return PL.make_iterator(source, config, tokenizer=tok, model_config=MODEL)
+
+
 def _ids(iterator):
-    return [tuple(batch["id"]) for batch in iterator]
+    return [tuple(batch.id) for batch in iterator]
 
 
 def test_batch_layout_both_views_and_static_shapes(tok):
     source = SyntheticSource(num_records=8, seed=2, image_size=64)
-    batch = next(PL.make_iterator(source, _config(shuffle=False), tokenizer=tok))
-    assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == np.int32
-    assert batch["pixel_values"].shape == (64, 1536) and batch["pixel_values_pixelated"].shape == (64, 1536)
-    assert batch["image_grid_thw"].shape == (4, 3)  # image bucket = B
-    np.testing.assert_array_equal(batch["image_grid_thw"], [[1, 4, 4]] * 4)
-    assert int(batch["num_images"]) == 4 and int(batch["num_patches"]) == 64
+    batch = next(_iterator(source, _config(shuffle=False), tok))
+    assert batch.input_ids.shape == (4, 32) and batch.input_ids.dtype == np.int32
+    # Each prompt's image rows, padded to the per-prompt patch bucket (16 rows: one 4x4-patch image).
+    assert batch.pixel_values.shape == (4, 16, 1536) and batch.pixel_values_pixelated.shape == (4, 16, 1536)
+    assert batch.image_grid_thw.shape == (4, 1, 3)  # images-per-prompt bucket 1
+    np.testing.assert_array_equal(batch.image_grid_thw, [[[1, 4, 4]]] * 4)
+    assert int(batch.images_per_prompt.sum()) == 4 and int(batch.num_patches.sum()) == 64
+    # Positions and vision inputs computed once, here: equal to get_rope_index / prepare_vision_inputs.
+    from vaopd_jax.models import qwen3_vl
+
+    positions, deltas = qwen3_vl.get_rope_index(batch.input_ids, np.tile([[1, 4, 4]], (4, 1)),
+                                                batch.attention_mask, MODEL)
+    np.testing.assert_array_equal(batch.position_ids, positions)
+    np.testing.assert_array_equal(batch.rope_deltas, deltas)
+    vision = qwen3_vl.prepare_vision_inputs([[1, 4, 4]], MODEL, pad_patches_to=16)
+    for got, want in zip(batch.vision_inputs, vision):
+        np.testing.assert_array_equal(got, np.stack([want] * 4))
     for b in range(4):
         record = source[b]
         ids, types = P.build_prompt(tok, record["question"], [(1, 4, 4)])
         n = len(ids)
-        assert batch["prompt_lengths"][b] == n and batch["attention_mask"][b].sum() == n
-        np.testing.assert_array_equal(batch["input_ids"][b, :n], ids)
-        assert (batch["input_ids"][b, n:] == tok.pad_token_id).all()
-        np.testing.assert_array_equal(batch["mm_token_type_ids"][b, :n], types)
+        assert batch.prompt_lengths[b] == n and batch.attention_mask[b].sum() == n
+        np.testing.assert_array_equal(batch.input_ids[b, :n], ids)
+        assert (batch.input_ids[b, n:] == tok.pad_token_id).all()
+        np.testing.assert_array_equal(batch.input_ids[b, :n] == MODEL.image_token_id, types == P.TOKEN_TYPE_IMAGE)
         rows, _ = P.preprocess_image(record["images"][0], 32 * 32, 64 * 64)
         rows_pix, _ = P.preprocess_image(P.pixelate(record["images"][0]), 32 * 32, 64 * 64)
-        np.testing.assert_array_equal(batch["pixel_values"][16 * b : 16 * (b + 1)], rows)
-        np.testing.assert_array_equal(batch["pixel_values_pixelated"][16 * b : 16 * (b + 1)], rows_pix)
-        assert batch["answer"][b] == record["answer"] and batch["kind"][b] == record["kind"]
-    assert not np.array_equal(batch["pixel_values"], batch["pixel_values_pixelated"])
+        np.testing.assert_array_equal(batch.pixel_values[b], rows)
+        np.testing.assert_array_equal(batch.pixel_values_pixelated[b], rows_pix)
+        assert batch.answer[b] == record["answer"] and batch.kind[b] == record["kind"]
+    assert not np.array_equal(batch.pixel_values, batch.pixel_values_pixelated)
 
 
 @pytest.mark.parametrize("image_path", ["release", "single_resize"])
@@ -89,21 +108,21 @@ def test_featurize_gives_the_releases_views_for_every_mode_and_size(tok, image_p
 
 def test_same_seed_same_batches_other_seed_other_order(tok):
     source = SyntheticSource(num_records=16, seed=0, image_size=64)
-    first = _ids(PL.make_iterator(source, _config(seed=5), tokenizer=tok))
-    again = _ids(PL.make_iterator(source, _config(seed=5), tokenizer=tok))
-    other = _ids(PL.make_iterator(source, _config(seed=6), tokenizer=tok))
+    first = _ids(_iterator(source, _config(seed=5), tok))
+    again = _ids(_iterator(source, _config(seed=5), tok))
+    other = _ids(_iterator(source, _config(seed=6), tok))
     assert first == again and len(first) == 4
     assert first != other
     assert sorted(sum(first, ())) == sorted(sum(other, ())) == sorted(f"synthetic-0-{i}" for i in range(16))
     # two epochs: each epoch is a full pass, in a different order
-    two = _ids(PL.make_iterator(source, _config(seed=5, num_epochs=2), tokenizer=tok))
+    two = _ids(_iterator(source, _config(seed=5, num_epochs=2), tok))
     assert two[:4] == first and sorted(sum(two[4:], ())) == sorted(sum(first, ())) and two[4:] != first
 
 
 def test_process_shards_are_disjoint_and_cover_the_data(tok):
     source = SyntheticSource(num_records=18, seed=1, image_size=64)
     shards = [
-        set(sum(_ids(PL.make_iterator(source, _config(shard_index=i, shard_count=2, batch_size=3), tokenizer=tok)), ()))
+        set(sum(_ids(_iterator(source, _config(shard_index=i, shard_count=2, batch_size=3), tok)), ()))
         for i in range(2)
     ]
     assert len(shards[0]) == len(shards[1]) == 9
@@ -114,38 +133,38 @@ def test_process_shards_are_disjoint_and_cover_the_data(tok):
 def test_restored_iterator_continues_with_identical_batches(tok, tmp_path):
     source = SyntheticSource(num_records=24, seed=3, image_size=64)
     config = _config(num_epochs=None, batch_size=3)
-    reference = PL.make_iterator(source, config, tokenizer=tok)
+    reference = _iterator(source, config, tok)
     for _ in range(3):
         next(reference)
     state = reference.get_state()
     expected = [next(reference) for _ in range(10)]  # crosses the epoch boundary (8 batches / epoch)
 
-    restored = PL.make_iterator(source, config, tokenizer=tok)
+    restored = _iterator(source, config, tok)
     restored.set_state(state)
     for want in expected:
         got = next(restored)
-        assert list(got["id"]) == list(want["id"])
-        for key in ("input_ids", "pixel_values", "pixel_values_pixelated", "image_grid_thw"):
-            np.testing.assert_array_equal(got[key], want[key])
+        assert list(got.id) == list(want.id)
+        for key in ("input_ids", "pixel_values", "pixel_values_pixelated", "image_grid_thw", "position_ids"):
+            np.testing.assert_array_equal(getattr(got, key), getattr(want, key))
     assert restored.counters.batches == 13
 
     # through grain's Orbax handler, as the trainer's checkpoint manager stores it
     import orbax.checkpoint as ocp
     import grain
 
-    fresh = PL.make_iterator(source, config, tokenizer=tok)
+    fresh = _iterator(source, config, tok)
     for _ in range(5):
         next(fresh)
     want = next(fresh)  # the 6th batch
-    saved = PL.make_iterator(source, config, tokenizer=tok)
+    saved = _iterator(source, config, tok)
     for _ in range(5):
         next(saved)
     with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as mgr:
         mgr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(saved)))
         mgr.wait_until_finished()
-        target = PL.make_iterator(source, config, tokenizer=tok)
+        target = _iterator(source, config, tok)
         mgr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(target)))
-    assert list(next(target)["id"]) == list(want["id"])
+    assert list(next(target).id) == list(want.id)
 
 
 def test_bad_records_are_skipped_counted_and_logged_once(tok, tmp_path, caplog):
@@ -154,9 +173,9 @@ def test_bad_records_are_skipped_counted_and_logged_once(tok, tmp_path, caplog):
     source = S.Geometry3KSource(tmp_path / "g", "train")
     config = _config(batch_size=2, num_epochs=2, prompt_buckets=(64, 128, 256))
     with caplog.at_level("WARNING", logger="vaopd_jax.data.pipeline"):
-        iterator = PL.make_iterator(source, config, tokenizer=tok)
+        iterator = _iterator(source, config, tok)
         batches = list(iterator)
-    delivered = sum(int(b["example_mask"].sum()) for b in batches)
+    delivered = sum(int(b.example_mask.sum()) for b in batches)
     assert delivered == 2 * 8 and len(batches) == 8
     counts = iterator.counters.counts
     assert counts["undecodable_image"] == 2 and counts["empty_question"] == 2
@@ -165,44 +184,47 @@ def test_bad_records_are_skipped_counted_and_logged_once(tok, tmp_path, caplog):
     bad_ids = {f"geometry3k-train-{i}" for i in (1, 4, 6, 9)}
     for record_id in bad_ids:  # logged once although seen in both epochs
         assert sum(record_id in r.getMessage() for r in caplog.records) == 1
-    assert not bad_ids & {i for b in batches for i in b["id"]}
+    assert not bad_ids & {i for b in batches for i in b.id}
 
 
 def test_missing_image_file_and_multi_image_rows(tok, tmp_path):
     write_virl39k_raw(tmp_path, num_rows=5, image_size=(70, 50), multi_image_rows=(1, 3), missing_file_rows=(2,))
     source = S.ViRL39KSource(tmp_path / "39Krelease.parquet")
-    iterator = PL.make_iterator(source, _config(batch_size=4, shuffle=False, drop_remainder=False), tokenizer=tok)
+    iterator = _iterator(source, _config(batch_size=4, shuffle=False, drop_remainder=False), tok)
     batch = next(iterator)
     assert iterator.counters.counts["missing_image_file"] == 1
-    assert list(batch["id"]) == ["virl-0-0", "virl-0-1", "virl-0-3", "virl-0-4"]
-    np.testing.assert_array_equal(batch["images_per_prompt"], [1, 2, 2, 1])
-    assert int(batch["num_images"]) == 6 and batch["image_grid_thw"].shape == (8, 3)  # bucket 2B
-    assert (batch["image_grid_thw"][6:] == 0).all()
-    rows = int(np.prod(batch["image_grid_thw"][:6], axis=1).sum())
-    assert int(batch["num_patches"]) == rows and (batch["pixel_values"][rows:] == 0).all()
+    assert list(batch.id) == ["virl-0-0", "virl-0-1", "virl-0-3", "virl-0-4"]
+    np.testing.assert_array_equal(batch.images_per_prompt, [1, 2, 2, 1])
+    assert int(batch.images_per_prompt.sum()) == 6 and batch.image_grid_thw.shape == (4, 2, 3)  # bucket 2
+    assert (batch.image_grid_thw[[0, 3], 1] == 0).all()
+    for b in range(4):
+        rows = int(np.prod(batch.image_grid_thw[b], axis=1).sum())
+        assert int(batch.num_patches[b]) == rows and (batch.pixel_values[b, rows:] == 0).all()
+        assert batch.vision_inputs.valid[b].sum() == rows
     # each image's <|image_pad|> count matches its grid, in order
-    assert int((batch["input_ids"][1] == 151655).sum()) == int(np.prod(batch["image_grid_thw"][1:3], axis=1).sum()) // 4
+    assert int((batch.input_ids[1] == 151655).sum()) == int(np.prod(batch.image_grid_thw[1], axis=1).sum()) // 4
     with pytest.raises(StopIteration):
         next(iterator)
 
 
 def test_partial_final_batch_is_padded_with_mask(tok):
     source = SyntheticSource(num_records=5, seed=4, image_size=64)
-    batches = list(PL.make_iterator(source, _config(batch_size=4, drop_remainder=False), tokenizer=tok))
+    batches = list(_iterator(source, _config(batch_size=4, drop_remainder=False), tok))
     assert len(batches) == 2
-    np.testing.assert_array_equal(batches[1]["example_mask"], [True, False, False, False])
-    assert batches[1]["input_ids"].shape == (4, 32) and batches[1]["id"][1] == ""
-    assert len(list(PL.make_iterator(source, _config(batch_size=4), tokenizer=tok))) == 1
+    np.testing.assert_array_equal(batches[1].example_mask, [True, False, False, False])
+    assert batches[1].input_ids.shape == (4, 32) and batches[1].id[1] == ""
+    assert batches[1].without_filler().input_ids.shape == (1, 32)
+    assert len(list(_iterator(source, _config(batch_size=4), tok))) == 1
 
 
 def test_worker_processes_give_the_same_batches(tok):
     source = SyntheticSource(num_records=8, seed=9, image_size=64)
-    single = list(PL.make_iterator(source, _config(), tokenizer=tok))
-    iterator = PL.make_iterator(source, _config(num_workers=1), tokenizer=tok)
+    single = list(_iterator(source, _config(), tok))
+    iterator = _iterator(source, _config(num_workers=1), tok)
     multi = list(iterator)
     iterator.close()
-    assert [list(b["id"]) for b in multi] == [list(b["id"]) for b in single]
-    np.testing.assert_array_equal(multi[1]["pixel_values_pixelated"], single[1]["pixel_values_pixelated"])
+    assert [list(b.id) for b in multi] == [list(b.id) for b in single]
+    np.testing.assert_array_equal(multi[1].pixel_values_pixelated, single[1].pixel_values_pixelated)
 
 
 def test_bucket_rules_and_config_errors():
@@ -213,3 +235,5 @@ def test_bucket_rules_and_config_errors():
         PL.PipelineConfig(batch_size=0).validate()
     with pytest.raises(ValueError, match="shard_index"):
         PL.PipelineConfig(shard_index=2, shard_count=2).validate()
+    with pytest.raises(ValueError, match="multiples of 4"):
+        PL.PipelineConfig(prompt_patch_buckets=(6, 8)).validate()

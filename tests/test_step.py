@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.distill.batch import build_train_batch
@@ -45,12 +46,16 @@ def _random_model(cfg, seed):
     return model
 
 
-def _prompt_batch(cfg, seed=0):
+def _flat_prompts(cfg, seed=0):
+    """The prompts in the model's flat layout: (batch, pixelated pixel rows)."""
     pb = testing.make_batch(cfg, [[(1, 4, 4)], [(1, 4, 8), (1, 4, 4)]], text_lens=[3, 2], seed=seed)
-    grid = np.concatenate([pb.image_grid_thw, np.zeros((2, 3), np.int64)])  # zero-padded as the pipeline does
-    pix = np.random.default_rng(seed + 1).standard_normal(pb.pixel_values.shape).astype(np.float32)
-    return dict(input_ids=pb.input_ids, attention_mask=pb.attention_mask, pixel_values=pb.pixel_values,
-                pixel_values_pixelated=pix, image_grid_thw=grid, num_images=np.array([1, 2]))
+    return pb, np.random.default_rng(seed + 1).standard_normal(pb.pixel_values.shape).astype(np.float32)
+
+
+def _prompt_batch(cfg, seed=0):
+    pb, pix = _flat_prompts(cfg, seed)
+    return batch_lib.from_flat(pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw, cfg,
+                               pixel_values_pixelated=pix)
 
 
 def _rollouts(seed=0):
@@ -84,13 +89,13 @@ def _fresh_state(s, remat="block"):
 
 def _reference_loss(student_params, s, method="va_opd"):
     """The objective from full-vocabulary logits of the models' own forward (images repeated per rollout)."""
-    prompts, batch = s["prompts"], s["batch"]
-    grids = prompts["image_grid_thw"][:3]
+    batch = s["batch"]
+    flat, flat_pix = _flat_prompts(s["cfg"])
+    grids = flat.image_grid_thw
     per_prompt_rows = [(0, 16), (16, 64)]
-    pixels = np.concatenate([prompts["pixel_values"][a:b] for p, (a, b) in enumerate(per_prompt_rows)
+    pixels = np.concatenate([flat.pixel_values[a:b] for p, (a, b) in enumerate(per_prompt_rows)
                              for _ in range(K)])
-    pixels_pix = np.concatenate([prompts["pixel_values_pixelated"][a:b] for p, (a, b) in
-                                 enumerate(per_prompt_rows) for _ in range(K)])
+    pixels_pix = np.concatenate([flat_pix[a:b] for p, (a, b) in enumerate(per_prompt_rows) for _ in range(K)])
     grid_rows = np.concatenate([grids[[0]]] * K + [grids[1:3]] * K)
     vision = qwen3_vl.prepare_vision_inputs(grid_rows, s["cfg"])
     student = nnx.merge(nnx.split(s["student"], nnx.Param)[0], student_params)
@@ -181,8 +186,8 @@ def test_opd_text_only_steps_lower_kl(setup):
     cfg = s["cfg"]
     pb = testing.make_batch(cfg, [[], []], text_lens=[5, 3], seed=3)
     tokens, mask = _rollouts(1)
-    batch = step_lib.shard_batch(build_train_batch(dict(input_ids=pb.input_ids, attention_mask=pb.attention_mask),
-                                                   tokens, mask, K, cfg))
+    prompts = batch_lib.from_flat(pb.input_ids, pb.attention_mask, None, None, cfg)
+    batch = step_lib.shard_batch(build_train_batch(prompts, tokens, mask, K, cfg))
     config = step_lib.StepConfig(num_rollouts=K, method="opd", kl_chunk_size=5, valid_vocab_size=VALID_VOCAB)
     train_step = step_lib.make_train_step(config, s["teacher_graphdef"], s["optimizer"],
                                           compiler_options=FAST_COMPILE)

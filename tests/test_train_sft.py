@@ -17,9 +17,9 @@ def setup():
     tok = tokenizer_lib.load_tokenizer(None)
     cfg = config_lib.model_config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
                                                                  vision_depth=1, vision_hidden=32))
-    pcfg = pipeline.PipelineConfig(batch_size=8, prompt_buckets=(32, 64), patch_buckets=(128, 256), min_pixels=1024,
+    pcfg = pipeline.PipelineConfig(batch_size=8, prompt_buckets=(32, 64), prompt_patch_buckets=(16, 32), min_pixels=1024,
                                    max_pixels=4096, shard_index=0, shard_count=1)
-    batches = pipeline.make_iterator(synthetic.SyntheticSource(256, seed=1), pcfg, tokenizer=tok)
+    batches = pipeline.make_iterator(synthetic.SyntheticSource(256, seed=1), pcfg, tokenizer=tok, model_config=cfg)
     return tok, cfg, batches
 
 
@@ -28,10 +28,10 @@ def test_answer_tokens_and_batch_layout(setup):
     ids = sft.answer_token_ids(tok, "red")
     assert tok.decode(ids) == "Answer: red<|im_end|>" and ids[-1] == 151645
     prompt = next(batches)
-    batch = sft.build_sft_batch(prompt, tok, cfg, max_answer_tokens=8)
-    for row in range(len(prompt["answer"])):
-        n = int(prompt["attention_mask"][row].sum())
-        reply = sft.answer_token_ids(tok, prompt["answer"][row])
+    batch = sft.build_sft_batch(prompt, tok, max_answer_tokens=8)
+    for row in range(len(prompt.answer)):
+        n = int(prompt.attention_mask[row].sum())
+        reply = sft.answer_token_ids(tok, prompt.answer[row])
         k = len(reply)
         np.testing.assert_array_equal(batch["input_ids"][row, n:n + k], reply)
         assert batch["attention_mask"][row].sum() == n + k
@@ -39,9 +39,17 @@ def test_answer_tokens_and_batch_layout(setup):
         np.testing.assert_array_equal(batch["target_ids"][row, :k], reply)
         assert batch["target_mask"][row].sum() == k
         # The prompt part keeps the prompt's MRoPE positions (image block included).
+        np.testing.assert_array_equal(batch["position_ids"][:, row, :n], prompt.position_ids[:, row, :n])
     assert batch["position_ids"].shape == (3,) + batch["input_ids"].shape
+    # The whole row's positions equal get_rope_index of prompt + reply.
+    from vaopd_jax.models import qwen3_vl
+
+    grids = prompt.image_grid_thw.reshape(-1, 3)
+    expected, _ = qwen3_vl.get_rope_index(batch["input_ids"], grids[grids.any(-1)], batch["attention_mask"], cfg)
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_array_equal(batch["position_ids"][:, valid], expected[:, valid])
     with pytest.raises(ValueError, match="needs .* tokens; max_answer_tokens is 2"):
-        sft.build_sft_batch(prompt, tok, cfg, max_answer_tokens=2)
+        sft.build_sft_batch(prompt, tok, max_answer_tokens=2)
 
 
 def test_a_few_steps_lower_the_reply_loss(setup):
@@ -52,7 +60,7 @@ def test_a_few_steps_lower_the_reply_loss(setup):
 
     tok, cfg, batches = setup
     model = qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    fixed = [sft.build_sft_batch(next(batches), tok, cfg) for _ in range(2)]
+    fixed = [sft.build_sft_batch(next(batches), tok) for _ in range(2)]
     loss_before = float(sft.sft_loss(model, fixed[0])[0])
     model, history = sft.train_sft(model, (fixed[i % 2] for i in range(100)), steps=12, lr=1e-2, log_every=4,
                                    warmup_steps=2)
@@ -63,27 +71,20 @@ def test_a_few_steps_lower_the_reply_loss(setup):
 
 
 def test_warm_up_views_replace_exactly_the_chosen_images(setup):
-    from vaopd_jax import train
-
     tok, cfg, batches = setup
     batch = next(batches)
-    kinds = batch["kind"]
+    kinds = batch.kind
     assert {"fine", "coarse"} <= set(kinds)  # both kinds in one batch, so the mixed view is exercised
-    original, pixelated = batch["pixel_values"], batch["pixel_values_pixelated"]
-    assert train.pixel_view(batch, "original") is batch
-    np.testing.assert_array_equal(train.pixel_view(batch, "pixelated")["pixel_values"], pixelated)
-    mixed = train.pixel_view(batch, "pixelated_fine")["pixel_values"]
-    row = image = 0
-    for b, n_images in enumerate(batch["images_per_prompt"]):
-        n_rows = sum(int(np.prod(g)) for g in batch["image_grid_thw"][image:image + n_images])
-        image += n_images
+    original, pixelated = batch.pixel_values, batch.pixel_values_pixelated
+    assert batch.with_view("original") is batch
+    np.testing.assert_array_equal(batch.with_view("pixelated").pixel_values, pixelated)
+    mixed = batch.with_view("pixelated_fine").pixel_values
+    for b in range(len(kinds)):  # each prompt's own rows, its padding rows included
         want = pixelated if kinds[b] == "fine" else original
-        np.testing.assert_array_equal(mixed[row:row + n_rows], want[row:row + n_rows])
-        row += n_rows
-    np.testing.assert_array_equal(mixed[row:], original[row:])  # padding rows untouched
+        np.testing.assert_array_equal(mixed[b], want[b])
     assert not np.array_equal(mixed, original) and not np.array_equal(mixed, pixelated)
-    with pytest.raises(ValueError, match="unknown warm-up images 'blurred'"):
-        train.pixel_view(batch, "blurred")
+    with pytest.raises(ValueError, match="unknown image view 'blurred'"):
+        batch.with_view("blurred")
 
 
 def test_lm_head_padding_rows_are_left_out_of_sampling_and_the_loss(setup):

@@ -245,7 +245,9 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     if min_px is not None and max_px is not None and min_px > max_px:
         c.fail("data.min_pixels", min_px, f"must be <= config.data.max_pixels = {max_px}")
     c.int_list("data.prompt_buckets")
-    c.int_list("data.patch_buckets", minimum=4)
+    patch_buckets = c.int_list("data.prompt_patch_buckets", minimum=4)
+    if patch_buckets is not None and any(b % 4 for b in patch_buckets):
+        c.fail("data.prompt_patch_buckets", patch_buckets, "must be multiples of 4 (spatial merge 2 x 2)")
     c.number("train.inject_nonfinite_from_step", 0, None, integer=True, why="0 = off (fault injection)")
     c.number("data.num_workers", 0, None, integer=True)
     c.number("data.synthetic_train_size", 1, None, integer=True)

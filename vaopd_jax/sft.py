@@ -10,7 +10,7 @@ in Hugging Face format and reused by every later run with the same workdir.
 Public API::
 
     ids = answer_token_ids(tokenizer, "red")                    # [..., <|im_end|>]
-    batch = build_sft_batch(prompt_batch, tokenizer, model_cfg, max_answer_tokens=8)
+    batch = build_sft_batch(prompt_batch, tokenizer, max_answer_tokens=8)   # a data.batch.PromptBatch
     loss, accuracy = sft_loss(model, batch)                     # CE on answer tokens
     model, history = train_sft(model, batches, steps=..., lr=...)
 """
@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vaopd_jax.data.batch import PromptBatch
 from vaopd_jax.models import qwen3_vl
 
 log = logging.getLogger(__name__)
@@ -41,51 +42,48 @@ def answer_token_ids(tokenizer, answer: str) -> list[int]:
     return list(ids) + [tokenizer.convert_tokens_to_ids(IM_END)]
 
 
-def build_sft_batch(prompt_batch: dict, tokenizer, model_cfg: qwen3_vl.Qwen3VLConfig,
-                    max_answer_tokens: int = 8) -> dict:
+def build_sft_batch(prompts: PromptBatch, tokenizer, max_answer_tokens: int = 8) -> dict:
     """Appends each record's reply to its prompt and lays out the supervised targets (host numpy).
 
     Args:
-      prompt_batch: a data-pipeline batch: ``input_ids`` (B, Tp) right-padded,
-        ``attention_mask`` (B, Tp), ``pixel_values`` (N, 1536), ``image_grid_thw``
-        (M, 3) zero-padded with ``num_images``, ``answer`` (B,) strings.
+      prompts: a `data.batch.PromptBatch` (P prompts, no filler rows) whose ``pixel_values`` hold the view to
+        learn from (`PromptBatch.with_view`) and whose ``answer`` holds the replies' answers.
       max_answer_tokens: A, the static reply length (longer replies are an error).
     Returns:
-      input_ids / attention_mask (B, Tp + A), position_ids (3, B, Tp + A),
-      target_positions / target_ids / target_mask (B, A): hidden state at
-      ``target_positions[b, a]`` predicts ``target_ids[b, a]``; pixel_values
-      (N, 1536); vision_inputs (``qwen3_vl.VisionInputs``).
+      input_ids / attention_mask (P, Tp + A), position_ids (3, P, Tp + A) (the prompt's MRoPE positions, then
+      next position + a for reply token a), target_positions / target_ids / target_mask (P, A): the hidden
+      state at ``target_positions[p, a]`` predicts ``target_ids[p, a]``; pixel_values (P, Np, 1536),
+      vision_inputs (leading P) and image_rows (the PromptBatch's per-prompt image layout), or None.
     """
-    prompt_ids = np.asarray(prompt_batch["input_ids"])
-    prompt_mask = np.asarray(prompt_batch["attention_mask"]).astype(bool)
+    prompt_ids = np.asarray(prompts.input_ids)
+    lengths = prompts.prompt_lengths
     batch, prompt_len = prompt_ids.shape
     total = prompt_len + max_answer_tokens
     input_ids = np.zeros((batch, total), np.int32)
     attention_mask = np.zeros((batch, total), np.int32)
+    position_ids = np.zeros((3, batch, total), np.int32)
     target_positions = np.zeros((batch, max_answer_tokens), np.int32)
     target_ids = np.zeros((batch, max_answer_tokens), np.int32)
     target_mask = np.zeros((batch, max_answer_tokens), np.float32)
     for row in range(batch):
-        n = int(prompt_mask[row].sum())
-        reply = answer_token_ids(tokenizer, str(prompt_batch["answer"][row]))
+        n = int(lengths[row])
+        reply = answer_token_ids(tokenizer, str(prompts.answer[row]))
         if len(reply) > max_answer_tokens:
-            raise ValueError(f"answer {prompt_batch['answer'][row]!r} needs {len(reply)} tokens; "
+            raise ValueError(f"answer {prompts.answer[row]!r} needs {len(reply)} tokens; "
                              f"max_answer_tokens is {max_answer_tokens}")
         input_ids[row, :n] = prompt_ids[row, :n]
         input_ids[row, n:n + len(reply)] = reply
         attention_mask[row, :n + len(reply)] = 1
+        position_ids[:, row, :n] = prompts.position_ids[:, row, :n]
+        position_ids[:, row, n:n + len(reply)] = int(prompts.next_positions[row]) + np.arange(len(reply))
         # The hidden state at position p predicts the token at p + 1.
         target_positions[row, :len(reply)] = np.arange(n - 1, n - 1 + len(reply))
         target_ids[row, :len(reply)] = reply
         target_mask[row, :len(reply)] = 1.0
-    num_images = int(np.asarray(prompt_batch.get("num_images", len(prompt_batch["image_grid_thw"]))))
-    grids = np.asarray(prompt_batch["image_grid_thw"])[:num_images]
-    position_ids, _ = qwen3_vl.get_rope_index(input_ids, grids, attention_mask, model_cfg)
-    pixel_values = np.asarray(prompt_batch["pixel_values"], np.float32)
-    vision_inputs = qwen3_vl.prepare_vision_inputs(grids, model_cfg, pad_patches_to=pixel_values.shape[0])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             "target_positions": target_positions, "target_ids": target_ids, "target_mask": target_mask,
-            "pixel_values": pixel_values, "vision_inputs": vision_inputs}
+            "pixel_values": prompts.pixel_values, "vision_inputs": prompts.vision_inputs,
+            "image_rows": prompts.image_rows()}
 
 
 def sft_loss(model: qwen3_vl.Qwen3VL, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -93,8 +91,12 @@ def sft_loss(model: qwen3_vl.Qwen3VL, batch: dict) -> tuple[jax.Array, jax.Array
 
     Only the (B, A) reply positions go through the (E, V) lm_head, never (B, T, V).
     """
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                 position_ids=batch["position_ids"], vision_inputs=batch["vision_inputs"])
+    image_embeds = deepstack = None
+    if batch["pixel_values"] is not None:
+        image_embeds, deepstack = model.encode_prompt_images(batch["pixel_values"], batch["vision_inputs"],
+                                                             batch["image_rows"])
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"],
+                                 image_embeds=image_embeds, deepstack_embeds=deepstack)
     picked = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)  # (B, A, E)
     logits = model.logits_from_hidden(picked)  # (B, A, V) float32
     logp = jax.nn.log_softmax(logits, axis=-1)

@@ -42,28 +42,23 @@ from vaopd_jax import sft
 from vaopd_jax.eval import grading
 from vaopd_jax.data import pipeline, sources, synthetic
 from vaopd_jax.data import tokenizer as tokenizer_lib
-from vaopd_jax.distill import kl as kl_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.parallel import backend as backend_lib
 from vaopd_jax.parallel import mesh as mesh_lib
+from vaopd_jax.parallel.multihost import host, primary, sync, to_global
 from vaopd_jax.rollout import sampler
 
 log = logging.getLogger("vaopd_jax.train")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/demo.py[:method=opd]",
                                           lock_config=True)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-IM_END, END_OF_TEXT = 151645, 151643  # <|im_end|>, <|endoftext|> (spec/QWEN3VL.md)
 SFT_DONE = "SFT_DONE"
 
 
 class NonFiniteError(RuntimeError):
     """Raised after ``train.max_nonfinite_steps`` consecutive skipped (non-finite) steps."""
-
-
-def primary() -> bool:
-    return jax.process_index() == 0
 
 
 def say(message: str) -> None:
@@ -95,9 +90,9 @@ def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     say(f"{role}: SFT of a tiny {role} ({count_params(model):,} params) on the synthetic task "
         f"(fine-question share {node.fine_fraction}, {node.images.replace('_', ' ')} images), "
         f"{node.steps} steps -> {out_dir}")
-    data = pipeline_for(config, tokenizer, split=f"{role}_sft", batch_size=node.batch_size,
+    data = pipeline_for(config, tokenizer, cfg, split=f"{role}_sft", batch_size=node.batch_size,
                         fine_fraction=node.fine_fraction)
-    batches = (sft.build_sft_batch(pixel_view(global_batch(b), node.images), tokenizer, cfg) for b in data)
+    batches = (sft.build_sft_batch(b.gather_processes().with_view(node.images), tokenizer) for b in data)
     model, _ = sft.train_sft(model, batches, steps=node.steps, lr=node.lr, label=f"{role} SFT")
     qwen3_vl.save_hf_checkpoint(model, out_dir)
     if primary():
@@ -106,29 +101,6 @@ def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
             f.write("ok\n")
     sync(f"{role}_sft_saved")
     return load_model(config, out_dir, mesh, **dtypes)
-
-
-def pixel_view(batch: dict, images: str) -> dict:
-    """The batch with the warm-up's view of each image in ``pixel_values``.
-
-    ``images``: 'original'; 'pixelated' (every image); 'pixelated_fine' (the images of fine-detail
-    questions pixelated, the others original: a student that sees colours and shapes but has never
-    seen the fine detail, the situation VA-OPD is made for).
-    """
-    if images == "original":
-        return batch
-    if images == "pixelated":
-        return {**batch, "pixel_values": batch["pixel_values_pixelated"]}
-    if images != "pixelated_fine":
-        raise ValueError(f"unknown warm-up images {images!r}; expected one of {config_lib.SFT_IMAGES}")
-    # Patch rows are laid out image after image, prompt after prompt (see data/pipeline.py).
-    rows_per_image = np.prod(np.asarray(batch["image_grid_thw"]), axis=-1)[: int(batch["num_images"])]
-    owner = np.repeat(np.arange(len(batch["images_per_prompt"])), np.asarray(batch["images_per_prompt"]))
-    fine_rows = np.repeat(np.asarray(batch["kind"])[owner] == "fine", rows_per_image)
-    pick = np.zeros(len(batch["pixel_values"]), bool)
-    pick[: len(fine_rows)] = fine_rows
-    pixel_values = np.where(pick[:, None], batch["pixel_values_pixelated"], batch["pixel_values"])
-    return {**batch, "pixel_values": pixel_values}
 
 
 def runtime_options(config) -> dict:
@@ -144,13 +116,6 @@ def load_model(config, path: str, mesh, *, dtype, compute_dtype=None) -> qwen3_v
 
 def count_params(model) -> int:
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
-def sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 # ----------------------------------------------------------------------------- data
@@ -190,8 +155,8 @@ def data_source(config, split: str, fine_fraction: float = 0.5):
         sources.ViRL39KSource(d.train_path)
 
 
-def pipeline_for(config, tokenizer, *, split: str, batch_size: int, fine_fraction: float = 0.5):
-    """A grain iterator of batches: training splits are shuffled, repeated and sharded by process
+def pipeline_for(config, tokenizer, model_config, *, split: str, batch_size: int, fine_fraction: float = 0.5):
+    """A grain iterator of `PromptBatch`es: training splits are shuffled, repeated and sharded by process
     (``batch_size`` global prompts, ``batch_size / processes`` each); validation is read whole by every
     process, once, in order."""
     d = config.data
@@ -202,155 +167,48 @@ def pipeline_for(config, tokenizer, *, split: str, batch_size: int, fine_fractio
     pcfg = pipeline.PipelineConfig(
         batch_size=batch_size // jax.process_count() if train else batch_size, seed=config.seed, shuffle=train,
         num_epochs=None if train else 1, drop_remainder=train, prompt_buckets=tuple(d.prompt_buckets),
-        patch_buckets=tuple(d.patch_buckets), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+        prompt_patch_buckets=tuple(d.prompt_patch_buckets), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
         pixelation_ratio=config.va.pixelate_ratio, num_workers=d.num_workers if train else 0,
         shard_index=None if train else 0, shard_count=None if train else 1)
-    return pipeline.make_iterator(data_source(config, split, fine_fraction), pcfg, tokenizer=tokenizer)
-
-
-def without_filler(batch: dict) -> dict:
-    """Drops the filler rows of a final partial batch (``example_mask`` False)."""
-    keep = np.asarray(batch["example_mask"])
-    if keep.all():
-        return batch
-    return {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim and len(v) == len(keep) and
-                k not in ("pixel_values", "pixel_values_pixelated", "image_grid_thw") else v)
-            for k, v in batch.items()}
-
-
-def global_batch(local: dict) -> dict:
-    """Joins the processes' training batches into one global batch, identical on every process.
-
-    Token arrays are all-gathered (padded to the widest prompt bucket); pixel rows
-    and image grids are concatenated over their real rows only (each process pads
-    its own), then the pixel rows are padded to a power of two so shapes stay
-    bucketed. ``images_per_prompt`` and the string metadata (answer, kind, id) are
-    gathered too (the demo SFT needs every row's answer and kind).
-    """
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    n_img, n_patch = int(local["num_images"]), int(local["num_patches"])
-    parts = {"input_ids": local["input_ids"], "attention_mask": local["attention_mask"],
-             "pixel_values": local["pixel_values"][:n_patch],
-             "pixel_values_pixelated": local["pixel_values_pixelated"][:n_patch],
-             "image_grid_thw": local["image_grid_thw"][:n_img]}
-    shapes = np.asarray(multihost_utils.process_allgather(
-        np.array([dim for v in parts.values() for dim in v.shape[:2]], np.int64)))  # (P, 2 * len(parts))
-    widest = shapes.max(0)
-    padded = {key: np.pad(v, [(0, int(widest[2 * j]) - v.shape[0]), (0, int(widest[2 * j + 1]) - v.shape[1])])
-              for j, (key, v) in enumerate(parts.items())}
-    gathered = multihost_utils.process_allgather(padded)  # each (P, ...)
-    out = {}
-    for j, key in enumerate(parts):
-        rows = [np.asarray(gathered[key][p])[:shapes[p, 2 * j]] for p in range(jax.process_count())]
-        out[key] = np.concatenate(rows, 0)
-    n_patch = len(out["pixel_values"])
-    bucket = 1 << max(6, (n_patch - 1).bit_length())
-    for key in ("pixel_values", "pixel_values_pixelated"):
-        out[key] = np.pad(out[key], [(0, bucket - n_patch), (0, 0)])
-    out["num_images"], out["num_patches"] = np.int32(len(out["image_grid_thw"])), np.int32(n_patch)
-    out["images_per_prompt"] = np.asarray(multihost_utils.process_allgather(local["images_per_prompt"])).reshape(-1)
-    for key in ("answer", "kind", "id"):
-        if key in local:
-            out[key] = _gather_strings(local[key])
-    return out
-
-
-def _gather_strings(values) -> np.ndarray:
-    """All processes' string arrays concatenated in process order (UTF-8 bytes through an all-gather)."""
-    from jax.experimental import multihost_utils
-
-    encoded = [str(v).encode("utf-8") for v in values]
-    width = int(np.max(multihost_utils.process_allgather(np.int64(max([len(e) for e in encoded] + [1])))))
-    local = np.zeros((len(encoded), width), np.uint8)
-    for i, e in enumerate(encoded):
-        local[i, :len(e)] = np.frombuffer(e, np.uint8)
-    rows = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, width)
-    return np.array([bytes(r).rstrip(b"\0").decode("utf-8") for r in rows], dtype=np.str_)
-
-
-def real_images(batch: dict):
-    """(pixel_values, pixel_values_pixelated, image_grid_thw) without the pipeline's padding."""
-    n_img, n_patch = int(np.sum(batch["num_images"])), int(batch["num_patches"])
-    return (batch["pixel_values"][:n_patch], batch["pixel_values_pixelated"][:n_patch],
-            batch["image_grid_thw"][:n_img])
-
-
-def to_global(tree, shardings):
-    """Process-local values (identical on every process) -> global arrays with ``shardings``."""
-    def one(x, sharding):
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
-        value = np.asarray(jax.device_get(x))
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-    if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: one(x, shardings), tree)
-    # `shardings` is a prefix of `tree` (e.g. one NamedSharding per nnx.Param node).
-    return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: one(x, sharding), sub), shardings, tree)
-
-
-def host(x) -> np.ndarray:
-    """A (possibly multi-process) global array as one numpy array on every process."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return pipeline.make_iterator(data_source(config, split, fine_fraction), pcfg, tokenizer=tokenizer,
+                                  model_config=model_config)
 
 
 # ----------------------------------------------------------------------------- rollouts and validation
-def rollout(model, batch, *, max_new_tokens, num_samples, temperature, top_p, top_k, rng, mesh, valid_vocab):
-    """Student samples for a global prompt batch -> host (tokens, response_mask, model_logprobs).
-
-    ``valid_vocab``: ``tokenizer_lib.valid_vocab_size``; LM-head padding rows are never sampled."""
-    pixels, _, grids = real_images(batch)
-    out = sampler.generate(model, batch["input_ids"], batch["attention_mask"], pixels, grids,
-                           max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-                           top_p=top_p, top_k=top_k, eos_token_ids=(IM_END, END_OF_TEXT), rng=rng, mesh=mesh,
-                           valid_vocab_size=valid_vocab)
-    return host(out.tokens), host(out.response_mask), host(out.model_logprobs)
-
-
-@functools.partial(jax.jit, static_argnames="valid_vocab")
-def _va_sums(params, batch: step_lib.TrainBatch, graphdef, valid_vocab):
+@functools.partial(jax.jit, static_argnames=("valid_vocab_size", "chunk_size"))
+def _va_sums(params, batch: step_lib.TrainBatch, graphdef, valid_vocab_size, chunk_size):
     """Sum of the student's own VA, max(0, log p_S(y|v) - log p_S(y|v~)), over valid tokens, and their count."""
-    model = nnx.merge(graphdef, params)
-    kernel = model.lm_head_kernel()
-    logp = [kl_lib.token_logprobs(step_lib.response_hidden(model, batch, pixels), kernel, batch.response_tokens,
-                                  valid_vocab_size=valid_vocab)
-            for pixels in (batch.pixel_values, batch.pixel_values_pixelated)]
-    va = objective.visual_advantage(logp[0], logp[1], batch.response_mask)
+    logp_orig, logp_pix = step_lib.two_view_logprobs(nnx.merge(graphdef, params), batch,
+                                                     valid_vocab_size=valid_vocab_size, chunk_size=chunk_size)
+    va = objective.visual_advantage(logp_orig, logp_pix, batch.response_mask)
     return (va * batch.response_mask).sum(), batch.response_mask.sum()
 
 
-def validate(state, val_batches, config, tokenizer, mesh, step) -> dict:
+def validate(state, val_batches, val_rollouts: sampler.Sampler, config, tokenizer, mesh, step) -> dict:
     """Validation accuracy (overall and per question kind) and mean student VA on the held-out set.
 
     Every process holds the whole (small) validation set, samples it with the
     same keys and grades it, so the results agree without a gather.
     """
-    model = nnx.merge(state.graphdef, state.params)
+    model_cfg = val_rollouts.config
     e = config.eval
     counts: dict[str, list[int]] = {}  # kind -> [correct, total]
     va_sum = va_count = 0.0
-    valid_vocab = tokenizer_lib.valid_vocab_size(tokenizer, model.config.text.vocab_size)
+    valid_vocab_size = tokenizer_lib.valid_vocab_size(tokenizer, model_cfg.text.vocab_size)
     for i, batch in enumerate(val_batches):
         rng = jax.random.fold_in(jax.random.key(config.seed + 7), step * 1000 + i)
-        tokens, mask, _ = rollout(model, batch, max_new_tokens=e.max_new_tokens, num_samples=e.num_samples,
-                                  temperature=e.temperature, top_p=e.top_p, top_k=0, rng=rng, mesh=mesh,
-                                  valid_vocab=valid_vocab)
+        out = val_rollouts(state.params, batch, rng)
+        tokens, mask = host(out.tokens), host(out.response_mask)
         texts = tokenizer.batch_decode([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
-        golds = [str(a) for a in np.repeat(batch["answer"], e.num_samples)]
-        kinds = np.repeat(batch["kind"], e.num_samples)
+        golds = [str(a) for a in np.repeat(batch.answer, e.num_samples)]
+        kinds = np.repeat(batch.kind, e.num_samples)
         for ok, kind in zip(grading.grade_responses(texts, golds), kinds):
             tally = counts.setdefault(str(kind) or "all", [0, 0])
             tally[0] += int(ok)
             tally[1] += 1
-        tb = step_lib.build_train_batch(batch, tokens, mask, e.num_samples, model.config)
-        total, count = _va_sums(state.params, step_lib.shard_batch(tb, mesh), state.graphdef, valid_vocab)
+        train_batch = step_lib.build_train_batch(batch, tokens, mask, e.num_samples, model_cfg)
+        total, count = _va_sums(state.params, step_lib.shard_batch(train_batch, mesh), state.graphdef,
+                                valid_vocab_size, config.model.kl_chunk_size)
         va_sum, va_count = va_sum + float(total), va_count + float(count)
     result = {"accuracy": sum(c for c, _ in counts.values()) / max(sum(n for _, n in counts.values()), 1),
               "student_va_mean": va_sum / max(va_count, 1.0)}
@@ -427,10 +285,19 @@ def main(argv) -> None:
     model_cfg = student.config
     say(f"student {n_student:,} params, teacher {n_teacher:,} params (frozen), method {config.method}")
 
-    train_iter = pipeline_for(config, tokenizer, split="train", batch_size=config.data.prompts_per_step,
+    train_iter = pipeline_for(config, tokenizer, model_cfg, split="train", batch_size=config.data.prompts_per_step,
                               fine_fraction=config.data.synthetic_fine_fraction)
-    val_batches = [without_filler(b) for b in pipeline_for(config, tokenizer, split="val",
-                                                           batch_size=config.eval.batch_size)]
+    val_batches = [b.without_filler() for b in pipeline_for(config, tokenizer, model_cfg, split="val",
+                                                            batch_size=config.eval.batch_size)]
+    # The samplers are built once (graph, settings, mesh) and called with the train state's params.
+    valid_vocab_size = tokenizer_lib.valid_vocab_size(tokenizer, model_cfg.text.vocab_size)
+    r, e = config.rollout, config.eval
+    rollouts = sampler.Sampler(student, max_new_tokens=r.max_new_tokens, num_samples=r.num_rollouts,
+                               temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                               valid_vocab_size=valid_vocab_size, mesh=mesh)
+    val_rollouts = sampler.Sampler(student, max_new_tokens=e.max_new_tokens, num_samples=e.num_samples,
+                                   temperature=e.temperature, top_p=e.top_p, valid_vocab_size=valid_vocab_size,
+                                   mesh=mesh)
     total_steps = config.train.num_steps
     if total_steps < 0:
         total_steps = math.ceil(config.data.num_epochs * len(data_source(config, "train")) /
@@ -459,9 +326,7 @@ def main(argv) -> None:
     k = config.rollout.num_rollouts
     step_cfg = step_lib.StepConfig(num_rollouts=k, method=config.method, high_fraction=config.va.p_v,
                                    high_weight=config.va.lam, temperature=config.va.tau, eps=config.va.eps,
-                                   kl_chunk_size=config.model.kl_chunk_size,
-                                   valid_vocab_size=tokenizer_lib.valid_vocab_size(tokenizer,
-                                                                                   model_cfg.text.vocab_size))
+                                   kl_chunk_size=config.model.kl_chunk_size, valid_vocab_size=valid_vocab_size)
     train_step = step_lib.make_train_step(step_cfg, teacher_graphdef, optimizer, mesh=mesh,
                                           state_sharding=step_lib.train_state_sharding(state))
 
@@ -482,7 +347,7 @@ def main(argv) -> None:
     teacher_views = 1 if config.method == "opd" else 2
 
     def run_validation(at_step):
-        result = validate(state, val_batches, config, tokenizer, mesh, at_step)
+        result = validate(state, val_batches, val_rollouts, config, tokenizer, mesh, at_step)
         logger.log_val(at_step, result)
         if ckpt.maybe_save_best(at_step, state.params, result["accuracy"]):
             say(f"new best validation accuracy {result['accuracy']:.4f} at step {at_step}")
@@ -490,25 +355,22 @@ def main(argv) -> None:
     if step == 0 and config.eval.every > 0:
         run_validation(0)  # the "before" row of the summary table
     while step < total_steps:
-        prompt_batch = global_batch(next(train_iter))
+        prompt_batch = next(train_iter).gather_processes()
         rng, sample_rng = jax.random.split(state.rng)
         start = time.perf_counter()
-        tokens, mask, logprobs = rollout(nnx.merge(state.graphdef, state.params), prompt_batch,
-                                         max_new_tokens=config.rollout.max_new_tokens, num_samples=k,
-                                         temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-                                         top_k=config.rollout.top_k, rng=sample_rng, mesh=mesh,
-                                         valid_vocab=step_cfg.valid_vocab_size)
+        out = rollouts(state.params, prompt_batch, sample_rng)
+        tokens, mask, logprobs = host(out.tokens), host(out.response_mask), host(out.model_logprobs)
         rollout_s = time.perf_counter() - start
         start = time.perf_counter()
-        tb = step_lib.build_train_batch(prompt_batch, tokens, mask, k, model_cfg, sampler_logprobs=logprobs)
+        train_batch = step_lib.build_train_batch(prompt_batch, tokens, mask, k, model_cfg, sampler_logprobs=logprobs)
         if 0 < config.train.inject_nonfinite_from_step <= step + 1:
-            tb = tb._replace(pixel_values=np.full_like(tb.pixel_values, np.nan))
-        state, metrics = train_step(state, teacher_params, step_lib.shard_batch(tb, mesh), rng)
+            train_batch = train_batch._replace(pixel_values=np.full_like(train_batch.pixel_values, np.nan))
+        state, metrics = train_step(state, teacher_params, step_lib.shard_batch(train_batch, mesh), rng)
         metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
         update_s = time.perf_counter() - start
         step += 1
-        seq_tokens = int(tb.attention_mask.sum())
-        flops = (metrics_lib.rollout_flops(n_student, int(prompt_batch["attention_mask"].sum()), int(mask.sum())) +
+        seq_tokens = int(train_batch.attention_mask.sum())
+        flops = (metrics_lib.rollout_flops(n_student, int(prompt_batch.attention_mask.sum()), int(mask.sum())) +
                  metrics_lib.update_flops(n_student, n_teacher, seq_tokens, teacher_views))
         # Bad records skipped by this process's pipeline (counted, logged once per id by the pipeline).
         logger.log_train(step, metrics, rollout_s=rollout_s, update_s=update_s, tokens=seq_tokens, flops=flops,

@@ -47,12 +47,15 @@ def stage_breakdown(source, config, tokenizer, repeats: int = 10) -> dict[str, f
 def run(num_prompts: int, batch_size: int, workers: int, root: str, tokenizer, read_threads: int) -> dict:
     from vaopd_jax.data import pipeline
     from vaopd_jax.data.sources import Geometry3KSource
+    from vaopd_jax.models import qwen3_vl
 
     source = Geometry3KSource(root, split="train")
     config = pipeline.PipelineConfig(batch_size=batch_size, seed=0, num_epochs=None, shard_index=0, shard_count=1,
                                      num_workers=workers, read_threads=read_threads)
     start = time.perf_counter()
-    iterator = pipeline.make_iterator(source, config, tokenizer=tokenizer)
+    # The position ids and vision inputs are those of the Qwen3-VL models (their vision position grid).
+    iterator = pipeline.make_iterator(source, config, tokenizer=tokenizer,
+                                      model_config=qwen3_vl.Qwen3VLConfig.qwen3_vl_2b())
     batch = next(iterator)
     first = time.perf_counter() - start
     num_batches = max(1, num_prompts // batch_size)
@@ -65,9 +68,9 @@ def run(num_prompts: int, batch_size: int, workers: int, root: str, tokenizer, r
         "workers": workers,
         "first_batch_s": first,
         "prompts_per_s": num_batches * batch_size / elapsed,
-        "patch_rows": int(batch["num_patches"]),
-        "padded_rows": int(batch["pixel_values"].shape[0]),
-        "prompt_len": int(batch["input_ids"].shape[1]),
+        "patch_rows": int(batch.num_patches.sum()),
+        "padded_rows": int(batch.pixel_values.shape[0] * batch.pixel_values.shape[1]),
+        "prompt_len": int(batch.input_ids.shape[1]),
     }
 
 

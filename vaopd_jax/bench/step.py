@@ -43,6 +43,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vaopd_jax.distill import step as step_lib
+from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.distill.batch import TrainBatch, build_train_batch
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.models.qwen3_vl import sharding as model_sharding
@@ -66,18 +67,17 @@ def _torch_batch(prompts, batch: TrainBatch, num_rollouts: int, cfg):
     """The same rows for transformers: images repeated per rollout (transformers' forward runs them per row)."""
     import torch
 
-    grids = prompts["image_grid_thw"]
+    grids = prompts.image_grid_thw[:, 0]  # one image per prompt
     patches = np.prod(grids, axis=1)
-    offsets = np.concatenate([[0], np.cumsum(patches)])
-    rows_pix = lambda key: np.concatenate([prompts[key][offsets[p]:offsets[p + 1]]
-                                           for p in range(len(grids)) for _ in range(num_rollouts)])
+    rows_pix = lambda pixels: np.concatenate([pixels[p, :patches[p]]  # noqa: E731
+                                              for p in range(len(grids)) for _ in range(num_rollouts)])
     grid_rows = np.repeat(grids, num_rollouts, axis=0)
     common = dict(input_ids=torch.tensor(batch.input_ids, dtype=torch.long),
                   attention_mask=torch.tensor(batch.attention_mask, dtype=torch.long),
                   image_grid_thw=torch.tensor(grid_rows),
                   mm_token_type_ids=torch.tensor((batch.input_ids == cfg.image_token_id).astype(np.int32)))
-    return (dict(common, pixel_values=torch.tensor(rows_pix("pixel_values"))),
-            dict(common, pixel_values=torch.tensor(rows_pix("pixel_values_pixelated"))))
+    return (dict(common, pixel_values=torch.tensor(rows_pix(prompts.pixel_values))),
+            dict(common, pixel_values=torch.tensor(rows_pix(prompts.pixel_values_pixelated))))
 
 
 def torch_va_opd_step(student, teacher, optimizer, inputs_orig, inputs_pix, batch: TrainBatch, num_rollouts: int,
@@ -130,9 +130,8 @@ def bench_vs_torch(num_steps: int, num_prompts: int, num_rollouts: int, response
 
     pb = testing.make_batch(cfg, [[(1, image, image)]] * num_prompts, [8] * num_prompts, seed=0)
     rng = np.random.default_rng(0)
-    prompts = dict(input_ids=pb.input_ids, attention_mask=pb.attention_mask, pixel_values=pb.pixel_values,
-                   pixel_values_pixelated=rng.standard_normal(pb.pixel_values.shape).astype(np.float32),
-                   image_grid_thw=pb.image_grid_thw)
+    prompts = batch_lib.from_flat(pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw, cfg,
+                                  pixel_values_pixelated=rng.standard_normal(pb.pixel_values.shape).astype(np.float32))
     rows = num_prompts * num_rollouts
     tokens = rng.integers(0, 7999, (rows, response_len)).astype(np.int32)
     lengths = rng.integers(response_len // 2, response_len + 1, rows)
@@ -265,7 +264,7 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
     config = step_lib.StepConfig(num_rollouts=num_rollouts, kl_chunk_size=kl_chunk_size, valid_vocab_size=vocab_valid)
     train_step = step_lib.make_train_step(config, teacher_graphdef, optimizer, mesh=mesh, state_sharding=shardings)
     t0 = time.perf_counter()
-    # make_train_step traces under jax.set_mesh(mesh) (step._OnMesh): without it the activation constraints are
+    # make_train_step traces under jax.set_mesh(mesh) (parallel.mesh.on_mesh): without it the activation constraints are
     # no-ops and GSPMD replicates the teacher's MLP activations on every device (16 GB buffers at this size).
     lowered = train_step.lower(state, teacher_params, batch, jax.ShapeDtypeStruct(key.shape, key.dtype,
                                                                                   sharding=replicated))

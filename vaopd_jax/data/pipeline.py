@@ -9,18 +9,10 @@ Batching runs after the worker processes, so the batches (and the counters) do n
 number of workers. The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` and
 grain's Orbax handlers (`grain.checkpoint.CheckpointSave/CheckpointRestore`) resume exactly.
 
-Batch layout (numpy; B = batch_size, Tp = prompt bucket, N = patch-row bucket, M = image bucket):
-  input_ids (B, Tp) int32              right-padded with pad_id
-  attention_mask (B, Tp) int32         1 = real token
-  mm_token_type_ids (B, Tp) int32      1 at <|image_pad|> (transformers >= 5.3 convention)
-  prompt_lengths (B,) int32
-  pixel_values (N, 1536) float32       rows of all images of the batch in order, zero-padded
-  pixel_values_pixelated (N, 1536)     same layout, pixelated view (identical grids)
-  image_grid_thw (M, 3) int32          zero rows after num_images
-  images_per_prompt (B,) int32
-  num_images () int32, num_patches () int32
-  example_mask (B,) bool               False for filler rows of a final partial batch
-  id, answer, kind (B,) numpy str arrays
+Each batch is a `data.batch.PromptBatch` (see its docstring for every field's shape and padding rule):
+prompts right-padded to a prompt bucket (`prompt_buckets`), each prompt's images (both views) padded to a
+per-prompt patch bucket (`prompt_patch_buckets`), MRoPE position ids and per-prompt vision-tower inputs
+computed once here, with the model config given to `make_iterator`.
 """
 
 from __future__ import annotations
@@ -33,7 +25,9 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.data import processor
+from vaopd_jax.data.batch import PromptBatch
 from vaopd_jax.data.sources import load_image
 
 logger = logging.getLogger(__name__)
@@ -58,10 +52,9 @@ class PipelineConfig:
     """Pipeline settings (all sizes static so each bucket compiles once).
 
     prompt_buckets: allowed padded prompt lengths; the largest is the prompt-length limit.
-    patch_buckets: allowed padded patch-row counts per batch (both views use the same).
-    image_buckets: allowed padded image counts per batch; None -> (B, 2B, 4B, 8B).
-    A batch needing more rows/images than the largest bucket is padded to the next power of two
-    (logged: it costs one extra compilation).
+    prompt_patch_buckets: allowed padded patch-row counts of ONE prompt's images (both views use the same;
+      multiples of merge^2 = 4). A prompt needing more rows than the largest bucket is padded to the next
+      power of two (logged: it costs one extra compilation).
     """
 
     batch_size: int = 16
@@ -70,8 +63,7 @@ class PipelineConfig:
     num_epochs: int | None = None  # None = repeat forever
     drop_remainder: bool = True
     prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
-    patch_buckets: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
-    image_buckets: tuple[int, ...] | None = None
+    prompt_patch_buckets: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
     min_pixels: int = processor.MIN_PIXELS
     max_pixels: int = processor.MAX_PIXELS
     pixelation_ratio: float = 0.1
@@ -85,15 +77,16 @@ class PipelineConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"PipelineConfig.batch_size must be >= 1, got {self.batch_size}")
-        for name in ("prompt_buckets", "patch_buckets", "image_buckets"):
+        for name in ("prompt_buckets", "prompt_patch_buckets"):
             buckets = getattr(self, name)
-            if buckets is None and name == "image_buckets":
-                continue
             if not buckets or any(int(b) < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
                 raise ValueError(f"PipelineConfig.{name} must be strictly increasing positive ints, got {buckets}")
         processor.check_pixelation_ratio(self.pixelation_ratio, "PipelineConfig.pixelation_ratio")
         if self.image_path not in processor.IMAGE_PATHS:
             raise ValueError(f"PipelineConfig.image_path must be one of {processor.IMAGE_PATHS}, got {self.image_path!r}")
+        if any(int(b) % 4 for b in self.prompt_patch_buckets):
+            raise ValueError(f"PipelineConfig.prompt_patch_buckets must be multiples of 4 (merge^2), "
+                             f"got {self.prompt_patch_buckets}")
         if not 1 <= self.min_pixels <= self.max_pixels:
             raise ValueError(f"PipelineConfig needs 1 <= min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
         if self.read_threads < 1:
@@ -193,65 +186,18 @@ class Featurize:
         }
 
 
-def collate(examples: list[dict], config: PipelineConfig, pad_id: int) -> dict[str, np.ndarray]:
-    """Pads B featurized examples to bucketed static shapes (see the module docstring)."""
-    batch_size = config.batch_size
-    n_real = len(examples)
-    prompt_len = pick_bucket(max(len(e["input_ids"]) for e in examples), config.prompt_buckets)
-    total_rows = sum(e["pixel_values"].shape[0] for e in examples)
-    total_images = sum(e["image_grid_thw"].shape[0] for e in examples)
-    image_buckets = config.image_buckets or (batch_size, 2 * batch_size, 4 * batch_size, 8 * batch_size)
-    n_rows = pick_bucket(total_rows, config.patch_buckets)
-    n_images = pick_bucket(total_images, image_buckets)
-    if n_rows > config.patch_buckets[-1] or n_images > image_buckets[-1]:
-        logger.warning(
-            "batch needs %d patch rows / %d images, above the largest buckets (%d / %d): padded to %d / %d "
-            "(one extra compilation)", total_rows, total_images, config.patch_buckets[-1], image_buckets[-1],
-            n_rows, n_images,
-        )
-    input_ids = np.full((batch_size, prompt_len), pad_id, np.int32)
-    attention_mask = np.zeros((batch_size, prompt_len), np.int32)
-    token_types = np.zeros((batch_size, prompt_len), np.int32)
-    prompt_lengths = np.zeros((batch_size,), np.int32)
-    images_per_prompt = np.zeros((batch_size,), np.int32)
-    pixel_values = np.zeros((n_rows, processor.PATCH_DIM), np.float32)
-    pixel_values_pix = np.zeros((n_rows, processor.PATCH_DIM), np.float32)
-    grids = np.zeros((n_images, 3), np.int32)
-    row = img = 0
-    for b, e in enumerate(examples):
-        length = len(e["input_ids"])
-        input_ids[b, :length] = e["input_ids"]
-        attention_mask[b, :length] = 1
-        token_types[b, :length] = e["mm_token_type_ids"]
-        prompt_lengths[b] = length
-        n = e["pixel_values"].shape[0]
-        pixel_values[row : row + n] = e["pixel_values"]
-        pixel_values_pix[row : row + n] = e["pixel_values_pixelated"]
-        row += n
-        k = e["image_grid_thw"].shape[0]
-        grids[img : img + k] = e["image_grid_thw"]
-        images_per_prompt[b] = k
-        img += k
-
-    def strings(key):
-        return np.array([e[key] for e in examples] + [""] * (batch_size - n_real), dtype=np.str_)
-
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "mm_token_type_ids": token_types,
-        "prompt_lengths": prompt_lengths,
-        "pixel_values": pixel_values,
-        "pixel_values_pixelated": pixel_values_pix,
-        "image_grid_thw": grids,
-        "images_per_prompt": images_per_prompt,
-        "num_images": np.int32(total_images),
-        "num_patches": np.int32(total_rows),
-        "example_mask": np.arange(batch_size) < n_real,
-        "id": strings("id"),
-        "answer": strings("answer"),
-        "kind": strings("kind"),
-    }
+def collate(examples: list[dict], config: PipelineConfig, pad_id: int, model_config) -> PromptBatch:
+    """Pads B featurized examples to bucketed static shapes: a `PromptBatch` of `config.batch_size` rows (the
+    rows after the examples are filler, `example_mask` False)."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    patches = max(int(np.prod(e["image_grid_thw"], axis=1).sum()) for e in examples)
+    prompt_len = pick_bucket(longest, config.prompt_buckets)
+    patches_per_prompt = pick_bucket(patches, config.prompt_patch_buckets)
+    if patches_per_prompt > config.prompt_patch_buckets[-1]:
+        logger.warning("a prompt needs %d patch rows, above the largest bucket %d: padded to %d (one extra "
+                       "compilation)", patches, config.prompt_patch_buckets[-1], patches_per_prompt)
+    return batch_lib.from_examples(examples, model_config, pad_id=pad_id, batch_size=config.batch_size,
+                                   prompt_len=prompt_len, patches_per_prompt=patches_per_prompt)
 
 
 @dataclasses.dataclass
@@ -280,14 +226,15 @@ class PromptBatchIterator(grain.DatasetIterator):
     restored iterator yields exactly the batches the original would have yielded next.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, config: PipelineConfig, pad_id: int):
+    def __init__(self, parent: grain.DatasetIterator, config: PipelineConfig, pad_id: int, model_config):
         super().__init__(parent)
         self.config = config
         self.pad_id = int(pad_id)
+        self.model_config = model_config
         self.counters = SkipCounters()
         self._logged_ids: set[str] = set()
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> PromptBatch:
         examples = []
         while len(examples) < self.config.batch_size:
             try:
@@ -305,7 +252,7 @@ class PromptBatchIterator(grain.DatasetIterator):
             raise StopIteration
         self.counters.prompts += len(examples)
         self.counters.batches += 1
-        return collate(examples, self.config, self.pad_id)
+        return collate(examples, self.config, self.pad_id, self.model_config)
 
     def get_state(self) -> dict[str, Any]:
         return {
@@ -363,7 +310,7 @@ def make_dataset(source, config: PipelineConfig, tokenizer_path: str | None = No
 
 
 def make_iterator(source, config: PipelineConfig, tokenizer_path: str | None = None, tokenizer=None,
-                  image_root=None) -> PromptBatchIterator:
+                  image_root=None, *, model_config) -> PromptBatchIterator:
     """Batches iterator over `source` (any random-access source of raw records, see sources.py).
 
     Args:
@@ -371,12 +318,14 @@ def make_iterator(source, config: PipelineConfig, tokenizer_path: str | None = N
       config: PipelineConfig.
       tokenizer_path: checkpoint dir for the tokenizer, None = offline Qwen3-VL tokenizer.
       tokenizer: an already loaded tokenizer (used in this process; workers reload from path).
+      model_config: the `qwen3_vl.Qwen3VLConfig` of the models that read the batches (token ids, merge size and
+        vision position grid of the position ids and vision inputs).
     Returns:
-      PromptBatchIterator: next() -> batch dict; `.counters` holds the bad-record counts.
+      PromptBatchIterator: next() -> `PromptBatch`; `.counters` holds the bad-record counts.
     """
     dataset = make_dataset(source, config, tokenizer_path, tokenizer, image_root)
     if tokenizer is None:
         from vaopd_jax.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path)
-    return PromptBatchIterator(iter(dataset), config, pad_id=tokenizer.pad_token_id)
+    return PromptBatchIterator(iter(dataset), config, pad_id=tokenizer.pad_token_id, model_config=model_config)

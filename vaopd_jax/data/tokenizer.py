@@ -60,6 +60,9 @@ VISION_START_ID = SPECIAL_IDS["<|vision_start|>"]
 VISION_END_ID = SPECIAL_IDS["<|vision_end|>"]
 IMAGE_PAD_ID = SPECIAL_IDS["<|image_pad|>"]
 VIDEO_PAD_ID = SPECIAL_IDS["<|video_pad|>"]
+# The tokens that end a reply (<|im_end|> closes the assistant turn; <|endoftext|> ends the document): the
+# sampler's default end tokens, for the trainer and the evaluator alike.
+END_TOKEN_IDS = (IM_END_ID, ENDOFTEXT_ID)
 NUM_BPE_RANKS = 151643
 
 # Bump when anything that changes the built tokenizer changes, so stale caches are not reused.

@@ -1,5 +1,7 @@
 """`TrainBatch`: the device-ready inputs of one train step, and its host-side builder.
 
+    train_batch = build_train_batch(prompt_batch, rollout_tokens, response_mask, num_rollouts, model_config)
+
 Layout (R = P prompts * K rollouts, the K rollouts of a prompt on adjacent rows):
 each row is the prompt's real tokens followed by the rollout's response tokens,
 right-padded to a static length T (``seq_len``, default Tp + Tr). The hidden
@@ -7,16 +9,18 @@ state at ``response_positions[r, j]`` (= prompt length - 1 + j) predicts
 response token j, so every per-token array of the loss is (R, Tr), in the
 sampler's own layout.
 
-MRoPE positions: the prompt's positions from ``get_rope_index``; response token
-j gets max_prompt_position + 1 + j on all three axes (the position a
-single-prompt KV-cache decode gives it: cache position + rope_delta).
+MRoPE positions: the prompt's positions from the PromptBatch (computed once by
+the pipeline); response token j gets max_prompt_position + 1 + j on all three
+axes (the position a single-prompt KV-cache decode gives it: cache position +
+rope_delta).
 
-Images: the vision tower runs once per prompt per view. Each prompt's patch rows
-are padded to a static ``Np`` (a multiple of merge^2), giving pixel arrays
-(P, Np, 1536) and per-prompt ``VisionInputs`` stacked on a leading P axis; the
-merged features (P, Mp, E), Mp = Np / merge^2, are handed to the K rollouts of
-each prompt by one index gather, ``image_rows`` (R * Mp,), listing feature rows in
-the row-major order of the <|image_pad|> tokens of ``input_ids``.
+Images: the vision tower runs once per prompt per view. The PromptBatch already
+holds each prompt's patch rows padded to a static ``Np`` (a multiple of merge^2),
+pixel arrays (P, Np, 1536) and per-prompt ``VisionInputs`` stacked on a leading P
+axis; the train batch takes them as they are. The merged features (P, Mp, E),
+Mp = Np / merge^2, are handed to the K rollouts of each prompt by one index
+gather, ``image_rows`` (R * Mp,) (``PromptBatch.image_rows(K)``), listing feature
+rows in the row-major order of the <|image_pad|> tokens of ``input_ids``.
 
 Response tokens equal to <|image_pad|> / <|video_pad|> (a degenerate sample) are
 never fed as inputs: the row is cut right before such a token, which itself stays
@@ -28,11 +32,12 @@ cannot reproduce).
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from vaopd_jax.models.qwen3_vl import Qwen3VLConfig, VisionInputs, get_rope_index, prepare_vision_inputs
+from vaopd_jax.data.batch import PromptBatch
+from vaopd_jax.models.qwen3_vl import Qwen3VLConfig, VisionInputs
 
 
 class TrainBatch(NamedTuple):
@@ -60,41 +65,28 @@ class TrainBatch(NamedTuple):
     num_truncated: np.ndarray
 
 
-def _image_runs(ids: np.ndarray, image_token_id: int) -> list[int]:
-    """Lengths of the maximal <|image_pad|> runs of one prompt (one run = one image)."""
-    is_img = np.concatenate([[False], ids == image_token_id, [False]])
-    starts = np.nonzero(~is_img[:-1] & is_img[1:])[0]
-    ends = np.nonzero(is_img[:-1] & ~is_img[1:])[0]
-    return list(ends - starts)
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-def build_train_batch(prompt_batch: Mapping[str, np.ndarray], rollout_tokens: np.ndarray,
-                      response_mask: np.ndarray, num_rollouts: int, cfg: Qwen3VLConfig, *,
-                      sampler_logprobs: np.ndarray | None = None, seq_len: int | None = None,
-                      patches_per_prompt: int | None = None, pad_token_id: int = 0) -> TrainBatch:
-    """Host-side (numpy) assembly of a `TrainBatch` from the data pipeline's prompts and the sampler's output.
+def build_train_batch(prompts: PromptBatch, rollout_tokens: np.ndarray, response_mask: np.ndarray,
+                      num_rollouts: int, cfg: Qwen3VLConfig, *, sampler_logprobs: np.ndarray | None = None,
+                      seq_len: int | None = None, pad_token_id: int = 0) -> TrainBatch:
+    """Host-side (numpy) assembly of a `TrainBatch` from the pipeline's prompts and the sampler's output.
 
     Args:
-      prompt_batch: 'input_ids' (P, Tp) and 'attention_mask' (P, Tp), right padded; for images also
-        'pixel_values' (N, patch_dim) rows of all images in order (N may be padded), 'pixel_values_pixelated'
-        (same shape, same grid), 'image_grid_thw' (M, 3) (rows past the real images are zero padding) and
-        optionally 'num_images' (total, or per prompt) to trim it.
+      prompts: the `data.batch.PromptBatch` the rollouts answer (P prompts, no filler rows); with images it
+        must hold both views (pixel_values_pixelated).
       rollout_tokens: (P * K, Tr) int sampled tokens, rollouts of one prompt adjacent.
       response_mask: (P * K, Tr) 1 on valid tokens (a prefix of each row).
       num_rollouts: K.
-      cfg: the model config (special token ids, merge size, rope).
+      cfg: the model config (the <|image_pad|> / <|video_pad|> ids that cut a row).
       sampler_logprobs: optional (P * K, Tr) sampler log-probs of its tokens.
       seq_len: static T >= Tp + Tr (default Tp + Tr); use buckets to bound recompilation.
-      patches_per_prompt: static Np (default: the largest prompt's patch count rounded up to a power of two).
     Returns:
       TrainBatch of numpy arrays.
     """
-    ids = np.asarray(prompt_batch["input_ids"])
-    mask = np.asarray(prompt_batch["attention_mask"]).astype(bool)
+    if not isinstance(prompts, PromptBatch):
+        raise TypeError(f"build_train_batch takes a data.batch.PromptBatch (the pipeline's batches, or "
+                        f"data.batch.from_flat(...)); got {type(prompts).__name__}")
+    ids = np.asarray(prompts.input_ids)
+    mask = np.asarray(prompts.attention_mask).astype(bool)
     tokens = np.asarray(rollout_tokens).astype(np.int32)
     resp_mask = np.asarray(response_mask).astype(bool)
     num_prompts, prompt_len = ids.shape
@@ -108,13 +100,17 @@ def build_train_batch(prompt_batch: Mapping[str, np.ndarray], rollout_tokens: np
     if not np.array_equal(mask, np.arange(prompt_len)[None] < lengths[:, None]):
         raise ValueError("prompt attention_mask must be right padded (ones, then zeros)")
     if np.any(lengths == 0):
-        raise ValueError(f"prompts {np.nonzero(lengths == 0)[0].tolist()} are empty")
+        raise ValueError(f"prompts {np.nonzero(lengths == 0)[0].tolist()} are empty (filler rows: "
+                         "use prompts.without_filler())")
     resp_lengths = resp_mask.sum(1)
     if not np.array_equal(resp_mask, np.arange(resp_len)[None] < resp_lengths[:, None]):
         raise ValueError("response_mask must be a prefix mask per row (valid tokens, then padding)")
     total_len = prompt_len + resp_len if seq_len is None else int(seq_len)
     if total_len < int((lengths.max() if num_prompts else 0) + resp_len):
         raise ValueError(f"seq_len={seq_len} is shorter than the longest prompt ({lengths.max()}) + Tr ({resp_len})")
+    if prompts.pixel_values is not None and prompts.pixel_values_pixelated is None:
+        raise ValueError("the prompt batch has pixel_values but no pixel_values_pixelated (the pixelated view "
+                         "the teacher scores for the visual advantage)")
 
     # Rows cut before a sampled vision placeholder (see module docstring).
     resp_mask = resp_mask.copy()
@@ -128,18 +124,7 @@ def build_train_batch(prompt_batch: Mapping[str, np.ndarray], rollout_tokens: np
             feed_len[r] = j
             num_truncated += 1
 
-    # Prompt positions (3, P, Tp) and deltas; images in order over the flattened batch.
-    grids = None
-    if "image_grid_thw" in prompt_batch and prompt_batch["image_grid_thw"] is not None:
-        grids = np.asarray(prompt_batch["image_grid_thw"], np.int64).reshape(-1, 3)
-        if "num_images" in prompt_batch and prompt_batch["num_images"] is not None:
-            grids = grids[:int(np.sum(prompt_batch["num_images"]))]
-        else:
-            grids = grids[np.any(grids != 0, axis=1)]
-        if len(grids) == 0:
-            grids = None
-    prompt_pos, deltas = get_rope_index(ids, grids, mask, cfg)
-
+    prompt_pos, next_positions = np.asarray(prompts.position_ids), prompts.next_positions
     input_ids = np.full((num_rows, total_len), pad_token_id, np.int32)
     attention_mask = np.zeros((num_rows, total_len), np.int32)
     position_ids = np.zeros((3, num_rows, total_len), np.int32)
@@ -151,70 +136,14 @@ def build_train_batch(prompt_batch: Mapping[str, np.ndarray], rollout_tokens: np
         input_ids[r, n:n + m] = tokens[r, :m]
         attention_mask[r, :n + m] = 1
         position_ids[:, r, :n] = prompt_pos[:, p, :n]
-        position_ids[:, r, n:n + m] = n + int(deltas[p]) + np.arange(m)
+        position_ids[:, r, n:n + m] = int(next_positions[p]) + np.arange(m)
         response_positions[r] = np.minimum(n - 1 + np.arange(resp_len), total_len - 1)
 
     if sampler_logprobs is None:
         sampler_logprobs = np.zeros(tokens.shape, np.float32)
-    pixel_values = pixel_values_pix = vision_inputs = image_rows = None
-    if grids is not None:
-        pixel_values, pixel_values_pix, vision_inputs, image_rows = _per_prompt_images(
-            prompt_batch, ids, mask, grids, num_rollouts, cfg, patches_per_prompt)
     return TrainBatch(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         response_positions=response_positions, response_tokens=tokens, response_mask=resp_mask.astype(np.float32),
-        sampler_logprobs=np.asarray(sampler_logprobs, np.float32), pixel_values=pixel_values,
-        pixel_values_pixelated=pixel_values_pix, vision_inputs=vision_inputs, image_rows=image_rows,
-        num_truncated=np.asarray(num_truncated, np.int32))
-
-
-def _per_prompt_images(prompt_batch, ids, mask, grids, num_rollouts, cfg, patches_per_prompt):
-    """Splits the flat pixel rows per prompt and pads them to a common Np (see module docstring)."""
-    merge_unit = cfg.vision.merge_unit
-    pixels = np.asarray(prompt_batch["pixel_values"], np.float32)
-    if "pixel_values_pixelated" not in prompt_batch:
-        raise ValueError("prompt_batch has 'pixel_values' but no 'pixel_values_pixelated' (the pixelated view)")
-    pixels_pix = np.asarray(prompt_batch["pixel_values_pixelated"], np.float32)
-    if pixels_pix.shape != pixels.shape:
-        raise ValueError(f"pixel_values_pixelated shape {pixels_pix.shape} != pixel_values shape {pixels.shape}: "
-                         "both views must have the same grid")
-    patches = np.prod(grids, axis=1)
-    if pixels.shape[0] < patches.sum():
-        raise ValueError(f"pixel_values has {pixels.shape[0]} rows; image_grid_thw needs {patches.sum()}")
-    num_prompts = ids.shape[0]
-    per_prompt_grids, start = [], 0
-    for p in range(num_prompts):
-        runs = _image_runs(ids[p][mask[p]], cfg.image_token_id)
-        per_prompt_grids.append(grids[start:start + len(runs)])
-        tokens_needed = patches[start:start + len(runs)] // merge_unit
-        if len(runs) and (len(tokens_needed) != len(runs) or not np.array_equal(tokens_needed, runs)):
-            raise ValueError(f"prompt {p}: <|image_pad|> runs {runs} do not match image_grid_thw rows "
-                             f"{grids[start:start + len(runs)].tolist()}")
-        start += len(runs)
-    if start != len(grids):
-        raise ValueError(f"image_grid_thw has {len(grids)} images but the prompts hold {start}")
-    counts = [int(np.prod(g, axis=1).sum()) for g in per_prompt_grids]
-    if patches_per_prompt is None:
-        patches_per_prompt = max(merge_unit, 1 << max(0, (max(counts) - 1).bit_length()))
-        patches_per_prompt = _round_up(patches_per_prompt, merge_unit)
-    if patches_per_prompt < max(counts) or patches_per_prompt % merge_unit:
-        raise ValueError(f"patches_per_prompt={patches_per_prompt} must be >= the largest prompt's patch count "
-                         f"{max(counts)} and a multiple of {merge_unit}")
-    patch_dim = pixels.shape[1]
-    out = np.zeros((num_prompts, patches_per_prompt, patch_dim), np.float32)
-    out_pix = np.zeros_like(out)
-    vision = []
-    offset = 0
-    for p in range(num_prompts):
-        out[p, :counts[p]] = pixels[offset:offset + counts[p]]
-        out_pix[p, :counts[p]] = pixels_pix[offset:offset + counts[p]]
-        offset += counts[p]
-        vision.append(prepare_vision_inputs(per_prompt_grids[p], cfg, pad_patches_to=patches_per_prompt))
-    vision_inputs = VisionInputs(*(np.stack(field) for field in zip(*vision)))
-    merged_per_prompt = patches_per_prompt // merge_unit
-    rows = [p * merged_per_prompt + np.arange(counts[p] // merge_unit)
-            for p in range(num_prompts) for _ in range(num_rollouts)]
-    image_rows = np.zeros(num_prompts * num_rollouts * merged_per_prompt, np.int32)
-    flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    image_rows[:len(flat)] = flat
-    return out, out_pix, vision_inputs, image_rows
+        sampler_logprobs=np.asarray(sampler_logprobs, np.float32), pixel_values=prompts.pixel_values,
+        pixel_values_pixelated=prompts.pixel_values_pixelated, vision_inputs=prompts.vision_inputs,
+        image_rows=prompts.image_rows(num_rollouts), num_truncated=np.asarray(num_truncated, np.int32))

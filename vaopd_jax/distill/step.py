@@ -7,6 +7,7 @@
                                  mesh=mesh, state_sharding=train_state_sharding(state))
     batch = shard_batch(build_train_batch(prompt_batch, tokens, response_mask, 4, cfg), mesh)
     state, metrics = train_step(state, teacher_params, batch, rng)
+    logp_orig, logp_pix = two_view_logprobs(model, batch, valid_vocab_size=V)   # the two terms of the VA
 
 One jit: the frozen teacher on the original and the pixelated view (stop-gradient;
 the pixelated pass is skipped for 'opd'), sampled-token log-probs -> VA (Eq. 2),
@@ -40,6 +41,7 @@ from vaopd_jax.distill import objective
 from vaopd_jax.distill.batch import TrainBatch, build_train_batch  # noqa: F401  (re-exported)
 from vaopd_jax.models.qwen3_vl import Qwen3VL
 from vaopd_jax.models.qwen3_vl import sharding as model_sharding
+from vaopd_jax.parallel.mesh import on_mesh
 
 REMAT_POLICIES = ("none", "block")
 
@@ -226,14 +228,34 @@ def response_hidden(model: Qwen3VL, batch: TrainBatch, pixel_values) -> jax.Arra
     """Final hidden states at the positions that predict the response tokens: (R, Tr, E)."""
     image_embeds = deepstack = None
     if pixel_values is not None:
-        # The vision tower runs once per prompt (vmapped over P); the K rollouts share it by a gather.
-        embeds, deepstack_per_prompt = jax.vmap(model.encode_images)(pixel_values, batch.vision_inputs)
-        take = lambda x: jnp.take(x.reshape(-1, x.shape[-1]), batch.image_rows, axis=0)
-        image_embeds = take(embeds)
-        deepstack = tuple(take(d) for d in deepstack_per_prompt)
+        # The vision tower runs once per prompt; the K rollouts share it by a gather.
+        image_embeds, deepstack = model.encode_prompt_images(pixel_values, batch.vision_inputs, batch.image_rows)
     hidden = model.hidden_states(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
                                  image_embeds=image_embeds, deepstack_embeds=deepstack)
     return jnp.take_along_axis(hidden, batch.response_positions[..., None], axis=1)
+
+
+def lm_head(model: Qwen3VL) -> jax.Array:
+    """The (E, V) LM head in the model's compute dtype: the one cast every chunked KL / log-prob here uses."""
+    return model.lm_head_kernel().astype(model.compute_dtype)
+
+
+def view_logprobs(model: Qwen3VL, batch: TrainBatch, pixel_values, *, valid_vocab_size: int | None = None,
+                  chunk_size: int = 256) -> jax.Array:
+    """(R, Tr) float32 log p(y_t | view, x, y_<t) of the sampled response tokens, chunk by chunk (never
+    (R, Tr, V) at once); `pixel_values` picks the view (batch.pixel_values or batch.pixel_values_pixelated)."""
+    return kl_lib.token_logprobs(response_hidden(model, batch, pixel_values), lm_head(model), batch.response_tokens,
+                                 valid_vocab_size=valid_vocab_size, chunk_size=chunk_size)
+
+
+def two_view_logprobs(model: Qwen3VL, batch: TrainBatch, *, valid_vocab_size: int | None = None,
+                      chunk_size: int = 256) -> tuple[jax.Array, jax.Array]:
+    """(logp_orig, logp_pix), each (R, Tr): the sampled tokens' log-probs with the original and with the
+    pixelated image, the two terms of the visual advantage (Eq. 2, `objective.visual_advantage`). The train
+    step, the trainer's validation (student VA) and the notebooks' VA views all compute them here."""
+    kw = dict(valid_vocab_size=valid_vocab_size, chunk_size=chunk_size)
+    return (view_logprobs(model, batch, batch.pixel_values, **kw),
+            view_logprobs(model, batch, batch.pixel_values_pixelated, **kw))
 
 
 def _masked_mean(x, mask):
@@ -249,20 +271,18 @@ def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, te
     kl_kwargs = dict(valid_vocab_size=config.valid_vocab_size, chunk_size=config.kl_chunk_size)
 
     teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-    teacher_kernel = teacher.lm_head_kernel().astype(teacher.compute_dtype)
+    # The original view's log-probs come with the KL below (same hidden states); the pixelated view's alone.
     teacher_hidden = jax.lax.stop_gradient(response_hidden(teacher, batch, batch.pixel_values))
     if obj_cfg.needs_visual_advantage:
-        pix_hidden = jax.lax.stop_gradient(response_hidden(teacher, batch, batch.pixel_values_pixelated))
-        logp_pix = kl_lib.token_logprobs(pix_hidden, teacher_kernel, tokens, **kl_kwargs)
+        logp_pix = jax.lax.stop_gradient(view_logprobs(teacher, batch, batch.pixel_values_pixelated, **kl_kwargs))
     else:
         logp_pix = None
 
     def loss_fn(params):
         student = nnx.merge(state.graphdef, params)
         student_hidden = response_hidden(student, batch, batch.pixel_values)
-        student_kernel = student.lm_head_kernel().astype(student.compute_dtype)
         kl_tok, logp_teacher, logp_student = kl_lib.token_kl_and_logprobs(
-            student_hidden, student_kernel, teacher_hidden, teacher_kernel, tokens, **kl_kwargs)
+            student_hidden, lm_head(student), teacher_hidden, lm_head(teacher), tokens, **kl_kwargs)
         if logp_pix is not None:
             va = objective.visual_advantage(logp_teacher, logp_pix, mask)
         else:
@@ -334,25 +354,5 @@ def make_train_step(config: StepConfig, teacher_graphdef, optimizer: optax.Gradi
     if mesh is None:
         return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return _OnMesh(jax.jit(fn, donate_argnums=0, out_shardings=(state_sharding, replicated),
+    return on_mesh(jax.jit(fn, donate_argnums=0, out_shardings=(state_sharding, replicated),
                            compiler_options=compiler_options), mesh)
-
-
-class _OnMesh:
-    """A jitted function traced, lowered and run with `mesh` set (`jax.set_mesh`).
-
-    The model's activation sharding constraints (`sharding.constrain`) read the mesh from the context; traced
-    without it they are no-ops and GSPMD replicates e.g. the teacher's MLP activations on every device (the
-    paper-scale step then needs 124 GB instead of 61 GB per device, `python -m vaopd_jax.bench.step --part aot`).
-    """
-
-    def __init__(self, jitted, mesh: Mesh):
-        self._jitted, self._mesh = jitted, mesh
-
-    def __call__(self, *args):
-        with jax.set_mesh(self._mesh):
-            return self._jitted(*args)
-
-    def lower(self, *args):
-        with jax.set_mesh(self._mesh):
-            return self._jitted.lower(*args)

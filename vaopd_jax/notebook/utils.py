@@ -34,7 +34,7 @@ from flax import nnx
 
 from vaopd_jax.data import pipeline, processor
 from vaopd_jax.data import tokenizer as tokenizer_lib
-from vaopd_jax.distill import kl as kl_lib
+from vaopd_jax.data.batch import PromptBatch
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.models import qwen3_vl
@@ -261,18 +261,19 @@ def make_records(images: Sequence[Any], questions: Sequence[str] | str, answers:
     return records
 
 
-# Patch-row buckets of the notebooks' prompt batches: a few images of up to ~16 M pixels.
+# Patch-row buckets of one prompt's images in the notebooks' prompt batches: images of up to ~16 M pixels.
 PATCH_BUCKETS = (64, 256, 1024, 4096, 16384, 65536)
 
 
-def _featurize(records: Sequence[dict], tokenizer, *, pixelate_ratio: float, min_pixels: int,
-               max_pixels: int, max_prompt_tokens: int, image_path: str = "release") -> dict:
+def _featurize(records: Sequence[dict], tokenizer, model_config, *, pixelate_ratio: float, min_pixels: int,
+               max_pixels: int, max_prompt_tokens: int, image_path: str = "release") -> PromptBatch:
     """One collated prompt batch (both views) of `records` through the data pipeline's own featurizer."""
     # Powers of two up to the limit: the teacher pass runs over the padded prompt, so padding every
     # prompt to the limit would cost (limit / prompt length) times the work.
     prompt_buckets = tuple(1 << k for k in range(5, max_prompt_tokens.bit_length()) if 1 << k < max_prompt_tokens)
     config = pipeline.PipelineConfig(batch_size=len(records), shuffle=False, num_epochs=1, drop_remainder=False,
-                                     prompt_buckets=prompt_buckets + (max_prompt_tokens,), patch_buckets=PATCH_BUCKETS,
+                                     prompt_buckets=prompt_buckets + (max_prompt_tokens,),
+                                     prompt_patch_buckets=PATCH_BUCKETS,
                                      min_pixels=min_pixels, max_pixels=max_pixels, pixelation_ratio=pixelate_ratio,
                                      image_path=image_path, shard_index=0, shard_count=1)
     config.validate()
@@ -283,23 +284,16 @@ def _featurize(records: Sequence[dict], tokenizer, *, pixelate_ratio: float, min
         if "skip" in example:
             raise ValueError(f"record {example['id']!r} cannot be used: {example['skip']} {example['detail']}")
         examples.append(example)
-    return pipeline.collate(examples, config, pad_id=tokenizer.pad_token_id)
+    return pipeline.collate(examples, config, tokenizer.pad_token_id, model_config)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "valid_vocab"))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "valid_vocab_size"))
 def _teacher_logprobs(teacher_params, batch: step_lib.TrainBatch, teacher_graphdef, chunk_size: int,
-                      valid_vocab: int):
-    """Teacher log-probs of the response tokens on the original and the pixelated view, each (R, T).
-
-    The same chunked path as the train step: final hidden states at the response
-    positions, then lm_head -> log-softmax chunk by chunk, never (R, T, V) at once.
-    """
-    teacher = nnx.merge(teacher_graphdef, teacher_params)
-    kernel = teacher.lm_head_kernel().astype(teacher.compute_dtype)
-    return tuple(
-        kl_lib.token_logprobs(step_lib.response_hidden(teacher, batch, pixels), kernel, batch.response_tokens,
-                              chunk_size=chunk_size, valid_vocab_size=valid_vocab)
-        for pixels in (batch.pixel_values, batch.pixel_values_pixelated))
+                      valid_vocab_size: int):
+    """Teacher log-probs of the response tokens on the original and the pixelated view, each (R, T): the train
+    step's own chunked path (`step.two_view_logprobs`), never (R, T, V) at once."""
+    return step_lib.two_view_logprobs(nnx.merge(teacher_graphdef, teacher_params), batch,
+                                      valid_vocab_size=valid_vocab_size, chunk_size=chunk_size)
 
 
 def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL, tokenizer,
@@ -333,7 +327,10 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
         raise ValueError(f"student vocab_size {student.config.text.vocab_size} != teacher vocab_size "
                          f"{teacher.config.text.vocab_size}: VA needs the teacher to score the student's tokens")
     teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
-    valid_vocab = tokenizer_lib.valid_vocab_size(tokenizer, student.config.text.vocab_size)
+    valid_vocab_size = tokenizer_lib.valid_vocab_size(tokenizer, student.config.text.vocab_size)
+    rollouts, student_params = sampler.Sampler.for_model(
+        student, max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature, top_p=top_p,
+        valid_vocab_size=valid_vocab_size)
     decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
     scored: list[ScoredRollout] = []
     for start in range(0, len(records), batch_size):
@@ -341,19 +338,14 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
         # A short last chunk is filled up with copies of its last record (their rows are dropped below)
         # so every call has the same shapes and compiles once.
         filled = chunk + [chunk[-1]] * (min(batch_size, len(records)) - len(chunk))
-        batch = _featurize(filled, tokenizer, pixelate_ratio=pixelate_ratio, min_pixels=min_pixels,
+        batch = _featurize(filled, tokenizer, student.config, pixelate_ratio=pixelate_ratio, min_pixels=min_pixels,
                            max_pixels=max_pixels, max_prompt_tokens=max_prompt_tokens, image_path=image_path)
-        n_images, n_patches = int(batch["num_images"]), int(batch["num_patches"])
-        out = sampler.generate(student, batch["input_ids"], batch["attention_mask"],
-                               batch["pixel_values"][:n_patches], batch["image_grid_thw"][:n_images],
-                               max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-                               top_p=top_p, rng=jax.random.fold_in(jax.random.key(seed), start),
-                               valid_vocab_size=valid_vocab)
+        out = rollouts(student_params, batch, jax.random.fold_in(jax.random.key(seed), start))
         tokens, mask = np.asarray(out.tokens), np.asarray(out.response_mask)
         train_batch = step_lib.build_train_batch(batch, tokens, mask, num_samples, teacher.config)
         logp_orig, logp_pix = _teacher_logprobs(teacher_params, jax.tree.map(jnp.asarray, train_batch),
                                                 teacher_graphdef, chunk_size=min(chunk_size, tokens.shape[1]),
-                                                valid_vocab=valid_vocab)
+                                                valid_vocab_size=valid_vocab_size)
         score_mask = np.asarray(train_batch.response_mask)
         va = np.asarray(objective.visual_advantage(logp_orig, logp_pix, jnp.asarray(score_mask)))
         logp_orig, logp_pix = np.asarray(logp_orig), np.asarray(logp_pix)

@@ -85,3 +85,24 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
     log.info("jax.distributed initialized: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+class on_mesh:  # noqa: N801  (used like a function: on_mesh(jitted, mesh))
+    """A jitted function traced, lowered and run with `mesh` set (`jax.set_mesh`).
+
+    The model's activation sharding constraints (`sharding.constrain`) read the mesh from the context; traced
+    without it they are no-ops and GSPMD replicates e.g. the teacher's MLP activations on every device (the
+    paper-scale step then needs 124 GB instead of 61 GB per device, `python -m vaopd_jax.bench.step --part aot`).
+    The train step and the sampler both run this way.
+    """
+
+    def __init__(self, jitted, mesh: Mesh):
+        self._jitted, self._mesh = jitted, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self._mesh):
+            return self._jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self._mesh):
+            return self._jitted.lower(*args, **kwargs)

@@ -1,6 +1,15 @@
 """The student rollout sampler: jitted prefill + KV-cache decode loop for Qwen3-VL.
 
+A `Sampler` is built once from the model and the rollout settings (and the mesh), then called per batch with
+the params, a `data.batch.PromptBatch` and a key (the gemma `Sampler` convention):
+
     from vaopd_jax.rollout import sampler
+    rollouts = sampler.Sampler(model, max_new_tokens=4096, num_samples=4, temperature=0.7, top_p=0.95,
+                               valid_vocab_size=151669, mesh=mesh)
+    out = rollouts(params, prompt_batch, rng)       # params: nnx.state(model, nnx.Param), e.g. the train state's
+
+`generate` is the one-call form over the model's flat image layout (DESIGN.md public API):
+
     out = sampler.generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
                            max_new_tokens, num_samples=1, temperature=1.0, top_p=1.0, top_k=0,
                            eos_token_ids=(151645, 151643), rng=None, valid_vocab_size=None,
@@ -13,18 +22,19 @@
     out.finished        (B*K,) bool: an end token was emitted (False = truncated at max_new_tokens)
 
 How one call runs (one XLA program per shape bucket, see `compile_count()`):
-1. host: validate, trim the right-padded prompts to their longest real length and pad to a bucket,
-   MRoPE position ids (`qwen3_vl.get_rope_index`), vision-tower inputs for a bucketed patch count;
-2. device, one jitted function: vision tower → prefill of the B prompts ONCE into a KV cache of
-   bucket(prompt) + bucket(max_new_tokens) slots → the cache and the last-token logits are repeated K times
-   along the batch (prefix sharing; samples of one prompt adjacent) → the first token is sampled from the
-   prefill logits → a `lax.while_loop` decodes one token per iteration and exits as soon as every row has
-   emitted an end token or max_new_tokens tokens exist.
+1. host: check the prompts (right-padded, none empty, room in the cache); the PromptBatch already holds the
+   MRoPE position ids and each prompt's images padded to its patch bucket, computed once by the pipeline;
+2. device, one jitted function under the mesh context: vision tower once per prompt (vmapped over the prompts,
+   features gathered to the <|image_pad|> tokens) → prefill of the B prompts ONCE into a KV cache of
+   Tp + bucket(max_new_tokens) slots → the cache and the last-token logits are repeated K times along the
+   batch (prefix sharing; samples of one prompt adjacent) → the first token is sampled from the prefill
+   logits → a `lax.while_loop` decodes one token per iteration and exits as soon as every row has emitted an
+   end token or max_new_tokens tokens exist.
 
 Decode positions. For a row with L real prompt tokens and rope delta d (get_rope_index), the k-th generated
 token (k = 0, 1, ...) has position L + d + k on all three MRoPE axes, i.e. max prompt position + 1 + k. This is
 what transformers uses (cache position of the left-padded batch = number of real tokens so far, + delta). The
-prompts are right-padded here, so the cache slot (bucket + k, shared by all rows) is NOT the position.
+prompts are right-padded here, so the cache slot (Tp + k, shared by all rows) is NOT the position.
 
 Log-probs: `logprobs` is the log-prob of each token under the distribution it was sampled from (temperature,
 top-k, top-p and the vocabulary mask applied; 0 for greedy, a point mass); `model_logprobs` is the student's
@@ -36,10 +46,11 @@ Suppressed ids. `suppress_token_ids` (default: the config's <|image_pad|>, <|vid
 both log-probs): a generated vision token would make the train step's get_rope_index expect image features
 that do not exist. Ids >= vocab_size are ignored (tiny configs).
 
-Sharding: pass `mesh=` (and keep the model's params on it, e.g. `sharding.shard_model`): prompts, the KV
+Sharding: pass `mesh=` (and keep the params on it, e.g. `sharding.shard_model`): the program is traced and run
+under `jax.set_mesh(mesh)` like the train step, so the model's activation constraints apply; prompts, the KV
 cache and the outputs are sharded over the batch on ('data', 'fsdp') and the cache's KV heads over 'tensor'
-(the model's rule table); dimensions the mesh does not divide stay replicated. Random draws use
-`jax.random` with partitionable threefry, so the tokens do not depend on the mesh.
+(the model's rule table); dimensions the mesh does not divide stay replicated. Random draws use `jax.random`
+with partitionable threefry, so the tokens do not depend on the mesh.
 """
 
 from __future__ import annotations
@@ -54,12 +65,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vaopd_jax.data import batch as batch_lib
+from vaopd_jax.data.batch import PromptBatch
+from vaopd_jax.data.tokenizer import END_TOKEN_IDS
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.models.qwen3_vl import sharding as model_sharding
+from vaopd_jax.parallel.mesh import on_mesh
 from vaopd_jax.rollout import logits as logit_ops
 from vaopd_jax.rollout import masks
-
-DEFAULT_EOS_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 
 
 class SamplerOutput(NamedTuple):
@@ -130,20 +143,21 @@ def repeat_cache(cache: qwen3_vl.KVCache, num_samples: int) -> qwen3_vl.KVCache:
                             valid=jnp.repeat(cache.valid, num_samples, axis=0))
 
 
-def _run(state, input_ids, attention_mask, position_ids, next_position, pixel_values, vision_inputs,
+def _run(params, input_ids, attention_mask, position_ids, next_position, pixel_values, vision_inputs, image_rows,
          max_new_tokens, rng, eos, pad, valid_vocab_size, suppress, program: _Program):
     """The whole rollout as one traced function (see the module docstring for the steps).
 
     input_ids / attention_mask (B, T); position_ids (3, B, T); next_position (B,) = max position + 1;
-    pixel_values (P, patch_dim) or None; max_new_tokens scalar int32 (<= program.new_bucket);
+    pixel_values (B, Np, patch_dim) or None, vision_inputs with a leading B axis, image_rows (B * Np / merge^2,)
+    (PromptBatch.image_rows()); max_new_tokens scalar int32 (<= program.new_bucket);
     eos (E,) int32 end-token ids; suppress (S,) int32 ids never sampled (-1 = unused entry);
     pad, valid_vocab_size int32 scalars. These are data, not part of the
     program key, so changing them does not compile a new program.
     """
-    _COMPILES[(input_ids.shape, program.new_bucket, None if pixel_values is None else pixel_values.shape[0],
+    _COMPILES[(input_ids.shape, program.new_bucket, None if pixel_values is None else pixel_values.shape[:2],
                program.num_samples, program.params)] += 1  # trace-time side effect: counts compilations
-    mesh, params = program.mesh, program.params
-    model = nnx.merge(program.graphdef, state)
+    mesh, sampling = program.mesh, program.params
+    model = nnx.merge(program.graphdef, params)
     batch, prompt_len = input_ids.shape
     num_rows = batch * program.num_samples
     n_new = program.new_bucket
@@ -151,7 +165,7 @@ def _run(state, input_ids, attention_mask, position_ids, next_position, pixel_va
     input_ids = _constrain(input_ids, mesh, ("batch", None))
     image_embeds, deepstack = None, None
     if pixel_values is not None:
-        image_embeds, deepstack = model.encode_images(pixel_values, vision_inputs)
+        image_embeds, deepstack = model.encode_prompt_images(pixel_values, vision_inputs, image_rows)
 
     # Slots [0, T) hold the prompt; the k-th generated token (k >= 1 is fed back) goes to slot T + k - 1.
     cache = model.init_cache(batch, prompt_len + n_new, jnp.dtype(program.cache_dtype))
@@ -169,7 +183,7 @@ def _run(state, input_ids, attention_mask, position_ids, next_position, pixel_va
     def sample(step, step_logits):
         key = jax.random.fold_in(rng, step)
         step_logits = jnp.where(suppressed, logit_ops.NEG_INF, step_logits)
-        return logit_ops.sample_tokens(key, step_logits, params, valid_vocab_size)
+        return logit_ops.sample_tokens(key, step_logits, sampling, valid_vocab_size)
 
     tok0, lp0, mlp0 = sample(0, last_logits)
     tokens = jnp.full((num_rows, n_new), 0, jnp.int32) + pad
@@ -245,190 +259,161 @@ def _check_prompts(input_ids, attention_mask) -> np.ndarray:
     return lengths
 
 
-def _check_images(cfg, input_ids, mask, pixel_values, image_grid_thw):
-    n_img_tokens = int((input_ids[mask] == cfg.image_token_id).sum())
-    if pixel_values is None and image_grid_thw is None:
-        if n_img_tokens:
-            raise ValueError(f"the prompts hold {n_img_tokens} <|image_pad|> tokens (id {cfg.image_token_id}) "
-                             "but no pixel_values / image_grid_thw were given")
-        return
-    if pixel_values is None or image_grid_thw is None:
-        raise ValueError("pass pixel_values and image_grid_thw together (one of them is None)")
-    grid = np.asarray(image_grid_thw)
-    if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
-        raise ValueError(f"image_grid_thw must be (n_images, 3) with n_images >= 1; got shape {grid.shape}")
-    rows = qwen3_vl.num_patches(grid)
-    if pixel_values.ndim != 2 or pixel_values.shape != (rows, cfg.vision.patch_dim):
-        raise ValueError(f"pixel_values shape {pixel_values.shape} does not match image_grid_thw: expected "
-                         f"({rows}, {cfg.vision.patch_dim}) = (sum of t*h*w, patch_dim)")
-    merged = rows // cfg.vision.merge_unit
-    if n_img_tokens != merged:
-        raise ValueError(f"the prompts hold {n_img_tokens} <|image_pad|> tokens but image_grid_thw has "
-                         f"{merged} merged patches (sum of t*h*w / {cfg.vision.merge_unit}); they must be equal")
+class Sampler:
+    """Student rollouts, built once from the model and the rollout settings, called per batch.
 
+        rollouts = Sampler(model, max_new_tokens=..., num_samples=K, temperature=..., mesh=mesh)
+        out = rollouts(params, prompt_batch, rng)     # -> SamplerOutput of device arrays (B*K rows)
 
-def _prepare(
-    model: qwen3_vl.Qwen3VL,
-    input_ids,
-    attention_mask,
-    pixel_values=None,
-    image_grid_thw=None,
-    *,
-    max_new_tokens: int,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_token_ids: Sequence[int] = DEFAULT_EOS_TOKEN_IDS,
-    rng=None,
-    valid_vocab_size: int | None = None,
-    pad_token_id: int | None = None,
-    suppress_token_ids: Sequence[int] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    max_length: int | None = None,
-    cache_dtype=None,
-    top_p_candidates: int = 256,
-    min_prompt_bucket: int = 16,
-    min_new_bucket: int = 16,
-) -> tuple:
-    """Host-side validation and static-shape preparation; returns (args, program, max_new_tokens)."""
-    cfg = model.config
-    vocab = cfg.text.vocab_size
-    input_ids = np.asarray(input_ids)
-    attention_mask = np.asarray(attention_mask)
-    lengths = _check_prompts(input_ids, attention_mask)
-    if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
-        raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
-    if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
-        raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
-    eos = tuple(int(e) for e in eos_token_ids)
-    for e in eos:
-        if not 0 <= e < vocab:
-            raise ValueError(f"eos_token_ids entry {e} is outside the model vocabulary [0, {vocab})")
-    if pad_token_id is None:
-        pad_token_id = eos[0] if eos else 0
-    if not 0 <= int(pad_token_id) < vocab:
-        raise ValueError(f"pad_token_id {pad_token_id} is outside the model vocabulary [0, {vocab})")
-    valid_vocab_size = vocab if valid_vocab_size is None else int(valid_vocab_size)
-    if not 1 <= valid_vocab_size <= vocab:
-        raise ValueError(f"valid_vocab_size must be in [1, {vocab}]; got {valid_vocab_size}")
-    params = logit_ops.SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                                      top_p_candidates=int(top_p_candidates))
-    if params.greedy:  # top-k / top-p do not apply: one greedy program whatever they are
-        params = logit_ops.SamplingParams(temperature=0.0)
-    limit = cfg.text.max_position_embeddings if max_length is None else int(max_length)
-    longest = int(lengths.max())
-    if longest + max_new_tokens > limit:
-        row = int(np.argmax(lengths))
-        raise ValueError(f"prompt row {row} has {longest} tokens; with max_new_tokens={max_new_tokens} it needs "
-                         f"{longest + max_new_tokens} cache slots but the cache allows max_length={limit}")
-    if suppress_token_ids is None:
-        suppress_token_ids = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
-                              cfg.vision_end_token_id)
-    suppress = tuple(int(i) for i in suppress_token_ids)
-    if any(i < 0 for i in suppress):
-        raise ValueError(f"suppress_token_ids must be non-negative token ids; got {suppress}")
-    suppress = tuple(i for i in suppress if i < vocab)
-    if len({i for i in suppress if i < valid_vocab_size}) >= valid_vocab_size:
-        raise ValueError(f"suppress_token_ids {suppress} leave no token of the valid vocabulary "
-                         f"[0, {valid_vocab_size}) to sample")
-    mask_bool = attention_mask.astype(bool)
-    _check_images(cfg, input_ids, mask_bool, pixel_values, image_grid_thw)
+    model: a Qwen3VL (its weights are not kept: only its graph, config and compute dtype). params: the Param
+    state of a model of that graph (nnx.state(model, nnx.Param), or a train state's params). The settings are
+    validated here, once; each call checks only the prompts.
 
-    # Static shapes: prompt columns and new tokens padded to power-of-two buckets.
-    prompt_bucket = bucket_size(longest, min_prompt_bucket)
-    new_bucket = bucket_size(max_new_tokens, min_new_bucket)
-    batch = input_ids.shape[0]
-    ids = np.zeros((batch, prompt_bucket), np.int32)
-    amask = np.zeros((batch, prompt_bucket), np.int32)
-    ids[:, :longest] = input_ids[:, :longest]
-    amask[:, :longest] = attention_mask[:, :longest]
-    position_ids, rope_deltas = qwen3_vl.get_rope_index(ids, image_grid_thw, amask, cfg)
-    next_position = (lengths + rope_deltas).astype(np.int32)
-
-    vision_inputs = None
-    if pixel_values is not None:
-        rows = qwen3_vl.num_patches(image_grid_thw)
-        patch_bucket = bucket_size(rows, 64)
-        pixels = np.zeros((patch_bucket, cfg.vision.patch_dim), np.float32)
-        pixels[:rows] = np.asarray(pixel_values, np.float32)
-        pixel_values = pixels
-        vision_inputs = qwen3_vl.prepare_vision_inputs(np.asarray(image_grid_thw), cfg, pad_patches_to=patch_bucket)
-
-    if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
-        raise ValueError(f"mesh axis_types must all be AxisType.Auto (GSPMD propagation); got {mesh.axis_types}. "
-                         "Build it with jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)")
-    if rng is None:
-        rng = jax.random.key(0)
-    elif isinstance(rng, (int, np.integer)):
-        rng = jax.random.key(int(rng))
-
-    graphdef, state = nnx.split(model)
-    program = _Program(
-        graphdef=graphdef, num_samples=int(num_samples), params=params, new_bucket=new_bucket,
-        cache_dtype=jnp.dtype(cache_dtype or model.compute_dtype).name, mesh=mesh)
-    args = [ids, amask, position_ids, next_position]
-    if mesh is not None:
-        axes = [("batch", None), ("batch", None), (None, "batch", None), ("batch",)]
-        args = [jax.device_put(a, jax.sharding.NamedSharding(
-            mesh, model_sharding.logical_to_spec(ax, mesh=mesh, shape=a.shape))) for a, ax in zip(args, axes)]
-    call_args = (state, *args, pixel_values, vision_inputs, np.int32(max_new_tokens), rng, _eos_array(eos),
-                 np.int32(pad_token_id), np.int32(valid_vocab_size), _eos_array(suppress))
-    return call_args, program, int(max_new_tokens)
-
-
-def generate(
-    model: qwen3_vl.Qwen3VL,
-    input_ids,
-    attention_mask,
-    pixel_values=None,
-    image_grid_thw=None,
-    *,
-    max_new_tokens: int,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_token_ids: Sequence[int] = DEFAULT_EOS_TOKEN_IDS,
-    rng=None,
-    valid_vocab_size: int | None = None,
-    pad_token_id: int | None = None,
-    suppress_token_ids: Sequence[int] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    max_length: int | None = None,
-    cache_dtype=None,
-    top_p_candidates: int = 256,
-    min_prompt_bucket: int = 16,
-    min_new_bucket: int = 16,
-) -> SamplerOutput:
-    """Sample num_samples responses for each of B prompts (see the module docstring).
-
-    input_ids, attention_mask: (B, T) int, right-padded (1 = real token). pixel_values (P, patch_dim) rows of
-    all images in order, image_grid_thw (n_images, 3), or both None. temperature 0 → greedy (top_k / top_p
-    ignored, as in transformers). rng: a PRNG key or an int seed (None → seed 0). valid_vocab_size: logit
-    rows >= it are never sampled (LM-head padding). pad_token_id fills tokens after the end (default: the
-    first end token, as transformers does). suppress_token_ids: ids never sampled (default the vision
-    special ids of the config; () for none). max_length: the longest prompt + max_new_tokens allowed (default
-    the model's max_position_embeddings). Returns a `SamplerOutput` of device arrays.
+    Settings: max_new_tokens >= 1; num_samples K >= 1 (the rollouts of each prompt, config
+    rollout.num_rollouts; adjacent rows); temperature 0 → greedy (top_k / top_p ignored, as in transformers);
+    eos_token_ids: end tokens (default <|im_end|>, <|endoftext|>); valid_vocab_size: logit rows >= it are never
+    sampled (LM-head padding); pad_token_id fills tokens after the end (default: the first end token, as
+    transformers does); suppress_token_ids: ids never sampled (default the config's vision special ids; () for
+    none); max_length: the longest prompt + max_new_tokens allowed (default the model's
+    max_position_embeddings); cache_dtype (default the compute dtype); top_p_candidates (a speed knob);
+    min_new_bucket: the smallest new-token bucket.
     """
-    call_args, program, max_new_tokens = _prepare(
-        model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens=max_new_tokens,
-        num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k, eos_token_ids=eos_token_ids, rng=rng,
-        valid_vocab_size=valid_vocab_size, pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids,
-        mesh=mesh, max_length=max_length,
-        cache_dtype=cache_dtype, top_p_candidates=top_p_candidates, min_prompt_bucket=min_prompt_bucket,
-        min_new_bucket=min_new_bucket)
-    out = _run_jit(*call_args, program=program)
-    if program.new_bucket == max_new_tokens:
-        return out
-    cut = lambda a: a[:, :max_new_tokens]  # noqa: E731
-    return out._replace(tokens=cut(out.tokens), response_mask=cut(out.response_mask),
-                        logprobs=cut(out.logprobs), model_logprobs=cut(out.model_logprobs))
+
+    def __init__(self, model: qwen3_vl.Qwen3VL, *, max_new_tokens: int, num_samples: int = 1,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 eos_token_ids: Sequence[int] = END_TOKEN_IDS, valid_vocab_size: int | None = None,
+                 pad_token_id: int | None = None, suppress_token_ids: Sequence[int] | None = None,
+                 mesh: jax.sharding.Mesh | None = None, max_length: int | None = None, cache_dtype=None,
+                 top_p_candidates: int = 256, min_new_bucket: int = 16):
+        cfg = model.config
+        vocab = cfg.text.vocab_size
+        if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+        if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
+            raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
+        eos = tuple(int(e) for e in eos_token_ids)
+        for e in eos:
+            if not 0 <= e < vocab:
+                raise ValueError(f"eos_token_ids entry {e} is outside the model vocabulary [0, {vocab})")
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+        if not 0 <= int(pad_token_id) < vocab:
+            raise ValueError(f"pad_token_id {pad_token_id} is outside the model vocabulary [0, {vocab})")
+        valid_vocab_size = vocab if valid_vocab_size is None else int(valid_vocab_size)
+        if not 1 <= valid_vocab_size <= vocab:
+            raise ValueError(f"valid_vocab_size must be in [1, {vocab}]; got {valid_vocab_size}")
+        sampling = logit_ops.SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                                            top_p_candidates=int(top_p_candidates))
+        if sampling.greedy:  # top-k / top-p do not apply: one greedy program whatever they are
+            sampling = logit_ops.SamplingParams(temperature=0.0)
+        if suppress_token_ids is None:
+            suppress_token_ids = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                                  cfg.vision_end_token_id)
+        suppress = tuple(int(i) for i in suppress_token_ids)
+        if any(i < 0 for i in suppress):
+            raise ValueError(f"suppress_token_ids must be non-negative token ids; got {suppress}")
+        suppress = tuple(i for i in suppress if i < vocab)
+        if len({i for i in suppress if i < valid_vocab_size}) >= valid_vocab_size:
+            raise ValueError(f"suppress_token_ids {suppress} leave no token of the valid vocabulary "
+                             f"[0, {valid_vocab_size}) to sample")
+        if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+            raise ValueError(f"mesh axis_types must all be AxisType.Auto (GSPMD propagation); got {mesh.axis_types}. "
+                             "Build it with jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)")
+        self.config = cfg
+        self.mesh = mesh
+        self.max_new_tokens = int(max_new_tokens)
+        self.max_length = cfg.text.max_position_embeddings if max_length is None else int(max_length)
+        self.program = _Program(
+            graphdef=nnx.split(model, nnx.Param)[0], num_samples=int(num_samples), params=sampling,
+            new_bucket=bucket_size(max_new_tokens, min_new_bucket),
+            cache_dtype=jnp.dtype(cache_dtype or model.compute_dtype).name, mesh=mesh)
+        self._data = (np.int32(max_new_tokens), _eos_array(eos), np.int32(pad_token_id), np.int32(valid_vocab_size),
+                      _eos_array(suppress))
+        self._run = _run_jit if mesh is None else on_mesh(_run_jit, mesh)
+
+    @classmethod
+    def for_model(cls, model: qwen3_vl.Qwen3VL, **settings) -> tuple["Sampler", Any]:
+        """(Sampler, params) of a concrete model: `rollouts, params = Sampler.for_model(model, ...)`."""
+        return cls(model, **settings), nnx.state(model, nnx.Param)
+
+    def _arguments(self, params, prompts: PromptBatch, rng) -> tuple:
+        if not isinstance(prompts, PromptBatch):
+            raise TypeError(f"the sampler takes a data.batch.PromptBatch (the pipeline's batches, or "
+                            f"data.batch.from_flat(...)); got {type(prompts).__name__}")
+        lengths = _check_prompts(np.asarray(prompts.input_ids), np.asarray(prompts.attention_mask))
+        longest = int(lengths.max())
+        if longest + self.max_new_tokens > self.max_length:
+            row = int(np.argmax(lengths))
+            raise ValueError(f"prompt row {row} has {longest} tokens; with max_new_tokens={self.max_new_tokens} it "
+                             f"needs {longest + self.max_new_tokens} cache slots but the cache allows "
+                             f"max_length={self.max_length}")
+        if rng is None:
+            rng = jax.random.key(0)
+        elif isinstance(rng, (int, np.integer)):
+            rng = jax.random.key(int(rng))
+        args = [np.asarray(prompts.input_ids, np.int32), np.asarray(prompts.attention_mask, np.int32),
+                np.asarray(prompts.position_ids, np.int32), prompts.next_positions]
+        images = (prompts.pixel_values, prompts.vision_inputs, prompts.image_rows())
+        if self.mesh is not None:
+            # Prompts split over the batch axes; the image gather indexes all prompts' features (replicated).
+            put = lambda a, axes: jax.device_put(a, jax.sharding.NamedSharding(  # noqa: E731
+                self.mesh, model_sharding.logical_to_spec(axes, mesh=self.mesh, shape=np.shape(a))))
+            axes = [("batch", None), ("batch", None), (None, "batch", None), ("batch",)]
+            args = [put(a, ax) for a, ax in zip(args, axes)]
+            if images[0] is not None:
+                by_prompt = lambda x: put(x, ("batch",) + (None,) * (np.ndim(x) - 1))  # noqa: E731
+                images = (by_prompt(images[0]), type(images[1])(*(by_prompt(f) for f in images[1])),
+                          put(images[2], (None,)))
+        max_new_tokens, eos, pad, valid_vocab_size, suppress = self._data
+        return (params, *args, *images, max_new_tokens, rng, eos, pad, valid_vocab_size, suppress)
+
+    def __call__(self, params, prompts: PromptBatch, rng=None) -> SamplerOutput:
+        """K samples for each prompt of `prompts` (no filler rows: `prompts.without_filler()`). rng: a PRNG key or
+        an int seed (None → seed 0). Returns a `SamplerOutput` of device arrays with max_new_tokens columns."""
+        out = self._run(*self._arguments(params, prompts, rng), program=self.program)
+        if self.program.new_bucket == self.max_new_tokens:
+            return out
+        cut = lambda a: a[:, :self.max_new_tokens]  # noqa: E731
+        return out._replace(tokens=cut(out.tokens), response_mask=cut(out.response_mask),
+                            logprobs=cut(out.logprobs), model_logprobs=cut(out.model_logprobs))
+
+    def lower(self, params, prompts: PromptBatch, rng=None) -> jax.stages.Lowered:
+        """The lowered program for these inputs, e.g. for `.compile().memory_analysis()` / `.cost_analysis()` in
+        benchmarks and ahead-of-time memory checks."""
+        return self._run.lower(*self._arguments(params, prompts, rng), program=self.program)
 
 
-def lower(model: qwen3_vl.Qwen3VL, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-          **kwargs) -> jax.stages.Lowered:
-    """The lowered sampler program for these inputs (keyword arguments as for `generate`), e.g. for
-    `.compile().memory_analysis()` / `.cost_analysis()` in benchmarks and ahead-of-time memory checks."""
-    call_args, program, _ = _prepare(model, input_ids, attention_mask, pixel_values, image_grid_thw, **kwargs)
-    return _run_jit.lower(*call_args, program=program)
+def _flat_prompts(model, input_ids, attention_mask, pixel_values, image_grid_thw, min_prompt_bucket: int):
+    """The PromptBatch of `generate`'s flat inputs, prompts re-padded to a power-of-two bucket."""
+    input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
+    lengths = _check_prompts(input_ids, attention_mask)
+    return batch_lib.from_flat(input_ids, attention_mask, pixel_values, image_grid_thw, model.config,
+                               prompt_len=bucket_size(int(lengths.max()), min_prompt_bucket))
+
+
+def generate(model: qwen3_vl.Qwen3VL, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
+             max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             eos_token_ids: Sequence[int] = END_TOKEN_IDS, rng=None, min_prompt_bucket: int = 16,
+             **settings) -> SamplerOutput:
+    """Sample num_samples responses for each of B prompts (see the module docstring): `Sampler` in one call.
+
+    input_ids, attention_mask: (B, T) int, right-padded (1 = real token). pixel_values (N, patch_dim) rows of
+    all images in order, image_grid_thw (n_images, 3), or both None. Prompts are padded to a power-of-two
+    bucket >= min_prompt_bucket (one compiled program per bucket). rng: a PRNG key or an int seed (None → seed
+    0). Other keyword arguments (valid_vocab_size, pad_token_id, suppress_token_ids, mesh, max_length,
+    cache_dtype, top_p_candidates, min_new_bucket) are `Sampler` settings. Returns a `SamplerOutput` of device
+    arrays.
+    """
+    prompts = _flat_prompts(model, input_ids, attention_mask, pixel_values, image_grid_thw, min_prompt_bucket)
+    rollouts, params = Sampler.for_model(
+        model, max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature, top_p=top_p,
+        top_k=top_k, eos_token_ids=eos_token_ids, **settings)
+    return rollouts(params, prompts, rng)
+
+
+def lower(model: qwen3_vl.Qwen3VL, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
+          rng=None, min_prompt_bucket: int = 16, **settings) -> jax.stages.Lowered:
+    """The lowered sampler program for these inputs (keyword arguments as for `generate`)."""
+    prompts = _flat_prompts(model, input_ids, attention_mask, pixel_values, image_grid_thw, min_prompt_bucket)
+    rollouts, params = Sampler.for_model(model, **settings)
+    return rollouts.lower(params, prompts, rng)

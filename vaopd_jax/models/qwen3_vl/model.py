@@ -81,6 +81,18 @@ class Qwen3VL(nnx.Module):
         """pixel_values (N, patch_dim) -> (image_embeds (N/4, E), tuple of deepstack features (N/4, E))."""
         return _dispatch(_encode_jit, _encode, self, pixel_values, vision_inputs)
 
+    def encode_prompt_images(self, pixel_values, vision_inputs: VisionInputs, image_rows):
+        """The vision tower once per prompt, then its features in <|image_pad|> order (the sampler and the step).
+
+        pixel_values (P, Np, patch_dim) and vision_inputs with a leading P axis (each prompt's images padded to
+        Np rows, `data.batch.PromptBatch`); image_rows (n,) int: row p * Np / merge^2 + i is feature i of prompt p
+        (`PromptBatch.image_rows`, which may repeat a prompt for its K rollouts). Returns (image_embeds (n, E),
+        tuple of deepstack features (n, E)) for `image_embeds=` / `deepstack_embeds=`.
+        """
+        embeds, deepstack = jax.vmap(self.encode_images)(pixel_values, vision_inputs)
+        take = lambda x: jnp.take(x.reshape(-1, x.shape[-1]), image_rows, axis=0)  # noqa: E731
+        return take(embeds), tuple(take(d) for d in deepstack)
+
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
                       position_ids=None, vision_inputs=None, image_embeds=None, deepstack_embeds=None):
         """Final hidden states (B, T, E) after the final norm (compute dtype)."""
