@@ -26,7 +26,8 @@ def get_sweep(arg=None):
     if teacher not in TEACHERS:
       raise config_lib.ConfigError(f"sweep teacher {teacher!r}: must be one of {sorted(TEACHERS)}")
     for method in args.methods.split("+"):
-      config_lib.method_flags(method)  # validates the name
+      if method not in config_lib.METHODS:
+        raise config_lib.ConfigError(f"sweep method {method!r}: must be one of {config_lib.METHODS}")
       runs.append({
           "name": f"geo3k_{teacher}_to_2b_{method}",
           "config": f"configs/geo3k_{teacher}_to_2b.py:method={method}",

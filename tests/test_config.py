@@ -32,7 +32,10 @@ def test_every_train_config_validates_and_documents_its_command():
 def test_method_variant(method):
     cfg = load("geo3k_8b_to_2b", f"method={method}")
     assert cfg.method == method
-    reweight, group = config_lib.method_flags(method)
+    cfg.va.p_v = 0.25
+    objective = config_lib.objective_config(cfg)
+    assert (objective.method, objective.high_fraction, objective.high_weight, objective.tau) == (method, 0.25, 0.5, 1.0)
+    reweight, group = objective.reweight, objective.group
     assert (reweight, group) == {"va_opd": (True, True), "opd": (False, False),
                                  "reweight_only": (True, False), "group_only": (False, True)}[method]
 
@@ -172,3 +175,12 @@ def test_attention_choices_follow_the_model():
     from vaopd_jax.models.qwen3_vl import config as model_config
 
     assert config_lib.ATTENTION_IMPLS == model_config.ATTENTION_IMPLS
+
+
+def test_remat_accepts_only_what_the_model_implements():
+    from vaopd_jax.models.qwen3_vl import config as model_config
+
+    assert config_lib.REMAT_POLICIES == model_config.REMAT_POLICIES
+    cfg = _with(load("base"), workdir="/tmp/x", model__remat="full")
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.remat = 'full': must be one of \('none', 'block'\)"):
+        config_lib.validate(cfg, check_paths=False)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.oracles import reference_opd_loss
 from vaopd_jax.distill import objective
 
 
@@ -133,6 +134,7 @@ def test_masks_first_end_token_included_and_truncated_kept():
     mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]])
     loss = objective.opd_loss(kl, mask)
     np.testing.assert_allclose(float(loss), ((1 + 2 + 3) / 3 + 8 / 4) / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(reference_opd_loss(kl, mask)), float(loss), rtol=1e-6)
 
 
 def test_va_opd_loss_matches_hand_computation():
@@ -167,7 +169,8 @@ def test_ablations_reduce_to_definitions():
     kl = jnp.asarray(rng.uniform(0, 2, (2 * k, length)), jnp.float32)
     lengths = rng.integers(2, length + 1, 2 * k)
     mask = jnp.asarray(np.arange(length)[None] < lengths[:, None], jnp.float32)
-    opd = float(objective.opd_loss(kl, mask))
+    opd = float(reference_opd_loss(kl, mask))
+    np.testing.assert_allclose(float(objective.opd_loss(kl, mask)), opd, rtol=1e-6)
     neither = float(objective.va_opd_loss(kl, va, mask, k, reweight=False, group=False))
     np.testing.assert_allclose(neither, opd, rtol=1e-6)
     # Equal VA: reweighting is uniform, so VA-OPD == grouping only, and reweight-only == OPD.
@@ -197,6 +200,7 @@ def test_opd_and_empty_rollouts():
     kl = jnp.ones((4, 3)) * jnp.arange(1.0, 5.0)[:, None]
     mask = jnp.array([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]], jnp.float32)
     np.testing.assert_allclose(float(objective.opd_loss(kl, mask)), (1 + 3) / 2)
+    np.testing.assert_allclose(float(reference_opd_loss(kl, mask)), (1 + 3) / 2)
     terms = objective.objective_terms(jnp.zeros((4, 3)), mask, 2, objective.ObjectiveConfig(method="opd"))
     assert int(terms.num_empty_rollouts) == 2
     np.testing.assert_allclose(float(objective.weighted_loss(kl, terms)), 2.0)
@@ -270,6 +274,8 @@ def test_config_validation_names_the_field():
         objective.ObjectiveConfig(high_fraction=0.0)
     with pytest.raises(ValueError, match="high_weight"):
         objective.ObjectiveConfig(high_weight=1.5)
+    with pytest.raises(ValueError, match=r"tau=0.0: must be in \(0, inf\]"):
+        objective.ObjectiveConfig(tau=0.0)
     with pytest.raises(ValueError, match="method"):
         objective.ObjectiveConfig(method="grpo")
     assert not objective.ObjectiveConfig(method="opd").needs_visual_advantage

@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from tests.oracles import reference_opd_loss
 from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import step as step_lib
@@ -113,7 +114,7 @@ def _reference_loss(student_params, s, method="va_opd"):
     mask = jnp.asarray(batch.response_mask)
     va = objective.visual_advantage(pick(z_t), pick(z_p), mask)
     if method == "opd":
-        return objective.opd_loss(kl, mask)
+        return reference_opd_loss(kl, mask)
     return objective.va_opd_loss(kl, va, mask, K)
 
 
@@ -188,7 +189,8 @@ def test_opd_text_only_steps_lower_kl(setup):
     tokens, mask = _rollouts(1)
     prompts = batch_lib.from_flat(pb.input_ids, pb.attention_mask, None, None, cfg)
     batch = step_lib.shard_batch(build_train_batch(prompts, tokens, mask, K, cfg))
-    config = step_lib.StepConfig(num_rollouts=K, method="opd", kl_chunk_size=5, valid_vocab_size=VALID_VOCAB)
+    config = step_lib.StepConfig(num_rollouts=K, objective=objective.ObjectiveConfig(method="opd"), kl_chunk_size=5,
+                                 valid_vocab_size=VALID_VOCAB)
     train_step = step_lib.make_train_step(config, s["teacher_graphdef"], s["optimizer"],
                                           compiler_options=FAST_COMPILE)
     state = _fresh_state(s, remat="none")
@@ -233,7 +235,9 @@ def test_step_config_and_optimizer_validation():
     with pytest.raises(ValueError, match="kl_chunk_size"):
         step_lib.StepConfig(kl_chunk_size=0)
     with pytest.raises(ValueError, match="method"):
-        step_lib.StepConfig(method="ppo")
+        step_lib.StepConfig(objective=objective.ObjectiveConfig(method="ppo"))
+    with pytest.raises(TypeError, match="ObjectiveConfig"):
+        step_lib.StepConfig(objective="opd")
     with pytest.raises(ValueError, match="warmup_fraction"):
         step_lib.make_optimizer(total_steps=10, warmup_fraction=1.0)
     schedule = step_lib.make_schedule(1e-6, total_steps=100, warmup_fraction=0.05)

@@ -24,15 +24,12 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ("va_opd", "opd", "reweight_only", "group_only")
-# Methods whose rollout weights are a softmax over the K siblings of one prompt.
-REWEIGHTING_METHODS = ("va_opd", "reweight_only")
+from vaopd_jax.data import tokenizer as tokenizer_lib
+from vaopd_jax.data.batch import VIEWS as SFT_IMAGES  # the demo warm-ups' view of the images
+from vaopd_jax.distill.objective import METHODS, RANGES, REWEIGHTING_METHODS, ObjectiveConfig, Range
+from vaopd_jax.models.qwen3_vl.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+
 DATA_SOURCES = ("synthetic", "geometry3k", "virl39k")
-# The demo warm-ups' view of the images (see train.pixel_view).
-SFT_IMAGES = ("original", "pixelated", "pixelated_fine")
-DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "block", "full")
-ATTENTION_IMPLS = ("xla", "chunked", "cudnn")  # == models.qwen3_vl.config.ATTENTION_IMPLS (tested)
 
 
 class ConfigError(ValueError):
@@ -85,12 +82,6 @@ def load_sibling(config_file: str, name: str):
     return module
 
 
-# Qwen3-VL special token ids (spec/QWEN3VL.md): tiny demo models use the real
-# tokenizer, so they keep the real vocabulary size and ids.
-QWEN3_VL_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-                "vision_end_token_id": 151653}
-
-
 def tiny_spec(*, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, vision_depth: int,
               vision_hidden: int, head_dim: int = 32, vocab_size: int = 151936) -> ml_collections.ConfigDict:
     """A tiny Qwen3-VL shape for random-init / demo models (``Qwen3VLConfig.tiny(**spec)``).
@@ -109,7 +100,9 @@ def tiny_spec(*, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, 
                    "num_heads": 2, "num_position_embeddings": 64,
                    "deepstack_visual_indexes": tuple(range(max(vision_depth - 1, 1)))},
         "tie_word_embeddings": True,
-        **QWEN3_VL_IDS,
+        # Tiny demo models use the real tokenizer, so they keep its special ids (spec/QWEN3VL.md).
+        "image_token_id": tokenizer_lib.IMAGE_PAD_ID, "video_token_id": tokenizer_lib.VIDEO_PAD_ID,
+        "vision_start_token_id": tokenizer_lib.VISION_START_ID, "vision_end_token_id": tokenizer_lib.VISION_END_ID,
     })
 
 
@@ -123,11 +116,14 @@ def model_config_from_spec(spec: ml_collections.ConfigDict):
     return qwen3_vl.Qwen3VLConfig.tiny(**kwargs)
 
 
-def method_flags(method: str) -> tuple[bool, bool]:
-    """(reweight, group) switches of a method name (spec/METHOD.md "Ablations")."""
-    if method not in METHODS:
-        raise ConfigError(f"config.method = {method!r}: must be one of {METHODS}")
-    return method in REWEIGHTING_METHODS, method in ("va_opd", "group_only")
+# config.va field -> ObjectiveConfig field: the paper's names (p_v, lambda, tau, eps) on the command line, the
+# objective's descriptive ones in code; this table is the one place they meet.
+VA_FIELDS = {"p_v": "high_fraction", "lam": "high_weight", "tau": "tau", "eps": "eps"}
+
+
+def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
+    """The objective of a (validated) training config: config.method and config.va.*."""
+    return ObjectiveConfig(method=config.method, **{field: config.va[name] for name, field in VA_FIELDS.items()})
 
 
 def hf_vocab_size(path: str) -> int:
@@ -161,7 +157,7 @@ class _Checker:
         self.problems.append(f"config.{name} = {value!r}: {rule}")
 
     def number(self, name: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-               hi_open: bool = False, integer: bool = False, why: str = "") -> Any:
+               hi_open: bool = False, integer: bool = False, why: str = "", allowed: Range | None = None) -> Any:
         value = self.get(name)
         if value is None:
             return None
@@ -169,13 +165,10 @@ class _Checker:
         if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
             self.fail(name, value, f"must be {'an integer' if integer else 'a finite number'}")
             return None
-        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
-            hi is not None and (value >= hi if hi_open else value > hi))
-        if bad:
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-            self.fail(name, value, f"must be in {rng}" + (f" ({why})" if why else ""))
+        allowed = allowed or Range(lo, hi, lo_open=lo_open, hi_open=hi_open, why=why)
+        problem = allowed.problem(value)
+        if problem:
+            self.fail(name, value, problem)
             return None
         return value
 
@@ -219,11 +212,9 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     c.number("seed", 0, 2**31 - 1, integer=True)
     method = c.choice("method", METHODS)
 
-    # spec/METHOD.md Eq. 3-5 and the defaults table.
-    c.number("va.p_v", 0, 1, lo_open=True, why="fraction of a rollout's tokens in the high-VA group, Eq. 5")
-    c.number("va.lam", 0, 1, why="weight of the high-VA group mean, Eq. 5")
-    c.number("va.tau", 0, None, lo_open=True, why="softmax temperature of the rollout weights, Eq. 4")
-    c.number("va.eps", 0, None, why="z-score denominator offset, Eq. 3")
+    # spec/METHOD.md Eq. 3-5: the objective's own ranges (objective.RANGES).
+    for name, field in VA_FIELDS.items():
+        c.number(f"va.{name}", allowed=RANGES[field])
     c.number("va.pixelate_ratio", 0, 1, lo_open=True, hi_open=True, why="side fraction of the pixelated view")
 
     k = c.number("rollout.num_rollouts", 1, None, integer=True)

@@ -46,12 +46,12 @@ from vaopd_jax.eval import benchmarks as benchmarks_lib
 from vaopd_jax.eval import grading
 from vaopd_jax.eval.benchmarks import common
 from vaopd_jax.eval.judge import make_judge
+from vaopd_jax.models.qwen3_vl.config import DTYPES
 
 log = logging.getLogger("vaopd_jax.evaluate")
 
 RUN_KEYS = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "prompt_suffix",
             "min_pixels", "max_pixels", "image_path", "scoring")
-DTYPES = ("float32", "bfloat16")
 
 
 class EvalConfigError(ValueError):

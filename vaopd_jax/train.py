@@ -53,7 +53,6 @@ from vaopd_jax.rollout import sampler
 log = logging.getLogger("vaopd_jax.train")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/demo.py[:method=opd]",
                                           lock_config=True)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SFT_DONE = "SFT_DONE"
 
 
@@ -80,7 +79,7 @@ def demo_sft_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     out_dir = node.output_dir or os.path.join(config.workdir, f"{role}_sft")
     # Loaded like an HF teacher / student would be: the teacher in config.model.dtype; the student's params
     # in float32 (the AdamW master copy) with config.model.dtype matmuls.
-    dtype = DTYPES[config.model.dtype]
+    dtype = jnp.dtype(config.model.dtype)
     dtypes = {"dtype": dtype} if role == "teacher" else {"dtype": jnp.float32, "compute_dtype": dtype}
     if os.path.exists(os.path.join(out_dir, SFT_DONE)):
         say(f"{role}: reusing the SFT {role} in {out_dir}")
@@ -264,7 +263,7 @@ def main(argv) -> None:
     else:
         tokenizer = tokenizer_lib.load_tokenizer(None)
 
-    dtype = DTYPES[config.model.dtype]
+    dtype = jnp.dtype(config.model.dtype)
     if config.teacher.sft.enabled:
         teacher = demo_sft_model(config, "teacher", tokenizer, mesh)
     else:
@@ -324,8 +323,7 @@ def main(argv) -> None:
     teacher_graphdef, teacher_params = step_lib.split_teacher(teacher, mesh=mesh)
     del teacher
     k = config.rollout.num_rollouts
-    step_cfg = step_lib.StepConfig(num_rollouts=k, method=config.method, high_fraction=config.va.p_v,
-                                   high_weight=config.va.lam, temperature=config.va.tau, eps=config.va.eps,
+    step_cfg = step_lib.StepConfig(num_rollouts=k, objective=config_lib.objective_config(config),
                                    kl_chunk_size=config.model.kl_chunk_size, valid_vocab_size=valid_vocab_size)
     train_step = step_lib.make_train_step(step_cfg, teacher_graphdef, optimizer, mesh=mesh,
                                           state_sharding=step_lib.train_state_sharding(state))

@@ -25,48 +25,79 @@ import jax
 import jax.numpy as jnp
 
 MASKED_LOGIT = -1e30  # logit given to padded vocabulary rows
+# The methods (spec/METHOD.md "Ablations"): the one list the config validator, the step and the sweeps use.
 METHODS = ("va_opd", "opd", "reweight_only", "group_only")
+REWEIGHTING_METHODS = ("va_opd", "reweight_only")  # rollout weights: a softmax over the K siblings (Eq. 3-4)
+GROUPING_METHODS = ("va_opd", "group_only")  # high/low VA token groups (Eq. 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """An allowed interval of a number, with why; `problem(value)` is None inside it, else the rule broken."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def __str__(self) -> str:
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"{left}{'-inf' if self.lo is None else self.lo}, {'inf' if self.hi is None else self.hi}{right}"
+
+    def problem(self, value) -> str | None:
+        low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if low or high:
+            return f"must be in {self}" + (f" ({self.why})" if self.why else "")
+        return None
+
+
+# The VA hyper-parameters' allowed values (spec/METHOD.md Eq. 3-5), checked here by ObjectiveConfig and by the
+# training config's validator for config.va.* (the one place the ranges are written).
+RANGES = {
+    "high_fraction": Range(0, 1, lo_open=True, why="p_v, fraction of a rollout's tokens in the high-VA group, Eq. 5"),
+    "high_weight": Range(0, 1, why="lambda, weight of the high-VA group mean, Eq. 5"),
+    "tau": Range(0, None, lo_open=True, why="softmax temperature of the rollout weights, Eq. 4"),
+    "eps": Range(0, None, why="z-score denominator offset, Eq. 3"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Method switches and VA hyper-parameters (METHOD.md defaults).
+    """Method switches and VA hyper-parameters (METHOD.md defaults; config.method and config.va.*).
 
     method: 'va_opd' (reweighting + grouping), 'reweight_only', 'group_only' or
       'opd' (neither; standard on-policy distillation, one teacher view).
-    high_fraction: p_v in (0, 1], share of a rollout's tokens in the high-VA group.
-    high_weight: lambda in [0, 1], weight of the high-VA group mean (Eq. 5).
-    temperature: tau > 0 of the rollout softmax (Eq. 4).
-    eps: epsilon >= 0 added to the sibling std (Eq. 3).
+    high_fraction: p_v in (0, 1], share of a rollout's tokens in the high-VA group (config va.p_v).
+    high_weight: lambda in [0, 1], weight of the high-VA group mean, Eq. 5 (config va.lam).
+    tau: > 0, temperature of the rollout softmax, Eq. 4 (config va.tau; `rollout_weights(temperature=)`).
+    eps: epsilon >= 0 added to the sibling std, Eq. 3 (config va.eps).
     """
 
     method: str = "va_opd"
     high_fraction: float = 0.2
     high_weight: float = 0.5
-    temperature: float = 1.0
+    tau: float = 1.0
     eps: float = 1e-6
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"ObjectiveConfig.method={self.method!r}; allowed: {', '.join(METHODS)}")
-        if not 0.0 < self.high_fraction <= 1.0:
-            raise ValueError(f"ObjectiveConfig.high_fraction (p_v)={self.high_fraction}; allowed range (0, 1]")
-        if not 0.0 <= self.high_weight <= 1.0:
-            raise ValueError(f"ObjectiveConfig.high_weight (lambda)={self.high_weight}; allowed range [0, 1]")
-        if not self.temperature > 0.0:
-            raise ValueError(f"ObjectiveConfig.temperature (tau)={self.temperature}; must be > 0")
-        if not self.eps >= 0.0:
-            raise ValueError(f"ObjectiveConfig.eps={self.eps}; must be >= 0")
+        for name, allowed in RANGES.items():
+            problem = allowed.problem(getattr(self, name))
+            if problem:
+                raise ValueError(f"ObjectiveConfig.{name}={getattr(self, name)}: {problem}")
 
     @property
     def reweight(self) -> bool:
         """Rollout re-weighting by z-scored mean VA (Eq. 3-4) is on."""
-        return self.method in ("va_opd", "reweight_only")
+        return self.method in REWEIGHTING_METHODS
 
     @property
     def group(self) -> bool:
         """High/low VA token grouping (Eq. 5) is on."""
-        return self.method in ("va_opd", "group_only")
+        return self.method in GROUPING_METHODS
 
     @property
     def needs_visual_advantage(self) -> bool:
@@ -120,7 +151,8 @@ def _token_counts(mask: jax.Array) -> jax.Array:
 
 def rollout_weights(va: jax.Array, mask: jax.Array, num_rollouts: int, temperature: float = 1.0,
                     eps: float = 1e-6) -> jax.Array:
-    """Eq. 3-4: softmax over the K siblings of the z-scored rollout mean VA.
+    """Eq. 3-4: softmax over the K siblings of the z-scored rollout mean VA, at temperature tau (`temperature`,
+    config va.tau; not the sampler's temperature).
 
     mu and sigma (population std, ddof = 0) are taken over the non-empty siblings;
     empty rollouts get weight 0. Equal means give sigma = 0, z = 0, uniform weights.
@@ -250,7 +282,7 @@ def objective_terms(va: jax.Array, mask: jax.Array, num_rollouts: int,
     if config.method != "opd":
         return _terms(va, mask, num_rollouts, reweight=config.reweight, group=config.group,
                       high_fraction=config.high_fraction, high_weight=config.high_weight,
-                      temperature=config.temperature, eps=config.eps)
+                      temperature=config.tau, eps=config.eps)
     _check_rollouts(mask.shape[0], num_rollouts)
     nonempty = _token_counts(mask) > 0
     num_prompts = nonempty.reshape(-1, num_rollouts).any(-1).sum().astype(jnp.float32)
@@ -312,15 +344,12 @@ def va_opd_loss(kl: jax.Array, va: jax.Array, mask: jax.Array, num_rollouts: int
 
 
 def opd_loss(kl: jax.Array, mask: jax.Array) -> jax.Array:
-    """Standard OPD: mean over non-empty rollouts of the per-rollout token-mean KL.
+    """Standard OPD: mean over non-empty rollouts of the per-rollout token-mean KL (the 'opd' method's loss).
 
     Args:
       kl: (R, T); mask: (R, T).
     Returns:
       () float32 loss (0 if no valid token).
     """
-    maskf = mask.astype(jnp.float32)
-    counts = _token_counts(maskf)
-    per_rollout = (kl.astype(jnp.float32) * maskf).sum(-1) / jnp.maximum(counts, 1.0)
-    nonempty = counts > 0
-    return jnp.where(nonempty, per_rollout, 0.0).sum() / jnp.maximum(nonempty.sum(), 1)
+    terms = objective_terms(jnp.zeros(mask.shape, jnp.float32), mask, 1, ObjectiveConfig(method="opd"))
+    return weighted_loss(kl, terms)

@@ -3,7 +3,8 @@
     optimizer = make_optimizer(learning_rate=1e-6, total_steps=N)
     state = create_train_state(student_model, optimizer, rng, remat='block', mesh=mesh)
     teacher_graphdef, teacher_params = split_teacher(teacher_model, mesh=mesh)
-    train_step = make_train_step(StepConfig(num_rollouts=4), teacher_graphdef, optimizer,
+    train_step = make_train_step(StepConfig(num_rollouts=4, objective=ObjectiveConfig(method="va_opd")),
+                                 teacher_graphdef, optimizer,
                                  mesh=mesh, state_sharding=train_state_sharding(state))
     batch = shard_batch(build_train_batch(prompt_batch, tokens, response_mask, 4, cfg), mesh)
     state, metrics = train_step(state, teacher_params, batch, rng)
@@ -40,45 +41,35 @@ from vaopd_jax.distill import kl as kl_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill.batch import TrainBatch, build_train_batch  # noqa: F401  (re-exported)
 from vaopd_jax.models.qwen3_vl import Qwen3VL
+from vaopd_jax.models.qwen3_vl.config import REMAT_POLICIES
 from vaopd_jax.models.qwen3_vl import sharding as model_sharding
 from vaopd_jax.parallel.mesh import on_mesh
-
-REMAT_POLICIES = ("none", "block")
-
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """Static switches of the train step (hashable).
 
-    num_rollouts: K >= 1 (>= 2 for the reweighting methods to mean anything).
-    method / high_fraction (p_v) / high_weight (lambda) / temperature (tau) / eps: see ObjectiveConfig.
+    num_rollouts: K >= 1, the rollouts of each prompt (>= 2 for the reweighting methods to mean anything).
+    objective: the method and its VA hyper-parameters (`objective.ObjectiveConfig`, validated there).
     kl_chunk_size: response positions per chunk of the full-vocabulary KL (>= 1).
     valid_vocab_size: lm_head rows >= this are padding beyond the tokenizer (None: all real).
     """
 
     num_rollouts: int = 4
-    method: str = "va_opd"
-    high_fraction: float = 0.2
-    high_weight: float = 0.5
-    temperature: float = 1.0
-    eps: float = 1e-6
+    objective: objective.ObjectiveConfig = objective.ObjectiveConfig()
     kl_chunk_size: int = 256
     valid_vocab_size: int | None = None
 
     def __post_init__(self):
-        self.objective  # validates the objective fields
+        if not isinstance(self.objective, objective.ObjectiveConfig):
+            raise TypeError(f"StepConfig.objective must be an objective.ObjectiveConfig (the method and the VA "
+                            f"hyper-parameters); got {self.objective!r}")
         if self.num_rollouts < 1:
             raise ValueError(f"StepConfig.num_rollouts={self.num_rollouts}; must be >= 1")
         if self.kl_chunk_size < 1:
             raise ValueError(f"StepConfig.kl_chunk_size={self.kl_chunk_size}; must be >= 1")
         if self.valid_vocab_size is not None and self.valid_vocab_size < 1:
             raise ValueError(f"StepConfig.valid_vocab_size={self.valid_vocab_size}; must be >= 1 or None")
-
-    @property
-    def objective(self) -> objective.ObjectiveConfig:
-        return objective.ObjectiveConfig(method=self.method, high_fraction=self.high_fraction,
-                                         high_weight=self.high_weight, temperature=self.temperature,
-                                         eps=self.eps)
 
 
 @struct.dataclass
@@ -302,7 +293,7 @@ def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, te
 
     valid = mask > 0
     if obj_cfg.needs_visual_advantage:
-        high = objective.high_group_mask(va, mask, config.high_fraction)
+        high = objective.high_group_mask(va, mask, obj_cfg.high_fraction)
     else:
         high = jnp.zeros(mask.shape, bool)
     low = valid & ~high

@@ -19,8 +19,10 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 SUPPORTED_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+# The runtime options' choices, one list each for the model, the train step and the config validators.
 REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLS = ("xla", "chunked", "cudnn")  # attention.py re-exports these (routing in attention.attend)
+DTYPES = ("float32", "bfloat16")  # parameter / compute dtypes the trainer and the evaluator load models in
 
 
 @dataclasses.dataclass(frozen=True)
