@@ -59,6 +59,7 @@ from flax import nnx
 
 from vaopd_jax import metrics
 from vaopd_jax.bench import sample as sample_bench
+from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.distill.batch import build_train_batch
 from vaopd_jax.models import qwen3_vl
@@ -386,9 +387,9 @@ def step_section(shapes: Shapes, impl: str, peak: float, repeats: int) -> dict:
     p, k, r = shapes.step_prompts, shapes.rollouts, shapes.step_response_len
     batch = prompts_with_image(student_cfg, p, shapes.step_prompt_len, shapes.step_image, seed=3)
     rng = np.random.default_rng(0)
-    prompts = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
-                   pixel_values_pixelated=rng.standard_normal(batch.pixel_values.shape).astype(np.float32),
-                   image_grid_thw=batch.image_grid_thw)
+    prompts = batch_lib.from_flat(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                                  student_cfg, pixel_values_pixelated=rng.standard_normal(
+                                      batch.pixel_values.shape).astype(np.float32))
     tokens = rng.integers(0, min(student_cfg.vision_start_token_id, student_cfg.text.vocab_size), (p * k, r))
     lengths = rng.integers(r // 2, r + 1, p * k)
     mask = (np.arange(r)[None] < lengths[:, None]).astype(np.float32)
