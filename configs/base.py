@@ -16,7 +16,9 @@ MathVerse score.
 
 Variants: `configs/base.py:method=opd` (also va_opd, reweight_only, group_only).
 Every field can be overridden, e.g. `--config.optim.lr=2e-6`. The other
-config files start from this one and change a few fields.
+config files start from this one: configs/paper.py (the paper's runs, each
+naming and checking its teacher's size), configs/demo.py (the offline demo and
+its demo-only fields).
 """
 
 import ml_collections
@@ -34,34 +36,14 @@ def get_config(arg=None):
   c.tokenizer_path = ""             # '' = the student's HF directory, else the offline Qwen tokenizer
 
   c.student = ml_collections.ConfigDict()
-  c.student.init = "hf"             # 'hf' (student.hf_path), 'random' or 'sft' (student.tiny, the demo)
+  c.student.init = "hf"             # 'hf' (student.hf_path); configs/demo.py: 'sft' or 'random' (student.tiny)
   c.student.hf_path = ""
-  c.student.tiny = config_lib.tiny_spec(hidden=64, layers=2, heads=2, kv_heads=1, mlp=128, vision_depth=1,
-                                       vision_hidden=32)
-
-  c.student.sft = ml_collections.ConfigDict()  # init='sft': a warm-up standing in for pre-training
-  c.student.sft.steps = 1
-  c.student.sft.lr = 1e-3
-  c.student.sft.batch_size = 1
-  c.student.sft.fine_fraction = 0.5
-  c.student.sft.images = "pixelated"  # original | pixelated | pixelated_fine (only the fine-detail questions'
-                                     # images pixelated). On pixelated views the student learns the questions, the
-                                     # answer words and the coarse cues, but not the fine detail, which must come
-                                     # from the teacher
-  c.student.sft.output_dir = ""      # '' = <workdir>/student_sft
+  c.student.size = ""               # e.g. '2b': checked against student.hf_path's config.json ('' = any)
 
   c.teacher = ml_collections.ConfigDict()
+  c.teacher.init = "hf"             # 'hf' (teacher.hf_path); configs/demo.py: 'sft' (a tiny teacher taught first)
   c.teacher.hf_path = ""            # frozen; loaded from here, never copied into checkpoints
-  c.teacher.sft = ml_collections.ConfigDict()
-  c.teacher.sft.enabled = False     # demo only: teach a tiny teacher the synthetic task first
-  c.teacher.sft.steps = 1
-  c.teacher.sft.lr = 1e-3
-  c.teacher.sft.batch_size = 1
-  c.teacher.sft.fine_fraction = 0.5  # the whole task
-  c.teacher.sft.images = "original"  # the teacher learns from the original images
-  c.teacher.sft.output_dir = ""     # '' = <workdir>/teacher_sft (reused when it holds a finished teacher)
-  c.teacher.sft.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,
-                                            vision_hidden=64)
+  c.teacher.size = ""               # e.g. '8b': checked against teacher.hf_path's config.json ('' = any)
 
   # VA (Eq. 2-5): tau = 1.0, eps = 1e-6, p_v = 0.2, lambda = 0.5, pixelation ratio 0.10.
   c.va = ml_collections.ConfigDict()
@@ -90,9 +72,6 @@ def get_config(arg=None):
   c.data.prompt_buckets = (256, 512, 1024, 2048, 4096, 8192)  # the largest is the prompt limit
   c.data.prompt_patch_buckets = (1024, 2048, 4096, 8192, 16384)  # patch rows of one prompt's images (per view)
   c.data.num_workers = 0
-  c.data.synthetic_train_size = 2048
-  c.data.synthetic_fine_fraction = 0.5  # synthetic training prompts: share of fine-detail questions
-  c.data.image_size = 64            # synthetic images only
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "bfloat16"        # params and matmuls; norms, softmax and the loss stay fp32
@@ -117,9 +96,6 @@ def get_config(arg=None):
   c.train.async_checkpoint = True
   c.train.max_nonfinite_steps = 3   # consecutive skipped steps before the run stops
   c.train.peak_tflops_per_device = 0.0  # 0: look up the device kind (MFU estimate)
-  # Fault injection for testing the non-finite guard: from this step on the
-  # pixel values are NaN (0 = off).
-  c.train.inject_nonfinite_from_step = 0
 
   # Validation: 200 of the 300 Geometry3K validation problems
   # (sorted(random.Random(42).sample(range(300), 200))), every 50 steps.

@@ -25,6 +25,8 @@ Variants: `configs/demo.py:method=opd` for the standard-OPD baseline (compare
 the two tables). Faster: `--config.train.num_steps=20`.
 """
 
+import ml_collections
+
 from vaopd_jax import config as config_lib
 
 
@@ -34,18 +36,29 @@ def get_config(arg=None):
   c.workdir = "/tmp/vaopd_demo"
   # The student stands in for a pre-trained model: a short SFT warm-up on the PIXELATED views of all
   # questions (answer format and words, colours); the fine-detail (texture) skill can only come from
-  # the teacher.
+  # the teacher. init='random' skips the warm-up (a random tiny student, as the tests use).
   c.student.init = "sft"
   c.student.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,
                                         vision_hidden=64)
+  c.student.sft = ml_collections.ConfigDict()
   c.student.sft.steps = 100
   c.student.sft.lr = 3e-3
   c.student.sft.batch_size = 32
-  c.student.sft.fine_fraction = 0.34  # each of the three questions about equally often (images: pixelated)
-  c.teacher.sft.enabled = True
+  c.student.sft.fine_fraction = 0.34  # each of the three questions about equally often
+  c.student.sft.images = "pixelated"  # original | pixelated | pixelated_fine (only the fine-detail questions'
+                                     # images pixelated). On pixelated views the student learns the questions, the
+                                     # answer words and the coarse cues, but not the fine detail, which must come
+                                     # from the teacher
+  c.student.sft.output_dir = ""      # '' = <workdir>/student_sft (reused when it holds a finished student)
+  # The teacher: a tiny model taught the whole task by SFT first (init='hf' takes teacher.hf_path instead).
+  c.teacher.init = "sft"
+  c.teacher.sft = ml_collections.ConfigDict()
   c.teacher.sft.steps = 120
   c.teacher.sft.lr = 3e-3
   c.teacher.sft.batch_size = 32
+  c.teacher.sft.fine_fraction = 0.5  # the whole task
+  c.teacher.sft.images = "original"  # the teacher learns from the original images
+  c.teacher.sft.output_dir = ""     # '' = <workdir>/teacher_sft (reused when it holds a finished teacher)
   c.teacher.sft.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,
                                             vision_hidden=64)
 
@@ -57,7 +70,7 @@ def get_config(arg=None):
   c.data.prompt_buckets = (32, 64)
   c.data.prompt_patch_buckets = (16, 64)  # one 64x64 image: 16 patch rows
   c.data.prompts_per_step = 16
-  c.data.synthetic_train_size = 4096
+  c.data.synthetic_train_size = 4096  # training prompts (validation: eval.num_problems others)
   c.data.synthetic_fine_fraction = 0.75  # mostly the vision-critical question; the coarse ones guard against forgetting
 
   c.rollout.num_rollouts = 4

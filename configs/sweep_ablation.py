@@ -5,7 +5,7 @@ r"""Ablation sweep: 4 methods x 3 teacher sizes on Geometry3K (12 runs, spec/MET
   python launch/sweep.py configs/sweep_ablation.py ... --mode=local   # runs them one after another
   python launch/sweep.py configs/sweep_ablation.py ... --mode=slurm   # one sbatch job each (launch/slurm.sbatch)
 
-Expect per run the figures of the matching geo3k_*_to_2b.py config; the table
+Expect per run the figures of the matching configs/paper.py variant; the table
 to fill: validation accuracy (best) and mean student VA for
 {opd, reweight_only, group_only, va_opd} x {4B, 8B, 32B} teachers.
 `get_sweep(arg)` returns the runs; `arg` may restrict them, e.g.
@@ -30,7 +30,7 @@ def get_sweep(arg=None):
         raise config_lib.ConfigError(f"sweep method {method!r}: must be one of {config_lib.METHODS}")
       runs.append({
           "name": f"geo3k_{teacher}_to_2b_{method}",
-          "config": f"configs/geo3k_{teacher}_to_2b.py:method={method}",
+          "config": f"configs/paper.py:teacher={teacher},data=geo3k,method={method}",
           "method": method,
           "teacher": teacher,
           # {ckpt_root} and {data_root} are filled in by launch/sweep.py.

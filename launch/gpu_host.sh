@@ -7,7 +7,7 @@
 #   pip install -e ".[cuda]"
 # The script stops before training if JAX sees no GPU (a CPU-only JAX would run the paper config at CPU speed).
 #
-#   launch/gpu_host.sh configs/geo3k_8b_to_2b.py:method=va_opd --config.workdir=/runs/geo3k_8b_va_opd \
+#   launch/gpu_host.sh configs/paper.py:teacher=8b,data=geo3k,method=va_opd --config.workdir=/runs/geo3k_8b_va_opd \
 #       --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
 #       --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
 #

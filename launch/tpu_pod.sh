@@ -6,7 +6,7 @@
 #          RUNTIME_VERSION=v2-alpha-tpuv5 BUCKET=gs://my-bucket
 #   launch/tpu_pod.sh create                  # create the slice
 #   launch/tpu_pod.sh setup                   # copy this repo to every worker, pip install -e ".[tpu]"
-#   launch/tpu_pod.sh run configs/geo3k_8b_to_2b.py:method=va_opd \
+#   launch/tpu_pod.sh run configs/paper.py:teacher=8b,data=geo3k,method=va_opd \
 #       --config.workdir=$BUCKET/vaopd/geo3k_8b_va_opd \
 #       --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
 #       --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data

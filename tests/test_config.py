@@ -8,7 +8,8 @@ import pytest
 from vaopd_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_CONFIGS = ["base", "geo3k_4b_to_2b", "geo3k_8b_to_2b", "geo3k_32b_to_2b", "virl39k_8b_to_2b", "demo"]
+TRAIN_CONFIGS = ["base", "paper", "demo"]
+PAPER_VARIANTS = [f"teacher={t},data={d}" for t in ("4b", "8b", "32b") for d in ("geo3k", "virl39k")]
 
 
 def module(name):
@@ -26,11 +27,46 @@ def test_every_train_config_validates_and_documents_its_command():
         cfg = mod.get_config(None)
         cfg.workdir = "/tmp/x"
         config_lib.validate(cfg, check_paths=False)
+    for variant in PAPER_VARIANTS:
+        cfg = load("paper", variant)
+        cfg.workdir = "/tmp/x"
+        config_lib.validate(cfg, check_paths=False)
+        assert cfg.teacher.size == variant.split(",")[0].split("=")[1] and cfg.student.size == "2b"
+        assert cfg.data.source == {"geo3k": "geometry3k", "virl39k": "virl39k"}[variant.split("data=")[1]]
+        assert cfg.data.val_source == "geometry3k" and cfg.mesh.fsdp == -1
+
+
+def test_paper_variants_name_and_check_their_teacher(tmp_path):
+    real = {"2b": (2048, 28, 6144), "4b": (2560, 36, 9728), "8b": (4096, 36, 12288), "32b": (5120, 64, 25600)}
+
+    def hf_dir(name, size):
+        hidden, layers, mlp = real[size]
+        return _hf_dir(tmp_path, name, 151936, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=mlp)
+
+    student, teacher_4b = hf_dir("student", "2b"), hf_dir("teacher4b", "4b")
+    for size in ("4b", "8b"):
+        cfg = _with(load("paper", f"teacher={size},method=opd"), workdir=str(tmp_path), student__hf_path=student,
+                    teacher__hf_path=teacher_4b, data__train_path=str(tmp_path), data__val_path=str(tmp_path))
+        assert cfg.method == "opd"
+        if size == "4b":
+            config_lib.validate(cfg)
+            continue
+        with pytest.raises(config_lib.ConfigError,
+                           match=r"config.teacher.hf_path = '.*teacher4b': its config.json is a Qwen3-VL-4B .* but "
+                                 r"config.teacher.size = '8b' expects hidden_size=4096.* or pick the variant teacher=4b"):
+            config_lib.validate(cfg)
+    # The student is checked the same way (a 4B checkpoint given as the 2B student).
+    cfg = _with(load("paper", "teacher=4b"), workdir=str(tmp_path), student__hf_path=teacher_4b,
+                teacher__hf_path=teacher_4b, data__train_path=str(tmp_path), data__val_path=str(tmp_path))
+    with pytest.raises(config_lib.ConfigError, match=r"config.student.size = '2b'"):
+        config_lib.validate(cfg)
+    with pytest.raises(config_lib.ConfigError, match=r"teacher='16b'; must be one of \('4b', '8b', '32b'\)"):
+        load("paper", "teacher=16b")
 
 
 @pytest.mark.parametrize("method", config_lib.METHODS)
 def test_method_variant(method):
-    cfg = load("geo3k_8b_to_2b", f"method={method}")
+    cfg = load("paper", f"method={method}")
     assert cfg.method == method
     cfg.va.p_v = 0.25
     objective = config_lib.objective_config(cfg)
@@ -85,12 +121,26 @@ def _with(cfg, **fields):
     ("train__num_steps", 0, r"config.train.num_steps = 0: must be >= 1, or -1"),
     ("workdir", "", r"config.workdir = '': must be a non-empty path"),
     ("mesh__tensor", 0, r"config.mesh.tensor = 0: must be >= 1 or -1"),
-    ("data__synthetic_fine_fraction", 1.2, r"config.data.synthetic_fine_fraction = 1.2: must be in \[0, 1\]"),
 ])
 def test_bad_field_fails_naming_field_value_and_range(field, value, message):
     cfg = _with(load("base"), workdir="/tmp/x")
     cfg = _with(cfg, **{field: value})
     with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(cfg, check_paths=False)
+
+
+def test_demo_fields_live_in_the_demo_config():
+    base, demo = load("base"), load("demo")
+    for field in ("tiny", "sft"):
+        assert field not in base.student and field in demo.student
+    assert "sft" not in base.teacher and demo.teacher.init == "sft"
+    assert "synthetic_train_size" not in base.data and "synthetic_train_size" in demo.data
+    cfg = _with(load("base"), workdir="/tmp/x", student__init="random")
+    with pytest.raises(config_lib.ConfigError, match=r"config.student.tiny is missing .* configs/demo.py"):
+        config_lib.validate(cfg, check_paths=False)
+    cfg = _with(load("demo"), data__synthetic_fine_fraction=1.2)
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"config.data.synthetic_fine_fraction = 1.2: must be in \[0, 1\]"):
         config_lib.validate(cfg, check_paths=False)
 
 
@@ -114,10 +164,11 @@ def test_all_problems_reported_at_once():
     assert "config.va.p_v = 2.0" in str(err.value) and "config.va.lam = 3.0" in str(err.value)
 
 
-def _hf_dir(tmp_path, name, vocab):
+def _hf_dir(tmp_path, name, vocab, **text):
     path = tmp_path / name
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "text_config": {"vocab_size": vocab}}))
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl",
+                                                  "text_config": {"vocab_size": vocab, **text}}))
     return str(path)
 
 

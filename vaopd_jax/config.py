@@ -27,9 +27,19 @@ import ml_collections
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.data.batch import VIEWS as SFT_IMAGES  # the demo warm-ups' view of the images
 from vaopd_jax.distill.objective import METHODS, RANGES, REWEIGHTING_METHODS, ObjectiveConfig, Range
-from vaopd_jax.models.qwen3_vl.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+from vaopd_jax.models.qwen3_vl.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, Qwen3VLConfig
 
 DATA_SOURCES = ("synthetic", "geometry3k", "virl39k")
+DEMO = "configs/demo.py"  # where the demo-only fields (tiny models, warm-ups, the synthetic task) live
+# Model sizes a config may name (<role>.size), checked against a checkpoint's config.json by these text fields.
+MODEL_SIZES = {"2b": Qwen3VLConfig.qwen3_vl_2b, "4b": Qwen3VLConfig.qwen3_vl_4b, "8b": Qwen3VLConfig.qwen3_vl_8b,
+               "32b": Qwen3VLConfig.qwen3_vl_32b}
+_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size")
+
+
+def _size_signature(size: str) -> tuple:
+    text = MODEL_SIZES[size]().text
+    return tuple(getattr(text, key) for key in _SIZE_KEYS)
 
 
 class ConfigError(ValueError):
@@ -144,11 +154,11 @@ class _Checker:
         self.config = config
         self.problems: list[str] = []
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str, where: str = "configs/base.py") -> Any:
         node: Any = self.config
         for part in name.split("."):
             if part not in node:
-                self.problems.append(f"config.{name} is missing (the trainer reads it; start from configs/base.py)")
+                self.problems.append(f"config.{name} is missing (the trainer reads it; start from {where})")
                 return None
             node = node[part]
         return node
@@ -157,8 +167,9 @@ class _Checker:
         self.problems.append(f"config.{name} = {value!r}: {rule}")
 
     def number(self, name: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-               hi_open: bool = False, integer: bool = False, why: str = "", allowed: Range | None = None) -> Any:
-        value = self.get(name)
+               hi_open: bool = False, integer: bool = False, why: str = "", allowed: Range | None = None,
+               where: str = "configs/base.py") -> Any:
+        value = self.get(name, where)
         if value is None:
             return None
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -172,8 +183,8 @@ class _Checker:
             return None
         return value
 
-    def choice(self, name: str, options: tuple[str, ...]) -> Any:
-        value = self.get(name)
+    def choice(self, name: str, options: tuple[str, ...], where: str = "configs/base.py") -> Any:
+        value = self.get(name, where)
         if value is not None and value not in options:
             self.fail(name, value, f"must be one of {options}")
             return None
@@ -239,11 +250,12 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     patch_buckets = c.int_list("data.prompt_patch_buckets", minimum=4)
     if patch_buckets is not None and any(b % 4 for b in patch_buckets):
         c.fail("data.prompt_patch_buckets", patch_buckets, "must be multiples of 4 (spatial merge 2 x 2)")
-    c.number("train.inject_nonfinite_from_step", 0, None, integer=True, why="0 = off (fault injection)")
     c.number("data.num_workers", 0, None, integer=True)
-    c.number("data.synthetic_train_size", 1, None, integer=True)
-    c.number("data.synthetic_fine_fraction", 0, 1, why="share of fine-detail questions in the synthetic training prompts")
-    c.number("data.image_size", 32, None, integer=True)
+    if "synthetic" in (c.get("data.source"), c.get("data.val_source")):  # the demo's task (configs/demo.py)
+        c.number("data.synthetic_train_size", 1, None, integer=True, where=DEMO)
+        c.number("data.synthetic_fine_fraction", 0, 1, where=DEMO,
+                 why="share of fine-detail questions in the synthetic training prompts")
+        c.number("data.image_size", 32, None, integer=True, where=DEMO)
 
     c.choice("model.dtype", DTYPES)
     c.choice("model.remat", REMAT_POLICIES)
@@ -285,45 +297,75 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         c.problems.append("config.mesh: at most one of data/fsdp/tensor may be -1")
 
     student_init = c.choice("student.init", ("hf", "random", "sft"))
-    teacher_sft = c.boolean("teacher.sft.enabled")
-    for role, used in (("teacher", teacher_sft), ("student", student_init == "sft")):
-        if used:
-            c.number(f"{role}.sft.steps", 1, None, integer=True)
-            c.number(f"{role}.sft.lr", 0, None, lo_open=True)
-            c.number(f"{role}.sft.batch_size", 1, None, integer=True)
-            c.number(f"{role}.sft.fine_fraction", 0, 1, why="share of fine-detail questions in the warm-up data")
-            c.choice(f"{role}.sft.images", SFT_IMAGES)
+    teacher_init = c.choice("teacher.init", ("hf", "sft"))
+    for role in ("student", "teacher"):
+        size = c.get(f"{role}.size")
+        if size not in (None, "") and size not in MODEL_SIZES:
+            c.fail(f"{role}.size", size, f"must be '' (any) or one of {tuple(MODEL_SIZES)}")
+    if student_init in ("random", "sft"):
+        c.get("student.tiny", DEMO)
+    for role, used in (("teacher", teacher_init == "sft"), ("student", student_init == "sft")):
+        if used:  # the demo's warm-ups (configs/demo.py)
+            c.number(f"{role}.sft.steps", 1, None, integer=True, where=DEMO)
+            c.number(f"{role}.sft.lr", 0, None, lo_open=True, where=DEMO)
+            c.number(f"{role}.sft.batch_size", 1, None, integer=True, where=DEMO)
+            c.number(f"{role}.sft.fine_fraction", 0, 1, where=DEMO,
+                     why="share of fine-detail questions in the warm-up data")
+            c.choice(f"{role}.sft.images", SFT_IMAGES, where=DEMO)
             if c.get("data.source") != "synthetic":
-                c.fail("data.source", c.get("data.source"), f"must be 'synthetic' when {role}.sft is used "
+                c.fail("data.source", c.get("data.source"), f"must be 'synthetic' when {role}.init='sft' "
                        "(the demo warm-up is defined on the synthetic task)")
     if check_paths:
-        _check_paths(c, student_init, teacher_sft)
+        _check_paths(c, student_init, teacher_init)
     if c.problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(c.problems))
 
 
-def _check_paths(c: _Checker, student_init: str | None, teacher_sft: bool | None) -> None:
+def _check_size(c: _Checker, role: str, path: str) -> None:
+    """The checkpoint's config.json against ``<role>.size`` (a paper variant names its teacher's size)."""
+    size = c.get(f"{role}.size")
+    if not size or size not in MODEL_SIZES:
+        return
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        hf = json.load(f)
+    text = hf.get("text_config", hf)
+    found = tuple(text.get(key) for key in _SIZE_KEYS)
+    expected = _size_signature(size)
+    if found != expected:
+        named = [name for name in MODEL_SIZES if _size_signature(name) == found]
+        what = f"a Qwen3-VL-{named[0].upper()}" if named else "no Qwen3-VL size this project knows"
+        c.fail(f"{role}.hf_path", path,
+               f"its config.json is {what} (text {', '.join(f'{k}={v}' for k, v in zip(_SIZE_KEYS, found))}) but "
+               f"config.{role}.size = {size!r} expects {', '.join(f'{k}={v}' for k, v in zip(_SIZE_KEYS, expected))}: "
+               f"point {role}.hf_path at the Qwen3-VL-{size.upper()} checkpoint"
+               + (f" or pick the variant {role}={named[0]}" if named and role == "teacher" else ""))
+
+
+def _check_paths(c: _Checker, student_init: str | None, teacher_init: str | None) -> None:
     teacher_path = c.get("teacher.hf_path")
     teacher_vocab = None
-    if not teacher_sft:
+    if teacher_init == "hf":
         if not teacher_path or not os.path.isfile(os.path.join(str(teacher_path), "config.json")):
             c.fail("teacher.hf_path", teacher_path,
                    "must be a local Hugging Face Qwen3-VL directory with config.json "
-                   "(or set config.teacher.sft.enabled=True for the demo teacher)")
+                   "(or configs/demo.py's teacher.init='sft', the demo teacher)")
         else:
             teacher_vocab = hf_vocab_size(teacher_path)
+            _check_size(c, "teacher", str(teacher_path))
     student_path = c.get("student.hf_path")
     student_vocab = None
     if student_init == "hf":
         if not student_path or not os.path.isfile(os.path.join(str(student_path), "config.json")):
             c.fail("student.hf_path", student_path,
-                   "must be a local Hugging Face Qwen3-VL directory with config.json (or config.student.init='random')")
+                   "must be a local Hugging Face Qwen3-VL directory with config.json "
+                   "(or configs/demo.py's student.init='random' / 'sft')")
         else:
             student_vocab = hf_vocab_size(student_path)
+            _check_size(c, "student", str(student_path))
     elif student_init in ("random", "sft"):
-        student_vocab = c.get("student.tiny.text.vocab_size")
-    if teacher_sft:
-        teacher_vocab = c.get("teacher.sft.tiny.text.vocab_size")
+        student_vocab = c.get("student.tiny.text.vocab_size", DEMO)
+    if teacher_init == "sft":
+        teacher_vocab = c.get("teacher.sft.tiny.text.vocab_size", DEMO)
     if teacher_vocab is not None and student_vocab is not None and teacher_vocab != student_vocab:
         c.problems.append(
             f"student vocabulary size {student_vocab} != teacher vocabulary size {teacher_vocab}: the token KL "

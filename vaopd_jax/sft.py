@@ -1,14 +1,17 @@
-"""Supervised warm-up of a tiny teacher on the synthetic vision-critical task (the offline demo).
+"""Supervised warm-up of the demo's tiny teacher and student on the synthetic vision-critical task.
 
 The demo has no downloadable teacher, so it first teaches a tiny Qwen3-VL-shaped
 model the task of ``vaopd_jax.data.synthetic`` with cross-entropy on the answer
 tokens ``"Answer: <answer><|im_end|>"`` after each chat prompt. That reply form
 is graded by the same first-committed-answer rule as real data (an ``Answer:``
-line, ``vaopd_jax.eval.grading.extract_answer``). The trained teacher is written once
-in Hugging Face format and reused by every later run with the same workdir.
+line, ``vaopd_jax.eval.grading.extract_answer``). The student gets a shorter
+warm-up standing in for pre-training (by default on the pixelated views). Each
+trained model is written once in Hugging Face format and reused by every later
+run with the same workdir.
 
 Public API::
 
+    model = demo_model(config, "teacher", tokenizer, mesh)     # SFT once (cached), then loaded like HF models
     ids = answer_token_ids(tokenizer, "red")                    # [..., <|im_end|>]
     batch = build_sft_batch(prompt_batch, tokenizer, max_answer_tokens=8)   # a data.batch.PromptBatch
     loss, accuracy = sft_loss(model, batch)                     # CE on answer tokens
@@ -18,6 +21,7 @@ Public API::
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Iterable, Iterator
 
@@ -27,13 +31,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vaopd_jax.data import splits
 from vaopd_jax.data.batch import PromptBatch
+from vaopd_jax.models import load as load_lib
 from vaopd_jax.models import qwen3_vl
+from vaopd_jax.parallel import multihost
 
 log = logging.getLogger(__name__)
 
 ANSWER_TEMPLATE = "Answer: {answer}"
 IM_END = "<|im_end|>"
+SFT_DONE = "SFT_DONE"  # written last into a finished SFT model's directory
 
 
 def answer_token_ids(tokenizer, answer: str) -> list[int]:
@@ -146,3 +154,37 @@ def train_sft(model: qwen3_vl.Qwen3VL, batches: Iterable[dict], *, steps: int, l
                 print(f"{label} step {i}/{steps} | loss {loss:.4f} | reply-token accuracy {accuracy:.3f} | "
                       f"{time.perf_counter() - start:.0f}s", flush=True)
     return model, history
+
+
+def demo_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
+    """A tiny demo model taught the synthetic task by SFT once, then reloaded from its HF directory.
+
+    role 'teacher': ``config.teacher.sft`` (the whole task); role 'student': ``config.student.sft``, a
+    warm-up standing in for pre-training (by default on the pixelated views: the student learns the
+    questions, the answer words and the coarse cues, so the fine-detail skill must come from distillation).
+    The model lands in ``<role>.sft.output_dir`` (default ``<workdir>/<role>_sft``), reused when finished.
+    """
+    node = config.teacher.sft if role == "teacher" else config.student.sft
+    spec = config.teacher.sft.tiny if role == "teacher" else config.student.tiny
+    out_dir = node.output_dir or os.path.join(config.workdir, f"{role}_sft")
+    # Loaded like an HF teacher / student would be: the teacher in config.model.dtype; the student's params
+    # in float32 (the AdamW master copy) with config.model.dtype matmuls.
+    dtype = jnp.dtype(config.model.dtype)
+    dtypes = {"dtype": dtype} if role == "teacher" else {"dtype": jnp.float32, "compute_dtype": dtype}
+    if os.path.exists(os.path.join(out_dir, SFT_DONE)):
+        multihost.say(f"{role}: reusing the SFT {role} in {out_dir}")
+        return load_lib.load_model(config, out_dir, mesh, **dtypes)
+    model = load_lib.tiny_model(config, spec, seed=config.seed + (1 if role == "teacher" else 0))
+    multihost.say(f"{role}: SFT of a tiny {role} ({load_lib.count_params(model):,} params) on the synthetic task "
+                  f"(fine-question share {node.fine_fraction}, {node.images.replace('_', ' ')} images), "
+                  f"{node.steps} steps -> {out_dir}")
+    data = splits.pipeline_for(config, tokenizer, model.config, split=f"{role}_sft", batch_size=node.batch_size)
+    batches = (build_sft_batch(b.gather_processes().with_view(node.images), tokenizer) for b in data)
+    model, _ = train_sft(model, batches, steps=node.steps, lr=node.lr, label=f"{role} SFT")
+    qwen3_vl.save_hf_checkpoint(model, out_dir)
+    if multihost.primary():
+        tokenizer.save_pretrained(out_dir)
+        with open(os.path.join(out_dir, SFT_DONE), "w") as f:
+            f.write("ok\n")
+    multihost.sync(f"{role}_sft_saved")
+    return load_lib.load_model(config, out_dir, mesh, **dtypes)

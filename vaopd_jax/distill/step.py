@@ -43,6 +43,7 @@ from vaopd_jax.distill.batch import TrainBatch, build_train_batch  # noqa: F401 
 from vaopd_jax.models.qwen3_vl import Qwen3VL
 from vaopd_jax.models.qwen3_vl.config import REMAT_POLICIES
 from vaopd_jax.models.qwen3_vl import sharding as model_sharding
+from vaopd_jax.parallel import multihost
 from vaopd_jax.parallel.mesh import on_mesh
 
 @dataclasses.dataclass(frozen=True)
@@ -136,21 +137,34 @@ def create_train_state(student: Qwen3VL, optimizer: optax.GradientTransformation
 
     remat: 'none' | 'block' rebuilds the student's graph with that per-block rematerialization policy
       (None keeps the model's own).
+    Several processes: every process passes the same student; params that are still process-local (a random
+    init) become global arrays, checkpoint-loaded ones (already on the mesh) are resharded.
     """
     graphdef = _graphdef_with_remat(student, remat)
     params = nnx.state(student, nnx.Param)
-    # Copies (may_alias=False): the step donates the state, which must not delete the model's own arrays.
+    several = jax.process_count() > 1
+
+    def place(x, sharding):
+        # device_put only reaches this process's devices: identical local values become global arrays.
+        if several and x.is_fully_addressable:
+            return multihost.to_global(x, sharding)
+        # A copy (may_alias=False): the step donates the state, which must not delete the model's own arrays.
+        return jax.device_put(x, sharding, may_alias=False)
+
     if mesh is not None:
         param_shardings = model_sharding.param_shardings(student, mesh, rules)
-        params = jax.device_put(params, param_shardings, may_alias=False)
+        params = jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: place(x, sharding), sub),
+                              param_shardings, params)
         opt_shardings = abstract_train_state_sharding(optimizer, params, graphdef, mesh).opt_state
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     else:
         params = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
         opt_state = jax.jit(optimizer.init)(params)
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    rng = jax.device_put(jnp.asarray(rng), replicated)
+    if mesh is not None:
+        step, rng = place(jnp.zeros((), jnp.int32), replicated), place(jnp.asarray(rng), replicated)
+    else:
+        step, rng = jnp.zeros((), jnp.int32), jnp.asarray(rng)
     state = TrainState(params=params, opt_state=opt_state, step=step, rng=rng, graphdef=graphdef)
     # Commit every leaf to its device(s): the step's outputs are committed, and a committed/uncommitted
     # mismatch between the first and later calls would compile the step twice.

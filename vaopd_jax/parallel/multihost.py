@@ -1,6 +1,7 @@
 """Multi-process helpers of the trainer: one place for what crosses processes.
 
     primary()                          # process 0 writes logs and exports
+    say("...")                         # a console line, printed by process 0 only
     sync("name")                       # barrier across processes
     allgather_rows({"ids": a, ...})    # per-process arrays (rows first) -> all processes' rows, padded alike
     allgather_strings(values)          # per-process string arrays -> all processes' strings
@@ -22,6 +23,12 @@ import numpy as np
 def primary() -> bool:
     """Whether this is process 0 (the one that writes logs, checkpoints' metadata and exports)."""
     return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+    """Prints a console line on process 0 only (the others stay quiet)."""
+    if primary():
+        print(message, flush=True)
 
 
 def sync(name: str) -> None:

@@ -1,0 +1,62 @@
+r"""python -m vaopd_jax.train --config configs/paper.py:teacher=8b,data=geo3k,method=va_opd \
+    --config.workdir=gs://BUCKET/vaopd/geo3k_8b_to_2b_va_opd \
+    --config.student.hf_path=/ckpt/Qwen3-VL-2B-Instruct \
+    --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
+    --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
+
+The paper's runs (spec/METHOD.md): a Qwen3-VL-2B student distilled from a Qwen3-VL teacher, one variant
+per teacher size, training set and method. `configs/base.py` is the main run (teacher=8b, data=geo3k).
+
+  teacher=4b | 8b | 32b     the teacher's size. The run checks that config.teacher.hf_path's config.json is a
+                            Qwen3-VL of that size (and the student's a 2B) before loading anything.
+  data=geo3k | virl39k      Geometry3K (2,101 prompts) or ViRL39K (38,870 prompts, multi-image rows); the
+                            validation set is the 200-problem Geometry3K subset in both.
+  method=va_opd | opd | reweight_only | group_only
+
+Expect (5 epochs, 16 prompts x K=4 rollouts of up to 4,096 tokens per step; paper Math avg / Visual avg,
+avg@8, OPD -> VA-OPD):
+  teacher=4b,data=geo3k    657 steps      45.3/64.4 -> 47.4/65.2
+  teacher=8b,data=geo3k    657 steps      45.4/64.6 -> 48.3/66.1 (MathVerse 29.1 -> 31.9); ~6.5 h on 8xA100
+                                          to reach standard OPD's final MathVerse score
+  teacher=32b,data=geo3k   657 steps      51.1/65.3 -> 54.8/67.3
+  teacher=8b,data=virl39k  ~12,147 steps  46.4/65.5 -> 50.2/68.0 (validation and checkpoints every 200 steps)
+
+Meshes: FSDP over all devices (mesh.data=1, mesh.fsdp=-1). The 32B teacher (~64 GB in bf16): measured peak
+memory per device of the compiled step (`python -m vaopd_jax.bench.step --part aot --teachers 32b`, 16x4
+rollouts, prompt 1,024, chunked attention):
+  response 4,096: 16 devices (fsdp=16) 58.4 GB; 8 devices (fsdp=8) 94.0 GB, 88.6 GB with
+    --config.model.attention_chunk_size=256; fsdp=4 x tensor=2 117.3 GB;
+  response 2,048: 8 devices (fsdp=8) 77.3 GB.
+So run the paper's 4,096-token responses with the 32B teacher on 16 x 80 GB devices (or a TPU pod slice), or
+on 8 devices with more than 94 GB each (H200); on one 8 x 80 GB host add --config.rollout.max_new_tokens=2048.
+The 4B and 8B teachers fit one 8 x 80 GB host at 4,096 tokens (8B: 61.2 GB per device).
+
+Sweeps over these variants: configs/sweep_ablation.py.
+"""
+
+from vaopd_jax import config as config_lib
+
+TEACHERS = ("4b", "8b", "32b")
+DATA = {"geo3k": "geometry3k", "virl39k": "virl39k"}
+
+
+def get_config(arg=None):
+  """The paper's config for `arg` = 'teacher=<4b|8b|32b>,data=<geo3k|virl39k>,method=<method>'."""
+  args = config_lib.parse_arg(arg, teacher="8b", data="geo3k", method="va_opd")
+  if args.teacher not in TEACHERS:
+    raise config_lib.ConfigError(f"configs/paper.py: teacher={args.teacher!r}; must be one of {TEACHERS}")
+  if args.data not in DATA:
+    raise config_lib.ConfigError(f"configs/paper.py: data={args.data!r}; must be one of {tuple(DATA)}")
+  base = config_lib.load_sibling(__file__, "base")
+  c = base.get_config(f"method={args.method}")
+  c.teacher.size = args.teacher   # checked against teacher.hf_path's config.json
+  c.student.size = "2b"
+  c.data.source = DATA[args.data]
+  c.data.val_source = "geometry3k"
+  c.mesh.data = 1
+  c.mesh.fsdp = -1   # all devices: FSDP alone needs less memory than FSDP x tensor=2 (see above)
+  c.mesh.tensor = 1
+  if args.data == "virl39k":
+    c.train.checkpoint_every = 200
+    c.eval.every = 200
+  return c

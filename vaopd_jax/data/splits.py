@@ -1,0 +1,76 @@
+"""The data of a training run: each split's record source and its batch iterator, from the training config.
+
+    source = data_source(config, "train")              # 'train' | 'val' | 'teacher_sft' | 'student_sft'
+    batches = pipeline_for(config, tokenizer, model_config, split="train", batch_size=16)   # PromptBatches
+
+Training splits are shuffled, repeated and sharded by process; validation is read whole by every process,
+once, in order. The synthetic task's splits are disjoint record sets with fixed seeds (`SYNTHETIC_SEEDS`), so
+every run validates on the same problems.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from vaopd_jax.data import pipeline, sources, synthetic
+
+# Disjoint synthetic record sets, fixed (not config.seed) so that every run validates on the same problems.
+SYNTHETIC_SEEDS = {"teacher_sft": 1, "train": 2, "val": 3, "student_sft": 4}
+
+
+class _Subset:
+    """The first ``n`` records of a random-access source (picklable for grain workers)."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, min(int(n), len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.source[int(index)]
+
+    def __repr__(self) -> str:
+        return f"_Subset({self.source!r}, n={self.n})"
+
+
+def data_source(config, split: str):
+    """The raw-record source of a split: 'train' / 'val' / 'teacher_sft' / 'student_sft' (demo warm-ups).
+
+    Synthetic splits take their share of fine-detail questions from the config: data.synthetic_fine_fraction
+    (train), <role>.sft.fine_fraction (the warm-ups), half (validation)."""
+    d = config.data
+    name = d.val_source if split == "val" else d.source
+    if name == "synthetic":
+        size = config.eval.num_problems if split == "val" else d.synthetic_train_size
+        fine_fraction = {"train": d.synthetic_fine_fraction, "val": 0.5,
+                         "teacher_sft": config.teacher.get("sft", {}).get("fine_fraction"),
+                         "student_sft": config.student.get("sft", {}).get("fine_fraction")}[split]
+        return synthetic.SyntheticSource(size, seed=SYNTHETIC_SEEDS[split], image_size=d.image_size,
+                                         fine_fraction=fine_fraction)
+    if split == "val":
+        source = (sources.geometry3k_validation_source(d.val_path) if name == "geometry3k"
+                  else sources.ViRL39KSource(d.val_path))
+        return _Subset(source, config.eval.num_problems)
+    return sources.Geometry3KSource(d.train_path, split="train") if name == "geometry3k" else \
+        sources.ViRL39KSource(d.train_path)
+
+
+def pipeline_for(config, tokenizer, model_config, *, split: str, batch_size: int):
+    """A grain iterator of `PromptBatch`es of a split (``batch_size`` global prompts; a training split gives
+    each process ``batch_size / processes`` of them)."""
+    from vaopd_jax import config as config_lib
+
+    d = config.data
+    train = split != "val"
+    if train and batch_size % jax.process_count():
+        raise config_lib.ConfigError(
+            f"{split} batch size {batch_size} must be divisible by the number of processes {jax.process_count()}")
+    pcfg = pipeline.PipelineConfig(
+        batch_size=batch_size // jax.process_count() if train else batch_size, seed=config.seed, shuffle=train,
+        num_epochs=None if train else 1, drop_remainder=train, prompt_buckets=tuple(d.prompt_buckets),
+        prompt_patch_buckets=tuple(d.prompt_patch_buckets), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+        pixelation_ratio=config.va.pixelate_ratio, num_workers=d.num_workers if train else 0,
+        shard_index=None if train else 0, shard_count=None if train else 1)
+    return pipeline.make_iterator(data_source(config, split), pcfg, tokenizer=tokenizer,
+                                  model_config=model_config)
