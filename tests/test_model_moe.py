@@ -43,14 +43,15 @@ REAL_30B = {
         "temporal_patch_size": 2},
 }
 
-# Every routing variant the issue names: top-2 renormalised with a dense layer among sparse ones (mlp_only_layers);
-# top-1 without renormalisation with every other layer dense (decoder_sparse_step=2) and small token chunks (the
-# lax.map path with a padded last chunk); top-3 without renormalisation.
+# Every routing variant the issue names: top-2 renormalised with a dense layer among sparse ones (mlp_only_layers),
+# tiled grouped matmuls with several 8-row tiles per expert; top-1 without renormalisation with every other layer
+# dense (decoder_sparse_step=2) and small token chunks (the lax.map path with a padded last chunk); top-3 without
+# renormalisation through jax.lax.ragged_dot.
 CONFIGS = {
-    "top2_norm_dense_layer1": dict(text=dict(mlp_only_layers=(1,))),
+    "top2_norm_dense_layer1": dict(text=dict(mlp_only_layers=(1,)), moe_impl="tiled", moe_tile_size=8),
     "top1_raw_step2_chunked": dict(text=dict(num_experts_per_tok=1, norm_topk_prob=False, decoder_sparse_step=2),
                                    moe_chunk_size=16),
-    "top3_raw": dict(text=dict(num_experts_per_tok=3, norm_topk_prob=False)),
+    "top3_raw_ragged_dot": dict(text=dict(num_experts_per_tok=3, norm_topk_prob=False), moe_impl="ragged_dot"),
 }
 IMAGES = [[(1, 4, 6)], [(1, 8, 4), (1, 4, 4)], []]  # several sizes, a text-only row, right padding
 TEXT_LENS = [4, 2, 9]
@@ -117,6 +118,8 @@ def test_moe_config_errors_name_the_field():
         qwen3_vl.Qwen3VLConfig.from_hf(bad)
     with pytest.raises(ValueError, match=r"moe_chunk_size must be >= 1"):
         testing.tiny_moe_config(moe_chunk_size=0)
+    with pytest.raises(ValueError, match=r"moe_impl must be one of \('auto', 'tiled', 'ragged_dot'\), got 'dense'"):
+        testing.tiny_moe_config(moe_impl="dense")
 
 
 # ----------------------------------------------------------------------------- the grouped expert matmuls
@@ -142,6 +145,33 @@ def test_grouped_swiglu_equals_a_per_token_loop_over_local_experts():
     assert np.abs(ref).max() > 1.0
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5)
     assert not out[-2:].any()
+
+
+@pytest.mark.parametrize("tile", [1, 4, 64])
+def test_tiled_grouped_swiglu_equals_ragged_dot_values_and_gradients(tile):
+    """The tiled grouped GEMM == jax.lax.ragged_dot (the reference semantics): empty experts, a group longer than
+    a tile, rows routed to no expert at the end; gradients through the custom VJP included."""
+    from vaopd_jax.models.qwen3_vl import grouped
+
+    rng = np.random.default_rng(0)
+    m, e, i = 37, 8, 5
+    rows = jnp.asarray(rng.standard_normal((m, e)), jnp.float32)
+    group_sizes = jnp.array([5, 0, 11, 9], jnp.int32)  # 25 of 37 rows routed
+    gate, up = (jnp.asarray(rng.standard_normal((4, e, i)), jnp.float32) for _ in range(2))
+    down = jnp.asarray(rng.standard_normal((4, i, e)), jnp.float32)
+    ref = grouped.expert_swiglu(rows, group_sizes, gate, up, down, impl="ragged_dot")
+    out = jax.jit(lambda *a: grouped.expert_swiglu(*a, impl="tiled", tile=tile))(rows, group_sizes, gate, up, down)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4, rtol=1e-5)
+    assert not np.asarray(out)[25:].any() and np.abs(np.asarray(out)[:25]).min(axis=1).max() > 0
+
+    def loss(impl):
+        return lambda *a: jnp.sum(jnp.sin(grouped.expert_swiglu(a[0], group_sizes, *a[1:], impl=impl, tile=tile)))
+
+    want = jax.grad(loss("ragged_dot"), argnums=(0, 1, 2, 3))(rows, gate, up, down)
+    got = jax.jit(jax.grad(loss("tiled"), argnums=(0, 1, 2, 3)))(rows, gate, up, down)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * float(np.abs(w).max()), rtol=0)
+    assert not np.asarray(got[1])[1].any()  # the expert with no rows gets no gradient
 
 
 def test_route_renormalises_only_when_asked():
@@ -325,7 +355,8 @@ def test_expert_parallel_logits_on_8_devices_equal_one_device():
     logits equal the single-device model's; a batch the mesh cannot split (3 rows) takes the replicated-token
     path. Small token chunks exercise the per-chunk gather / reduce-scatter. (Text prompts: the vision tower and
     the deepstack path are the dense model's, tested on meshes in test_model_sharding.)"""
-    cfg = testing.tiny_moe_config(text=dict(num_experts=8, mlp_only_layers=(1,)), moe_chunk_size=32)
+    cfg = testing.tiny_moe_config(text=dict(num_experts=8, mlp_only_layers=(1,)), moe_chunk_size=32,
+                                  moe_tile_size=16)
     hf = testing.hf_reference_model(cfg, seed=2)
     single = testing.model_from_hf(hf, cfg)
     batch = testing.make_batch(cfg, [[]] * 8, [3, 5, 2, 4, 9, 7, 8, 6], seed=6, pad_to=24)
@@ -350,3 +381,27 @@ def test_expert_parallel_logits_on_8_devices_equal_one_device():
         out = sharded(jnp.asarray(text.input_ids), jnp.asarray(text.attention_mask))
     keep = text.attention_mask.astype(bool)
     assert np.abs(np.asarray(out) - _logits(single, text))[keep].max() <= 1e-5
+
+
+def test_expert_parallel_gradients_equal_one_device():
+    """The tiled grouped GEMM's custom VJP under shard_map (rows sharded over data/fsdp/expert, expert weights over
+    expert/fsdp/tensor): parameter gradients on a 2 x 2 x 2 mesh equal the single-device ones (a MoE student)."""
+    cfg = testing.tiny_moe_config(text=dict(num_experts=8, num_hidden_layers=2),
+                                  vision=dict(deepstack_visual_indexes=(0,)), moe_tile_size=8, remat="block")
+    model = qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(4))
+    ids = np.random.default_rng(0).integers(0, 400, (8, 12)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(12, dtype=np.int32), (3, 8, 12))
+
+    def loss(m, ids):
+        return jnp.mean(jnp.square(m(ids, jnp.ones_like(ids), position_ids=pos)))
+
+    want = nnx.jit(nnx.grad(loss))(model, ids)
+    mesh = make_mesh(data=1, fsdp=2, expert=2, tensor=2)
+    sharding.shard_model(model, mesh)
+    with jax.set_mesh(mesh):
+        got = nnx.jit(nnx.grad(loss))(model, jax.device_put(ids, sharding.batch_sharding(mesh, 2)))
+    for name in ("router_kernel", "expert_gate_kernel", "expert_up_kernel", "expert_down_kernel", "q_kernel"):
+        w = np.asarray(getattr(want.language_model.layers, name)[...])
+        g = np.asarray(getattr(got.language_model.layers, name)[...])
+        assert np.abs(w).max() > 0, name
+        np.testing.assert_allclose(g, w, atol=1e-4 * np.abs(w).max(), rtol=0, err_msg=name)

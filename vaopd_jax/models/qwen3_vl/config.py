@@ -23,6 +23,7 @@ SUPPORTED_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForCond
 REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLS = ("xla", "chunked", "cudnn")  # attention.py re-exports these (routing in attention.attend)
 DTYPES = ("float32", "bfloat16")  # parameter / compute dtypes the trainer and the evaluator load models in
+MOE_IMPLS = ("auto", "tiled", "ragged_dot")  # grouped.py re-exports these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,9 @@ class Qwen3VLConfig:
     (jax.nn.dot_product_attention(implementation='cudnn'), NVIDIA GPUs).
     `moe_chunk_size` (runtime, MoE models): tokens routed per grouped matmul; the routed rows of a layer are
     processed chunk by chunk, so the sorted (tokens x top-k) buffers stay bounded whatever the batch (moe.py).
+    `moe_impl` (runtime): the grouped expert matmuls (grouped.py): 'auto' (TPU: 'ragged_dot', else 'tiled'),
+    'tiled' (a loop over `moe_tile_size`-row tiles of one expert each, any backend) or 'ragged_dot'
+    (jax.lax.ragged_dot: native on TPU; XLA's GPU and CPU backends expand it densely over all experts).
     """
 
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
@@ -129,6 +133,8 @@ class Qwen3VLConfig:
     attention_impl: str = "xla"
     attention_chunk_size: int = 512
     moe_chunk_size: int = 4096
+    moe_impl: str = "auto"
+    moe_tile_size: int = 512
 
     def __post_init__(self):
         validate(self)
@@ -407,6 +413,10 @@ def validate(cfg: Qwen3VLConfig) -> None:
         raise ValueError(f"attention_chunk_size must be >= 1, got {cfg.attention_chunk_size}")
     if cfg.moe_chunk_size < 1:
         raise ValueError(f"moe_chunk_size must be >= 1, got {cfg.moe_chunk_size}")
+    if cfg.moe_impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {cfg.moe_impl!r}")
+    if cfg.moe_tile_size < 1:
+        raise ValueError(f"moe_tile_size must be >= 1, got {cfg.moe_tile_size}")
     if t.num_experts < 0:
         raise ValueError(f"text.num_experts must be >= 0 (0 = dense), got {t.num_experts}")
     if t.is_moe:

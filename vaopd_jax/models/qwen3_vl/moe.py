@@ -8,10 +8,11 @@ renormalised to sum to 1 when `norm_topk_prob`. Each routed (token, expert) pair
 SwiGLU (down(silu(gate x) * up x)) and is scaled by its weight; a token's output is the sum over its k experts.
 
 Dropless and grouped: the (token, expert) pairs of a chunk of tokens are sorted by expert and the experts run as
-grouped matmuls (`jax.lax.ragged_dot`: one (rows, E) x (experts, E, I) product whose row groups follow the
-sorted expert ids), so every pair is computed (no capacity factor, nothing dropped) and no expert is applied to
-a token it was not routed to. Tokens are processed `cfg.moe_chunk_size` at a time (a `lax.map` over chunks), so
-the sorted (tokens x k, E) buffers stay bounded whatever the batch.
+grouped matmuls over the sorted rows (grouped.py: `cfg.moe_impl` 'tiled', a loop over row tiles of one expert
+each, or 'ragged_dot', `jax.lax.ragged_dot`, native on TPU only), so every pair is computed (no capacity
+factor, nothing dropped) and no expert is applied to a token it was not routed to. Tokens are processed
+`cfg.moe_chunk_size` at a time (a `lax.map` over chunks), so the sorted (tokens x k, E) buffers stay bounded
+whatever the batch.
 
 Expert parallelism: when a mesh is set (`jax.set_mesh`) the expert matmuls run under `jax.shard_map`. Each
 device holds the experts of its shard of the 'expert' logical axis (rules in sharding.py: the 'expert' mesh
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import Qwen3VLConfig
+from .grouped import expert_swiglu
 from .layers import param
 from .sharding import logical_to_spec
 
@@ -71,14 +73,15 @@ def route(h, router_kernel, top_k: int, norm_topk_prob: bool):
     return weights.astype(h.dtype).astype(jnp.float32), experts.astype(jnp.int32)
 
 
-def grouped_swiglu(x, experts, weights, gate, up, down, first_expert):
+def grouped_swiglu(x, experts, weights, gate, up, down, first_expert, *, impl: str = "auto", tile: int = 512):
     """The local experts' share of the MoE output for one chunk of tokens.
 
     x (C, E); experts (C, k) int32 global expert ids (negative: padding, routed nowhere); weights (C, k) fp32;
     gate, up (Xl, E, I) and down (Xl, I, E): the Xl experts held here, ids [first_expert, first_expert + Xl).
     Returns (C, E) float32: sum over each token's routed experts held here of weight * SwiGLU_expert(x).
     The C*k (token, expert) pairs are sorted by local expert (pairs routed elsewhere last); the group sizes
-    cover only the local pairs, so ragged_dot leaves the trailing rows zero."""
+    cover only the local pairs, so the grouped matmuls (grouped.expert_swiglu, `impl`, `tile`) leave the
+    trailing rows zero."""
     c, k = experts.shape
     n_local = gate.shape[0]
     local = experts.reshape(-1) - first_expert
@@ -89,9 +92,7 @@ def grouped_swiglu(x, experts, weights, gate, up, down, first_expert):
     group_sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)
     rows = jnp.take(x, token, axis=0)
     dt = x.dtype
-    g = jax.lax.ragged_dot(rows, gate.astype(dt), group_sizes)
-    u = jax.lax.ragged_dot(rows, up.astype(dt), group_sizes)
-    y = jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(dt), group_sizes)
+    y = expert_swiglu(rows, group_sizes, gate, up, down, impl=impl, tile=tile)
     scale = jnp.where(is_local, weights.reshape(-1), 0.0)[order]
     # transformers scales each expert output in the model dtype, then sums the k of them; fp32 sum here.
     y = (y * scale.astype(dt)[:, None]).astype(jnp.float32)
@@ -146,7 +147,8 @@ def _local_moe(x, router, gate, up, down, cfg: Qwen3VLConfig, *, chunk: int, fir
     def one_chunk(xc, ec, wc):
         if gather is not None:
             xc, ec, wc = gather(xc), gather(ec), gather(wc)
-        y = grouped_swiglu(xc, ec, wc, gate, up, down, first_expert).astype(x.dtype)
+        y = grouped_swiglu(xc, ec, wc, gate, up, down, first_expert, impl=cfg.moe_impl,
+                           tile=cfg.moe_tile_size).astype(x.dtype)
         return y if scatter is None else scatter(y)
 
     return _chunked(one_chunk, chunk, x, experts, weights)
