@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from references import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 from vaopd_jax.models import qwen3_vl  # noqa: E402
 from vaopd_jax.models.qwen3_vl import convert, testing  # noqa: E402

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from references import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 from vaopd_jax.models import qwen3_vl  # noqa: E402
 from vaopd_jax.models.qwen3_vl import moe, sharding, testing  # noqa: E402

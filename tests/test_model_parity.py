@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from references import require
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 
 from vaopd_jax.models import qwen3_vl  # noqa: E402
 from vaopd_jax.models.qwen3_vl import testing  # noqa: E402

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.models.qwen3_vl import sharding, testing
 from vaopd_jax.parallel import make_mesh
+from references import require
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices: see tests/conftest.py")
 
@@ -47,7 +48,7 @@ def test_every_param_has_logical_axes_and_rules_map_them():
 
 
 def test_logits_on_2x2x2_mesh_equal_transformers():
-    pytest.importorskip("torch")
+    require("torch")
     cfg = testing.tiny_config()
     hf = testing.hf_reference_model(cfg, seed=5)
     single = testing.model_from_hf(hf, cfg)

@@ -17,6 +17,7 @@ from flax import nnx
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.models.qwen3_vl import testing
 from vaopd_jax.rollout import sampler
+from references import require
 
 EOS = (7, 9)
 N_NEW = 12
@@ -28,7 +29,7 @@ MIXED_TEXT = [6, 3, 2, 11]
 @pytest.fixture(scope="module")
 def pair():
     """(transformers reference, our model with the same weights, config)."""
-    pytest.importorskip("torch")
+    require("torch")
     cfg = testing.tiny_config()
     hf = testing.hf_reference_model(cfg, seed=0)
     return hf, testing.model_from_hf(hf, cfg), cfg

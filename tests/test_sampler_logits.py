@@ -7,11 +7,12 @@ import pytest
 
 from vaopd_jax.rollout import logits as lp
 from vaopd_jax.rollout import masks
+from references import require
 
 
 def _hf_processed(scores: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     """transformers' own warper chain (temperature → top-k → top-p) as the reference."""
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper,
         TopKLogitsWarper,

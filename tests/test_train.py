@@ -19,6 +19,8 @@ import time
 import numpy as np
 import pytest
 
+from runtime_env import runtime_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 4
@@ -62,7 +64,8 @@ def train_args(shared, workdir, *extra):
 
 
 def env_for(shared, devices=1, **extra):
-    env = dict(os.environ)
+    # The runs see only what `pip install -e .` installs (tests/runtime_env.py): no torch, no test extras.
+    env = runtime_env()
     env.update({
         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_COMPILATION_CACHE_DIR": shared["cache"], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

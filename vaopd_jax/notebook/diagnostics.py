@@ -728,7 +728,9 @@ def _write_readme_examples(out_dir: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    for written_path in _write_readme_examples(sys.argv[1] if len(sys.argv) > 1 else "docs/images"):
+    parser = argparse.ArgumentParser(description="Regenerates the README's VA illustration images.")
+    parser.add_argument("output_dir", nargs="?", default="docs/images", help="where the PNGs go (default: %(default)s)")
+    for written_path in _write_readme_examples(parser.parse_args().output_dir):
         print(written_path)

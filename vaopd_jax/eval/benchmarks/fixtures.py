@@ -16,7 +16,6 @@ returns the rows it wrote.
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 CORRUPT_BYTES = b"\x89PNG\r\n\x1a\n this is not an image"
@@ -243,8 +242,10 @@ def write_all(root, names=None) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m vaopd_jax.eval.benchmarks.fixtures OUTPUT_DIR")
-    written = write_all(sys.argv[1])
-    for name, rows in written.items():
-        print(f"{name}: {len(rows)} rows -> {Path(sys.argv[1]) / name}")
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Writes tiny copies of the eight benchmarks (public layouts).")
+    parser.add_argument("output_dir", help="folder to create; one sub-folder per benchmark")
+    output_dir = parser.parse_args().output_dir
+    for name, rows in write_all(output_dir).items():
+        print(f"{name}: {len(rows)} rows -> {Path(output_dir) / name}")
