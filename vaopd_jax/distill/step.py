@@ -38,6 +38,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vaopd_jax.distill import kl as kl_lib
+from vaopd_jax.distill import microbatch
 from vaopd_jax.distill import objective
 from vaopd_jax.distill.batch import TrainBatch, build_train_batch  # noqa: F401  (re-exported)
 from vaopd_jax.models.qwen3_vl import Qwen3VL
@@ -54,12 +55,16 @@ class StepConfig:
     objective: the method and its VA hyper-parameters (`objective.ObjectiveConfig`, validated there).
     kl_chunk_size: response positions per chunk of the full-vocabulary KL (>= 1).
     valid_vocab_size: lm_head rows >= this are padding beyond the tokenizer (None: all real).
+    micro_batch_rollouts: rollouts per micro-batch inside the step, a multiple of num_rollouts that divides the
+      batch (None: all at once). Teacher scoring and the student's forward and backward then run micro-batch
+      by micro-batch, gradients summed in fp32, one optimizer update (distill/microbatch.py).
     """
 
     num_rollouts: int = 4
     objective: objective.ObjectiveConfig = objective.ObjectiveConfig()
     kl_chunk_size: int = 256
     valid_vocab_size: int | None = None
+    micro_batch_rollouts: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.objective, objective.ObjectiveConfig):
@@ -69,6 +74,10 @@ class StepConfig:
             raise ValueError(f"StepConfig.num_rollouts={self.num_rollouts}; must be >= 1")
         if self.kl_chunk_size < 1:
             raise ValueError(f"StepConfig.kl_chunk_size={self.kl_chunk_size}; must be >= 1")
+        if self.micro_batch_rollouts is not None and (self.micro_batch_rollouts < 1 or
+                                                      self.micro_batch_rollouts % self.num_rollouts):
+            raise ValueError(f"StepConfig.micro_batch_rollouts={self.micro_batch_rollouts}; must be None or a "
+                             f"positive multiple of num_rollouts={self.num_rollouts} (whole prompts)")
         if self.valid_vocab_size is not None and self.valid_vocab_size < 1:
             raise ValueError(f"StepConfig.valid_vocab_size={self.valid_vocab_size}; must be >= 1 or None")
 
@@ -268,15 +277,12 @@ def _masked_mean(x, mask):
     return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, teacher_params, batch: TrainBatch,
-          rng):
+def _whole_batch_loss_and_grads(config: StepConfig, teacher: Qwen3VL, state: TrainState, batch: TrainBatch):
+    """(loss, grads, (kl_tok, va, terms, logp_teacher, logp_student)) with every rollout at once: the teacher's
+    original-view log-probs come with the KL (same hidden states, one LM-head pass); the pixelated view's alone."""
     obj_cfg = config.objective
     mask = batch.response_mask
-    tokens = batch.response_tokens
     kl_kwargs = dict(valid_vocab_size=config.valid_vocab_size, chunk_size=config.kl_chunk_size)
-
-    teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-    # The original view's log-probs come with the KL below (same hidden states); the pixelated view's alone.
     teacher_hidden = jax.lax.stop_gradient(response_hidden(teacher, batch, batch.pixel_values))
     if obj_cfg.needs_visual_advantage:
         logp_pix = jax.lax.stop_gradient(view_logprobs(teacher, batch, batch.pixel_values_pixelated, **kl_kwargs))
@@ -287,7 +293,7 @@ def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, te
         student = nnx.merge(state.graphdef, params)
         student_hidden = response_hidden(student, batch, batch.pixel_values)
         kl_tok, logp_teacher, logp_student = kl_lib.token_kl_and_logprobs(
-            student_hidden, lm_head(student), teacher_hidden, lm_head(teacher), tokens, **kl_kwargs)
+            student_hidden, lm_head(student), teacher_hidden, lm_head(teacher), batch.response_tokens, **kl_kwargs)
         if logp_pix is not None:
             va = objective.visual_advantage(logp_teacher, logp_pix, mask)
         else:
@@ -295,8 +301,75 @@ def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, te
         terms = objective.objective_terms(va, mask, config.num_rollouts, obj_cfg)
         return objective.weighted_loss(kl_tok, terms), (kl_tok, va, terms, logp_teacher, logp_student)
 
-    (loss, (kl_tok, va, terms, logp_teacher, logp_student)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, grads, aux
+
+
+def _micro_batched_loss_and_grads(config: StepConfig, num_micro: int, teacher: Qwen3VL, state: TrainState,
+                                  batch: TrainBatch):
+    """The same as `_whole_batch_loss_and_grads`, `num_micro` micro-batches of whole prompts at a time
+    (distill/microbatch.py): the teacher scores every micro-batch first (both views, scanned), then VA, rollout
+    weights and token coefficients are computed for the whole batch, then the student's forward and backward
+    run micro-batch by micro-batch against the stored teacher hidden states, gradients summed in fp32."""
+    obj_cfg = config.objective
+    mask = batch.response_mask
+    kl_kwargs = dict(valid_vocab_size=config.valid_vocab_size, chunk_size=config.kl_chunk_size)
+    teacher_kernel = lm_head(teacher)
+    micro = microbatch.split(batch, num_micro, config.num_rollouts)
+
+    def score(_, mb: TrainBatch):
+        hidden = jax.lax.stop_gradient(response_hidden(teacher, mb, mb.pixel_values))
+        logp_orig = kl_lib.token_logprobs(hidden, teacher_kernel, mb.response_tokens, **kl_kwargs)
+        if obj_cfg.needs_visual_advantage:
+            logp_pix = jax.lax.stop_gradient(view_logprobs(teacher, mb, mb.pixel_values_pixelated, **kl_kwargs))
+        else:
+            logp_pix = jnp.zeros_like(logp_orig)
+        return None, (hidden, logp_orig, logp_pix)
+
+    _, (teacher_hidden, logp_orig, logp_pix) = jax.lax.scan(score, None, micro)
+    logp_teacher = microbatch.join(logp_orig)
+    if obj_cfg.needs_visual_advantage:
+        va = objective.visual_advantage(logp_teacher, microbatch.join(logp_pix), mask)
+    else:
+        va = jnp.zeros(mask.shape, jnp.float32)
+    terms = objective.objective_terms(va, mask, config.num_rollouts, obj_cfg)
+    # weighted_loss = sum(c * KL) / num_prompts is linear in the KL: each micro-batch adds its share.
+    scale = jnp.where(terms.num_prompts > 0, 1.0 / jnp.maximum(terms.num_prompts, 1.0), 0.0)
+    coefficients = (terms.coefficients * scale).reshape((num_micro, -1) + mask.shape[1:])
+
+    def train(carry, xs):
+        grad_sum, loss_sum = carry
+        mb, mb_teacher_hidden, mb_coefficients = xs
+
+        def loss_fn(params):
+            student = nnx.merge(state.graphdef, params)
+            student_hidden = response_hidden(student, mb, mb.pixel_values)
+            kl_tok, _, logp_student = kl_lib.token_kl_and_logprobs(
+                student_hidden, lm_head(student), mb_teacher_hidden, teacher_kernel, mb.response_tokens, **kl_kwargs)
+            return (mb_coefficients * kl_tok).sum(), (kl_tok, logp_student)
+
+        (loss, (kl_tok, logp_student)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_sum = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_sum, grads)
+        return (grad_sum, loss_sum + loss), (kl_tok, logp_student)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (grads, loss), (kl_tok, logp_student) = jax.lax.scan(
+        train, (zeros, jnp.zeros((), jnp.float32)), (micro, teacher_hidden, coefficients))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    return loss, grads, (microbatch.join(kl_tok), va, terms, logp_teacher, microbatch.join(logp_student))
+
+
+def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, teacher_params, batch: TrainBatch,
+          rng):
+    obj_cfg = config.objective
+    mask = batch.response_mask
+    teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+    num_micro = microbatch.num_micro_batches(mask.shape[0], config.micro_batch_rollouts, config.num_rollouts)
+    if num_micro == 1:
+        loss, grads, aux = _whole_batch_loss_and_grads(config, teacher, state, batch)
+    else:
+        loss, grads, aux = _micro_batched_loss_and_grads(config, num_micro, teacher, state, batch)
+    kl_tok, va, terms, logp_teacher, logp_student = aux
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
