@@ -242,7 +242,7 @@ def layer_report(attention: str, *, rows=8, seq_len=5120, chunk_size=512):
 
 def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=16, num_rollouts=4,
                prompt_len=1024, image_tokens=768, kl_chunk_size=256, vocab_valid=151_669, attention="chunked",
-               attention_chunk_size=512):
+               attention_chunk_size=512, micro_batch_rollouts=None):
     """Lowers and compiles the paper-scale step from abstract shapes; prints XLA's per-device memory."""
     options = dict(attention_impl=attention, attention_chunk_size=attention_chunk_size)
     student_cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(**options)
@@ -261,7 +261,8 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated), graphdef=student_graphdef)
     batch = _abstract_batch(teacher_cfg, mesh, num_prompts, num_rollouts, prompt_len, response_len, image_tokens)
-    config = step_lib.StepConfig(num_rollouts=num_rollouts, kl_chunk_size=kl_chunk_size, valid_vocab_size=vocab_valid)
+    config = step_lib.StepConfig(num_rollouts=num_rollouts, kl_chunk_size=kl_chunk_size, valid_vocab_size=vocab_valid,
+                                 micro_batch_rollouts=micro_batch_rollouts)
     train_step = step_lib.make_train_step(config, teacher_graphdef, optimizer, mesh=mesh, state_sharding=shardings)
     t0 = time.perf_counter()
     # make_train_step traces under jax.set_mesh(mesh) (parallel.mesh.on_mesh): without it the activation constraints are
@@ -276,7 +277,9 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
     mesh_desc = "x".join(f"{k}={v}" for k, v in mesh.shape.items())
     print(f"2B student <- {teacher_name.upper()} teacher, {num_prompts}x{num_rollouts} rollouts, prompt {prompt_len} "
           f"+ response {response_len}, mesh {mesh_desc}, attention {attention}"
-          f"{f' (chunk {attention_chunk_size})' if attention == 'chunked' else ''}: lower {t1 - t0:.0f} s, compile {t2 - t1:.0f} s")
+          f"{f' (chunk {attention_chunk_size})' if attention == 'chunked' else ''}, micro-batch "
+          f"{micro_batch_rollouts or num_prompts * num_rollouts}, KL chunk {kl_chunk_size}: lower {t1 - t0:.0f} s, "
+          f"compile {t2 - t1:.0f} s")
     print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs {mem.output_size_in_bytes / GB:.2f}"
           f" GB, aliased {mem.alias_size_in_bytes / GB:.2f} GB, temp {mem.temp_size_in_bytes / GB:.2f} GB -> peak "
           f"{peak / GB:.2f} GB: {'fits' if peak < 80 * GB else 'does NOT fit'} an 80 GB device", flush=True)
@@ -297,6 +300,8 @@ def main(argv=None):
     parser.add_argument("--attention", default="chunked", choices=("chunked", "xla", "cudnn"),
                         help="attention_impl of student and teacher (part 2); 'cudnn' needs an NVIDIA GPU")
     parser.add_argument("--attention-chunk", type=int, default=512, help="query chunk of 'chunked' (parts 2, 2a)")
+    parser.add_argument("--micro-batch", type=int, default=0, help="rollouts per micro-batch (part 2; 0 = all)")
+    parser.add_argument("--kl-chunk", type=int, default=256, help="positions per chunk of the full-vocab KL (part 2)")
     args = parser.parse_args(argv)
     print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} devices")
     if args.part in ("torch", "all"):
@@ -313,7 +318,8 @@ def main(argv=None):
         for teacher in args.teachers.split(","):
             for response in [int(x) for x in args.responses.split(",")]:
                 aot_report(teacher.strip(), response, mesh, attention=args.attention,
-                           attention_chunk_size=args.attention_chunk)
+                           attention_chunk_size=args.attention_chunk, micro_batch_rollouts=args.micro_batch or None,
+                           kl_chunk_size=args.kl_chunk)
     print("== 3. MFU: needs a GPU/TPU (not measured on CPU)")
 
 
