@@ -247,7 +247,8 @@ def device_section(args, info: backend_lib.BackendInfo) -> dict:
         if not args.dry_run:
             raise SystemExit(f"no datasheet peak for device kind {info.device_kind!r}: pass --peak-tflops and "
                              "--hbm-gbps (dense bf16 TFLOP/s and HBM GB/s of one device)")
-        peak, hbm, source = peak or NOMINAL_TFLOPS, hbm or NOMINAL_HBM_GBPS, "nominal: a dry run without datasheet figures"
+        peak, hbm = peak or NOMINAL_TFLOPS, hbm or NOMINAL_HBM_GBPS
+        source = "nominal: a dry run without datasheet figures"
     print(backend_lib.describe(info))
     print(f"device 0: {info.device_kind}, memory {memory / GB:.1f} GB" if memory else
           f"device 0: {info.device_kind}, memory not reported by this backend")
@@ -307,7 +308,8 @@ def agreement_section(shapes: Shapes, impls: list[str], note: str) -> dict:
             verdict = "(the yardstick)"
         else:
             agrees[impl] = all(errs[x] <= AGREEMENT_FACTOR * results["xla_bf16"][x] + AGREEMENT_FLOOR for x in names)
-            verdict = "agrees" if agrees[impl] else f"DISAGREES (> {AGREEMENT_FACTOR:g}x xla bf16 + {AGREEMENT_FLOOR:g})"
+            verdict = ("agrees" if agrees[impl] else
+                       f"DISAGREES (> {AGREEMENT_FACTOR:g}x xla bf16 + {AGREEMENT_FLOOR:g})")
         print(f"  {impl:10s}" + "".join(f"{errs[x]:10.2e}" for x in names) + f"   {verdict}")
 
     # The whole model: same weights, each kernel vs 'xla' (the parity path), logits at real positions.
@@ -470,8 +472,8 @@ def decode_section(shapes: Shapes, hbm_gbps: float, repeats: int) -> dict:
     roofline = rows / ((weight_bytes + kv_bytes) / (hbm_gbps * 1e9))
     print(f"decode: {shapes.decode_prompts} prompts x K={k} = {rows} rows, prompts of {int(mask.sum(1).min())}-"
           f"{int(mask.sum(1).max())} tokens, {n} new tokens each (no end token), temperature 0.7, top-p 0.95, bf16")
-    print(f"  {tokens_per_s:,.0f} tokens/s ({decode_s / (n - 1) * 1e3:.2f} ms per step; prefill {prefill * 1e3:.0f} ms; "
-          f"compile + first call {compile_s:.0f} s)")
+    print(f"  {tokens_per_s:,.0f} tokens/s ({decode_s / (n - 1) * 1e3:.2f} ms per step; prefill "
+          f"{prefill * 1e3:.0f} ms; compile + first call {compile_s:.0f} s)")
     print(f"  HBM roofline: {si(weight_bytes, 'B')} weights + {si(kv_bytes, 'B')} KV (mean context "
           f"{mean_context:.0f}) per step at {hbm_gbps:.0f} GB/s -> {roofline:,.0f} tokens/s; measured "
           f"{tokens_per_s / roofline:.1%} of it")

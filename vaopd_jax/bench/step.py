@@ -50,6 +50,10 @@ from vaopd_jax.models.qwen3_vl import sharding as model_sharding
 from vaopd_jax.models.qwen3_vl import testing
 
 GB = 1e9
+DEVICE_GB, HEADROOM = 80, 0.10  # A100/H100 80 GB; 10 % left for what XLA's analysis does not see (allocator
+# fragmentation, collective and cuDNN workspaces, the runtime's own reservations)
+MICRO_BATCH_CANDIDATES = (64, 32, 16, 8)  # rollouts per micro-batch for 16 prompts x 4: whole prompts, fsdp=8 rows
+PAPER_KL_CHUNK = 512  # configs/base.py model.kl_chunk_size
 
 
 # ----------------------------------------------------------------------------- 1. JAX vs eager PyTorch
@@ -241,8 +245,8 @@ def layer_report(attention: str, *, rows=8, seq_len=5120, chunk_size=512):
 
 
 def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=16, num_rollouts=4,
-               prompt_len=1024, image_tokens=768, kl_chunk_size=256, vocab_valid=151_669, attention="chunked",
-               attention_chunk_size=512, micro_batch_rollouts=None):
+               prompt_len=1024, image_tokens=768, kl_chunk_size=PAPER_KL_CHUNK, vocab_valid=151_669,
+               attention="chunked", attention_chunk_size=512, micro_batch_rollouts=None):
     """Lowers and compiles the paper-scale step from abstract shapes; prints XLA's per-device memory."""
     options = dict(attention_impl=attention, attention_chunk_size=attention_chunk_size)
     student_cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(**options)
@@ -280,10 +284,50 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
           f"{f' (chunk {attention_chunk_size})' if attention == 'chunked' else ''}, micro-batch "
           f"{micro_batch_rollouts or num_prompts * num_rollouts}, KL chunk {kl_chunk_size}: lower {t1 - t0:.0f} s, "
           f"compile {t2 - t1:.0f} s")
-    print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs {mem.output_size_in_bytes / GB:.2f}"
-          f" GB, aliased {mem.alias_size_in_bytes / GB:.2f} GB, temp {mem.temp_size_in_bytes / GB:.2f} GB -> peak "
-          f"{peak / GB:.2f} GB: {'fits' if peak < 80 * GB else 'does NOT fit'} an 80 GB device", flush=True)
-    return mem
+    print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs "
+          f"{mem.output_size_in_bytes / GB:.2f} GB, aliased {mem.alias_size_in_bytes / GB:.2f} GB, temp "
+          f"{mem.temp_size_in_bytes / GB:.2f} GB -> peak {peak / GB:.2f} GB: {'fits' if peak < DEVICE_GB * GB else 'does NOT fit'} an {DEVICE_GB} GB device",
+          flush=True)
+    return {"peak": peak / GB, "arguments": mem.argument_size_in_bytes / GB, "temp": mem.temp_size_in_bytes / GB,
+            "compile_s": t2 - t1}
+
+
+def aot_table(teachers, responses, meshes, *, candidates=MICRO_BATCH_CANDIDATES, budget_gb=None, **kwargs) -> list:
+    """For each teacher x response x mesh: the largest micro-batch (rollouts, from `candidates`, largest first)
+    whose AOT peak per device is within `budget_gb` (default: DEVICE_GB less HEADROOM). One compile per tried
+    micro-batch, one at a time; prints each compile as it goes, then one table. Returns the table's rows."""
+    budget_gb = DEVICE_GB * (1 - HEADROOM) if budget_gb is None else budget_gb
+    rows = []
+    for mesh in meshes:
+        for teacher in teachers:
+            for response in responses:
+                tried = []
+                for micro in candidates:
+                    tried.append((micro, aot_report(teacher, response, mesh, micro_batch_rollouts=micro, **kwargs)))
+                    if tried[-1][1]["peak"] <= budget_gb:
+                        break
+                rows.append({"teacher": teacher, "response": response, "mesh": _mesh_text(mesh), "tried": tried,
+                             "fits": tried[-1][1]["peak"] <= budget_gb})
+    total = 16 * 4
+    print(f"\n2B student, 16 prompts x 4 rollouts, prompt 1,024 tokens (768 image tokens) + response; bf16 teacher, "
+          f"fp32 master student with bf16 compute and block remat; chunked attention; per-device AOT peak "
+          f"(arguments + outputs - aliased + temp); micro-batch = the largest within {budget_gb:.0f} GB "
+          f"({DEVICE_GB} GB less {HEADROOM:.0%} headroom)")
+    print("| teacher | response | mesh | micro-batch (rollouts) | peak GB / device | arguments GB | temp GB "
+          "| larger micro-batches |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        micro, mem = row["tried"][-1]
+        chosen = f"{micro} ({total // micro} micro-batch{'es' if total // micro > 1 else ''})" if row["fits"] else \
+            f"none of {list(candidates)} fits"
+        larger = ", ".join(f"{m}: {r['peak']:.1f} GB" for m, r in row["tried"][:-1]) or "-"
+        print(f"| {row['teacher'].upper()} | {row['response']:,} | {row['mesh']} | {chosen} | {mem['peak']:.1f} | "
+              f"{mem['arguments']:.1f} | {mem['temp']:.1f} | {larger} |")
+    return rows
+
+
+def _mesh_text(mesh: Mesh) -> str:
+    return " x ".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 device"
 
 
 def main(argv=None):
@@ -294,14 +338,16 @@ def main(argv=None):
     parser.add_argument("--rollouts", type=int, default=4)
     parser.add_argument("--response", type=int, default=128, help="response length (part 1)")
     parser.add_argument("--image", type=int, default=8, help="image side in patches (part 1)")
-    parser.add_argument("--teachers", default="8b,32b", help="comma list of 4b/8b/32b (part 2)")
-    parser.add_argument("--responses", default="4096,2048", help="comma list of response lengths (part 2)")
-    parser.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor sizes of the simulated mesh (part 2)")
+    parser.add_argument("--teachers", default="4b,8b,32b", help="comma list of 4b/8b/32b (part 2)")
+    parser.add_argument("--responses", default="2048,4096", help="comma list of response lengths (part 2)")
+    parser.add_argument("--meshes", default="1,8,1", help="';'-separated data,fsdp,tensor sizes of simulated meshes "
+                        "(part 2; more than 8 devices needs XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     parser.add_argument("--attention", default="chunked", choices=("chunked", "xla", "cudnn"),
                         help="attention_impl of student and teacher (part 2); 'cudnn' needs an NVIDIA GPU")
     parser.add_argument("--attention-chunk", type=int, default=512, help="query chunk of 'chunked' (parts 2, 2a)")
-    parser.add_argument("--micro-batch", type=int, default=0, help="rollouts per micro-batch (part 2; 0 = all)")
-    parser.add_argument("--kl-chunk", type=int, default=256, help="positions per chunk of the full-vocab KL (part 2)")
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="part 2: only this many rollouts per micro-batch (0: the table's search)")
+    parser.add_argument("--kl-chunk", type=int, default=PAPER_KL_CHUNK, help="positions per KL chunk (part 2)")
     args = parser.parse_args(argv)
     print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} devices")
     if args.part in ("torch", "all"):
@@ -311,15 +357,25 @@ def main(argv=None):
         for attention in ("xla", "chunked"):
             layer_report(attention, chunk_size=args.attention_chunk)
     if args.part in ("aot", "all"):
-        sizes = [int(x) for x in args.mesh.split(",")]
-        devices = np.asarray(jax.devices("cpu")[:int(np.prod(sizes))]).reshape(sizes)
-        mesh = Mesh(devices, ("data", "fsdp", "tensor"))
+        meshes = []
+        for text in args.meshes.split(";"):
+            sizes = [int(x) for x in text.split(",")]
+            if int(np.prod(sizes)) > len(jax.devices("cpu")):
+                raise SystemExit(f"--meshes {text}: needs {int(np.prod(sizes))} devices, {len(jax.devices('cpu'))} "
+                                 "simulated; set XLA_FLAGS=--xla_force_host_platform_device_count=N")
+            devices = np.asarray(jax.devices("cpu")[:int(np.prod(sizes))]).reshape(sizes)
+            meshes.append(Mesh(devices, ("data", "fsdp", "tensor")))
+        teachers = [t.strip() for t in args.teachers.split(",")]
+        responses = [int(x) for x in args.responses.split(",")]
+        options = dict(attention=args.attention, attention_chunk_size=args.attention_chunk, kl_chunk_size=args.kl_chunk)
         print("== 2. AOT compile from abstract shapes (no weights), memory per device")
-        for teacher in args.teachers.split(","):
-            for response in [int(x) for x in args.responses.split(",")]:
-                aot_report(teacher.strip(), response, mesh, attention=args.attention,
-                           attention_chunk_size=args.attention_chunk, micro_batch_rollouts=args.micro_batch or None,
-                           kl_chunk_size=args.kl_chunk)
+        if args.micro_batch:
+            for mesh in meshes:
+                for teacher in teachers:
+                    for response in responses:
+                        aot_report(teacher, response, mesh, micro_batch_rollouts=args.micro_batch, **options)
+        else:
+            aot_table(teachers, responses, meshes, **options)
     print("== 3. MFU: needs a GPU/TPU (not measured on CPU)")
 
 
