@@ -96,6 +96,10 @@ def get_config(arg=None):
   c.train.async_checkpoint = True
   c.train.max_nonfinite_steps = 3   # consecutive skipped steps before the run stops
   c.train.peak_tflops_per_device = 0.0  # 0: look up the device kind (MFU estimate)
+  # Rollouts per micro-batch inside the one jitted step (0: all at once). Whole prompts: a multiple of
+  # rollout.num_rollouts dividing prompts_per_step * num_rollouts. Same loss and gradient, less memory
+  # (`python -m vaopd_jax.bench.step --part aot` prints what each teacher needs on 8 x 80 GB).
+  c.train.micro_batch_rollouts = 0
 
   # Validation: 200 of the 300 Geometry3K validation problems
   # (sorted(random.Random(42).sample(range(300), 200))), every 50 steps.

@@ -121,6 +121,10 @@ def _with(cfg, **fields):
     ("train__num_steps", 0, r"config.train.num_steps = 0: must be >= 1, or -1"),
     ("workdir", "", r"config.workdir = '': must be a non-empty path"),
     ("mesh__tensor", 0, r"config.mesh.tensor = 0: must be >= 1 or -1"),
+    ("train__micro_batch_rollouts", -4, r"config.train.micro_batch_rollouts = -4: must be in \[0, inf\]"),
+    ("train__micro_batch_rollouts", 6, r"config.train.micro_batch_rollouts = 6: must be 0 or a multiple of "
+                                       r"rollout.num_rollouts = 4 \(whole prompts\)"),
+    ("train__micro_batch_rollouts", 24, r"that divides the step's 16 x 4 = 64 rollouts"),
 ])
 def test_bad_field_fails_naming_field_value_and_range(field, value, message):
     cfg = _with(load("base"), workdir="/tmp/x")

@@ -280,6 +280,12 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     c.number("train.max_nonfinite_steps", 1, None, integer=True,
              why="consecutive skipped (non-finite) steps before the run stops")
     c.number("train.peak_tflops_per_device", 0, None, why="0 = look up the device kind for the MFU estimate")
+    micro = c.number("train.micro_batch_rollouts", 0, None, integer=True, why="0 = all rollouts at once")
+    prompts = c.get("data.prompts_per_step")
+    if micro and k and isinstance(prompts, int) and (micro % k or (prompts * k) % micro):
+        c.fail("train.micro_batch_rollouts", micro,
+               f"must be 0 or a multiple of rollout.num_rollouts = {k} (whole prompts) that divides the step's "
+               f"{prompts} x {k} = {prompts * k} rollouts")
 
     c.number("eval.every", 0, None, integer=True, why="0 disables periodic validation")
     c.number("eval.num_problems", 1, None, integer=True)

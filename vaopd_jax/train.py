@@ -141,7 +141,8 @@ def main(argv) -> None:
     del student, teacher
     k = config.rollout.num_rollouts
     step_config = step_lib.StepConfig(num_rollouts=k, objective=config_lib.objective_config(config),
-                                      kl_chunk_size=config.model.kl_chunk_size, valid_vocab_size=valid_vocab_size)
+                                      kl_chunk_size=config.model.kl_chunk_size, valid_vocab_size=valid_vocab_size,
+                                      micro_batch_rollouts=config.train.micro_batch_rollouts or None)
     train_step = step_lib.make_train_step(step_config, teacher_graphdef, optimizer, mesh=mesh,
                                           state_sharding=step_lib.train_state_sharding(state))
 

@@ -286,8 +286,8 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
           f"compile {t2 - t1:.0f} s")
     print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs "
           f"{mem.output_size_in_bytes / GB:.2f} GB, aliased {mem.alias_size_in_bytes / GB:.2f} GB, temp "
-          f"{mem.temp_size_in_bytes / GB:.2f} GB -> peak {peak / GB:.2f} GB: {'fits' if peak < DEVICE_GB * GB else 'does NOT fit'} an {DEVICE_GB} GB device",
-          flush=True)
+          f"{mem.temp_size_in_bytes / GB:.2f} GB -> peak {peak / GB:.2f} GB: "
+          f"{'fits' if peak < DEVICE_GB * GB else 'does NOT fit'} an {DEVICE_GB} GB device", flush=True)
     return {"peak": peak / GB, "arguments": mem.argument_size_in_bytes / GB, "temp": mem.temp_size_in_bytes / GB,
             "compile_s": t2 - t1}
 

@@ -19,6 +19,12 @@ and AdamW with linear warm-up + cosine decay. The train state is donated. A
 non-finite loss or gradient norm leaves params and optimizer state unchanged and
 reports ``skipped = 1``.
 
+Micro-batching (`StepConfig.micro_batch_rollouts`, config `train.micro_batch_rollouts`): the teacher scores the
+rollouts micro-batch by micro-batch (whole prompts, `lax.scan`), VA / weights / token coefficients are computed
+for all rollouts, then the student's forward and backward run per micro-batch with the gradients summed in
+fp32 and ONE optimizer update: the same loss and gradient up to fp32 reassociation, with activation memory
+of one micro-batch (distill/microbatch.py).
+
 Precision: keep the student's params in float32 (the AdamW master copy; lr 1e-6
 updates vanish in bf16) with a bf16 compute dtype (Qwen3VL(cfg, param_dtype=
 jnp.float32, compute_dtype=jnp.bfloat16)); the teacher in bf16. Softmax, KL and
