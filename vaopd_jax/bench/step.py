@@ -1,26 +1,34 @@
 """Train-step benchmark: the fused JAX VA-OPD step against an eager PyTorch step, and ahead-of-time memory of
-the paper-scale step on a simulated 8-device mesh.
+the paper-scale step on a simulated 8-device mesh with the micro-batch each teacher needs.
 
-    python -m vaopd_jax.bench.step                       # both parts (the AOT part takes minutes on CPU)
+    python -m vaopd_jax.bench.step                       # all parts (the AOT table takes ~30 min on 2 CPU cores)
     python -m vaopd_jax.bench.step --part torch          # 1. JAX vs eager PyTorch, same config/batch/weights
-    python -m vaopd_jax.bench.step --part aot --teachers 8b --responses 4096,2048    # 2. AOT only
+    python -m vaopd_jax.bench.step --part aot            # 2. the AOT table: 4B/8B/32B x 2,048/4,096 x fsdp=8
+    python -m vaopd_jax.bench.step --part aot --teachers 8b --responses 4096 --micro-batch 32   # one compile
     python -m vaopd_jax.bench.step --part layer          # 2a. one decoder layer: where the memory goes
 
 1. Step time: the jitted step (teacher on both views, VA, weights, groups, chunked KL, grad, clip, AdamW) vs
    the same step written in eager PyTorch over transformers' Qwen3VLForConditionalGeneration (student and
    teacher), same small config, same weights, same batch, same process, CPU, fp32. JAX and torch steps are
    interleaved so machine load hits both; prints the median step times, the ratio and the two first-step losses.
-2. AOT: the paper-scale step (2B student with fp32 master params / bf16 compute, 8B or 32B bf16 teacher,
-   16 prompts x 4 rollouts, 1,024 prompt tokens of which --image-tokens are one image, --responses tokens)
-   lowered from abstract shapes (no weights allocated) with ShapeDtypeStructs carrying the shardings of a
-   simulated (data, fsdp, tensor) mesh, compiled, and XLA's per-device memory analysis printed: argument,
-   output, alias, temp bytes and whether argument + output - alias + temp fits an 80 GB device. Student and
-   teacher use --attention (default 'chunked': models/qwen3_vl/attention.py, no T x T scores); 'xla' is the
-   dense path that materializes (rows, heads, T, T) fp32 scores per layer.
+2. AOT: the paper-scale step (2B student with fp32 master params / bf16 compute, 4B / 8B / 32B bf16 teacher,
+   16 prompts x 4 rollouts, 1,024 prompt tokens of which 768 are one image, --responses tokens, KL chunk 512 as
+   configs/base.py) lowered from abstract shapes (no weights allocated) with ShapeDtypeStructs carrying the
+   shardings of a simulated (data, fsdp, tensor) mesh, compiled, and XLA's per-device memory analysis printed:
+   argument, output, alias, temp bytes and the peak argument + output - alias + temp. For each teacher x
+   response x mesh the table tries micro-batches of 64, 32, 16, 8 rollouts (`train.micro_batch_rollouts`),
+   largest first, one compile at a time, and keeps the first whose peak is within 72 GB (80 GB less 10 %
+   headroom for what the analysis does not see); then prints one markdown table. XLA's CPU backend has no bf16
+   matmul: it converts the teacher's bf16 weights to f32 and hoists those copies out of the layer loop, which a
+   GPU/TPU does not do, so these peaks are upper bounds (32B teacher, response 4,096, 32 rollouts per
+   micro-batch: 66.4 GB; with XLA_FLAGS=--xla_disable_hlo_passes=while-loop-invariant-code-motion, which keeps
+   those copies inside the loop, one layer at a time, 45.6 GB). Student and teacher use --attention (default 'chunked':
+   models/qwen3_vl/attention.py, no T x T scores); 'xla' is the dense path that materializes (rows, heads, T, T)
+   fp32 scores per layer.
    2a. `--part layer`: one 2B decoder layer, forward + backward, compiled at one device's share of the paper
    batch (8 rows x 5,120 tokens), for attention xla vs chunked: temp bytes against the size of one
    (rows, heads, T, T) fp32 score matrix, which is what the full step's temp memory tracks.
-3. MFU needs a GPU/TPU; on CPU it is not measured.
+3. MFU needs a GPU/TPU; on CPU it is not measured (`python -m vaopd_jax.bench.device` measures it there).
 """
 
 from __future__ import annotations
