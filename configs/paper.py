@@ -21,15 +21,15 @@ avg@8, OPD -> VA-OPD):
   teacher=32b,data=geo3k   657 steps      51.1/65.3 -> 54.8/67.3
   teacher=8b,data=virl39k  ~12,147 steps  46.4/65.5 -> 50.2/68.0 (validation and checkpoints every 200 steps)
 
-Meshes: FSDP over all devices (mesh.data=1, mesh.fsdp=-1). The 32B teacher (~64 GB in bf16): measured peak
-memory per device of the compiled step (`python -m vaopd_jax.bench.step --part aot --teachers 32b`, 16x4
-rollouts, prompt 1,024, chunked attention):
-  response 4,096: 16 devices (fsdp=16) 58.4 GB; 8 devices (fsdp=8) 94.0 GB, 88.6 GB with
-    --config.model.attention_chunk_size=256; fsdp=4 x tensor=2 117.3 GB;
-  response 2,048: 8 devices (fsdp=8) 77.3 GB.
-So run the paper's 4,096-token responses with the 32B teacher on 16 x 80 GB devices (or a TPU pod slice), or
-on 8 devices with more than 94 GB each (H200); on one 8 x 80 GB host add --config.rollout.max_new_tokens=2048.
-The 4B and 8B teachers fit one 8 x 80 GB host at 4,096 tokens (8B: 61.2 GB per device).
+Meshes: FSDP over all devices (mesh.data=1, mesh.fsdp=-1). Memory: every teacher fits one 8 x 80 GB host
+at the paper's shapes; the 32B teacher with micro-batches of 32 rollouts (`train.micro_batch_rollouts`, set
+below: same loss and gradient, two teacher/student passes per step). Per-device peak of the compiled step on
+fsdp=8 (`python -m vaopd_jax.bench.step --part aot`: 16x4 rollouts, prompt 1,024, chunked attention; the
+largest micro-batch within 72 GB; CPU-compiled, so upper bounds):
+  teacher   response 2,048               response 4,096
+  4b        44.8 GB (all 64 at once)     57.7 GB (all at once)
+  8b        48.5 GB (all at once)        63.1 GB (all at once); 38.0 GB with micro_batch_rollouts=32
+  32b       62.1 GB (32: 2 micro-batches; all at once 76.7)   66.4 GB (32; all at once 92.9)
 
 Sweeps over these variants: configs/sweep_ablation.py.
 """
@@ -37,6 +37,8 @@ Sweeps over these variants: configs/sweep_ablation.py.
 from vaopd_jax import config as config_lib
 
 TEACHERS = ("4b", "8b", "32b")
+# Rollouts per micro-batch (0: all 64 at once): the largest within 72 GB per device on 8 x 80 GB (table above).
+MICRO_BATCH_ROLLOUTS = {"4b": 0, "8b": 0, "32b": 32}
 DATA = {"geo3k": "geometry3k", "virl39k": "virl39k"}
 
 
@@ -56,6 +58,7 @@ def get_config(arg=None):
   c.mesh.data = 1
   c.mesh.fsdp = -1   # all devices: FSDP alone needs less memory than FSDP x tensor=2 (see above)
   c.mesh.tensor = 1
+  c.train.micro_batch_rollouts = MICRO_BATCH_ROLLOUTS[args.teacher]
   if args.data == "virl39k":
     c.train.checkpoint_every = 200
     c.eval.every = 200
