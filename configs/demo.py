@@ -34,6 +34,7 @@ def get_config(arg=None):
   base = config_lib.load_sibling(__file__, "base")
   c = base.get_config(arg)
   c.workdir = "/tmp/vaopd_demo"
+  c.seed = 0                          # the seed the demo's figures in README were measured with (paper: 42)
   # The student stands in for a pre-trained model: a short SFT warm-up on the PIXELATED views of all
   # questions (answer format and words, colours); the fine-detail (texture) skill can only come from
   # the teacher. init='random' skips the warm-up (a random tiny student, as the tests use).

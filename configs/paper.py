@@ -15,11 +15,11 @@ per teacher size, training set and method. `configs/base.py` is the main run (te
 
 Expect (5 epochs, 16 prompts x K=4 rollouts of up to 4,096 tokens per step; paper Math avg / Visual avg,
 avg@8, OPD -> VA-OPD):
-  teacher=4b,data=geo3k    657 steps      45.3/64.4 -> 47.4/65.2
-  teacher=8b,data=geo3k    657 steps      45.4/64.6 -> 48.3/66.1 (MathVerse 29.1 -> 31.9); ~6.5 h on 8xA100
+  teacher=4b,data=geo3k    655 steps      45.3/64.4 -> 47.4/65.2
+  teacher=8b,data=geo3k    655 steps      45.4/64.6 -> 48.3/66.1 (MathVerse 29.1 -> 31.9); ~6.5 h on 8xA100
                                           to reach standard OPD's final MathVerse score
-  teacher=32b,data=geo3k   657 steps      51.1/65.3 -> 54.8/67.3
-  teacher=8b,data=virl39k  ~12,147 steps  46.4/65.5 -> 50.2/68.0 (validation and checkpoints every 200 steps)
+  teacher=32b,data=geo3k   655 steps      51.1/65.3 -> 54.8/67.3
+  teacher=8b,data=virl39k  12,145 steps  46.4/65.5 -> 50.2/68.0 (validation and checkpoints every 200 steps)
 
 Meshes: FSDP over all devices (mesh.data=1, mesh.fsdp=-1). Memory: every teacher fits one 8 x 80 GB host
 at the paper's shapes; the 32B teacher with micro-batches of 32 rollouts (`train.micro_batch_rollouts`, set

@@ -86,6 +86,9 @@ def test_paper_defaults():
         1e-6, 0.9, 0.95, 0.1, 1.0)
     assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k) == (0.7, 0.95, 0)
     assert (cfg.eval.every, cfg.eval.num_problems) == (50, 200)
+    # the release: seed 42, avg@8 validation at temperature 1.0, top-p 1.0; the release's image path
+    assert (cfg.seed, cfg.eval.num_samples, cfg.eval.temperature, cfg.eval.top_p) == (42, 8, 1.0, 1.0)
+    assert cfg.data.image_path == "release" and cfg.train.num_steps == -1 and cfg.data.num_epochs == 5
 
 
 def test_bad_variant_argument_names_the_known_keys():
@@ -111,6 +114,8 @@ def _with(cfg, **fields):
     ("va__p_v", 1.5, r"config.va.p_v = 1.5: must be in \(0, 1\]"),
     ("va__lam", -0.1, r"config.va.lam = -0.1: must be in \[0, 1\]"),
     ("va__lam", 1.01, r"config.va.lam = 1.01: must be in \[0, 1\]"),
+    ("va__eps", 0.0, r"config.va.eps = 0.0: must be in \(0, inf\] .*NaN weights when siblings have equal means"),
+    ("data__image_path", "twice", r"config.data.image_path = 'twice': must be one of \('release', 'single_resize'\)"),
     ("rollout__num_rollouts", 1, r"config.rollout.num_rollouts = 1: must be >= 2 with method='va_opd'"),
     ("rollout__top_p", 0.0, r"config.rollout.top_p = 0.0: must be in \(0, 1\]"),
     ("optim__lr", -1e-6, r"config.optim.lr = -1e-06: must be in \(0, inf\]"),

@@ -130,6 +130,34 @@ def test_process_shards_are_disjoint_and_cover_the_data(tok):
     assert shards[0] | shards[1] == {f"synthetic-1-{i}" for i in range(18)}
 
 
+def test_epochs_of_full_batches_drop_the_remainder_of_each_epoch(tok):
+    """epoch_size (the release's DataLoader drop_last): each epoch reads the first 8 of its own permutation of
+    the 10 records, so every epoch has 2 whole batches of 4 and no batch mixes two epochs."""
+    import grain
+
+    source = SyntheticSource(num_records=10, seed=4, image_size=64)
+    batches = _ids(_iterator(source, _config(num_epochs=3, epoch_size=8, batch_size=4), tok))
+    assert len(batches) == 6
+    order = grain.MapDataset.range(10).shuffle(seed=7).repeat(3)  # the pipeline's permutations (seed 7)
+    for epoch in range(3):
+        want = [f"synthetic-4-{order[10 * epoch + i]}" for i in range(8)]
+        assert list(batches[2 * epoch] + batches[2 * epoch + 1]) == want
+    assert len({frozenset(batches[2 * e] + batches[2 * e + 1]) for e in range(3)}) > 1  # other drops per epoch
+    # the old single stream carries the leftovers into the next epoch's batches
+    stream = _ids(_iterator(source, _config(num_epochs=3, batch_size=4), tok))
+    assert len(stream) == 7 and stream[:6] != batches
+    with pytest.raises(ValueError, match="epoch_size=11 exceeds the 10 records"):
+        _iterator(source, _config(epoch_size=11), tok)
+    # resumable across an epoch boundary
+    reference = _iterator(source, _config(num_epochs=None, epoch_size=8, batch_size=4), tok)
+    next(reference)
+    state = reference.get_state()
+    expected = [tuple(next(reference).id) for _ in range(4)]
+    restored = _iterator(source, _config(num_epochs=None, epoch_size=8, batch_size=4), tok)
+    restored.set_state(state)
+    assert [tuple(next(restored).id) for _ in range(4)] == expected
+
+
 def test_restored_iterator_continues_with_identical_batches(tok, tmp_path):
     source = SyntheticSource(num_records=24, seed=3, image_size=64)
     config = _config(num_epochs=None, batch_size=3)

@@ -57,6 +57,11 @@ def test_equal_va_gives_uniform_weights_per_prompt():
     va = jnp.concatenate([_va_with_means([0.3] * 4)[0], _va_with_means([0.0] * 4)[0]])
     w = objective.rollout_weights(va, jnp.ones(va.shape), num_rollouts=4)
     np.testing.assert_allclose(np.asarray(w), 0.25, rtol=1e-6)
+    # eps = 0 would make these 0 / 0 = NaN weights: refused, in the function and in the config
+    with pytest.raises(ValueError, match="eps=0.0; must be > 0"):
+        objective.rollout_weights(va, jnp.ones(va.shape), num_rollouts=4, eps=0.0)
+    with pytest.raises(ValueError, match=r"ObjectiveConfig.eps=0.0: must be in \(0, inf\]"):
+        objective.ObjectiveConfig(eps=0.0)
 
 
 def test_weights_are_per_prompt_groups_of_adjacent_siblings():

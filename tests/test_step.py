@@ -229,6 +229,43 @@ def test_eight_devices_match_one_device(setup):
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
 
 
+def test_the_releases_655_step_schedule(monkeypatch):
+    """Geometry3K: 2,101 prompts // 16 = 131 full batches per epoch (drop_last) x 5 epochs = 655 updates; warm-up
+    int(0.05 x 655) = 32; then the release's LambdaLR (EasyR1 get_cosine_schedule_with_warmup, min_lr_ratio 0),
+    evaluated at the update index as optax does, for every one of the 655 updates."""
+    import math
+    import os
+
+    from vaopd_jax import config as config_lib
+    from vaopd_jax.data import splits
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = config_lib.load_sibling(os.path.join(repo, "configs", "base.py"), "base").get_config()
+    monkeypatch.setattr(splits, "data_source", lambda cfg, split: range(2101))
+    assert splits.epoch_steps(2101, 16) == 131
+    assert splits.train_steps(config) == 655
+    assert splits.epoch_steps(38870, 16) * 5 == 12145  # ViRL39K
+    config.train.num_steps = 40
+    assert splits.train_steps(config) == 40  # an explicit count wins
+    with pytest.raises(ValueError, match="fewer than one batch of 16"):
+        splits.epoch_steps(15, 16)
+
+    lr, total, warmup = 1e-6, 655, int(0.05 * 655)
+    assert warmup == 32
+
+    def release_lr(update):  # lr_lambda(current_step) of the release's scheduler, times the peak lr
+        if update < warmup:
+            return lr * update / max(1, warmup)
+        progress = (update - warmup) / max(1, total - warmup)
+        return lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+    schedule = step_lib.make_schedule(lr, total_steps=total, warmup_fraction=0.05)
+    ours = np.asarray([float(schedule(s)) for s in range(total)])
+    # float32 schedule: 1 + cos cancels near the end, so absolute error ~1e-7 of the peak there
+    np.testing.assert_allclose(ours, [release_lr(s) for s in range(total)], rtol=1e-5, atol=1e-7 * lr)
+    assert ours[31] < lr and ours[32] == pytest.approx(lr)  # 32 warm-up updates (round() would give 33)
+
+
 def test_step_config_and_optimizer_validation():
     with pytest.raises(ValueError, match="num_rollouts"):
         step_lib.StepConfig(num_rollouts=0)

@@ -25,6 +25,7 @@ from typing import Any
 import ml_collections
 
 from vaopd_jax.data import tokenizer as tokenizer_lib
+from vaopd_jax.data.processor import IMAGE_PATHS
 from vaopd_jax.data.batch import VIEWS as SFT_IMAGES  # the demo warm-ups' view of the images
 from vaopd_jax.distill.objective import METHODS, RANGES, REWEIGHTING_METHODS, ObjectiveConfig, Range
 from vaopd_jax.models.qwen3_vl.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, Qwen3VLConfig
@@ -246,6 +247,7 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     max_px = c.number("data.max_pixels", 1, None, integer=True)
     if min_px is not None and max_px is not None and min_px > max_px:
         c.fail("data.min_pixels", min_px, f"must be <= config.data.max_pixels = {max_px}")
+    c.choice("data.image_path", IMAGE_PATHS)
     c.int_list("data.prompt_buckets")
     patch_buckets = c.int_list("data.prompt_patch_buckets", minimum=4)
     if patch_buckets is not None and any(b % 4 for b in patch_buckets):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import sys
 import time
@@ -46,7 +45,7 @@ from vaopd_jax.data import splits
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import step as step_lib
-from vaopd_jax.eval import grading
+from vaopd_jax.eval import grading, validation
 from vaopd_jax.models import load as load_lib
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.parallel import backend as backend_lib
@@ -128,10 +127,7 @@ def main(argv) -> None:
                                    mesh=mesh)
 
     # ------------------------------------------------------------------ 4. optimizer, state, step
-    total_steps = config.train.num_steps
-    if total_steps < 0:
-        total_steps = math.ceil(config.data.num_epochs * len(splits.data_source(config, "train")) /
-                                config.data.prompts_per_step)
+    total_steps = splits.train_steps(config)  # the release's count: epochs x full batches per epoch
     o = config.optim
     optimizer = step_lib.make_optimizer(o.lr, total_steps, o.warmup_fraction, o.b1, o.b2, o.weight_decay,
                                         o.clip_norm)
@@ -251,7 +247,8 @@ def validate(state, val_batches, val_rollouts: sampler.Sampler, config, tokenize
         texts = tokenizer.batch_decode([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
         golds = [str(a) for a in np.repeat(batch.answer, e.num_samples)]
         kinds = np.repeat(batch.kind, e.num_samples)
-        for ok, kind in zip(grading.grade_responses(texts, golds), kinds):
+        # the release's checkpoint-selection grading: earliest committed answer (else the raw text), mathruler
+        for ok, kind in zip(validation.grade_validation_responses(texts, golds), kinds):
             tally = counts.setdefault(str(kind) or "all", [0, 0])
             tally[0] += int(ok)
             tally[1] += 1

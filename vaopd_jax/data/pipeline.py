@@ -61,6 +61,10 @@ class PipelineConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None = repeat forever
+    # Records read from each epoch's permutation of this process's shard; None = all. The trainer sets it to the
+    # release's epoch (EasyR1's DataLoader, drop_last=True): floor(records / global batch) full batches, so the
+    # few records left over are dropped in every epoch, not carried into the next one.
+    epoch_size: int | None = None
     drop_remainder: bool = True
     prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
     prompt_patch_buckets: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
@@ -93,6 +97,8 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.read_threads must be >= 1, got {self.read_threads}")
         if self.num_workers < 0:
             raise ValueError(f"PipelineConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.epoch_size is not None and self.epoch_size < 1:
+            raise ValueError(f"PipelineConfig.epoch_size must be >= 1 or None, got {self.epoch_size}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"PipelineConfig.num_epochs must be >= 1 or None, got {self.num_epochs}")
         if (self.shard_index is None) != (self.shard_count is None):
@@ -283,6 +289,24 @@ def _shard(config: PipelineConfig) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+class _EpochPosition:
+    """(kept, record): kept when the record is among the first `epoch_size` of its epoch's permutation."""
+
+    def __init__(self, records_per_epoch: int, epoch_size: int):
+        self.records_per_epoch, self.epoch_size = records_per_epoch, epoch_size
+
+    def __call__(self, index: int, record):
+        return index % self.records_per_epoch < self.epoch_size, record
+
+
+def _kept(tagged) -> bool:
+    return tagged[0]
+
+
+def _record(tagged):
+    return tagged[1]
+
+
 def make_dataset(source, config: PipelineConfig, tokenizer_path: str | None = None, tokenizer=None,
                  image_root=None) -> grain.IterDataset:
     """grain IterDataset of featurized records (or skip markers) for this process's shard."""
@@ -295,7 +319,13 @@ def make_dataset(source, config: PipelineConfig, tokenizer_path: str | None = No
         ds = ds[shard_index::shard_count]
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)  # a new permutation per epoch (grain seeds epoch e with seed+e)
+    records_per_epoch = len(ds)
     ds = ds.repeat(config.num_epochs)
+    if config.epoch_size is not None:
+        if config.epoch_size > records_per_epoch:
+            raise ValueError(f"PipelineConfig.epoch_size={config.epoch_size} exceeds the {records_per_epoch} records "
+                             f"of this process's shard of {source!r}")
+        ds = ds.map_with_index(_EpochPosition(records_per_epoch, config.epoch_size)).filter(_kept).map(_record)
     ds = ds.map(Featurize(config, tokenizer_path, tokenizer, image_root))
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.batch_size))
     if config.num_workers > 0:

@@ -2,13 +2,17 @@
 
     source = data_source(config, "train")              # 'train' | 'val' | 'teacher_sft' | 'student_sft'
     batches = pipeline_for(config, tokenizer, model_config, split="train", batch_size=16)   # PromptBatches
+    total = train_steps(config)                          # optimizer updates of the run
 
-Training splits are shuffled, repeated and sharded by process; validation is read whole by every process,
-once, in order. The synthetic task's splits are disjoint record sets with fixed seeds (`SYNTHETIC_SEEDS`), so
+Training splits are shuffled, repeated and sharded by process, in epochs of `epoch_steps` full batches (the
+release's EasyR1 DataLoader with drop_last=True: Geometry3K's 2,101 prompts give 131 batches of 16 per epoch,
+the 5 left over are dropped in every epoch); validation is read whole by every process, once, in order. The synthetic task's splits are disjoint record sets with fixed seeds (`SYNTHETIC_SEEDS`), so
 every run validates on the same problems.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 
@@ -56,6 +60,26 @@ def data_source(config, split: str):
         sources.ViRL39KSource(d.train_path)
 
 
+def epoch_steps(num_records: int, batch_size: int) -> int:
+    """Full batches in one epoch, floor(num_records / batch_size) (EasyR1: DataLoader(drop_last=True)).
+
+    Raises:
+      ValueError: fewer records than one batch (no step at all), as the release does.
+    """
+    if num_records < batch_size:
+        raise ValueError(f"the training set has {num_records} records, fewer than one batch of {batch_size}")
+    return num_records // batch_size
+
+
+def train_steps(config) -> int:
+    """Optimizer updates of a run: config.train.num_steps, or (-1) ceil(data.num_epochs * epoch_steps), as the
+    release's trainer counts them (len(train_dataloader) * total_epochs: 131 x 5 = 655 for Geometry3K)."""
+    if config.train.num_steps > 0:
+        return int(config.train.num_steps)
+    per_epoch = epoch_steps(len(data_source(config, "train")), config.data.prompts_per_step)
+    return math.ceil(config.data.num_epochs * per_epoch)
+
+
 def pipeline_for(config, tokenizer, model_config, *, split: str, batch_size: int):
     """A grain iterator of `PromptBatch`es of a split (``batch_size`` global prompts; a training split gives
     each process ``batch_size / processes`` of them)."""
@@ -66,11 +90,15 @@ def pipeline_for(config, tokenizer, model_config, *, split: str, batch_size: int
     if train and batch_size % jax.process_count():
         raise config_lib.ConfigError(
             f"{split} batch size {batch_size} must be divisible by the number of processes {jax.process_count()}")
+    source = data_source(config, split)
+    local_batch = batch_size // jax.process_count() if train else batch_size
+    # Each process reads its share of every epoch's full global batches (its shard holds at least that many).
+    epoch_size = epoch_steps(len(source), batch_size) * local_batch if train else None
     pcfg = pipeline.PipelineConfig(
-        batch_size=batch_size // jax.process_count() if train else batch_size, seed=config.seed, shuffle=train,
-        num_epochs=None if train else 1, drop_remainder=train, prompt_buckets=tuple(d.prompt_buckets),
+        batch_size=local_batch, seed=config.seed, shuffle=train, num_epochs=None if train else 1,
+        epoch_size=epoch_size, drop_remainder=train, prompt_buckets=tuple(d.prompt_buckets),
         prompt_patch_buckets=tuple(d.prompt_patch_buckets), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-        pixelation_ratio=config.va.pixelate_ratio, num_workers=d.num_workers if train else 0,
-        shard_index=None if train else 0, shard_count=None if train else 1)
-    return pipeline.make_iterator(data_source(config, split), pcfg, tokenizer=tokenizer,
-                                  model_config=model_config)
+        pixelation_ratio=config.va.pixelate_ratio, image_path=d.image_path,
+        num_workers=d.num_workers if train else 0, shard_index=None if train else 0,
+        shard_count=None if train else 1)
+    return pipeline.make_iterator(source, pcfg, tokenizer=tokenizer, model_config=model_config)

@@ -59,7 +59,8 @@ RANGES = {
     "high_fraction": Range(0, 1, lo_open=True, why="p_v, fraction of a rollout's tokens in the high-VA group, Eq. 5"),
     "high_weight": Range(0, 1, why="lambda, weight of the high-VA group mean, Eq. 5"),
     "tau": Range(0, None, lo_open=True, why="softmax temperature of the rollout weights, Eq. 4"),
-    "eps": Range(0, None, why="z-score denominator offset, Eq. 3"),
+    "eps": Range(0, None, lo_open=True,
+                 why="z-score denominator offset, Eq. 3; 0 gives NaN weights when siblings have equal means"),
 }
 
 
@@ -166,6 +167,8 @@ def rollout_weights(va: jax.Array, mask: jax.Array, num_rollouts: int, temperatu
     """
     num_rows = va.shape[0]
     _check_rollouts(num_rows, num_rollouts)
+    if isinstance(eps, (int, float)) and not eps > 0:  # sigma = 0 (equal sibling means) would divide 0 by 0
+        raise ValueError(f"rollout_weights: eps={eps}; must be > 0 (0 gives NaN weights when siblings are equal)")
     mask = mask.astype(jnp.float32)
     counts = _token_counts(mask)
     mean_va = (va.astype(jnp.float32) * mask).sum(-1) / jnp.maximum(counts, 1.0)  # ā^(k)

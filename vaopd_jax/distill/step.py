@@ -105,15 +105,20 @@ class TrainState:
 
 def make_schedule(learning_rate: float = 1e-6, total_steps: int = 1000, warmup_fraction: float = 0.05,
                   end_lr_fraction: float = 0.0) -> optax.Schedule:
-    """Linear warm-up from 0 over round(warmup_fraction * total_steps) steps, then cosine decay to
-    learning_rate * end_lr_fraction at total_steps (optax.warmup_cosine_decay_schedule)."""
+    """Linear warm-up from 0 over int(warmup_fraction * total_steps) steps, then cosine decay to
+    learning_rate * end_lr_fraction at total_steps (optax.warmup_cosine_decay_schedule).
+
+    The release's schedule (EasyR1: num_warmup_steps = int(lr_warmup_ratio * training_steps) and
+    get_cosine_schedule_with_warmup, a torch LambdaLR stepped after each update): update s (counting from 0,
+    as optax's count does) has lr * s / W while s < W, then lr * 0.5 * (1 + cos(pi * (s - W) / (N - W))).
+    optax's warmup_cosine_decay_schedule(0, lr, W, N, 0) is that function (tests/test_step.py checks it)."""
     if total_steps < 1:
         raise ValueError(f"total_steps={total_steps}; must be >= 1")
     if not 0.0 <= warmup_fraction < 1.0:
         raise ValueError(f"warmup_fraction={warmup_fraction}; allowed range [0, 1)")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate={learning_rate}; must be > 0")
-    warmup = int(round(warmup_fraction * total_steps))
+    warmup = int(warmup_fraction * total_steps)  # truncated, as the release (0.05 x 655 -> 32)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
         end_value=learning_rate * end_lr_fraction)
