@@ -70,11 +70,9 @@ def get_config(arg=None):
   c.data.max_pixels = 4096
   c.data.prompt_buckets = (32, 64)
   c.data.prompt_patch_buckets = (16, 64)  # one 64x64 image: 16 patch rows
-  c.data.prompts_per_step = 16
   c.data.synthetic_train_size = 4096  # training prompts (validation: eval.num_problems others)
   c.data.synthetic_fine_fraction = 0.75  # mostly the vision-critical question; the coarse ones guard against forgetting
 
-  c.rollout.num_rollouts = 4
   c.rollout.max_new_tokens = 6        # replies look like "Answer: red<|im_end|>" (4 tokens)
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0               # plain sampling: nucleus filtering over 151,936 logits is slow on CPU
@@ -93,10 +91,8 @@ def get_config(arg=None):
 
   c.eval.every = 20
   c.eval.num_problems = 64
-  c.eval.num_samples = 1
   c.eval.temperature = 0.0            # greedy: the before/after table is not sampling noise
   c.eval.max_new_tokens = 8
   c.eval.batch_size = 32
 
-  c.mesh.data = -1
   return c

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vaopd_jax import metrics as metrics_lib
 from vaopd_jax.notebook import diagnostics
 
 
@@ -231,7 +232,7 @@ def test_log_va_diagnostics_round_trip(tmp_path):
     writer.close()
 
     assert returned["num_tokens"] == 18
-    scalars = diagnostics.read_scalars(tmp_path)
+    scalars = metrics_lib.read_tensorboard_scalars(tmp_path)
     assert scalars["va/mean"] == [(7, pytest.approx(1.0 / 18)), (8, 0.5)]
     assert scalars["va/max"] == [(7, pytest.approx(0.8))]
     assert scalars["va/nonzero_fraction"] == [(7, pytest.approx(2 / 18))]
@@ -239,7 +240,7 @@ def test_log_va_diagnostics_round_trip(tmp_path):
     assert scalars["va/top10_share"] == [(7, pytest.approx((0.8 + 0.8 * 0.2) / 1.0))]
 
     images, histograms = {}, {}
-    for event in diagnostics.iter_events(tmp_path):
+    for event in metrics_lib.iter_events(tmp_path):
         for value in event.summary.value:
             if value.HasField("image"):
                 images[value.tag] = value.image
@@ -261,7 +262,7 @@ def test_log_va_diagnostics_zero_mass_and_argument_errors(tmp_path):
     summary = diagnostics.log_va_diagnostics(writer, 0, np.zeros((1, 4)), np.ones((1, 4)))
     writer.close()
     assert math.isnan(summary["top10_share"])
-    scalars = diagnostics.read_scalars(tmp_path)
+    scalars = metrics_lib.read_tensorboard_scalars(tmp_path)
     assert "va/top10_share" not in scalars and scalars["va/mean"] == [(0, 0.0)]
     with pytest.raises(ValueError, match="both image and pixelated"):
         diagnostics.log_va_diagnostics(writer, 0, np.zeros(4), image=np.zeros((2, 2, 3), np.uint8))
@@ -288,18 +289,18 @@ def test_event_reader_detects_corruption_and_tolerates_truncation(tmp_path):
     truncated = tmp_path / "cut" / "events.out.tfevents.cut"
     truncated.parent.mkdir()
     truncated.write_bytes(data[:-3])  # last record incomplete, as while a writer is still open
-    assert diagnostics.read_scalars(truncated)["x"] == [(0, 0.0), (1, 1.0)]
+    assert metrics_lib.read_tensorboard_scalars(truncated)["x"] == [(0, 0.0), (1, 1.0)]
     corrupt = bytearray(data)
     corrupt[-6] ^= 0xFF  # flip a byte inside the last payload
     bad = tmp_path / "bad.tfevents"
     bad.write_bytes(bytes(corrupt))
     with pytest.raises(ValueError, match="corrupt record payload"):
-        diagnostics.read_scalars(bad)
+        metrics_lib.read_tensorboard_scalars(bad)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no TensorBoard event file"):
-        diagnostics.read_scalars(tmp_path / "empty")
+        metrics_lib.read_tensorboard_scalars(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="not found"):
-        diagnostics.read_scalars(tmp_path / "missing")
+        metrics_lib.read_tensorboard_scalars(tmp_path / "missing")
 
 
 def test_side_by_side_with_the_project_pixelate():

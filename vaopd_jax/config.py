@@ -350,30 +350,21 @@ def _check_size(c: _Checker, role: str, path: str) -> None:
 
 
 def _check_paths(c: _Checker, student_init: str | None, teacher_init: str | None) -> None:
-    teacher_path = c.get("teacher.hf_path")
-    teacher_vocab = None
-    if teacher_init == "hf":
-        if not teacher_path or not os.path.isfile(os.path.join(str(teacher_path), "config.json")):
-            c.fail("teacher.hf_path", teacher_path,
-                   "must be a local Hugging Face Qwen3-VL directory with config.json "
-                   "(or configs/demo.py's teacher.init='sft', the demo teacher)")
-        else:
-            teacher_vocab = hf_vocab_size(teacher_path)
-            _check_size(c, "teacher", str(teacher_path))
-    student_path = c.get("student.hf_path")
-    student_vocab = None
-    if student_init == "hf":
-        if not student_path or not os.path.isfile(os.path.join(str(student_path), "config.json")):
-            c.fail("student.hf_path", student_path,
-                   "must be a local Hugging Face Qwen3-VL directory with config.json "
-                   "(or configs/demo.py's student.init='random' / 'sft')")
-        else:
-            student_vocab = hf_vocab_size(student_path)
-            _check_size(c, "student", str(student_path))
-    elif student_init in ("random", "sft"):
-        student_vocab = c.get("student.tiny.text.vocab_size", DEMO)
-    if teacher_init == "sft":
-        teacher_vocab = c.get("teacher.sft.tiny.text.vocab_size", DEMO)
+    # Each model's vocabulary: from its checkpoint's config.json, or from the demo's tiny spec.
+    vocab = {}
+    tiny = {"teacher": "teacher.sft.tiny", "student": "student.tiny"}
+    for role, init, other in (("teacher", teacher_init, "teacher.init='sft', the demo teacher"),
+                              ("student", student_init, "student.init='random' / 'sft'")):
+        path = c.get(f"{role}.hf_path")
+        if init == "hf" and (not path or not os.path.isfile(os.path.join(str(path), "config.json"))):
+            c.fail(f"{role}.hf_path", path, "must be a local Hugging Face Qwen3-VL directory with config.json "
+                   f"(or configs/demo.py's {other})")
+        elif init == "hf":
+            vocab[role] = hf_vocab_size(path)
+            _check_size(c, role, str(path))
+        elif init in ("random", "sft"):
+            vocab[role] = c.get(f"{tiny[role]}.text.vocab_size", DEMO)
+    teacher_vocab, student_vocab = vocab.get("teacher"), vocab.get("student")
     if teacher_vocab is not None and student_vocab is not None and teacher_vocab != student_vocab:
         c.problems.append(
             f"student vocabulary size {student_vocab} != teacher vocabulary size {teacher_vocab}: the token KL "

@@ -566,7 +566,7 @@ class Runtime:
                 mdl = self.model
             self.loaded = dict(
                 tokenizer=tok, model=mdl,
-                eos_ids=tuple(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")),
+                eos_ids=tokenizer_lib.END_TOKEN_IDS,
                 valid_vocab_size=tokenizer_lib.valid_vocab_size(tok, mdl.config.text.vocab_size),
                 max_positions=getattr(mdl.config.text, "max_position_embeddings", None))
         return self.loaded

@@ -22,7 +22,8 @@ import logging
 import math
 import os
 import time
-from typing import Mapping
+from collections.abc import Iterator
+from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +47,21 @@ PEAK_HBM_GBPS = (
 )
 
 
-def peak_hbm_gbps(device_kind: str, override: float = 0.0) -> float | None:
-    """HBM bandwidth of one device in GB/s; ``override`` > 0 wins; None when unknown (e.g. CPU)."""
+def _device_figure(table, device_kind: str, override: float) -> float | None:
+    """``override`` when > 0, else the first table entry whose prefix starts ``device_kind``; None when unknown."""
     if override > 0:
         return float(override)
-    for prefix, value in PEAK_HBM_GBPS:
-        if device_kind.startswith(prefix):
-            return value
-    return None
+    return next((value for prefix, value in table if device_kind.startswith(prefix)), None)
+
+
+def peak_hbm_gbps(device_kind: str, override: float = 0.0) -> float | None:
+    """HBM bandwidth of one device in GB/s; ``override`` > 0 wins; None when unknown (e.g. CPU)."""
+    return _device_figure(PEAK_HBM_GBPS, device_kind, override)
 
 
 def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
     """Peak dense bf16 TFLOP/s of one device; ``override`` > 0 wins; None when unknown (e.g. CPU)."""
-    if override > 0:
-        return float(override)
-    for prefix, value in PEAK_TFLOPS:
-        if device_kind.startswith(prefix):
-            return value
-    return None
+    return _device_figure(PEAK_TFLOPS, device_kind, override)
 
 
 def rollout_flops(student_params: int, prompt_tokens: int, generated_tokens: int) -> float:
@@ -222,33 +220,73 @@ def read_jsonl(path: str, kind: str | None = None) -> list[dict]:
     return out
 
 
-def read_tensorboard_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} from the event files of ``tb_dir``, as TensorBoard shows them.
+def _masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C (same as tensorboardX.record_writer.masked_crc32c)."""
+    from tensorboardX.crc32c import crc32c
 
-    Honours ``purge_step`` restarts (a SessionLog START at step s hides earlier
-    events with step >= s). Needs only tensorboardX's protobufs, not tensorboard.
-    """
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _event_files(path: str | os.PathLike) -> list[str]:
+    """The event files of a log directory (recursively, oldest first) or the one file given."""
     import glob
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**", "*tfevents*"), recursive=True), key=os.path.getmtime)
+        if not files:
+            raise FileNotFoundError(f"no TensorBoard event file (*tfevents*) under {path}")
+        return files
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"event file or log directory not found: {path}")
+    return [path]
+
+
+def iter_events(path: str | os.PathLike) -> Iterator[Any]:
+    """The ``Event`` protos of an event file, or of every one under a directory (oldest file first).
+
+    Reads the TFRecord framing (u64 length, masked CRC, data, masked CRC) directly, so the ``tensorboard``
+    package is not needed. A truncated final record (a writer still open, or a run killed mid-write) ends the
+    file quietly; a CRC mismatch raises ValueError naming the file and byte offset.
+    """
     import struct
 
     from tensorboardX.proto import event_pb2
 
+    for file_name in _event_files(path):
+        with open(file_name, "rb") as handle:
+            data = handle.read()
+        offset = 0
+        while offset + 12 <= len(data):
+            header = data[offset:offset + 8]
+            (length,) = struct.unpack("<Q", header)
+            (header_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
+            if header_crc != _masked_crc32c(header):
+                raise ValueError(f"{file_name}: corrupt record header at byte {offset}")
+            end = offset + 12 + length + 4
+            if end > len(data):
+                break  # truncated tail: the writer has not flushed the rest yet
+            payload = data[offset + 12:offset + 12 + length]
+            (payload_crc,) = struct.unpack("<I", data[end - 4:end])
+            if payload_crc != _masked_crc32c(payload):
+                raise ValueError(f"{file_name}: corrupt record payload at byte {offset}")
+            yield event_pb2.Event.FromString(payload)
+            offset = end
+
+
+def read_tensorboard_scalars(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} (sorted by step) from an event file or log directory, as TensorBoard shows
+    them: a ``purge_step`` restart (a SessionLog START at step s) hides earlier events with step >= s. The form
+    ``notebook.diagnostics.plot_curves`` takes. Needs only tensorboardX's protobufs, not tensorboard."""
+    from tensorboardX.proto import event_pb2
+
     scalars: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")), key=os.path.getmtime):
-        with open(path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            record = data[pos + 12:pos + 12 + length]
-            pos += 12 + length + 4  # TFRecord: length, crc(length), payload, crc(payload)
-            if len(record) < length:
-                break  # a record cut by a kill
-            event = event_pb2.Event.FromString(record)
-            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-                for tag in scalars:
-                    scalars[tag] = [(s, v) for s, v in scalars[tag] if s < event.step]
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    scalars[value.tag].append((int(event.step), float(value.simple_value)))
-    return dict(scalars)
+    for event in iter_events(path):
+        if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+            for tag in scalars:
+                scalars[tag] = [(s, v) for s, v in scalars[tag] if s < event.step]
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                scalars[value.tag].append((int(event.step), float(value.simple_value)))
+    return {tag: sorted(points, key=lambda point: point[0]) for tag, points in scalars.items()}

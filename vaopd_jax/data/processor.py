@@ -364,6 +364,3 @@ def build_prompt(
     types.append(np.zeros(len(ids) - start, np.int32))
     return np.concatenate(pieces), np.concatenate(types)
 
-
-# Name used in the brief; same function.
-build_prompt_ids = build_prompt

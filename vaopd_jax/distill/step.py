@@ -76,16 +76,14 @@ class StepConfig:
         if not isinstance(self.objective, objective.ObjectiveConfig):
             raise TypeError(f"StepConfig.objective must be an objective.ObjectiveConfig (the method and the VA "
                             f"hyper-parameters); got {self.objective!r}")
-        if self.num_rollouts < 1:
-            raise ValueError(f"StepConfig.num_rollouts={self.num_rollouts}; must be >= 1")
-        if self.kl_chunk_size < 1:
-            raise ValueError(f"StepConfig.kl_chunk_size={self.kl_chunk_size}; must be >= 1")
+        for name in ("num_rollouts", "kl_chunk_size", "valid_vocab_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:  # valid_vocab_size may be None (every LM-head row is real)
+                raise ValueError(f"StepConfig.{name}={value}; must be >= 1")
         if self.micro_batch_rollouts is not None and (self.micro_batch_rollouts < 1 or
                                                       self.micro_batch_rollouts % self.num_rollouts):
             raise ValueError(f"StepConfig.micro_batch_rollouts={self.micro_batch_rollouts}; must be None or a "
                              f"positive multiple of num_rollouts={self.num_rollouts} (whole prompts)")
-        if self.valid_vocab_size is not None and self.valid_vocab_size < 1:
-            raise ValueError(f"StepConfig.valid_vocab_size={self.valid_vocab_size}; must be >= 1 or None")
 
 
 @struct.dataclass

@@ -12,8 +12,7 @@ the teacher looks. These functions make that visible:
 - ``side_by_side``: an image and its pixelated copy next to each other.
 - ``plot_curves``: training curves such as mean student VA (OPD vs VA-OPD).
 - ``log_va_diagnostics``: all of the above into a tensorboardX writer.
-- ``iter_events`` / ``read_scalars``: read an event file back (for notebooks
-  and tests) without needing the ``tensorboard`` package.
+(Read tensorboard logs back with ``metrics.read_tensorboard_scalars`` / ``metrics.iter_events``.)
 
 Everything here is host-side numpy / PIL / matplotlib (Agg, headless); jax
 arrays are accepted and converted with ``np.asarray``. VA arrays are the
@@ -25,12 +24,10 @@ Regenerate the README pictures with ``python -m vaopd_jax.notebook.diagnostics d
 
 from __future__ import annotations
 
-import glob
 import html
 import math
 import os
-import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -483,7 +480,7 @@ def plot_curves(history: Mapping[str, Sequence[tuple[float, float]]], path: str 
 
     Args:
       history: series name → [(step, value), ...] (any order; sorted by step;
-        NaN values leave gaps). ``read_scalars(logdir)`` returns this form.
+        NaN values leave gaps). ``metrics.read_tensorboard_scalars(logdir)`` returns this form.
       path: PNG path, or None to return a PIL image.
       title, xlabel, ylabel: axis text.
       figsize, dpi: the image is ``figsize * dpi`` px (width, height).
@@ -609,75 +606,6 @@ def log_va_diagnostics(writer, step: int, va: Any, mask: Any = None, tokens_text
         picture = side_by_side(image, pixelated)
         writer.add_image(f"{prefix}/image_vs_pixelated", np.asarray(picture), step, dataformats="HWC")
     return summary
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C (same as tensorboardX.record_writer.masked_crc32c)."""
-    from tensorboardX.crc32c import crc32c
-
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _event_files(path: str | os.PathLike) -> list[str]:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "**", "*tfevents*"), recursive=True))
-        if not files:
-            raise FileNotFoundError(f"no TensorBoard event file (*tfevents*) under {path}")
-        return files
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"event file or log directory not found: {path}")
-    return [path]
-
-
-def iter_events(path: str | os.PathLike) -> Iterator[Any]:
-    """Yield the ``Event`` protos of an event file, or of every one under a directory.
-
-    Reads the TFRecord framing (u64 length, masked CRC, data, masked CRC)
-    directly, so the ``tensorboard`` package is not needed. A truncated final
-    record (a writer still open) ends the file quietly; a CRC mismatch raises
-    ValueError naming the file and byte offset.
-    """
-    from tensorboardX.proto import event_pb2
-
-    for file_name in _event_files(path):
-        with open(file_name, "rb") as handle:
-            data = handle.read()
-        offset = 0
-        while offset + 12 <= len(data):
-            header = data[offset:offset + 8]
-            (length,) = struct.unpack("<Q", header)
-            (header_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
-            if header_crc != _masked_crc32c(header):
-                raise ValueError(f"{file_name}: corrupt record header at byte {offset}")
-            end = offset + 12 + length + 4
-            if end > len(data):
-                break  # truncated tail: the writer has not flushed the rest yet
-            payload = data[offset + 12:offset + 12 + length]
-            (payload_crc,) = struct.unpack("<I", data[end - 4:end])
-            if payload_crc != _masked_crc32c(payload):
-                raise ValueError(f"{file_name}: corrupt record payload at byte {offset}")
-            event = event_pb2.Event()
-            event.ParseFromString(payload)
-            yield event
-            offset = end
-
-
-def read_scalars(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """All scalar summaries of an event file or log directory.
-
-    Returns:
-      tag → [(step, value), ...] sorted by step, ready for `plot_curves`.
-    """
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for event in iter_events(path):
-        if not event.HasField("summary"):
-            continue
-        for value in event.summary.value:
-            if value.HasField("simple_value"):
-                scalars.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
-    return {tag: sorted(points, key=lambda point: point[0]) for tag, points in scalars.items()}
 
 
 # ---------------------------------------------------------------------------

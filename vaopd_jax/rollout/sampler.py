@@ -95,11 +95,6 @@ def compile_count() -> int:
     return sum(_COMPILES.values())
 
 
-def compile_counts() -> dict:
-    """Per-program trace counts, keyed by (batch, prompt bucket, new-token bucket, patch bucket, K, sampling)."""
-    return dict(_COMPILES)
-
-
 def bucket_size(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= max(n, minimum): the static shape n is padded to."""
     n = max(int(n), int(minimum))

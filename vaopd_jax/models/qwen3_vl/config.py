@@ -260,10 +260,10 @@ class Qwen3VLConfig:
         # Tying: the top-level flag decides (transformers 5.x); older files put it in text_config.
         tie = d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
         top = dict(
-            image_token_id=d.get("image_token_id", 151655),
-            video_token_id=d.get("video_token_id", 151656),
-            vision_start_token_id=d.get("vision_start_token_id", 151652),
-            vision_end_token_id=d.get("vision_end_token_id", 151653),
+            image_token_id=d.get("image_token_id", cls.image_token_id),
+            video_token_id=d.get("video_token_id", cls.video_token_id),
+            vision_start_token_id=d.get("vision_start_token_id", cls.vision_start_token_id),
+            vision_end_token_id=d.get("vision_end_token_id", cls.vision_end_token_id),
             tie_word_embeddings=bool(tie),
         )
         top.update(overrides)
