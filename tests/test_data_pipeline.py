@@ -6,6 +6,7 @@ import pytest
 from tests.fixtures_data import encode_image, write_geometry3k, write_virl39k_raw
 from tests.release_reference import mode_image, release_views
 from vaopd_jax import config as config_lib
+from vaopd_jax.models import load as load_lib
 from vaopd_jax.data import pipeline as PL
 from vaopd_jax.data import processor as P
 from vaopd_jax.data import sources as S
@@ -14,7 +15,7 @@ from vaopd_jax.data.tokenizer import load_tokenizer
 
 SMALL = dict(min_pixels=32 * 32, max_pixels=64 * 64, prompt_buckets=(32, 64, 128), prompt_patch_buckets=(16, 32, 64))
 # The models reading the batches: the real special ids and merge size, a tiny vision position grid.
-MODEL = config_lib.model_config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
+MODEL = load_lib.config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
                                                                vision_depth=1, vision_hidden=32))
 
 

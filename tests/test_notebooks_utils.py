@@ -102,12 +102,13 @@ def test_make_records():
 
 def _tiny_model(seed):
     from vaopd_jax import config as config_lib
+    from vaopd_jax.models import load as load_lib
     from vaopd_jax.models import qwen3_vl
 
     # The real Qwen vocabulary and special ids (the records go through the real tokenizer).
     spec = config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vision_depth=1, vision_hidden=32,
                                 head_dim=16)
-    return qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(spec), rngs=nnx.Rngs(seed))
+    return qwen3_vl.Qwen3VL(load_lib.config_from_spec(spec), rngs=nnx.Rngs(seed))
 
 
 def test_score_visual_advantage_matches_full_logits():

@@ -34,10 +34,11 @@ def shared(tmp_path_factory):
     from flax import nnx
 
     from vaopd_jax import config as config_lib
+    from vaopd_jax.models import load as load_lib
     from vaopd_jax.models import qwen3_vl
 
     root = tmp_path_factory.mktemp("train")
-    teacher = qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(config_lib.tiny_spec(**TINY)),
+    teacher = qwen3_vl.Qwen3VL(load_lib.config_from_spec(config_lib.tiny_spec(**TINY)),
                                param_dtype=jnp.float32, rngs=nnx.Rngs(5))
     qwen3_vl.save_hf_checkpoint(teacher, str(root / "teacher"))
     # VAOPD_TEST_JAX_CACHE keeps compiled programs across test sessions (local iteration).

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vaopd_jax import config as config_lib
+from vaopd_jax.models import load as load_lib
 from vaopd_jax import sft
 from vaopd_jax.data import pipeline, synthetic
 from vaopd_jax.data import tokenizer as tokenizer_lib
@@ -15,7 +16,7 @@ from vaopd_jax.data import tokenizer as tokenizer_lib
 @pytest.fixture(scope="module")
 def setup():
     tok = tokenizer_lib.load_tokenizer(None)
-    cfg = config_lib.model_config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
+    cfg = load_lib.config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
                                                                  vision_depth=1, vision_hidden=32))
     pcfg = pipeline.PipelineConfig(batch_size=8, prompt_buckets=(32, 64), prompt_patch_buckets=(16, 32), min_pixels=1024,
                                    max_pixels=4096, shard_index=0, shard_count=1)

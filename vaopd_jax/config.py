@@ -95,7 +95,7 @@ def load_sibling(config_file: str, name: str):
 
 def tiny_spec(*, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, vision_depth: int,
               vision_hidden: int, head_dim: int = 32, vocab_size: int = 151936) -> ml_collections.ConfigDict:
-    """A tiny Qwen3-VL shape for random-init / demo models (``Qwen3VLConfig.tiny(**spec)``).
+    """A tiny Qwen3-VL shape for random-init / demo models (``models.load.config_from_spec(spec)``).
 
     The real vocabulary and special ids (the offline Qwen tokenizer), tied
     embeddings (halves the 151,936-row tables), an MRoPE section summing to
@@ -115,16 +115,6 @@ def tiny_spec(*, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, 
         "image_token_id": tokenizer_lib.IMAGE_PAD_ID, "video_token_id": tokenizer_lib.VIDEO_PAD_ID,
         "vision_start_token_id": tokenizer_lib.VISION_START_ID, "vision_end_token_id": tokenizer_lib.VISION_END_ID,
     })
-
-
-def model_config_from_spec(spec: ml_collections.ConfigDict):
-    """``Qwen3VLConfig.tiny(**spec)`` for a ``tiny_spec`` node of the config."""
-    from vaopd_jax.models import qwen3_vl
-
-    kwargs = spec.to_dict()
-    for part in ("text", "vision"):
-        kwargs[part] = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs[part].items()}
-    return qwen3_vl.Qwen3VLConfig.tiny(**kwargs)
 
 
 # config.va field -> ObjectiveConfig field: the paper's names (p_v, lambda, tau, eps) on the command line, the

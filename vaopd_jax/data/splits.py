@@ -83,12 +83,10 @@ def train_steps(config) -> int:
 def pipeline_for(config, tokenizer, model_config, *, split: str, batch_size: int):
     """A grain iterator of `PromptBatch`es of a split (``batch_size`` global prompts; a training split gives
     each process ``batch_size / processes`` of them)."""
-    from vaopd_jax import config as config_lib
-
     d = config.data
     train = split != "val"
     if train and batch_size % jax.process_count():
-        raise config_lib.ConfigError(
+        raise ValueError(
             f"{split} batch size {batch_size} must be divisible by the number of processes {jax.process_count()}")
     source = data_source(config, split)
     local_batch = batch_size // jax.process_count() if train else batch_size

@@ -28,17 +28,18 @@ def load_model(config, path: str, mesh, *, dtype, compute_dtype=None) -> qwen3_v
     return qwen3_vl.load_hf_checkpoint(path, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype, config=cfg)
 
 
-def tiny_config(config, spec) -> qwen3_vl.Qwen3VLConfig:
-    """The model config of a `config_lib.tiny_spec` node (e.g. ``config.student.tiny``) with the run's options."""
-    from vaopd_jax import config as config_lib
-
-    return config_lib.model_config_from_spec(spec).replace(**runtime_options(config))
+def config_from_spec(spec) -> qwen3_vl.Qwen3VLConfig:
+    """``Qwen3VLConfig.tiny(**spec)`` of a `config.tiny_spec` node (e.g. ``config.student.tiny``)."""
+    kwargs = spec.to_dict()
+    for part in ("text", "vision"):
+        kwargs[part] = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs[part].items()}
+    return qwen3_vl.Qwen3VLConfig.tiny(**kwargs)
 
 
 def tiny_model(config, spec, *, compute_dtype=None, seed: int = 0) -> qwen3_vl.Qwen3VL:
-    """A randomly initialised tiny model (float32 params) of a `tiny_spec` node."""
-    return qwen3_vl.Qwen3VL(tiny_config(config, spec), param_dtype=jnp.float32, compute_dtype=compute_dtype,
-                            rngs=nnx.Rngs(seed))
+    """A randomly initialised tiny model (float32 params) of a `tiny_spec` node, with the run's options."""
+    return qwen3_vl.Qwen3VL(config_from_spec(spec).replace(**runtime_options(config)), param_dtype=jnp.float32,
+                            compute_dtype=compute_dtype, rngs=nnx.Rngs(seed))
 
 
 def count_params(model) -> int:
