@@ -183,19 +183,22 @@ def _take(values: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(values, tokens[:, None], axis=-1)[:, 0]
 
 
-def inverse_cdf_sample(key: jax.Array, probs: jax.Array, block: int = 128) -> jax.Array:
+def inverse_cdf_sample(key: jax.Array | None, probs: jax.Array, block: int = 128,
+                       uniform: jax.Array | None = None) -> jax.Array:
     """One draw per row from unnormalized non-negative weights. probs (B, V) → (B,) int32.
 
-    One uniform per row; the cumulative sum is blocked (sums of `block` weights, then the chosen block) so no
-    length-V scan is needed. Zero-weight entries are never returned: a rounding miss falls back to the
-    row's argmax.
+    One uniform per row (`jax.random.uniform(key, (B,))`, or the given `uniform` (B,) in [0, 1)); the
+    cumulative sum is blocked (sums of `block` weights, then the chosen block) so no length-V scan is needed.
+    Zero-weight entries are never returned: a rounding miss falls back to the row's argmax.
     """
     batch, vocab = probs.shape
     padded = -(-vocab // block) * block
     weights = jnp.pad(probs.astype(jnp.float32), ((0, 0), (0, padded - vocab))).reshape(batch, -1, block)
     block_mass = weights.sum(axis=-1)  # (B, nb)
     block_cdf = jnp.cumsum(block_mass, axis=-1)
-    target = jax.random.uniform(key, (batch,), jnp.float32) * block_cdf[:, -1]
+    if uniform is None:
+        uniform = jax.random.uniform(key, (batch,), jnp.float32)
+    target = uniform * block_cdf[:, -1]
     block_idx = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), block_cdf.shape[1] - 1)
     rows = jnp.arange(batch)
     inside = target - (block_cdf[rows, block_idx] - block_mass[rows, block_idx])
@@ -207,11 +210,14 @@ def inverse_cdf_sample(key: jax.Array, probs: jax.Array, block: int = 128) -> ja
 
 
 def sample_tokens(
-    key: jax.Array, logits: jax.Array, params: SamplingParams, valid_vocab_size: int | jax.Array | None
+    key: jax.Array | None, logits: jax.Array, params: SamplingParams, valid_vocab_size: int | jax.Array | None,
+    uniform: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw one token per row.
 
-    key: a PRNG key; logits: (B, V) raw student logits.
+    key: a PRNG key; logits: (B, V) raw student logits. uniform: (B,) draws in [0, 1) used instead of
+    `jax.random.uniform(key, (B,))` (the sampler passes one row's share of a larger batch's draw); key may then
+    be None, as for greedy decoding.
     Returns (tokens (B,) int32, logprobs (B,) float32 under the sampling
     distribution, model_logprobs (B,) float32 temperature-1 unfiltered).
     """
@@ -223,6 +229,6 @@ def sample_tokens(
     else:
         dist_logits = sampling_logits(logits, params, valid_vocab_size)
         log_norm = jax.nn.logsumexp(dist_logits, axis=-1, keepdims=True)
-        tokens = inverse_cdf_sample(key, jnp.exp(dist_logits - log_norm))
+        tokens = inverse_cdf_sample(key, jnp.exp(dist_logits - log_norm), uniform=uniform)
         logprobs = _take(dist_logits, tokens) - log_norm[:, 0]
     return tokens, logprobs, _take(raw, tokens) - model_log_norm

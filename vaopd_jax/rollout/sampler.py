@@ -71,6 +71,7 @@ from vaopd_jax.data.tokenizer import END_TOKEN_IDS
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.models.qwen3_vl import sharding as model_sharding
 from vaopd_jax.parallel.mesh import on_mesh
+from vaopd_jax.rollout import decode
 from vaopd_jax.rollout import logits as logit_ops
 from vaopd_jax.rollout import masks
 
@@ -162,7 +163,7 @@ def _run(params, input_ids, attention_mask, position_ids, next_position, pixel_v
     if pixel_values is not None:
         image_embeds, deepstack = model.encode_prompt_images(pixel_values, vision_inputs, image_rows)
 
-    # Slots [0, T) hold the prompt; the k-th generated token (k >= 1 is fed back) goes to slot T + k - 1.
+    # Slots [0, T) hold the prompt; generated token t (t = 0, 1, ...), fed back, goes to slot T + t.
     cache = model.init_cache(batch, prompt_len + n_new, jnp.dtype(program.cache_dtype))
     cache = _constrain_cache(cache, mesh)
     last_logits, cache = model.prefill(input_ids, attention_mask, position_ids, cache=cache,
@@ -175,38 +176,12 @@ def _run(params, input_ids, attention_mask, position_ids, next_position, pixel_v
     vocab_ids = jnp.arange(model.config.text.vocab_size, dtype=jnp.int32)
     suppressed = jnp.any(vocab_ids[None, :] == suppress[:, None], axis=0)  # (V,) bool
 
-    def sample(step, step_logits):
-        key = jax.random.fold_in(rng, step)
-        step_logits = jnp.where(suppressed, logit_ops.NEG_INF, step_logits)
-        return logit_ops.sample_tokens(key, step_logits, sampling, valid_vocab_size)
-
-    tok0, lp0, mlp0 = sample(0, last_logits)
-    tokens = jnp.full((num_rows, n_new), 0, jnp.int32) + pad
-    tokens = tokens.at[:, 0].set(tok0)
-    logprobs = jnp.zeros((num_rows, n_new), jnp.float32).at[:, 0].set(lp0)
-    model_logprobs = jnp.zeros((num_rows, n_new), jnp.float32).at[:, 0].set(mlp0)
-    done = masks.is_end_token(tok0, eos)
-
-    def cond(carry):
-        step, _, _, _, _, done, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        step, cache, tokens, logprobs, model_logprobs, done, last = carry
-        pos = jnp.broadcast_to((next_position + step - 1)[None, :, None], (3, num_rows, 1))
-        step_logits, cache = model.decode_step(last[:, None], pos, cache, prompt_len + step - 1)
-        step_logits = step_logits.reshape(num_rows, -1)
-        tok, lp, mlp = sample(step, step_logits)
-        tok = jnp.where(done, pad, tok)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
-        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, jnp.where(done, 0.0, lp)[:, None], step, axis=1)
-        model_logprobs = jax.lax.dynamic_update_slice_in_dim(
-            model_logprobs, jnp.where(done, 0.0, mlp)[:, None], step, axis=1)
-        done = done | masks.is_end_token(tok, eos)
-        return step + 1, cache, tokens, logprobs, model_logprobs, done, tok
-
-    carry = (jnp.int32(1), cache, tokens, logprobs, model_logprobs, done, tok0)
-    _, _, tokens, logprobs, model_logprobs, _, _ = jax.lax.while_loop(cond, body, carry)
+    decoded = decode.decode(
+        model, cache, last_logits, next_position, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+        num_new=n_new, rng=rng, eos=eos, pad=pad, valid_vocab_size=valid_vocab_size, suppressed=suppressed,
+        params=sampling, row_groups=decode.row_groups(num_rows, mesh),
+        constrain=lambda x, axes: _constrain(x, mesh, axes))
+    tokens, logprobs, model_logprobs = decoded
 
     generated = jnp.arange(n_new)[None, :] < max_new_tokens
     response_mask = masks.response_mask(tokens, eos, generated)

@@ -21,13 +21,18 @@ KV cache (for the sampler):
         attends over the T prompt positions only (causal + key padding, as the forward) and writes their keys
         and values to slots [0, T) (padding slots stay invalid); logits (B, T, V), or (B, V) at each row's last
         real token when last_only=True.
-    logits, cache = model.decode_step(token_ids, position_ids, cache, cache_index)
+    logits, cache = model.decode_step(token_ids, position_ids, cache, cache_index, *, rows=None, write=None,
+                                      row_groups=1, block_size=128)
         token_ids (B, 1); cache_index scalar int: the slot written, the same for every row; position_ids
         (3, B, 1): the token's MRoPE position, which is NOT cache_index + rope_delta for right-padded prompts:
         for a row with L real prompt tokens, rope delta d (get_rope_index) and k tokens generated before this
         one, it is L + d + k on all three axes (text tokens), i.e. what transformers uses for a left-padded
         batch. -> logits (B, 1, V) float32. Attends to the valid cache slots < cache_index plus itself (grouped
-        einsum attention, fp32 softmax), then writes its key/value at cache_index with one in-place update.
+        attention, fp32 softmax), reading the cache block by block up to cache_index only (the cost follows the
+        filled length, not S), then writes its key/value at cache_index with one in-place update.
+        rows (R',) int32 runs R' token rows against cache rows `rows` (token_ids (R', 1), position_ids
+        (3, R', 1), logits (R', 1, V)): the sampler decodes only its unfinished rows this way; write (R',) bool
+        leaves padding rows unwritten; row_groups keeps each gather/scatter inside one batch shard.
         Pure in the params: inside `jax.lax.while_loop` use `graphdef, state = nnx.split(model)` outside and
         `nnx.merge(graphdef, state).decode_step(...)` inside (or close over the model in a function passed to
         nnx.jit).
@@ -179,23 +184,60 @@ class Qwen3VL(nnx.Module):
             hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
         return self.logits_from_hidden(hidden), KVCache(k=k_all, v=v_all, valid=valid)
 
-    def decode_step(self, token_ids, position_ids, cache: KVCache, cache_index):
+    def decode_step(self, token_ids, position_ids, cache: KVCache, cache_index, *, rows=None, write=None,
+                    row_groups: int = 1, block_size: int = 128):
         """One token per row at slot cache_index (see the module docstring for position_ids).
-        token_ids (B, 1), position_ids (3, B, 1) -> (logits (B, 1, V) float32, cache)."""
-        s = cache.k.shape[3]
-        earlier = (jnp.arange(s) < cache_index)[None, :] & cache.valid  # the new token's own key is added apart
+        token_ids (R', 1), position_ids (3, R', 1) -> (logits (R', 1, V) float32, cache).
+
+        rows (R',) int32: the cache row of each token row (None: R' = B, token row i is cache row i), gathered
+        within `row_groups` contiguous groups of the batch (text.gather_rows: the batch shards of a mesh);
+        write (R',) bool: rows whose key/value are written (None: all; False for padding rows that duplicate
+        another row). Only slots < cache_index are read, in blocks of block_size (text.cached_attention)."""
         lm = self.language_model
         x = lm.embed(token_ids)
         cos, sin = mrope_cos_sin(position_ids, self.config.text)
-        x, (k_new, v_new) = lm.run_layers_decode(x, cos, sin, earlier, cache.k, cache.v)
-        # One (L, B, K, 1, D) in-place write per step (the cache is a while-loop carry, never copied).
+        x, (k_new, v_new) = lm.run_layers_decode(x, cos, sin, cache, cache_index, rows=rows, row_groups=row_groups,
+                                                 block_size=block_size)
+        return self.logits_from_hidden(lm.final_norm(x)), write_cache(cache, k_new, v_new, cache_index, rows, write,
+                                                                      row_groups)
+
+
+def write_cache(cache: KVCache, k_new, v_new, cache_index, rows=None, write=None, row_groups: int = 1) -> KVCache:
+    """Writes one new key/value per row at slot cache_index and marks it valid.
+
+    k_new, v_new (L, R', K, D); rows / write / row_groups as in `Qwen3VL.decode_step`. Without rows: one
+    (L, B, K, 1, D) in-place dynamic_update_slice (the cache is a while-loop carry, never copied); with rows: an
+    in-place scatter to those rows (each group into its own slice of the batch; unwritten rows dropped).
+    """
+    index = jnp.asarray(cache_index, jnp.int32)
+    if rows is None and write is None:
         zero = jnp.zeros((), jnp.int32)
-        index = (zero, zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-        k_all = jax.lax.dynamic_update_slice(cache.k, k_new[:, :, :, None].astype(cache.k.dtype), index)
-        v_all = jax.lax.dynamic_update_slice(cache.v, v_new[:, :, :, None].astype(cache.v.dtype), index)
+        at = (zero, zero, zero, index, zero)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k_new[:, :, :, None].astype(cache.k.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(cache.v, v_new[:, :, :, None].astype(cache.v.dtype), at)
         valid = jax.lax.dynamic_update_slice_in_dim(
-            cache.valid, jnp.ones((cache.valid.shape[0], 1), bool), cache_index, axis=1)
-        return self.logits_from_hidden(lm.final_norm(x)), KVCache(k=k_all, v=v_all, valid=valid)
+            cache.valid, jnp.ones((cache.valid.shape[0], 1), bool), index, axis=1)
+        return KVCache(k=k_all, v=v_all, valid=valid)
+    b = cache.valid.shape[0]
+    r = k_new.shape[1]
+    rows = jnp.arange(r, dtype=jnp.int32) if rows is None else rows
+    if write is not None:
+        rows = jnp.where(write, rows, b)  # out of range: dropped
+    per_group, picked = b // row_groups, r // row_groups
+    # Grouped view: (.., G, B/G, ..) with the row index local to its group, so each device scatters into its own
+    # shard; an out-of-range row (>= B/G after the shift, or negative) is dropped.
+    group = jnp.arange(row_groups, dtype=jnp.int32)[:, None]
+    local = rows.reshape(row_groups, picked) - group * per_group
+    local = jnp.where((local >= 0) & (rows.reshape(row_groups, picked) < b), local, per_group)
+    grouped = lambda a, axis: a.reshape(*a.shape[:axis], row_groups, per_group, *a.shape[axis + 1:])  # noqa: E731
+    k_g, v_g, valid_g = grouped(cache.k, 1), grouped(cache.v, 1), grouped(cache.valid, 0)
+    # NumPy indexing rules: the (G, R'/G) index dims lead the update, then (L, K, D).
+    per_row = lambda a, like: jnp.moveaxis(  # noqa: E731
+        a.reshape(a.shape[0], row_groups, picked, *a.shape[2:]), 0, 2).astype(like.dtype)
+    k_g = k_g.at[:, group, local, :, index, :].set(per_row(k_new, cache.k), mode="drop")
+    v_g = v_g.at[:, group, local, :, index, :].set(per_row(v_new, cache.v), mode="drop")
+    valid_g = valid_g.at[group, local, index].set(True, mode="drop")
+    return KVCache(k=k_g.reshape(cache.k.shape), v=v_g.reshape(cache.v.shape), valid=valid_g.reshape(b, -1))
 
 
 def _tuple(x):

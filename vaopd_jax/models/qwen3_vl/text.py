@@ -28,8 +28,9 @@ class KVCache(NamedTuple):
     """Preallocated decoder KV cache (a pytree).
 
     k, v  (L, B, K, S, D) compute dtype: per layer keys (after q/k-norm and MRoPE) and values. Heads before
-          slots, so the single-query decode attention contracts each (B, K) block (S, D) in place: batch dims
-          leading on both operands, no transpose or GQA repeat of the cache per step.
+          slots, so the single-query decode attention reads each (row, head)'s slots as one contiguous run of
+          (slots, D), block by block up to the filled length (`cached_attention`), with no transpose or GQA
+          repeat of the cache per step.
     valid (B, S) bool: slot holds a real token (prompt padding stays False, so right-padded prompts work).
     """
 
@@ -141,41 +142,95 @@ def decoder_layer(p: dict, x, cos, sin, mask, cfg: Qwen3VLConfig, dtype):
     return _out_and_mlp(p, x, attn, cfg, dtype), (k, v)
 
 
-def decode_attention(q, k_new, v_new, k_cache, v_cache, valid):
-    """Single-query grouped attention over a KV cache plus the query's own key, softmax in fp32.
+def gather_rows(x, rows, row_groups: int = 1):
+    """x (B, ...) -> x[rows] (R', ...), each group of rows gathered within its own slice of the batch.
 
-    q (B, N, D); k_new, v_new (B, K, D) the new token's key/value (not yet in the cache);
-    k_cache, v_cache (B, K, S, D); valid (B, S) bool: cache slots to attend (the new token's slot excluded).
-    Returns (B, N, D) in q.dtype. GQA as in transformers' repeat_kv: head n reads KV head n // (N / K); q is
-    grouped to (B, K, G, D) instead of repeating the cache G times. Same scale as dot_product_attention
-    (1 / sqrt(D)). The new key is handled as one extra logit, so the cache is read once and never copied.
+    rows (R',) int32 indices into the B rows; the batch is split into `row_groups` equal contiguous groups and
+    entry e (of group e // (R' / row_groups)) must index a row of that same group. With the groups being the
+    batch shards of a mesh, the gather is local to each device (a batched gather over the groups), never a
+    collective. Out-of-range indices are clamped.
     """
-    b, n, d = q.shape
-    kh = k_cache.shape[1]
-    qg = q.reshape(b, kh, n // kh, d)
+    b = x.shape[0]
+    if row_groups == 1:
+        return jnp.take(x, rows, axis=0, mode="clip")
+    per_group, picked = b // row_groups, rows.shape[0] // row_groups
+    local = rows.reshape(row_groups, picked) - (jnp.arange(row_groups) * per_group)[:, None]
+    grouped = x.reshape(row_groups, per_group, *x.shape[1:])
+    idx = jnp.clip(local, 0, per_group - 1).reshape(row_groups, picked, *([1] * (x.ndim - 1)))
+    return jnp.take_along_axis(grouped, idx, axis=1).reshape(rows.shape[0], *x.shape[1:])
+
+
+def cached_attention(q, k_new, v_new, cache_k, cache_v, valid, layer, filled, *, rows=None, row_groups: int = 1,
+                     block_size: int = 128):
+    """Single-query grouped attention over the filled part of one layer of a KV cache plus the query's own key.
+
+    q (R', N, D) one query per row; k_new, v_new (R', K, D) its own key/value (not yet in the cache); cache_k,
+    cache_v (L, B, K, S, D) the stacked cache; valid (B, S) bool; layer: scalar int, the cache layer read;
+    filled: scalar int, only slots < filled are candidates (the cost follows it, not S); rows (R',) int32: the
+    cache row of each query row (None: R' == B, row i reads cache row i), gathered per `row_groups`
+    (`gather_rows`).
+    Returns (R', N, D) in q.dtype. GQA as in transformers' repeat_kv: head n reads KV head n // (N / K); q is
+    grouped to (R', K, G, D) instead of repeating the cache G times. Scale 1 / sqrt(D), fp32 scores, softmax
+    and weighted sum.
+
+    The slots are read in blocks of `block_size` inside a loop whose trip count is ceil(filled / block_size):
+    an online (running max) softmax over the blocks, started from the query's own key, which is always valid.
+    Each block is sliced (and its rows gathered) inside the fused multiply-reduce that consumes it, so the
+    cache is read once per step and never copied.
+    """
+    r, n, d = q.shape
+    _, b, kh, s, _ = cache_k.shape
+    g = n // kh
+    block = min(block_size, s)
     scale = d ** -0.5
-    s_cache = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache.astype(q.dtype),
-                         preferred_element_type=jnp.float32) * scale
-    s_cache = jnp.where(valid[:, None, None, :], s_cache, jnp.finfo(jnp.float32).min)
-    s_new = jnp.einsum("bkgd,bkd->bkg", qg, k_new.astype(q.dtype), preferred_element_type=jnp.float32)[..., None]
-    s_new = s_new * scale
-    m = jnp.maximum(jnp.max(s_cache, axis=-1, keepdims=True), s_new)  # (B, K, G, 1)
-    e_cache = jnp.exp(s_cache - m)
-    e_new = jnp.exp(s_new - m)
-    denom = jnp.sum(e_cache, axis=-1, keepdims=True) + e_new
-    out = jnp.einsum("bkgs,bksd->bkgd", e_cache.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
-    out = (out + e_new * v_new.astype(jnp.float32)[:, :, None, :]) / denom
-    return out.reshape(b, n, d).astype(q.dtype)
+    qg = q.reshape(r, kh, g, d).astype(jnp.float32)
+    m = jnp.sum(qg * k_new.astype(jnp.float32)[:, :, None, :], axis=-1) * scale  # (R', K, G) running max
+    denom = jnp.ones_like(m)
+    acc = jnp.broadcast_to(v_new.astype(jnp.float32)[:, :, None, :], (r, kh, g, d))
+    valid_rows = valid if rows is None else gather_rows(valid, rows, row_groups)  # (R', S)
+
+    def read(cache, start):  # (R', K, block, D) of `layer`, slots [start, start + block)
+        part = jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, b, kh, block, d))[0]
+        return part if rows is None else gather_rows(part, rows, row_groups)
+
+    def one_block(j, carry):
+        m, denom, acc = carry
+        nominal = j * block
+        start = jnp.minimum(nominal, s - block)  # the last block may overlap the previous one: mask the overlap
+        slot = start + jnp.arange(block)
+        ok = jax.lax.dynamic_slice_in_dim(valid_rows, start, block, axis=1) & ((slot >= nominal) & (slot < filled))
+        k_blk, v_blk = read(cache_k, start), read(cache_v, start)
+        scores = jnp.sum(qg[:, :, :, None, :] * k_blk.astype(jnp.float32)[:, :, None, :, :], axis=-1) * scale
+        scores = jnp.where(ok[:, None, None, :], scores, -jnp.inf)  # (R', K, G, block)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+        p = jnp.exp(scores - m_new[..., None])
+        rescale = jnp.exp(m - m_new)
+        weighted = jnp.sum(p[..., None] * v_blk.astype(jnp.float32)[:, :, None, :, :], axis=-2)
+        return m_new, denom * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + weighted
+
+    num_blocks = (jnp.asarray(filled, jnp.int32) + block - 1) // block
+    m, denom, acc = jax.lax.fori_loop(0, num_blocks, one_block, (m, denom, acc))
+    return (acc / denom[..., None]).reshape(r, n, d).astype(q.dtype)
 
 
-def decoder_layer_decode(p: dict, x, cos, sin, valid, k_cache, v_cache, cfg: Qwen3VLConfig, dtype):
-    """One decoder layer for one new token per row against this layer's cache.
+def decode_attention(q, k_new, v_new, k_cache, v_cache, valid, *, block_size: int = 128):
+    """`cached_attention` over one layer's whole cache: q (B, N, D); k_new, v_new (B, K, D); k_cache, v_cache
+    (B, K, S, D); valid (B, S) bool, the cache slots to attend. Returns (B, N, D) in q.dtype."""
+    return cached_attention(q, k_new, v_new, k_cache[None], v_cache[None], valid, 0, k_cache.shape[2],
+                            block_size=block_size)
 
-    x (B, 1, E); cos/sin (B, 1, D); valid (B, S); k_cache, v_cache (B, K, S, D).
-    Returns (x (B, 1, E), (k_new, v_new) (B, K, D)) — the caller writes them into the cache.
+
+def decoder_layer_decode(p: dict, x, cos, sin, cache: "KVCache", layer, filled, cfg: Qwen3VLConfig, dtype, *,
+                         rows=None, row_groups: int = 1, block_size: int = 128):
+    """One decoder layer for one new token per row against layer `layer` of the stacked cache.
+
+    x (R', 1, E); cos/sin (R', 1, D); cache: the whole KVCache (read only, slots < filled); rows / row_groups:
+    see `cached_attention`. Returns (x (R', 1, E), (k_new, v_new) (R', K, D)) — the caller writes them into the
+    cache.
     """
     q, k, v = _qkv(p, x, cos, sin, cfg, dtype)
-    attn = decode_attention(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, valid)
+    attn = cached_attention(q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, cache.valid, layer, filled, rows=rows,
+                            row_groups=row_groups, block_size=block_size)
     return _out_and_mlp(p, x, attn[:, None], cfg, dtype), (k[:, 0], v[:, 0])
 
 
@@ -235,25 +290,28 @@ class TextModel(nnx.Module):
             return x, None
         return x, tuple(jnp.concatenate([part[j] for part in kv_parts], axis=0) for j in range(2))
 
-    def run_layers_decode(self, x, cos, sin, valid, cache_k, cache_v):
-        """All layers for one token per row. x (B, 1, E); valid (B, S) slots to attend; cache_k, cache_v
-        (L, B, K, S, D) read-only (the scan slices one layer per iteration, no cache-sized outputs).
-        Returns (x before the final norm, (k_new, v_new) (L, B, K, D)) for the caller's single cache write."""
+    def run_layers_decode(self, x, cos, sin, cache: KVCache, filled, *, rows=None, row_groups: int = 1,
+                          block_size: int = 128):
+        """All layers for one token per row. x (R', 1, E); cache: the stacked KVCache, read only (each layer reads
+        its slots < filled, block by block, from the whole stacked arrays: no per-layer copy); rows / row_groups:
+        see `cached_attention`. Returns (x before the final norm, (k_new, v_new) (L, R', K, D)) for the caller's
+        single cache write."""
         cfg, dt = self.cfg, self.compute_dtype
 
         def layer(h, xs):
-            p, k_l, v_l = xs
-            return decoder_layer_decode(p, h, cos, sin, valid, k_l, v_l, cfg, dt)
+            p, index = xs
+            return decoder_layer_decode(p, h, cos, sin, cache, index, filled, cfg, dt, rows=rows,
+                                        row_groups=row_groups, block_size=block_size)
 
         stacked = self.layers.stacked()
         runs = layer_runs(cfg, 0, cfg.text.num_hidden_layers)
-        if len(runs) == 1:
-            return jax.lax.scan(layer, x, (run_params(stacked, *runs[0]), cache_k, cache_v))
         new = []
-        for run in runs:  # mixed dense / sparse layers: one scan per run of one kind
+        for run in runs:  # mixed dense / sparse layers: one scan per run of one kind; the cache index is global
             first, end = run[0], run[1]
-            x, kv = jax.lax.scan(layer, x, (run_params(stacked, *run), cache_k[first:end], cache_v[first:end]))
+            x, kv = jax.lax.scan(layer, x, (run_params(stacked, *run), jnp.arange(first, end, dtype=jnp.int32)))
             new.append(kv)
+        if len(new) == 1:
+            return x, new[0]
         return x, tuple(jnp.concatenate([kv[j] for kv in new], axis=0) for j in range(2))
 
     def final_norm(self, x):
