@@ -1,23 +1,43 @@
-"""Rollout sampler throughput: vaopd_jax's jitted sampler vs transformers' `generate`, same weights, same process.
+"""Rollout sampler benchmark: vaopd_jax's jitted sampler vs transformers' `generate`, same weights, same prompts,
+same sampling settings, same process; plus compile times, a long-tail batch and the paper-scale memory.
 
-    python -m vaopd_jax.bench.sample                      # ~50M-param config, 16 prompts x K=4, 256 new tokens
-    python -m vaopd_jax.bench.sample --prompts 4 --samples 2 --new-tokens 64    # quicker
-    python -m vaopd_jax.bench.sample --no-hf              # JAX only (+ XLA memory / cost analysis)
+    python -m vaopd_jax.bench.sample                    # everything below, one run (README's sampler rows)
+    python -m vaopd_jax.bench.sample --part speed --lengths 64 --prompts 4    # quicker
+    python -m vaopd_jax.bench.sample --part aot         # paper-scale memory only (8 simulated devices)
 
-What is timed (after a warm-up call, so compilation is excluded and reported separately):
-- prefill: the same call with max_new_tokens=1 (vision/prompt forward + the first token). The JAX run reuses
-  the full run's compiled program (max_new_tokens is data), so only the loop trip count changes.
-- decode: full call − prefill; decode tokens/s = rows × (new tokens − 1) / decode seconds.
-Both sides sample (temperature 0.7, top-p 0.95: the paper's rollout setting) and are forced to produce exactly
-`--new-tokens` tokens (JAX: no end ids; transformers: min_new_tokens). transformers gets left-padded prompts
-(what its batched generate needs) and `num_return_sequences=K`, which prefills each prompt K times; the JAX
-sampler prefills once and shares the cache. Prompts are text only (decode cost does not depend on images).
+Parts (`--part`, comma list; default all):
+- speed: for each of `--lengths` new tokens (default 64, 256, 1,024): JAX decode tokens/s against
+  transformers' decode tokens/s and their ratio, and JAX's own tokens/s relative to its figure at the first
+  length. Both sides sample (temperature 0.7, top-p 0.95: the paper's rollout setting) and are forced to
+  produce exactly that many tokens (JAX: no end ids; transformers: min_new_tokens). transformers gets
+  left-padded prompts (what its batched generate needs) and `num_return_sequences=K`, which prefills each
+  prompt K times; the JAX sampler prefills once and shares the cache. Prompts are text only (decode cost does
+  not depend on images). Timing: decode = full call - prefill call (the same call with max_new_tokens=1; the
+  JAX run reuses the compiled program, max_new_tokens is data); decode tokens/s = rows x (new tokens - 1) /
+  decode seconds; best of --repeats.
+- compile: the JAX program for each of `--lengths` and `--compile-lengths` (default also 4,096): trace and XLA
+  compile seconds, measured apart from the first run (which runs the compiled executable), and XLA's memory
+  analysis.
+- tail: `--tail-prompts` prompts x K rollouts of up to `--tail-max` tokens whose lengths are spread like real
+  rollouts (most short, a long tail to the limit): `--tail-end-ids` random token ids end a response, so each
+  step ends a row with a small fixed probability (geometric lengths). The same call with row compaction (the
+  default) and without (max_decode_stages=1) gives the same tokens; prints both times, the rows each decoded
+  step computed, and transformers' generate on the same prompts and end ids.
+- aot: the rollout program at paper scale (2B student, fp32 params / bf16 compute, 16 prompts x 4 samples,
+  1,024-token prompts holding one 768-token image, 4,096 new tokens) lowered from abstract shapes (no
+  weights) on a simulated 8-device fsdp mesh; XLA's per-device memory analysis. Runs in a subprocess (it
+  needs 8 CPU devices, which would change the speed parts' device).
+
+The machine's load (`uptime`) is printed at the start and the end: figures from a loaded machine are
+pessimistic; ratios are taken side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -27,6 +47,8 @@ from flax import nnx
 
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.rollout import sampler
+
+GB = 1e9
 
 
 def bench_config(name: str) -> qwen3_vl.Qwen3VLConfig:
@@ -56,7 +78,14 @@ def random_prompts(cfg, num_prompts: int, prompt_len: int, seed: int = 0):
     return ids, mask
 
 
-def _timed(fn, repeats: int) -> float:
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "uptime unavailable"
+
+
+def _best(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -65,27 +94,37 @@ def _timed(fn, repeats: int) -> float:
     return best
 
 
-def run_jax(model, ids, mask, args):
-    kw = dict(num_samples=args.samples, temperature=args.temperature, top_p=args.top_p, eos_token_ids=(), rng=0,
-              min_new_bucket=args.new_tokens)
+# ----------------------------------------------------------------------------- JAX side
+class JaxProgram:
+    """One compiled sampler program (one new-token bucket), with its compile time measured apart from runs."""
 
-    def call(n_new):
-        return jax.block_until_ready(sampler.generate(model, ids, mask, max_new_tokens=n_new, **kw))
+    def __init__(self, model, ids, mask, n_new: int, **kw):
+        self.model, self.ids, self.mask, self.kw = model, ids, mask, dict(kw, min_new_bucket=n_new)
+        start = time.perf_counter()
+        args, self.program, _ = sampler._prepare(model, ids, mask, max_new_tokens=n_new, **self.kw)
+        lowered = sampler._run_jit.lower(*args, program=self.program)
+        self.trace_s = time.perf_counter() - start
+        start = time.perf_counter()
+        self.compiled = lowered.compile()
+        self.compile_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    out = call(args.new_tokens)
-    compile_s = time.perf_counter() - start
-    assert int(np.asarray(out.lengths).min()) == args.new_tokens
-    full = _timed(lambda: call(args.new_tokens), args.repeats)
-    prefill = _timed(lambda: call(1), args.repeats)
-    compiled = sampler.lower(model, ids, mask, max_new_tokens=args.new_tokens, **kw).compile()
-    return dict(compile=compile_s, full=full, prefill=prefill, compiled=compiled, programs=sampler.compile_count())
+    def __call__(self, n_new: int):
+        """Runs the compiled program for n_new (<= its bucket) tokens; returns the SamplerOutput (blocked on)."""
+        args, program, _ = sampler._prepare(self.model, self.ids, self.mask, max_new_tokens=n_new, **self.kw)
+        assert program == self.program, "the benchmark must reuse the compiled program"
+        return jax.block_until_ready(self.compiled(*args))
+
+    def memory(self) -> str:
+        mem = self.compiled.memory_analysis()
+        if mem is None:
+            return "memory analysis unavailable"
+        return (f"arguments {mem.argument_size_in_bytes / 2**20:.0f} MiB, temp {mem.temp_size_in_bytes / 2**20:.0f} "
+                f"MiB, outputs {mem.output_size_in_bytes / 2**20:.1f} MiB")
 
 
-def run_hf(hf, ids, mask, args):
+def _hf_inputs(ids, mask):
     import torch
 
-    rows = []
     lengths = mask.sum(1)
     width = int(lengths.max())
     left_ids = np.zeros((ids.shape[0], width), np.int64)
@@ -93,84 +132,263 @@ def run_hf(hf, ids, mask, args):
     for i, n in enumerate(lengths):  # transformers' batched generate needs LEFT padding
         left_ids[i, width - n:] = ids[i, :n]
         left_mask[i, width - n:] = 1
-    inputs = dict(input_ids=torch.tensor(left_ids), attention_mask=torch.tensor(left_mask))
+    return dict(input_ids=torch.tensor(left_ids), attention_mask=torch.tensor(left_mask))
 
-    def call(n_new):
-        with torch.no_grad():
-            return hf.generate(**inputs, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                               num_return_sequences=args.samples, max_new_tokens=n_new, min_new_tokens=n_new,
-                               eos_token_id=1, pad_token_id=0, use_cache=True)
 
-    torch.manual_seed(0)
-    out = call(2)  # warm-up
-    rows.append(out.shape[0])
-    full = _timed(lambda: call(args.new_tokens), args.hf_repeats)
-    prefill = _timed(lambda: call(1), args.hf_repeats)
-    return dict(full=full, prefill=prefill)
+def hf_generate(hf, ids, mask, args, n_new: int, *, forced: bool, eos=None):
+    """transformers' generate with the benchmark's sampling settings; returns the generated ids (rows, <= n_new)."""
+    import torch
+
+    inputs = _hf_inputs(ids, mask)
+    with torch.no_grad():
+        out = hf.generate(**inputs, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                          num_return_sequences=args.samples, max_new_tokens=n_new,
+                          min_new_tokens=n_new if forced else 0,
+                          eos_token_id=list(eos) if eos is not None else 1, pad_token_id=0, use_cache=True)
+    return out[:, inputs["input_ids"].shape[1]:].numpy()
+
+
+# ----------------------------------------------------------------------------- parts
+def part_speed_and_compile(model, hf, cfg, args, parts):
+    ids, mask = random_prompts(cfg, args.prompts, args.prompt_len)
+    rows = args.prompts * args.samples
+    kw = dict(num_samples=args.samples, temperature=args.temperature, top_p=args.top_p, eos_token_ids=(), rng=0)
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    compile_only = [int(x) for x in args.compile_lengths.split(",") if x and int(x) not in lengths]
+    print(f"== speed: {args.prompts} prompts x K={args.samples} = {rows} rows, prompt lengths "
+          f"{int(mask.sum(1).min())}-{int(mask.sum(1).max())}, temperature {args.temperature}, top-p {args.top_p}, "
+          f"every row forced to the full length", flush=True)
+    header = ("new tok | JAX trace+compile | JAX first run | JAX decode tok/s | vs own @%d | HF decode tok/s | "
+              "JAX/HF" % lengths[0])
+    results, own_first = [], None
+    for n_new in lengths:
+        prog = JaxProgram(model, ids, mask, n_new, **kw)
+        start = time.perf_counter()
+        out = prog(n_new)
+        first_run = time.perf_counter() - start
+        assert int(np.asarray(out.lengths).min()) == n_new
+        full = _best(lambda: prog(n_new), args.repeats)
+        prefill = _best(lambda: prog(1), args.repeats)
+        j_tps = rows * (n_new - 1) / max(full - prefill, 1e-9)
+        own_first = own_first or j_tps
+        line = (f"{n_new:7d} | {prog.trace_s:5.1f} + {prog.compile_s:5.1f} s | {first_run:7.2f} s | "
+                f"{j_tps:10,.0f} | {j_tps / own_first:9.2f}x")
+        h_tps = None
+        if hf is not None and "speed" in parts:
+            import torch
+
+            torch.manual_seed(0)
+            hf_generate(hf, ids, mask, args, 2, forced=True)  # warm-up
+            h_full = _best(lambda: hf_generate(hf, ids, mask, args, n_new, forced=True), args.hf_repeats)
+            h_prefill = _best(lambda: hf_generate(hf, ids, mask, args, 1, forced=True), args.hf_repeats)
+            h_tps = rows * (n_new - 1) / max(h_full - h_prefill, 1e-9)
+            line += f" | {h_tps:10,.0f} | {j_tps / h_tps:5.2f}x"
+        else:
+            line += " |          - |     -"
+        results.append(line)
+        print(f"  [{n_new} new tokens] JAX prefill {prefill * 1e3:.0f} ms, full {full:.2f} s; XLA: {prog.memory()}",
+              flush=True)
+        del prog
+    for n_new in compile_only:
+        prog = JaxProgram(model, ids, mask, n_new, **kw)
+        results.append(f"{n_new:7d} | {prog.trace_s:5.1f} + {prog.compile_s:5.1f} s | (compile only; XLA: "
+                       f"{prog.memory()})")
+        del prog
+    print(header)
+    for line in results:
+        print(line, flush=True)
+
+
+def _row_steps(lengths, max_new: int, schedule) -> int:
+    """Rows computed over all decode steps for these response lengths under a stage schedule (one group)."""
+    step, total = 0, 0
+    active_at = lambda t: int(np.sum(np.asarray(lengths) > t))  # noqa: E731 (row still decoding at step t)
+    for stage, size in enumerate(schedule):
+        nxt = schedule[stage + 1] if stage + 1 < len(schedule) else 0
+        while step < max_new and active_at(step) > nxt:
+            total += size
+            step += 1
+    return total
+
+
+def part_tail(model, hf, cfg, args):
+    from vaopd_jax.rollout import decode
+
+    ids, mask = random_prompts(cfg, args.tail_prompts, args.prompt_len, seed=1)
+    rows = args.tail_prompts * args.samples
+    rng = np.random.default_rng(7)
+    eos = tuple(int(i) for i in rng.choice(min(cfg.image_token_id, cfg.text.vocab_size), args.tail_end_ids,
+                                           replace=False))
+    kw = dict(num_samples=args.samples, temperature=args.temperature, top_p=args.top_p, eos_token_ids=eos, rng=3)
+    n_new = args.tail_max
+    print(f"== long tail: {args.tail_prompts} prompts x K={args.samples} = {rows} rows, up to {n_new} new tokens, "
+          f"{len(eos)} end ids (each step ends a row with probability ~{len(eos) / cfg.text.vocab_size:.4f})",
+          flush=True)
+    timings = {}
+    outputs = {}
+    for stages, name in ((decode.MAX_STAGES, "compacted"), (1, "all rows")):
+        prog = JaxProgram(model, ids, mask, n_new, max_decode_stages=stages, **kw)
+        outputs[name] = prog(n_new)
+        full = _best(lambda: prog(n_new), args.repeats)
+        prefill = _best(lambda: prog(1), args.repeats)
+        timings[name] = (full, prefill, prog.compile_s + prog.trace_s)
+        del prog
+    a, b = outputs["compacted"], outputs["all rows"]
+    same = bool(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens)))
+    lengths = np.asarray(a.lengths)
+    useful = int(lengths.sum())
+    q = np.percentile(lengths, [10, 50, 90]).astype(int)
+    schedule = decode.compaction_schedule(rows)
+    print(f"  JAX response lengths: p10 {q[0]}, median {q[1]}, p90 {q[2]}, max {lengths.max()}, "
+          f"{int((lengths == n_new).sum())} of {rows} at the limit; {useful} tokens; same tokens with and without "
+          f"compaction: {same}")
+    for name, stages in (("compacted", schedule), ("all rows", (rows,))):
+        full, prefill, comp = timings[name]
+        print(f"  JAX {name:9s} (buckets {stages}): decode {full - prefill:7.2f} s -> {useful / (full - prefill):8,.0f} "
+              f"generated tok/s; rows computed over all steps {_row_steps(lengths, n_new, stages):,}; "
+              f"compile {comp:.1f} s")
+    ratio = (timings["all rows"][0] - timings["all rows"][1]) / (timings["compacted"][0] - timings["compacted"][1])
+    print(f"  compaction speed-up on this batch: {ratio:.2f}x")
+    if hf is not None:
+        import torch
+
+        torch.manual_seed(3)
+        start = time.perf_counter()
+        gen = hf_generate(hf, ids, mask, args, n_new, forced=False, eos=eos)
+        h_full = time.perf_counter() - start
+        h_prefill = _best(lambda: hf_generate(hf, ids, mask, args, 1, forced=True), args.hf_repeats)
+        is_end = np.isin(gen, eos)
+        h_lengths = np.where(is_end.any(1), is_end.argmax(1) + 1, gen.shape[1])
+        hq = np.percentile(h_lengths, [10, 50, 90]).astype(int)
+        print(f"  HF  generate: lengths p10 {hq[0]}, median {hq[1]}, p90 {hq[2]}, max {h_lengths.max()}; decode "
+              f"{h_full - h_prefill:7.2f} s -> {h_lengths.sum() / (h_full - h_prefill):8,.0f} generated tok/s")
+
+
+def part_aot(args):
+    """Runs the paper-scale AOT report in a subprocess with 8 simulated CPU devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", "aot-here"]
+    subprocess.run(cmd, env=env, check=True)
+
+
+def aot_report(num_prompts=16, num_samples=4, prompt_len=1024, image_tokens=768, max_new_tokens=4096,
+               mesh_shape=(1, 8, 1)):
+    """The paper-scale rollout program from abstract shapes on a simulated (data, fsdp, tensor) mesh: prints XLA's
+    per-device memory analysis. Call in a process with >= 8 devices."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from vaopd_jax.models.qwen3_vl import sharding as model_sharding
+
+    devices = np.asarray(jax.devices()[:int(np.prod(mesh_shape))]).reshape(mesh_shape)
+    mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(attention_impl="chunked")
+    model = nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
+                                                    rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    leaves, treedef = jax.tree.flatten(state)
+    abstract_state = jax.tree.unflatten(treedef, [
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, model_sharding.logical_to_spec(
+            v.get_metadata()["logical_axes"], None, mesh, v.shape))) for x, v in zip(leaves, variables)])
+
+    def sds(shape, dtype, axes=None):
+        spec = PartitionSpec() if axes is None else model_sharding.logical_to_spec(axes, mesh=mesh, shape=shape)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    patches = num_prompts * image_tokens * cfg.vision.merge_unit
+    vision = qwen3_vl.VisionInputs(
+        rotary_pos=sds((patches, 2), jnp.int32), interp_indices=sds((patches, 4), jnp.int32),
+        interp_weights=sds((patches, 4), jnp.float32), segment_ids=sds((patches,), jnp.int32),
+        valid=sds((patches,), jnp.bool_), merged_valid=sds((patches // cfg.vision.merge_unit,), jnp.bool_))
+    params = sampler.logit_ops.SamplingParams(temperature=0.7, top_p=0.95)
+    program = sampler._Program(graphdef=graphdef, num_samples=num_samples, params=params, new_bucket=max_new_tokens,
+                               cache_dtype="bfloat16", mesh=mesh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (abstract_state, sds((num_prompts, prompt_len), jnp.int32, ("batch", None)),
+            sds((num_prompts, prompt_len), jnp.int32, ("batch", None)),
+            sds((3, num_prompts, prompt_len), jnp.int32, (None, "batch", None)),
+            sds((num_prompts,), jnp.int32, ("batch",)), sds((patches, cfg.vision.patch_dim), jnp.float32), vision,
+            sds((), jnp.int32), jax.ShapeDtypeStruct(key.shape, key.dtype), sds((8,), jnp.int32), sds((), jnp.int32),
+            sds((), jnp.int32), sds((8,), jnp.int32))
+    start = time.perf_counter()
+    lowered = sampler._run_jit.lower(*args, program=program)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start - lower_s
+    mem = compiled.memory_analysis()
+    rows, slots = num_prompts * num_samples, prompt_len + max_new_tokens
+    t = cfg.text
+    cache = 2 * t.num_hidden_layers * rows * t.num_key_value_heads * slots * t.head_dim * 2
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    print(f"== aot: 2B student rollout program, {num_prompts} prompts x {num_samples} samples, prompt {prompt_len} "
+          f"({image_tokens} image tokens) + {max_new_tokens} new tokens, mesh "
+          f"{'x'.join(f'{k}={v}' for k, v in mesh.shape.items())}: lower {lower_s:.0f} s, compile {compile_s:.0f} s")
+    print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs {mem.output_size_in_bytes / GB:.3f}"
+          f" GB, temp {mem.temp_size_in_bytes / GB:.2f} GB -> peak {peak / GB:.2f} GB (the bf16 KV cache alone: "
+          f"{cache / GB:.1f} GB in all, {cache / GB / mesh.size:.2f} GB per device)", flush=True)
+    return mem
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", default="speed,compile,tail,aot", help="comma list of speed, compile, tail, aot")
     p.add_argument("--config", default="50m", help="50m | tiny")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--samples", type=int, default=4, help="K rollouts per prompt")
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--lengths", default="64,256,1024", help="new-token lengths timed against transformers")
+    p.add_argument("--compile-lengths", default="4096", help="further lengths whose program is only compiled")
+    p.add_argument("--tail-prompts", type=int, default=16)
+    p.add_argument("--tail-max", type=int, default=1024, help="max new tokens of the long-tail batch")
+    p.add_argument("--tail-end-ids", type=int, default=96, help="number of random end ids (sets the length spread)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (params and KV cache)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--hf-repeats", type=int, default=1)
     p.add_argument("--no-hf", action="store_true", help="skip transformers (JAX figures only)")
     args = p.parse_args(argv)
+    parts = {x.strip() for x in args.part.split(",") if x.strip()}
+    if parts == {"aot-here"}:  # the subprocess of part_aot
+        aot_report()
+        return
+    unknown = parts - {"speed", "compile", "tail", "aot"}
+    if unknown:
+        raise SystemExit(f"--part: unknown {sorted(unknown)}; choose from speed, compile, tail, aot")
+    print(f"load at start: {_uptime()}")
+    print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, cpu threads {os.cpu_count()}, JAX "
+          f"{jax.__version__}", flush=True)
 
-    cfg = bench_config(args.config)
-    dtype = jnp.dtype(args.dtype)
-    if args.no_hf:
-        model = qwen3_vl.Qwen3VL(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))
+    if parts & {"speed", "compile", "tail"}:
+        from vaopd_jax.rollout import decode
+
+        cfg = bench_config(args.config)
+        dtype = jnp.dtype(args.dtype)
         hf = None
-    else:
-        import torch
+        if args.no_hf or not parts & {"speed", "tail"}:
+            model = qwen3_vl.Qwen3VL(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))
+        else:
+            import torch
 
-        from vaopd_jax.models.qwen3_vl import testing
+            from vaopd_jax.models.qwen3_vl import testing
 
-        torch.set_num_threads(os.cpu_count() or 1)
-        hf = testing.hf_reference_model(cfg, seed=0)
-        model = testing.model_from_hf(hf, cfg, dtype=dtype)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    text_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model.language_model, nnx.Param)))
-    ids, mask = random_prompts(cfg, args.prompts, args.prompt_len)
-    rows = args.prompts * args.samples
-    print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, cpu threads {os.cpu_count()}")
-    print(f"config {args.config}: {n_params / 1e6:.1f}M params ({text_params / 1e6:.1f}M text), dtype {args.dtype}; "
-          f"{args.prompts} prompts x K={args.samples} = {rows} rows, prompt lengths "
-          f"{int(mask.sum(1).min())}-{int(mask.sum(1).max())}, {args.new_tokens} new tokens, "
-          f"temperature {args.temperature}, top-p {args.top_p}")
-
-    j = run_jax(model, ids, mask, args)
-    j_decode = j["full"] - j["prefill"]
-    j_tps = rows * (args.new_tokens - 1) / j_decode
-    print(f"JAX   compile+first run {j['compile']:.2f}s ({j['programs']} program(s) compiled)")
-    print(f"JAX   prefill {j['prefill'] * 1e3:.1f} ms ({args.prompts} prompts, once each) | decode "
-          f"{j_decode:.3f}s -> {j_tps:,.0f} tokens/s | total {j['full']:.3f}s")
-    mem = j["compiled"].memory_analysis()
-    if mem is not None:
-        print(f"XLA   memory: arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, outputs "
-              f"{mem.output_size_in_bytes / 2**20:.2f} MiB, temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB")
-    cost = j["compiled"].cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and "flops" in cost:
-        print(f"XLA   cost analysis: {cost['flops'] / 1e9:.2f} GFLOP, {cost.get('bytes accessed', 0) / 2**30:.2f} "
-              "GiB accessed (while-loop body counted once)")
-
-    if hf is not None:
-        h = run_hf(hf, ids, mask, args)
-        h_decode = h["full"] - h["prefill"]
-        h_tps = rows * (args.new_tokens - 1) / h_decode
-        print(f"HF    prefill {h['prefill'] * 1e3:.1f} ms ({rows} rows: prompts repeated K times) | decode "
-              f"{h_decode:.3f}s -> {h_tps:,.0f} tokens/s | total {h['full']:.3f}s")
-        print(f"ratio JAX / transformers: decode tokens/s {j_tps / h_tps:.2f}x, prefill "
-              f"{h['prefill'] / j['prefill']:.2f}x, end to end {h['full'] / j['full']:.2f}x")
+            torch.set_num_threads(os.cpu_count() or 1)
+            hf = testing.hf_reference_model(cfg, seed=0)
+            model = testing.model_from_hf(hf, cfg, dtype=dtype)
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        text_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model.language_model, nnx.Param)))
+        print(f"config {args.config}: {n_params / 1e6:.1f}M params ({text_params / 1e6:.1f}M text), dtype "
+              f"{args.dtype}; decode attention block {decode.BLOCK_SIZE} slots, row buckets shrink "
+              f"{decode.SHRINK_FACTOR}x (at most {decode.MAX_STAGES} stages)", flush=True)
+        if parts & {"speed", "compile"}:
+            part_speed_and_compile(model, hf, cfg, args, parts)
+        if "tail" in parts:
+            part_tail(model, hf, cfg, args)
+    if "aot" in parts:
+        part_aot(args)
+    print(f"load at end: {_uptime()}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ class _Program:
     new_bucket: int
     cache_dtype: str
     mesh: Any
+    decode_stages: int = decode.MAX_STAGES  # row buckets of the decode loop (1 = no compaction), rollout/decode.py
 
 
 # ----------------------------------------------------------------------------- device side
@@ -176,12 +177,13 @@ def _run(params, input_ids, attention_mask, position_ids, next_position, pixel_v
     vocab_ids = jnp.arange(model.config.text.vocab_size, dtype=jnp.int32)
     suppressed = jnp.any(vocab_ids[None, :] == suppress[:, None], axis=0)  # (V,) bool
 
-    decoded = decode.decode(
+    groups = decode.row_groups(num_rows, mesh)
+    tokens, logprobs, model_logprobs = decode.decode(
         model, cache, last_logits, next_position, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
         num_new=n_new, rng=rng, eos=eos, pad=pad, valid_vocab_size=valid_vocab_size, suppressed=suppressed,
-        params=sampling, row_groups=decode.row_groups(num_rows, mesh),
+        params=sampling, row_groups=groups,
+        schedule=decode.compaction_schedule(num_rows, groups, max_stages=program.decode_stages),
         constrain=lambda x, axes: _constrain(x, mesh, axes))
-    tokens, logprobs, model_logprobs = decoded
 
     generated = jnp.arange(n_new)[None, :] < max_new_tokens
     response_mask = masks.response_mask(tokens, eos, generated)
@@ -246,7 +248,9 @@ class Sampler:
     transformers does); suppress_token_ids: ids never sampled (default the config's vision special ids; () for
     none); max_length: the longest prompt + max_new_tokens allowed (default the model's
     max_position_embeddings); cache_dtype (default the compute dtype); top_p_candidates (a speed knob);
-    min_new_bucket: the smallest new-token bucket.
+    min_new_bucket: the smallest new-token bucket; decode_stages: row buckets of the decode loop
+    (rollout/decode.py: finished rows are compacted out between stages; 1 = every row is decoded until the last
+    one ends; the tokens are the same).
     """
 
     def __init__(self, model: qwen3_vl.Qwen3VL, *, max_new_tokens: int, num_samples: int = 1,
@@ -254,13 +258,15 @@ class Sampler:
                  eos_token_ids: Sequence[int] = END_TOKEN_IDS, valid_vocab_size: int | None = None,
                  pad_token_id: int | None = None, suppress_token_ids: Sequence[int] | None = None,
                  mesh: jax.sharding.Mesh | None = None, max_length: int | None = None, cache_dtype=None,
-                 top_p_candidates: int = 256, min_new_bucket: int = 16):
+                 top_p_candidates: int = 256, min_new_bucket: int = 16, decode_stages: int = decode.MAX_STAGES):
         cfg = model.config
         vocab = cfg.text.vocab_size
         if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
         if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
             raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
+        if not (isinstance(decode_stages, (int, np.integer)) and decode_stages >= 1):
+            raise ValueError(f"decode_stages must be an int >= 1 (1 = no row compaction); got {decode_stages!r}")
         eos = tuple(int(e) for e in eos_token_ids)
         for e in eos:
             if not 0 <= e < vocab:
@@ -296,7 +302,8 @@ class Sampler:
         self.program = _Program(
             graphdef=nnx.split(model, nnx.Param)[0], num_samples=int(num_samples), params=sampling,
             new_bucket=bucket_size(max_new_tokens, min_new_bucket),
-            cache_dtype=jnp.dtype(cache_dtype or model.compute_dtype).name, mesh=mesh)
+            cache_dtype=jnp.dtype(cache_dtype or model.compute_dtype).name, mesh=mesh,
+            decode_stages=int(decode_stages))
         self._data = (np.int32(max_new_tokens), _eos_array(eos), np.int32(pad_token_id), np.int32(valid_vocab_size),
                       _eos_array(suppress))
         self._run = _run_jit if mesh is None else on_mesh(_run_jit, mesh)

@@ -206,38 +206,50 @@ def write_cache(cache: KVCache, k_new, v_new, cache_index, rows=None, write=None
     """Writes one new key/value per row at slot cache_index and marks it valid.
 
     k_new, v_new (L, R', K, D); rows / write / row_groups as in `Qwen3VL.decode_step`. Without rows: one
-    (L, B, K, 1, D) in-place dynamic_update_slice (the cache is a while-loop carry, never copied); with rows: an
-    in-place scatter to those rows (each group into its own slice of the batch; unwritten rows dropped).
+    (L, B, K, 1, D) in-place dynamic_update_slice (the cache is a while-loop carry, never copied). With rows: the
+    slot's column (L, B, K, 1, D) is read, the R' rows are scattered into it (each group into its own slice of
+    the batch; unwritten rows dropped) and the column is written back the same way: only one slot's worth of
+    data moves, in place.
     """
     index = jnp.asarray(cache_index, jnp.int32)
-    if rows is None and write is None:
-        zero = jnp.zeros((), jnp.int32)
-        at = (zero, zero, zero, index, zero)
-        k_all = jax.lax.dynamic_update_slice(cache.k, k_new[:, :, :, None].astype(cache.k.dtype), at)
-        v_all = jax.lax.dynamic_update_slice(cache.v, v_new[:, :, :, None].astype(cache.v.dtype), at)
-        valid = jax.lax.dynamic_update_slice_in_dim(
-            cache.valid, jnp.ones((cache.valid.shape[0], 1), bool), index, axis=1)
-        return KVCache(k=k_all, v=v_all, valid=valid)
+    zero = jnp.zeros((), jnp.int32)
+    at = (zero, zero, zero, index, zero)
     b = cache.valid.shape[0]
-    r = k_new.shape[1]
-    rows = jnp.arange(r, dtype=jnp.int32) if rows is None else rows
-    if write is not None:
-        rows = jnp.where(write, rows, b)  # out of range: dropped
+    if rows is None and write is None:
+        k_col, v_col = k_new[:, :, :, None], v_new[:, :, :, None]
+        valid_col = jnp.ones((b, 1), bool)
+    else:
+        r = k_new.shape[1]
+        rows = jnp.arange(r, dtype=jnp.int32) if rows is None else rows
+        if write is not None:
+            rows = jnp.where(write, rows, b)  # out of range: dropped
+        column = lambda a: jax.lax.dynamic_slice_in_dim(a, index, 1, axis=3)  # noqa: E731
+        k_col = scatter_rows_grouped(column(cache.k), k_new[:, :, :, None], rows, row_groups, axis=1)
+        v_col = scatter_rows_grouped(column(cache.v), v_new[:, :, :, None], rows, row_groups, axis=1)
+        valid_col = scatter_rows_grouped(jax.lax.dynamic_slice_in_dim(cache.valid, index, 1, axis=1),
+                                         jnp.ones((r, 1), bool), rows, row_groups, axis=0)
+    k_all = jax.lax.dynamic_update_slice(cache.k, k_col.astype(cache.k.dtype), at)
+    v_all = jax.lax.dynamic_update_slice(cache.v, v_col.astype(cache.v.dtype), at)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_col, index, axis=1)
+    return KVCache(k=k_all, v=v_all, valid=valid)
+
+
+def scatter_rows_grouped(x, values, rows, row_groups: int, axis: int):
+    """x with x[rows] = values along `axis` (the batch): x (..., B, ...), values (..., R', ...), rows (R',) int32.
+
+    The batch is split into row_groups contiguous groups and entry e (of group e // (R'/row_groups)) writes a
+    row of its own group (text.gather_rows' layout): a batched scatter over the groups, local to each batch
+    shard. Rows out of range (e.g. B) are dropped.
+    """
+    b, r = x.shape[axis], values.shape[axis]
     per_group, picked = b // row_groups, r // row_groups
-    # Grouped view: (.., G, B/G, ..) with the row index local to its group, so each device scatters into its own
-    # shard; an out-of-range row (>= B/G after the shift, or negative) is dropped.
-    group = jnp.arange(row_groups, dtype=jnp.int32)[:, None]
-    local = rows.reshape(row_groups, picked) - group * per_group
-    local = jnp.where((local >= 0) & (rows.reshape(row_groups, picked) < b), local, per_group)
-    grouped = lambda a, axis: a.reshape(*a.shape[:axis], row_groups, per_group, *a.shape[axis + 1:])  # noqa: E731
-    k_g, v_g, valid_g = grouped(cache.k, 1), grouped(cache.v, 1), grouped(cache.valid, 0)
-    # NumPy indexing rules: the (G, R'/G) index dims lead the update, then (L, K, D).
-    per_row = lambda a, like: jnp.moveaxis(  # noqa: E731
-        a.reshape(a.shape[0], row_groups, picked, *a.shape[2:]), 0, 2).astype(like.dtype)
-    k_g = k_g.at[:, group, local, :, index, :].set(per_row(k_new, cache.k), mode="drop")
-    v_g = v_g.at[:, group, local, :, index, :].set(per_row(v_new, cache.v), mode="drop")
-    valid_g = valid_g.at[group, local, index].set(True, mode="drop")
-    return KVCache(k=k_g.reshape(cache.k.shape), v=v_g.reshape(cache.v.shape), valid=valid_g.reshape(b, -1))
+    rows = rows.reshape(row_groups, picked)
+    local = rows - (jnp.arange(row_groups, dtype=jnp.int32) * per_group)[:, None]
+    local = jnp.where((local >= 0) & (local < per_group) & (rows < b), local, per_group)  # out of group: dropped
+    split = lambda a, n: a.reshape(*a.shape[:axis], row_groups, n, *a.shape[axis + 1:])  # noqa: E731
+    grouped, vals = split(x, per_group), split(values.astype(x.dtype), picked)
+    index = (slice(None),) * axis + (jnp.arange(row_groups)[:, None], local)
+    return grouped.at[index].set(vals, mode="drop").reshape(x.shape)
 
 
 def _tuple(x):

@@ -175,18 +175,35 @@ def cached_attention(q, k_new, v_new, cache_k, cache_v, valid, layer, filled, *,
 
     The slots are read in blocks of `block_size` inside a loop whose trip count is ceil(filled / block_size):
     an online (running max) softmax over the blocks, started from the query's own key, which is always valid.
-    Each block is sliced (and its rows gathered) inside the fused multiply-reduce that consumes it, so the
-    cache is read once per step and never copied.
+    For an fp32 cache each block is sliced (and its rows gathered) inside the fused multiply-reduce that
+    consumes it, so the cache is read once per step and never copied; other dtypes go through dots with fp32
+    accumulation (on CPU the block is then copied before the dot).
     """
     r, n, d = q.shape
     _, b, kh, s, _ = cache_k.shape
     g = n // kh
     block = min(block_size, s)
     scale = d ** -0.5
-    qg = q.reshape(r, kh, g, d).astype(jnp.float32)
-    m = jnp.sum(qg * k_new.astype(jnp.float32)[:, :, None, :], axis=-1) * scale  # (R', K, G) running max
+    f32 = jnp.float32
+    qg = q.reshape(r, kh, g, d)
+    # fp32 cache: scores and weighted sums as multiply + reduce, which XLA fuses with the block's slice and row
+    # gather (one read of the cache). Any other dtype: dots with fp32 accumulation, because an elementwise
+    # convert of the cache would be hoisted out of the block loop as a convert of the whole cache.
+    fused = cache_k.dtype == f32 and q.dtype == f32
+
+    def scores_of(k_blk):  # (R', K, block, D) -> (R', K, G, block) fp32, unscaled
+        if fused:
+            return jnp.sum(qg[:, :, :, None, :] * k_blk[:, :, None, :, :], axis=-1)
+        return jnp.einsum("bkgd,bksd->bkgs", qg, k_blk.astype(q.dtype), preferred_element_type=f32)
+
+    def weighted_sum(p, v_blk):  # p (R', K, G, block) fp32 (in the cache dtype for the dot), v_blk (R', K, block, D)
+        if fused:
+            return jnp.sum(p[..., None] * v_blk[:, :, None, :, :], axis=-2)
+        return jnp.einsum("bkgs,bksd->bkgd", p.astype(v_blk.dtype), v_blk, preferred_element_type=f32)
+
+    m = jnp.einsum("bkgd,bkd->bkg", qg, k_new.astype(q.dtype), preferred_element_type=f32) * scale  # running max
     denom = jnp.ones_like(m)
-    acc = jnp.broadcast_to(v_new.astype(jnp.float32)[:, :, None, :], (r, kh, g, d))
+    acc = jnp.broadcast_to(v_new.astype(f32)[:, :, None, :], (r, kh, g, d))
     valid_rows = valid if rows is None else gather_rows(valid, rows, row_groups)  # (R', S)
 
     def read(cache, start):  # (R', K, block, D) of `layer`, slots [start, start + block)
@@ -200,13 +217,11 @@ def cached_attention(q, k_new, v_new, cache_k, cache_v, valid, layer, filled, *,
         slot = start + jnp.arange(block)
         ok = jax.lax.dynamic_slice_in_dim(valid_rows, start, block, axis=1) & ((slot >= nominal) & (slot < filled))
         k_blk, v_blk = read(cache_k, start), read(cache_v, start)
-        scores = jnp.sum(qg[:, :, :, None, :] * k_blk.astype(jnp.float32)[:, :, None, :, :], axis=-1) * scale
-        scores = jnp.where(ok[:, None, None, :], scores, -jnp.inf)  # (R', K, G, block)
+        scores = jnp.where(ok[:, None, None, :], scores_of(k_blk) * scale, -jnp.inf)  # (R', K, G, block)
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
         p = jnp.exp(scores - m_new[..., None])
         rescale = jnp.exp(m - m_new)
-        weighted = jnp.sum(p[..., None] * v_blk.astype(jnp.float32)[:, :, None, :, :], axis=-2)
-        return m_new, denom * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + weighted
+        return m_new, denom * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + weighted_sum(p, v_blk)
 
     num_blocks = (jnp.asarray(filled, jnp.int32) + block - 1) // block
     m, denom, acc = jax.lax.fori_loop(0, num_blocks, one_block, (m, denom, acc))
