@@ -21,7 +21,7 @@ Parts (`--part`, comma list; default all):
 - tail: `--tail-prompts` prompts x K rollouts of up to `--tail-max` tokens whose lengths are spread like real
   rollouts (most short, a long tail to the limit): `--tail-end-ids` random token ids end a response, so each
   step ends a row with a small fixed probability (geometric lengths). The same call with row compaction (the
-  default) and without (max_decode_stages=1) gives the same tokens; prints both times, the rows each decoded
+  default) and without (decode_stages=1) gives the same tokens; prints both times, the rows each decoded
   step computed, and transformers' generate on the same prompts and end ids.
 - aot: the rollout program at paper scale (2B student, fp32 params / bf16 compute, 16 prompts x 4 samples,
   1,024-token prompts holding one 768-token image, 4,096 new tokens) lowered from abstract shapes (no
@@ -98,21 +98,26 @@ def _best(fn, repeats: int) -> float:
 class JaxProgram:
     """One compiled sampler program (one new-token bucket), with its compile time measured apart from runs."""
 
-    def __init__(self, model, ids, mask, n_new: int, **kw):
-        self.model, self.ids, self.mask, self.kw = model, ids, mask, dict(kw, min_new_bucket=n_new)
+    def __init__(self, model, ids, mask, n_new: int, rng=0, **settings):
+        self.settings = dict(settings, min_new_bucket=n_new)
+        self.prompts = sampler.batch_lib.from_flat(ids, mask, None, None, model.config,
+                                                   prompt_len=sampler.bucket_size(int(mask.sum(1).max())))
+        self.rng = rng
         start = time.perf_counter()
-        args, self.program, _ = sampler._prepare(model, ids, mask, max_new_tokens=n_new, **self.kw)
-        lowered = sampler._run_jit.lower(*args, program=self.program)
+        rollouts, self.params = sampler.Sampler.for_model(model, max_new_tokens=n_new, **self.settings)
+        self.model = model
+        lowered = rollouts.lower(self.params, self.prompts, rng)
         self.trace_s = time.perf_counter() - start
         start = time.perf_counter()
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - start
+        self.program = rollouts.program
 
     def __call__(self, n_new: int):
         """Runs the compiled program for n_new (<= its bucket) tokens; returns the SamplerOutput (blocked on)."""
-        args, program, _ = sampler._prepare(self.model, self.ids, self.mask, max_new_tokens=n_new, **self.kw)
-        assert program == self.program, "the benchmark must reuse the compiled program"
-        return jax.block_until_ready(self.compiled(*args))
+        rollouts = sampler.Sampler(self.model, max_new_tokens=n_new, **self.settings)
+        assert rollouts.program == self.program, "the benchmark must reuse the compiled program"
+        return jax.block_until_ready(self.compiled(*rollouts._arguments(self.params, self.prompts, self.rng)))
 
     def memory(self) -> str:
         mem = self.compiled.memory_analysis()
@@ -152,7 +157,7 @@ def hf_generate(hf, ids, mask, args, n_new: int, *, forced: bool, eos=None):
 def part_speed_and_compile(model, hf, cfg, args, parts):
     ids, mask = random_prompts(cfg, args.prompts, args.prompt_len)
     rows = args.prompts * args.samples
-    kw = dict(num_samples=args.samples, temperature=args.temperature, top_p=args.top_p, eos_token_ids=(), rng=0)
+    kw = dict(num_samples=args.samples, temperature=args.temperature, top_p=args.top_p, eos_token_ids=())
     lengths = [int(x) for x in args.lengths.split(",") if x]
     compile_only = [int(x) for x in args.compile_lengths.split(",") if x and int(x) not in lengths]
     print(f"== speed: {args.prompts} prompts x K={args.samples} = {rows} rows, prompt lengths "
@@ -227,7 +232,7 @@ def part_tail(model, hf, cfg, args):
     timings = {}
     outputs = {}
     for stages, name in ((decode.MAX_STAGES, "compacted"), (1, "all rows")):
-        prog = JaxProgram(model, ids, mask, n_new, max_decode_stages=stages, **kw)
+        prog = JaxProgram(model, ids, mask, n_new, decode_stages=stages, **kw)
         outputs[name] = prog(n_new)
         full = _best(lambda: prog(n_new), args.repeats)
         prefill = _best(lambda: prog(1), args.repeats)
@@ -286,7 +291,7 @@ def aot_report(num_prompts=16, num_samples=4, prompt_len=1024, image_tokens=768,
     cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(attention_impl="chunked")
     model = nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
                                                     rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
+    _, state = nnx.split(model, nnx.Param)
     variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     leaves, treedef = jax.tree.flatten(state)
     abstract_state = jax.tree.unflatten(treedef, [
@@ -297,23 +302,28 @@ def aot_report(num_prompts=16, num_samples=4, prompt_len=1024, image_tokens=768,
         spec = PartitionSpec() if axes is None else model_sharding.logical_to_spec(axes, mesh=mesh, shape=shape)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
-    patches = num_prompts * image_tokens * cfg.vision.merge_unit
+    patches = image_tokens * cfg.vision.merge_unit  # one image per prompt
     vision = qwen3_vl.VisionInputs(
-        rotary_pos=sds((patches, 2), jnp.int32), interp_indices=sds((patches, 4), jnp.int32),
-        interp_weights=sds((patches, 4), jnp.float32), segment_ids=sds((patches,), jnp.int32),
-        valid=sds((patches,), jnp.bool_), merged_valid=sds((patches // cfg.vision.merge_unit,), jnp.bool_))
-    params = sampler.logit_ops.SamplingParams(temperature=0.7, top_p=0.95)
-    program = sampler._Program(graphdef=graphdef, num_samples=num_samples, params=params, new_bucket=max_new_tokens,
-                               cache_dtype="bfloat16", mesh=mesh)
+        rotary_pos=sds((num_prompts, patches, 2), jnp.int32, ("batch", None, None)),
+        interp_indices=sds((num_prompts, patches, 4), jnp.int32, ("batch", None, None)),
+        interp_weights=sds((num_prompts, patches, 4), jnp.float32, ("batch", None, None)),
+        segment_ids=sds((num_prompts, patches), jnp.int32, ("batch", None)),
+        valid=sds((num_prompts, patches), jnp.bool_, ("batch", None)),
+        merged_valid=sds((num_prompts, image_tokens), jnp.bool_, ("batch", None)))
+    rollouts = sampler.Sampler(model, max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=0.7,
+                               top_p=0.95, valid_vocab_size=151_669, mesh=mesh)
     key = jax.eval_shape(lambda: jax.random.key(0))
     args = (abstract_state, sds((num_prompts, prompt_len), jnp.int32, ("batch", None)),
             sds((num_prompts, prompt_len), jnp.int32, ("batch", None)),
             sds((3, num_prompts, prompt_len), jnp.int32, (None, "batch", None)),
-            sds((num_prompts,), jnp.int32, ("batch",)), sds((patches, cfg.vision.patch_dim), jnp.float32), vision,
-            sds((), jnp.int32), jax.ShapeDtypeStruct(key.shape, key.dtype), sds((8,), jnp.int32), sds((), jnp.int32),
-            sds((), jnp.int32), sds((8,), jnp.int32))
+            sds((num_prompts,), jnp.int32, ("batch",)),
+            sds((num_prompts, patches, cfg.vision.patch_dim), jnp.float32, ("batch", None, None)), vision,
+            sds((num_prompts * image_tokens,), jnp.int32), sds((), jnp.int32),
+            jax.ShapeDtypeStruct(key.shape, key.dtype), sds((8,), jnp.int32), sds((), jnp.int32), sds((), jnp.int32),
+            sds((8,), jnp.int32))
     start = time.perf_counter()
-    lowered = sampler._run_jit.lower(*args, program=program)
+    # The Sampler's own program and mesh context (jax.set_mesh, as for the train step).
+    lowered = rollouts._run.lower(*args, program=rollouts.program)
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start - lower_s

@@ -123,6 +123,10 @@ def decode(model: qwen3_vl.Qwen3VL, cache: qwen3_vl.KVCache, first_logits, next_
             uniform = uniform if rows is None else uniform[rows]
         return logit_ops.sample_tokens(None, step_logits, params, valid_vocab_size, uniform=uniform)
 
+    # Loop-invariant: the output projection in the compute dtype, gathered over the model axis once for all
+    # stages (vocab stays split over 'tensor'). Left to XLA, each stage's loop hoists its own all-gather of the
+    # fp32 weight, all live at once.
+    lm_head = constrain(model.lm_head_kernel().astype(model.compute_dtype), (None, "vocab"))
     tokens = jnp.full((num_rows, num_new), pad, jnp.int32)
     logprobs = jnp.zeros((num_rows, num_new), jnp.float32)
     model_logprobs = jnp.zeros((num_rows, num_new), jnp.float32)
@@ -173,7 +177,8 @@ def decode(model: qwen3_vl.Qwen3VL, cache: qwen3_vl.KVCache, first_logits, next_
             fed = tok if write is None else jnp.where(write, tok, drawn)
             position = jnp.broadcast_to(position[None, :, None], (3, tok.shape[0], 1))
             logits, cache = model.decode_step(fed[:, None], position, cache, prompt_len + step, rows=rows,
-                                              write=write, row_groups=row_groups, block_size=block_size)
+                                              write=write, row_groups=row_groups, block_size=block_size,
+                                              lm_head=lm_head)
             logits = constrain(logits.reshape(tok.shape[0], -1), ("batch", None))
             return step + 1, cache, tokens, logprobs, model_logprobs, done, logits, rows, write
 

@@ -76,9 +76,10 @@ class Qwen3VL(nnx.Module):
             return self.language_model.embed_tokens[...].T
         return self.lm_head[...]
 
-    def logits_from_hidden(self, hidden):
-        """hidden (..., E) -> logits (..., V) float32 (matmul in compute dtype, fp32 accumulation)."""
-        w = self.lm_head_kernel().astype(self.compute_dtype)
+    def logits_from_hidden(self, hidden, lm_head=None):
+        """hidden (..., E) -> logits (..., V) float32 (matmul in compute dtype, fp32 accumulation). lm_head: the
+        (E, V) kernel already in the compute dtype (`lm_head_kernel()` cast once outside a decode loop), or None."""
+        w = self.lm_head_kernel().astype(self.compute_dtype) if lm_head is None else lm_head
         logits = jnp.einsum("...e,ev->...v", hidden.astype(self.compute_dtype), w, preferred_element_type=jnp.float32)
         return constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
 
@@ -185,20 +186,21 @@ class Qwen3VL(nnx.Module):
         return self.logits_from_hidden(hidden), KVCache(k=k_all, v=v_all, valid=valid)
 
     def decode_step(self, token_ids, position_ids, cache: KVCache, cache_index, *, rows=None, write=None,
-                    row_groups: int = 1, block_size: int = 128):
+                    row_groups: int = 1, block_size: int = 128, lm_head=None):
         """One token per row at slot cache_index (see the module docstring for position_ids).
         token_ids (R', 1), position_ids (3, R', 1) -> (logits (R', 1, V) float32, cache).
 
         rows (R',) int32: the cache row of each token row (None: R' = B, token row i is cache row i), gathered
         within `row_groups` contiguous groups of the batch (text.gather_rows: the batch shards of a mesh);
         write (R',) bool: rows whose key/value are written (None: all; False for padding rows that duplicate
-        another row). Only slots < cache_index are read, in blocks of block_size (text.cached_attention)."""
+        another row). Only slots < cache_index are read, in blocks of block_size (text.cached_attention).
+        lm_head: see `logits_from_hidden`."""
         lm = self.language_model
         x = lm.embed(token_ids)
         cos, sin = mrope_cos_sin(position_ids, self.config.text)
         x, (k_new, v_new) = lm.run_layers_decode(x, cos, sin, cache, cache_index, rows=rows, row_groups=row_groups,
                                                  block_size=block_size)
-        return self.logits_from_hidden(lm.final_norm(x)), write_cache(cache, k_new, v_new, cache_index, rows, write,
+        return self.logits_from_hidden(lm.final_norm(x), lm_head), write_cache(cache, k_new, v_new, cache_index, rows, write,
                                                                       row_groups)
 
 
