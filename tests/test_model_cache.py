@@ -1,4 +1,5 @@
-"""KV cache: prefill + decode_step logits equal the full forward on the concatenated sequence."""
+"""KV cache: prefill + decode_step logits equal the full forward on the concatenated sequence; the block-wise
+attention reads only the filled slots; decode_step on indexed rows equals it on those rows alone."""
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +88,76 @@ def test_decode_attention_equals_dense_attention_with_gqa():
     k_cache[~valid[:, None, :].repeat(kh, 1)] = 1e3
     again = decode_attention(jnp.asarray(q), k_new, v_new, k_cache, v_cache, jnp.asarray(valid))
     np.testing.assert_allclose(np.asarray(again), out, atol=1e-6, rtol=0)
+    # Blocks that do not divide the slots (the last block overlaps the one before it) give the same result.
+    for block in (1, 3, 4, 10):
+        blocked = decode_attention(jnp.asarray(q), k_new, v_new, k_cache, v_cache, jnp.asarray(valid),
+                                   block_size=block)
+        np.testing.assert_allclose(np.asarray(blocked), out, atol=1e-5, rtol=0, err_msg=f"block {block}")
+
+
+def test_cached_attention_reads_only_filled_slots_of_its_layer_and_rows():
+    """Other layers are never read (NaN there leaves the output finite); slots >= filled hold garbage (the last
+    block may overlap them) that is masked out: the output equals attention over the filled slots. Indexed rows
+    (in groups) read their own cache rows."""
+    from vaopd_jax.models.qwen3_vl.text import cached_attention
+
+    rng = np.random.default_rng(1)
+    layers, b, n, kh, s, d, filled = 3, 4, 4, 2, 23, 8, 13
+    cache_k, cache_v = (rng.standard_normal((layers, b, kh, s, d), np.float32) for _ in range(2))
+    q = rng.standard_normal((b, n, d), np.float32)
+    k_new, v_new = (rng.standard_normal((b, kh, d), np.float32) for _ in range(2))
+    valid = rng.random((b, s)) > 0.2
+    ref = cached_attention(q, k_new, v_new, cache_k[1:2, :, :, :filled], cache_v[1:2, :, :, :filled],
+                           valid[:, :filled], 0, filled, block_size=filled)
+    poisoned_k, poisoned_v = cache_k.copy(), cache_v.copy()
+    for a in (poisoned_k, poisoned_v):
+        a[:, :, :, filled:] = 1e30
+        a[0], a[2] = np.nan, np.nan
+    # chunk_bytes=1: one row at a time (lax.map over row chunks), as on CPU for big batches.
+    for block, chunk_bytes in ((4, None), (5, None), (128, None), (4, 1)):
+        out = cached_attention(q, k_new, v_new, poisoned_k, poisoned_v, valid, 1, filled, block_size=block,
+                               chunk_bytes=chunk_bytes)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0,
+                                   err_msg=f"block {block}, chunk_bytes {chunk_bytes}")
+    # Rows [1, 0 | 3, 2] in two groups of the batch: row i of the output is cache row rows[i]'s attention.
+    rows = np.array([1, 0, 3, 2], np.int32)
+    for chunk_bytes in (None, 1):
+        picked = cached_attention(q[rows], k_new[rows], v_new[rows], poisoned_k, poisoned_v, valid, 1, filled,
+                                  rows=jnp.asarray(rows), row_groups=2, block_size=4, chunk_bytes=chunk_bytes)
+        np.testing.assert_allclose(np.asarray(picked), np.asarray(ref)[rows], atol=1e-5, rtol=0)
+
+
+def test_decode_step_on_indexed_rows_equals_decode_of_those_rows():
+    """decode_step(rows=..., write=...) gives the logits of decoding those cache rows alone, writes their new
+    key/value into their own rows at the slot, and leaves unwritten (write=False) and other rows unchanged."""
+    cfg = testing.tiny_config()
+    model = qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(5))
+    b, slots, index = 4, 12, 7
+    rng = np.random.default_rng(2)
+    t = cfg.text
+    shape = (t.num_hidden_layers, b, t.num_key_value_heads, slots, t.head_dim)
+    cache = qwen3_vl.KVCache(k=jnp.asarray(rng.standard_normal(shape, np.float32)),
+                             v=jnp.asarray(rng.standard_normal(shape, np.float32)),
+                             valid=jnp.asarray(np.arange(slots)[None, :] < np.array([[7], [5], [6], [7]])))
+    tokens = rng.integers(0, 400, (b, 1)).astype(np.int32)
+    positions = np.broadcast_to(np.array([9, 6, 8, 7])[None, :, None], (3, b, 1)).astype(np.int32)
+    full_logits, full_cache = _decode(model, tokens, positions, cache, index)
+
+    # Two groups of two cache rows: group 0 decodes rows 1 and 0, group 1 decodes row 3 and a padding copy of
+    # it (write False).
+    rows = np.array([1, 0, 3, 3], np.int32)
+    write = np.array([True, True, True, False])
+
+    @nnx.jit
+    def decode_rows(model, tok, pos, cache, index, rows, write):
+        return model.decode_step(tok, pos, cache, index, rows=rows, write=write, row_groups=2)
+
+    logits, new_cache = decode_rows(model, tokens[rows], positions[:, rows], cache, index, rows, write)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full_logits)[rows], atol=1e-5, rtol=0)
+    for name in ("k", "v", "valid"):
+        got, full, old = (np.asarray(getattr(c, name)) for c in (new_cache, full_cache, cache))
+        axis = 0 if name == "valid" else 1
+        for row in range(b):
+            want = full if row in (0, 1, 3) else old  # row 2 was not decoded
+            np.testing.assert_allclose(np.take(got, row, axis=axis), np.take(want, row, axis=axis), atol=1e-6,
+                                       err_msg=f"{name} row {row}")

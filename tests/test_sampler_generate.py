@@ -179,6 +179,28 @@ def test_end_tokens_masks_and_padding(small_model):
         assert (np.asarray(out.logprobs)[row, k:] == 0).all()
 
 
+def test_compacting_finished_rows_keeps_every_token(small_model):
+    """16 rows decode in two stages (16 rows, then the <= 4 unfinished ones, rollout/decode.py): the same tokens
+    and log-probs as decoding all 16 rows to the end, for rows that end early, late and never."""
+    from vaopd_jax.rollout import decode
+
+    model, cfg = small_model
+    assert decode.compaction_schedule(16) == (16, 4)
+    batch = testing.make_batch(cfg, [[], [], [], []], [5, 3, 8, 6], seed=9)
+    kw = dict(max_new_tokens=24, eos_token_ids=tuple(range(0, 3)), pad_token_id=59, rng=4)
+    staged = _sample(model, batch, **kw)
+    single = _sample(model, batch, decode_stages=1, **kw)
+    lengths = np.asarray(staged.lengths)
+    # The batch exercises the second stage: more than 4 rows end early, some run on past that point.
+    assert (lengths < 8).sum() > 4 and (lengths > 12).sum() >= 1 and (lengths == 24).any(), lengths
+    for field in ("tokens", "response_mask", "lengths", "finished"):
+        np.testing.assert_array_equal(np.asarray(getattr(staged, field)), np.asarray(getattr(single, field)))
+    np.testing.assert_allclose(np.asarray(staged.logprobs), np.asarray(single.logprobs), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(staged.model_logprobs), np.asarray(single.model_logprobs), atol=1e-6)
+    with pytest.raises(ValueError, match="decode_stages"):
+        _sample(model, batch, decode_stages=0, **kw)
+
+
 def test_padded_vocab_rows_never_emitted(small_model):
     model, cfg = small_model
     batch = testing.make_batch(cfg, [[], []], [6, 6], seed=8)

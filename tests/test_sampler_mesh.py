@@ -1,5 +1,6 @@
 """The sampler on the 8-device simulated CPU mesh (data 2 × fsdp 2 × tensor 2) gives the same tokens as on
-one device, with top-p sampling and images (tests/conftest.py provides the 8 devices)."""
+one device, with top-p sampling, images and finished rows compacted out per batch shard (tests/conftest.py
+provides the 8 devices)."""
 
 import jax
 import numpy as np
@@ -8,7 +9,7 @@ from flax import nnx
 
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.models.qwen3_vl import sharding, testing
-from vaopd_jax.rollout import sampler
+from vaopd_jax.rollout import decode, sampler
 
 
 def test_same_tokens_on_8_device_mesh_as_on_one_device():
@@ -18,7 +19,8 @@ def test_same_tokens_on_8_device_mesh_as_on_one_device():
                               video_token_id=61, vision_start_token_id=62, vision_end_token_id=63,
                               vision=dict(depth=2, deepstack_visual_indexes=(0,)))
     batch = testing.make_batch(cfg, [[(1, 4, 4)], [], [(1, 4, 8)], []], [3, 7, 2, 5], seed=3)
-    kw = dict(max_new_tokens=8, num_samples=2, temperature=0.7, top_p=0.9, eos_token_ids=(3,), rng=11,
+    # 16 rows: decoded in two stages, the second on each batch shard's unfinished rows (rollout/decode.py).
+    kw = dict(max_new_tokens=12, num_samples=4, temperature=0.7, top_p=0.9, eos_token_ids=(3, 4, 5), rng=11,
               valid_vocab_size=60)
     args = (batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw)
 
@@ -29,7 +31,10 @@ def test_same_tokens_on_8_device_mesh_as_on_one_device():
     model = sharding.shard_model(qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(0)), mesh)
     sharded = sampler.generate(model, *args, mesh=mesh, **kw)
 
-    # Rows (B*K = 8) are split over data × fsdp = 4 devices.
+    assert decode.row_groups(16, mesh) == 4 and decode.compaction_schedule(16, 4) == (16, 4)
+    lengths = np.asarray(single.lengths)
+    assert (lengths < 12).sum() >= 12 and (lengths == 12).any(), lengths  # most rows end before the last stage
+    # Rows (B*K = 16) are split over data × fsdp = 4 devices.
     assert sharded.tokens.sharding.spec[0] == ("data", "fsdp")
     assert len(sharded.tokens.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))

@@ -8,21 +8,23 @@ same sampling settings, same process; plus compile times, a long-tail batch and 
 Parts (`--part`, comma list; default all):
 - speed: for each of `--lengths` new tokens (default 64, 256, 1,024): JAX decode tokens/s against
   transformers' decode tokens/s and their ratio, and JAX's own tokens/s relative to its figure at the first
-  length. Both sides sample (temperature 0.7, top-p 0.95: the paper's rollout setting) and are forced to
+  length. The lengths and the two sides run interleaved, round by round (best of --repeats), so a change in
+  the machine's load hits all of them. Both sides sample (temperature 0.7, top-p 0.95: the paper's rollout setting) and are forced to
   produce exactly that many tokens (JAX: no end ids; transformers: min_new_tokens). transformers gets
   left-padded prompts (what its batched generate needs) and `num_return_sequences=K`, which prefills each
   prompt K times; the JAX sampler prefills once and shares the cache. Prompts are text only (decode cost does
   not depend on images). Timing: decode = full call - prefill call (the same call with max_new_tokens=1; the
   JAX run reuses the compiled program, max_new_tokens is data); decode tokens/s = rows x (new tokens - 1) /
-  decode seconds; best of --repeats.
+  decode seconds.
 - compile: the JAX program for each of `--lengths` and `--compile-lengths` (default also 4,096): trace and XLA
   compile seconds, measured apart from the first run (which runs the compiled executable), and XLA's memory
   analysis.
 - tail: `--tail-prompts` prompts x K rollouts of up to `--tail-max` tokens whose lengths are spread like real
   rollouts (most short, a long tail to the limit): `--tail-end-ids` random token ids end a response, so each
-  step ends a row with a small fixed probability (geometric lengths). The same call with row compaction (the
-  default) and without (decode_stages=1) gives the same tokens; prints both times, the rows each decoded
-  step computed, and transformers' generate on the same prompts and end ids.
+  step ends a row with a small fixed probability (geometric lengths, ~8 % of rows at the limit; the model is the
+  bench config with an untied random LM head, `tail_model`, since the tied random one repeats one token). The
+  same call with row compaction (the default) and without (decode_stages=1) gives the same tokens; prints both
+  decode times and the rows computed over all steps (JAX only: transformers' draws would give other lengths).
 - aot: the rollout program at paper scale (2B student, fp32 params / bf16 compute, 16 prompts x 4 samples,
   1,024-token prompts holding one 768-token image, 4,096 new tokens) lowered from abstract shapes (no
   weights) on a simulated 8-device fsdp mesh; XLA's per-device memory analysis. Runs in a subprocess (it
@@ -99,7 +101,9 @@ class JaxProgram:
     """One compiled sampler program (one new-token bucket), with its compile time measured apart from runs."""
 
     def __init__(self, model, ids, mask, n_new: int, rng=0, **settings):
-        self.settings = dict(settings, min_new_bucket=n_new)
+        # max_length: the 50m config's 4,096 positions would refuse a 4,096-token rollout after a prompt (RoPE
+        # itself has no limit).
+        self.settings = dict(settings, min_new_bucket=n_new, max_length=ids.shape[1] + n_new)
         self.prompts = sampler.batch_lib.from_flat(ids, mask, None, None, model.config,
                                                    prompt_len=sampler.bucket_size(int(mask.sum(1).max())))
         self.rng = rng
@@ -160,48 +164,53 @@ def part_speed_and_compile(model, hf, cfg, args, parts):
     kw = dict(num_samples=args.samples, temperature=args.temperature, top_p=args.top_p, eos_token_ids=())
     lengths = [int(x) for x in args.lengths.split(",") if x]
     compile_only = [int(x) for x in args.compile_lengths.split(",") if x and int(x) not in lengths]
+    print(f"== compile: one program per new-token bucket ({rows} rows, prompt bucket "
+          f"{sampler.bucket_size(int(mask.sum(1).max()))}), traced and compiled apart from any run", flush=True)
+    programs = {}
+    for n_new in lengths + compile_only:
+        prog = JaxProgram(model, ids, mask, n_new, **kw)
+        print(f"  {n_new:5d} new tokens: trace {prog.trace_s:5.1f} s + XLA compile {prog.compile_s:5.1f} s = "
+              f"{prog.trace_s + prog.compile_s:5.1f} s; XLA: {prog.memory()}", flush=True)
+        if n_new in lengths:
+            programs[n_new] = prog
+    if "speed" not in parts:
+        return
     print(f"== speed: {args.prompts} prompts x K={args.samples} = {rows} rows, prompt lengths "
           f"{int(mask.sum(1).min())}-{int(mask.sum(1).max())}, temperature {args.temperature}, top-p {args.top_p}, "
-          f"every row forced to the full length", flush=True)
-    header = ("new tok | JAX trace+compile | JAX first run | JAX decode tok/s | vs own @%d | HF decode tok/s | "
-              "JAX/HF" % lengths[0])
-    results, own_first = [], None
-    for n_new in lengths:
-        prog = JaxProgram(model, ids, mask, n_new, **kw)
+          f"every row forced to the full length; best of {args.repeats} (JAX) / {args.hf_repeats} (transformers), "
+          "the lengths and the two sides interleaved", flush=True)
+    for n_new, prog in programs.items():
         start = time.perf_counter()
         out = prog(n_new)
-        first_run = time.perf_counter() - start
+        first = time.perf_counter() - start
         assert int(np.asarray(out.lengths).min()) == n_new
-        full = _best(lambda: prog(n_new), args.repeats)
-        prefill = _best(lambda: prog(1), args.repeats)
-        j_tps = rows * (n_new - 1) / max(full - prefill, 1e-9)
-        own_first = own_first or j_tps
-        line = (f"{n_new:7d} | {prog.trace_s:5.1f} + {prog.compile_s:5.1f} s | {first_run:7.2f} s | "
-                f"{j_tps:10,.0f} | {j_tps / own_first:9.2f}x")
-        h_tps = None
-        if hf is not None and "speed" in parts:
-            import torch
+        print(f"  {n_new:5d} new tokens: JAX first run of the compiled program {first:.2f} s", flush=True)
+    if hf is not None:
+        import torch
 
-            torch.manual_seed(0)
-            hf_generate(hf, ids, mask, args, 2, forced=True)  # warm-up
-            h_full = _best(lambda: hf_generate(hf, ids, mask, args, n_new, forced=True), args.hf_repeats)
-            h_prefill = _best(lambda: hf_generate(hf, ids, mask, args, 1, forced=True), args.hf_repeats)
-            h_tps = rows * (n_new - 1) / max(h_full - h_prefill, 1e-9)
-            line += f" | {h_tps:10,.0f} | {j_tps / h_tps:5.2f}x"
-        else:
-            line += " |          - |     -"
-        results.append(line)
-        print(f"  [{n_new} new tokens] JAX prefill {prefill * 1e3:.0f} ms, full {full:.2f} s; XLA: {prog.memory()}",
-              flush=True)
-        del prog
-    for n_new in compile_only:
-        prog = JaxProgram(model, ids, mask, n_new, **kw)
-        results.append(f"{n_new:7d} | {prog.trace_s:5.1f} + {prog.compile_s:5.1f} s | (compile only; XLA: "
-                       f"{prog.memory()})")
-        del prog
-    print(header)
-    for line in results:
-        print(line, flush=True)
+        torch.manual_seed(0)
+        hf_generate(hf, ids, mask, args, 2, forced=True)  # warm-up
+    best = {}
+    for round_ in range(max(args.repeats, args.hf_repeats if hf is not None else 0)):
+        for n_new, prog in programs.items():
+            timings = best.setdefault(n_new, {})
+            if round_ < args.repeats:
+                for name, n in (("jax_full", n_new), ("jax_prefill", 1)):
+                    timings[name] = min(timings.get(name, float("inf")), _best(lambda: prog(n), 1))
+            if hf is not None and round_ < args.hf_repeats:
+                for name, n in (("hf_full", n_new), ("hf_prefill", 1)):
+                    timings[name] = min(timings.get(name, float("inf")),
+                                        _best(lambda: hf_generate(hf, ids, mask, args, n, forced=True), 1))
+            print(f"  round {round_ + 1}, {n_new} new tokens: " + ", ".join(
+                f"{k} {v:.2f} s" for k, v in timings.items()), flush=True)
+    first_length = lengths[0]
+    tps = {n: {side: rows * (n - 1) / max(t[f"{side}_full"] - t[f"{side}_prefill"], 1e-9)
+               for side in ("jax", "hf") if f"{side}_full" in t} for n, t in best.items()}
+    print(f"new tok | JAX decode tok/s | vs own @{first_length} | transformers decode tok/s | JAX/transformers")
+    for n_new in lengths:
+        j, h = tps[n_new]["jax"], tps[n_new].get("hf")
+        hf_cols = f"{h:25,.0f} | {j / h:15.2f}x" if h else f"{'-':>25} | {'-':>16}"
+        print(f"{n_new:7d} | {j:16,.0f} | {j / tps[first_length]['jax']:10.2f}x | {hf_cols}", flush=True)
 
 
 def _row_steps(lengths, max_new: int, schedule) -> int:
@@ -216,18 +225,33 @@ def _row_steps(lengths, max_new: int, schedule) -> int:
     return total
 
 
-def part_tail(model, hf, cfg, args):
+def tail_model(cfg, dtype, logit_std: float = 2.0):
+    """The benchmark config with an untied random LM head scaled to logits of std ~logit_std: a random model
+    with tied embeddings repeats its input token forever, while this one draws varied tokens from a peaked
+    distribution (a nucleus of a few tokens, as a trained model's), so random end ids end rows at random steps."""
+    cfg = cfg.replace(tie_word_embeddings=False)
+    model = qwen3_vl.Qwen3VL(cfg, param_dtype=dtype, rngs=nnx.Rngs(1))
+    # Final hidden states have unit RMS per feature: a logit is a sum of hidden_size terms.
+    scale = logit_std / (float(jnp.std(model.lm_head[...])) * cfg.text.hidden_size ** 0.5)
+    model.lm_head[...] = model.lm_head[...] * scale
+    return model
+
+
+def part_tail(cfg, args):
     from vaopd_jax.rollout import decode
 
+    model = tail_model(cfg, jnp.dtype(args.dtype))
     ids, mask = random_prompts(cfg, args.tail_prompts, args.prompt_len, seed=1)
     rows = args.tail_prompts * args.samples
-    rng = np.random.default_rng(7)
-    eos = tuple(int(i) for i in rng.choice(min(cfg.image_token_id, cfg.text.vocab_size), args.tail_end_ids,
-                                           replace=False))
-    kw = dict(num_samples=args.samples, temperature=args.temperature, top_p=args.top_p, eos_token_ids=eos, rng=3)
     n_new = args.tail_max
+    vocab = min(cfg.image_token_id, cfg.text.vocab_size)
+    # Each step ends a row with probability ~ends / vocab: geometric lengths, about 8 % of rows reach the limit.
+    num_ends = args.tail_end_ids or max(1, round(-np.log(0.08) * vocab / n_new))
+    eos = tuple(int(i) for i in np.random.default_rng(7).choice(vocab, num_ends, replace=False))
+    kw = dict(num_samples=args.samples, temperature=args.temperature, top_p=args.top_p, eos_token_ids=eos, rng=3)
     print(f"== long tail: {args.tail_prompts} prompts x K={args.samples} = {rows} rows, up to {n_new} new tokens, "
-          f"{len(eos)} end ids (each step ends a row with probability ~{len(eos) / cfg.text.vocab_size:.4f})",
+          f"{len(eos)} random end ids (each step ends a row with probability ~{len(eos) / vocab:.4f}); the bench "
+          f"config with an untied LM head (`tail_model`), temperature {args.temperature}, top-p {args.top_p}",
           flush=True)
     timings = {}
     outputs = {}
@@ -254,19 +278,6 @@ def part_tail(model, hf, cfg, args):
               f"compile {comp:.1f} s")
     ratio = (timings["all rows"][0] - timings["all rows"][1]) / (timings["compacted"][0] - timings["compacted"][1])
     print(f"  compaction speed-up on this batch: {ratio:.2f}x")
-    if hf is not None:
-        import torch
-
-        torch.manual_seed(3)
-        start = time.perf_counter()
-        gen = hf_generate(hf, ids, mask, args, n_new, forced=False, eos=eos)
-        h_full = time.perf_counter() - start
-        h_prefill = _best(lambda: hf_generate(hf, ids, mask, args, 1, forced=True), args.hf_repeats)
-        is_end = np.isin(gen, eos)
-        h_lengths = np.where(is_end.any(1), is_end.argmax(1) + 1, gen.shape[1])
-        hq = np.percentile(h_lengths, [10, 50, 90]).astype(int)
-        print(f"  HF  generate: lengths p10 {hq[0]}, median {hq[1]}, p90 {hq[2]}, max {h_lengths.max()}; decode "
-              f"{h_full - h_prefill:7.2f} s -> {h_lengths.sum() / (h_full - h_prefill):8,.0f} generated tok/s")
 
 
 def part_aot(args):
@@ -352,7 +363,8 @@ def main(argv=None):
     p.add_argument("--compile-lengths", default="4096", help="further lengths whose program is only compiled")
     p.add_argument("--tail-prompts", type=int, default=16)
     p.add_argument("--tail-max", type=int, default=1024, help="max new tokens of the long-tail batch")
-    p.add_argument("--tail-end-ids", type=int, default=96, help="number of random end ids (sets the length spread)")
+    p.add_argument("--tail-end-ids", type=int, default=0,
+                   help="number of random end ids (sets the length spread; 0: ~8%% of rows reach --tail-max)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (params and KV cache)")
@@ -377,7 +389,7 @@ def main(argv=None):
         cfg = bench_config(args.config)
         dtype = jnp.dtype(args.dtype)
         hf = None
-        if args.no_hf or not parts & {"speed", "tail"}:
+        if args.no_hf or "speed" not in parts:
             model = qwen3_vl.Qwen3VL(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))
         else:
             import torch
@@ -395,7 +407,7 @@ def main(argv=None):
         if parts & {"speed", "compile"}:
             part_speed_and_compile(model, hf, cfg, args, parts)
         if "tail" in parts:
-            part_tail(model, hf, cfg, args)
+            part_tail(cfg, args)
     if "aot" in parts:
         part_aot(args)
     print(f"load at end: {_uptime()}")

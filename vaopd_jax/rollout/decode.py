@@ -42,14 +42,14 @@ from vaopd_jax.rollout import masks
 # more compiled loop body (decode step + sampling), so the count is kept small.
 SHRINK_FACTOR = 4
 MIN_BUCKET_ROWS = 4
-MAX_STAGES = 3
+MAX_STAGES = 2
 BLOCK_SIZE = 128  # cache slots read per attention block (the filled length is rounded up to it)
 
 
 def compaction_schedule(num_rows: int, row_groups: int = 1, shrink: int = SHRINK_FACTOR,
                         min_rows: int = MIN_BUCKET_ROWS, max_stages: int = MAX_STAGES) -> tuple[int, ...]:
     """Row bucket of each decode stage: num_rows, then / shrink while the bucket stays >= min_rows and a
-    multiple of row_groups (every group keeps an equal share). E.g. 64 rows -> (64, 16, 4); 8 rows -> (8,)."""
+    multiple of row_groups (every group keeps an equal share). E.g. 64 rows -> (64, 16); 8 rows -> (8,)."""
     sizes = [int(num_rows)]
     while len(sizes) < max_stages:
         nxt = sizes[-1] // shrink

@@ -161,7 +161,7 @@ def gather_rows(x, rows, row_groups: int = 1):
 
 
 def cached_attention(q, k_new, v_new, cache_k, cache_v, valid, layer, filled, *, rows=None, row_groups: int = 1,
-                     block_size: int = 128):
+                     block_size: int = 128, chunk_bytes: int | None = None):
     """Single-query grouped attention over the filled part of one layer of a KV cache plus the query's own key.
 
     q (R', N, D) one query per row; k_new, v_new (R', K, D) its own key/value (not yet in the cache); cache_k,
@@ -175,10 +175,38 @@ def cached_attention(q, k_new, v_new, cache_k, cache_v, valid, layer, filled, *,
 
     The slots are read in blocks of `block_size` inside a loop whose trip count is ceil(filled / block_size):
     an online (running max) softmax over the blocks, started from the query's own key, which is always valid.
-    For an fp32 cache each block is sliced (and its rows gathered) inside the fused multiply-reduce that
-    consumes it, so the cache is read once per step and never copied; other dtypes go through dots with fp32
-    accumulation (on CPU the block is then copied before the dot).
+    chunk_bytes: the rows are taken a chunk at a time (a `lax.map`, each chunk inside one batch shard) so that
+    one block of keys is at most about this many bytes; None: 2 MB on CPU, where a block that stays in the L2
+    cache makes the attention ~1.5x faster, and all rows at once on accelerators.
     """
+    r = q.shape[0]
+    _, b, kh, s, d = cache_k.shape
+    block = min(block_size, s)
+    if chunk_bytes is None and jax.default_backend() == "cpu":
+        chunk_bytes = 2 << 20
+    per_group = r // row_groups
+    chunk = per_group
+    if chunk_bytes is not None:
+        limit = max(1, chunk_bytes // (kh * block * d * cache_k.dtype.itemsize))
+        chunk = max(c for c in range(1, per_group + 1) if per_group % c == 0 and c <= limit)
+    if chunk == per_group:
+        return _attend_blocks(q, k_new, v_new, cache_k, cache_v, valid, layer, filled, rows, row_groups, block)
+    # Chunk j holds rows j*chunk .. (j+1)*chunk - 1 of every group: (G, n, c, ...) -> (n, G * c, ...).
+    n_chunks = per_group // chunk
+    split = lambda x: jnp.swapaxes(x.reshape(row_groups, n_chunks, chunk, *x.shape[1:]), 0, 1).reshape(  # noqa: E731
+        n_chunks, row_groups * chunk, *x.shape[1:])
+    all_rows = jnp.arange(r, dtype=jnp.int32) if rows is None else rows
+
+    def one_chunk(xs):
+        q_c, k_c, v_c, rows_c = xs
+        return _attend_blocks(q_c, k_c, v_c, cache_k, cache_v, valid, layer, filled, rows_c, row_groups, block)
+
+    out = jax.lax.map(one_chunk, (split(q), split(k_new), split(v_new), split(all_rows)))
+    return jnp.swapaxes(out.reshape(n_chunks, row_groups, chunk, *q.shape[1:]), 0, 1).reshape(q.shape)
+
+
+def _attend_blocks(q, k_new, v_new, cache_k, cache_v, valid, layer, filled, rows, row_groups: int, block_size: int):
+    """`cached_attention` for one chunk of rows: all of their blocks in one loop."""
     r, n, d = q.shape
     _, b, kh, s, _ = cache_k.shape
     g = n // kh
@@ -186,9 +214,9 @@ def cached_attention(q, k_new, v_new, cache_k, cache_v, valid, layer, filled, *,
     scale = d ** -0.5
     f32 = jnp.float32
     qg = q.reshape(r, kh, g, d)
-    # fp32 cache: scores and weighted sums as multiply + reduce, which XLA fuses with the block's slice and row
-    # gather (one read of the cache). Any other dtype: dots with fp32 accumulation, because an elementwise
-    # convert of the cache would be hoisted out of the block loop as a convert of the whole cache.
+    # fp32: scores and weighted sums as multiply + reduce (on XLA:CPU a little faster than the batched dots). Any
+    # other dtype: dots with fp32 accumulation, because an elementwise convert of the cache would be hoisted out
+    # of the block loop as a convert of the whole cache.
     fused = cache_k.dtype == f32 and q.dtype == f32
 
     def scores_of(k_blk):  # (R', K, block, D) -> (R', K, G, block) fp32, unscaled
