@@ -187,12 +187,12 @@ def test_compacting_finished_rows_keeps_every_token(small_model):
     model, cfg = small_model
     assert decode.compaction_schedule(16) == (16, 4)
     batch = testing.make_batch(cfg, [[], [], [], []], [5, 3, 8, 6], seed=9)
-    kw = dict(max_new_tokens=24, eos_token_ids=tuple(range(0, 3)), pad_token_id=59, rng=4)
+    kw = dict(max_new_tokens=24, eos_token_ids=tuple(range(0, 6)), pad_token_id=59, rng=4)
     staged = _sample(model, batch, **kw)
     single = _sample(model, batch, decode_stages=1, **kw)
     lengths = np.asarray(staged.lengths)
-    # The batch exercises the second stage: more than 4 rows end early, some run on past that point.
-    assert (lengths < 8).sum() > 4 and (lengths > 12).sum() >= 1 and (lengths == 24).any(), lengths
+    # The batch exercises the second stage: once only 4 rows are left, some of them still run for several steps.
+    assert np.sort(lengths)[-5] + 3 <= lengths.max() and (lengths == 24).any(), lengths
     for field in ("tokens", "response_mask", "lengths", "finished"):
         np.testing.assert_array_equal(np.asarray(getattr(staged, field)), np.asarray(getattr(single, field)))
     np.testing.assert_allclose(np.asarray(staged.logprobs), np.asarray(single.logprobs), atol=1e-6)
