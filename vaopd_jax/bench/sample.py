@@ -9,11 +9,11 @@ Parts (`--part`, comma list; default all):
 - speed: for each of `--lengths` new tokens (default 64, 256, 1,024): JAX decode tokens/s against
   transformers' decode tokens/s and their ratio, and JAX's own tokens/s relative to its figure at the first
   length. The lengths and the two sides run interleaved, round by round (best of --repeats), so a change in
-  the machine's load hits all of them. Both sides sample (temperature 0.7, top-p 0.95: the paper's rollout setting) and are forced to
-  produce exactly that many tokens (JAX: no end ids; transformers: min_new_tokens). transformers gets
-  left-padded prompts (what its batched generate needs) and `num_return_sequences=K`, which prefills each
-  prompt K times; the JAX sampler prefills once and shares the cache. Prompts are text only (decode cost does
-  not depend on images). Timing: decode = full call - prefill call (the same call with max_new_tokens=1; the
+  the machine's load hits all of them. Both sides sample (temperature 0.7, top-p 0.95: the paper's rollout
+  setting) and are forced to produce exactly that many tokens (JAX: no end ids; transformers:
+  min_new_tokens). transformers gets left-padded prompts (what its batched generate needs) and
+  `num_return_sequences=K`, which prefills each prompt K times; the JAX sampler prefills once and shares the
+  cache. Prompts are text only (decode cost does not depend on images). Timing: decode = full call - prefill call (the same call with max_new_tokens=1; the
   JAX run reuses the compiled program, max_new_tokens is data); decode tokens/s = rows x (new tokens - 1) /
   decode seconds.
 - compile: the JAX program for each of `--lengths` and `--compile-lengths` (default also 4,096): trace and XLA
@@ -273,7 +273,8 @@ def part_tail(cfg, args):
           f"compaction: {same}")
     for name, stages in (("compacted", schedule), ("all rows", (rows,))):
         full, prefill, comp = timings[name]
-        print(f"  JAX {name:9s} (buckets {stages}): decode {full - prefill:7.2f} s -> {useful / (full - prefill):8,.0f} "
+        decode_s = full - prefill
+        print(f"  JAX {name:9s} (buckets {stages}): decode {decode_s:7.2f} s -> {useful / decode_s:8,.0f} "
               f"generated tok/s; rows computed over all steps {_row_steps(lengths, n_new, stages):,}; "
               f"compile {comp:.1f} s")
     ratio = (timings["all rows"][0] - timings["all rows"][1]) / (timings["compacted"][0] - timings["compacted"][1])
@@ -346,8 +347,8 @@ def aot_report(num_prompts=16, num_samples=4, prompt_len=1024, image_tokens=768,
     print(f"== aot: 2B student rollout program, {num_prompts} prompts x {num_samples} samples, prompt {prompt_len} "
           f"({image_tokens} image tokens) + {max_new_tokens} new tokens, mesh "
           f"{'x'.join(f'{k}={v}' for k, v in mesh.shape.items())}: lower {lower_s:.0f} s, compile {compile_s:.0f} s")
-    print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs {mem.output_size_in_bytes / GB:.3f}"
-          f" GB, temp {mem.temp_size_in_bytes / GB:.2f} GB -> peak {peak / GB:.2f} GB (the bf16 KV cache alone: "
+    print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs "
+          f"{mem.output_size_in_bytes / GB:.3f} GB, temp {mem.temp_size_in_bytes / GB:.2f} GB -> peak {peak / GB:.2f} GB (the bf16 KV cache alone: "
           f"{cache / GB:.1f} GB in all, {cache / GB / mesh.size:.2f} GB per device)", flush=True)
     return mem
 

@@ -27,9 +27,11 @@ How one call runs (one XLA program per shape bucket, see `compile_count()`):
 2. device, one jitted function under the mesh context: vision tower once per prompt (vmapped over the prompts,
    features gathered to the <|image_pad|> tokens) → prefill of the B prompts ONCE into a KV cache of
    Tp + bucket(max_new_tokens) slots → the cache and the last-token logits are repeated K times along the
-   batch (prefix sharing; samples of one prompt adjacent) → the first token is sampled from the prefill
-   logits → a `lax.while_loop` decodes one token per iteration and exits as soon as every row has emitted an
-   end token or max_new_tokens tokens exist.
+   batch (prefix sharing; samples of one prompt adjacent) → the decode loop (rollout/decode.py): one token per
+   iteration, sampled from the previous step's logits (the prefill's for the first) and fed back, until every
+   row has emitted an end token or max_new_tokens tokens exist; each step reads the cache only up to the
+   current slot, and the loop runs in stages over shrinking row buckets so that finished rows stop costing
+   (`decode_stages`).
 
 Decode positions. For a row with L real prompt tokens and rope delta d (get_rope_index), the k-th generated
 token (k = 0, 1, ...) has position L + d + k on all three MRoPE axes, i.e. max prompt position + 1 + k. This is
@@ -378,8 +380,8 @@ def generate(model: qwen3_vl.Qwen3VL, input_ids, attention_mask, pixel_values=No
     all images in order, image_grid_thw (n_images, 3), or both None. Prompts are padded to a power-of-two
     bucket >= min_prompt_bucket (one compiled program per bucket). rng: a PRNG key or an int seed (None → seed
     0). Other keyword arguments (valid_vocab_size, pad_token_id, suppress_token_ids, mesh, max_length,
-    cache_dtype, top_p_candidates, min_new_bucket) are `Sampler` settings. Returns a `SamplerOutput` of device
-    arrays.
+    cache_dtype, top_p_candidates, min_new_bucket, decode_stages) are `Sampler` settings. Returns a
+    `SamplerOutput` of device arrays.
     """
     prompts = _flat_prompts(model, input_ids, attention_mask, pixel_values, image_grid_thw, min_prompt_bucket)
     rollouts, params = Sampler.for_model(

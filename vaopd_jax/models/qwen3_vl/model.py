@@ -200,8 +200,8 @@ class Qwen3VL(nnx.Module):
         cos, sin = mrope_cos_sin(position_ids, self.config.text)
         x, (k_new, v_new) = lm.run_layers_decode(x, cos, sin, cache, cache_index, rows=rows, row_groups=row_groups,
                                                  block_size=block_size)
-        return self.logits_from_hidden(lm.final_norm(x), lm_head), write_cache(cache, k_new, v_new, cache_index, rows, write,
-                                                                      row_groups)
+        logits = self.logits_from_hidden(lm.final_norm(x), lm_head)
+        return logits, write_cache(cache, k_new, v_new, cache_index, rows, write, row_groups)
 
 
 def write_cache(cache: KVCache, k_new, v_new, cache_index, rows=None, write=None, row_groups: int = 1) -> KVCache:
