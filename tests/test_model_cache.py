@@ -161,3 +161,64 @@ def test_decode_step_on_indexed_rows_equals_decode_of_those_rows():
             want = full if row in (0, 1, 3) else old  # row 2 was not decoded
             np.testing.assert_allclose(np.take(got, row, axis=axis), np.take(want, row, axis=axis), atol=1e-6,
                                        err_msg=f"{name} row {row}")
+
+
+def test_cached_attention_in_bfloat16_uses_dots_and_matches_fp32():
+    """A bfloat16 cache takes the dot path (fp32 accumulation): the output is bfloat16 and within bfloat16
+    rounding of the fp32 attention over the same (rounded) inputs, blocks and row chunks included."""
+    from vaopd_jax.models.qwen3_vl.text import cached_attention
+
+    rng = np.random.default_rng(3)
+    layers, b, n, kh, s, d, filled = 2, 4, 4, 2, 40, 16, 29
+    bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    cache_k, cache_v = (bf16(rng.standard_normal((layers, b, kh, s, d))) for _ in range(2))
+    q = bf16(rng.standard_normal((b, n, d)))
+    k_new, v_new = (bf16(rng.standard_normal((b, kh, d))) for _ in range(2))
+    valid = jnp.asarray(rng.random((b, s)) > 0.2)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    ref = np.asarray(cached_attention(f32(q), f32(k_new), f32(v_new), f32(cache_k), f32(cache_v), valid, 1, filled,
+                                      block_size=filled))
+    for block, chunk_bytes in ((8, None), (128, None), (8, 1)):
+        out = cached_attention(q, k_new, v_new, cache_k, cache_v, valid, 1, filled, block_size=block,
+                               chunk_bytes=chunk_bytes)
+        assert out.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2, rtol=0,
+                                   err_msg=f"block {block}, chunk_bytes {chunk_bytes}")
+
+
+def test_write_cache_and_grouped_row_helpers():
+    """write_cache: without rows one column write; with write=False rows left as they were; scatter_rows_grouped
+    drops entries that point outside their group or out of range; gather_rows reads within each group."""
+    from vaopd_jax.models.qwen3_vl.model import scatter_rows_grouped, write_cache
+    from vaopd_jax.models.qwen3_vl.text import gather_rows
+
+    rng = np.random.default_rng(4)
+    layers, b, kh, s, d, index = 2, 4, 1, 6, 3, 4
+    shape = (layers, b, kh, s, d)
+    cache = qwen3_vl.KVCache(k=jnp.asarray(rng.standard_normal(shape, np.float32)),
+                             v=jnp.asarray(rng.standard_normal(shape, np.float32)),
+                             valid=jnp.asarray(np.arange(s)[None, :] < 3).repeat(b, 0))
+    k_new, v_new = (jnp.asarray(rng.standard_normal((layers, b, kh, d), np.float32)) for _ in range(2))
+    every = write_cache(cache, k_new, v_new, index)
+    np.testing.assert_array_equal(np.asarray(every.k[:, :, :, index]), np.asarray(k_new))
+    np.testing.assert_array_equal(np.asarray(every.v[:, :, :, index]), np.asarray(v_new))
+    np.testing.assert_array_equal(np.asarray(every.k[:, :, :, :index]), np.asarray(cache.k[:, :, :, :index]))
+    assert bool(every.valid[:, index].all()) and not bool(every.valid[:, index + 1:].any())
+
+    masked = write_cache(cache, k_new, v_new, index, write=jnp.asarray([True, False, True, False]))
+    for row, written in enumerate([True, False, True, False]):
+        want = every if written else cache
+        np.testing.assert_array_equal(np.asarray(masked.k[:, row]), np.asarray(want.k[:, row]))
+        np.testing.assert_array_equal(np.asarray(masked.v[:, row]), np.asarray(want.v[:, row]))
+        assert bool(masked.valid[row, index]) == written
+
+    x = jnp.zeros((b, 2))
+    values = jnp.arange(1.0, 9.0).reshape(b, 2)
+    # Two groups of two rows: entries 0-1 belong to rows {0, 1}, entries 2-3 to rows {2, 3}. Entry 1 points into
+    # the other group and entry 3 out of range: both dropped.
+    out = np.asarray(scatter_rows_grouped(x, values, jnp.asarray([1, 2, 3, 4]), 2, axis=0))
+    np.testing.assert_array_equal(out, [[0, 0], [1, 2], [0, 0], [5, 6]])
+    table = jnp.arange(8.0).reshape(b, 2)
+    np.testing.assert_array_equal(np.asarray(gather_rows(table, jnp.asarray([1, 1, 3, 2]), 2)),
+                                  [[2, 3], [2, 3], [6, 7], [4, 5]])
+    np.testing.assert_array_equal(np.asarray(gather_rows(table, jnp.asarray([3, 0]))), [[6, 7], [0, 1]])

@@ -183,3 +183,25 @@ def test_inverse_cdf_across_blocks_matches_weights_and_skips_zero_weights():
     assert set(np.unique(tokens)) == set(support)
     assert _total_variation(tokens, probs) < 0.02
     np.testing.assert_allclose(logprobs, np.log(probs[tokens]), rtol=1e-5)
+
+
+def test_given_uniforms_replace_the_keys_draw_row_by_row():
+    """sample_tokens(uniform=u) with u = uniform(key, (B,)) draws what sample_tokens(key) draws, and a subset of
+    rows given its share of u draws those rows' tokens (the decode loop's compacted stages rely on it)."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.standard_normal((12, 40)).astype(np.float32) * 3)
+    params = lp.SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
+    key = jax.random.key(7)
+    by_key = lp.sample_tokens(key, logits, params, 37)
+    u = jax.random.uniform(key, (12,), jnp.float32)
+    by_uniform = lp.sample_tokens(None, logits, params, 37, uniform=u)
+    for a, b in zip(by_key, by_uniform):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rows = np.array([9, 2, 2, 11])
+    subset = lp.sample_tokens(None, logits[rows], params, 37, uniform=u[rows])
+    for a, b in zip(by_key, subset):
+        np.testing.assert_array_equal(np.asarray(a)[rows], np.asarray(b))
+    # The draws follow u: u near 0 picks the first kept token, near 1 the last one (tokens differ across u).
+    low = lp.sample_tokens(None, logits, params, 37, uniform=jnp.zeros(12))[0]
+    high = lp.sample_tokens(None, logits, params, 37, uniform=jnp.full(12, 0.999999))[0]
+    assert (np.asarray(low) != np.asarray(high)).any()
