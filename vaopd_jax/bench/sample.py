@@ -13,9 +13,9 @@ Parts (`--part`, comma list; default all):
   setting) and are forced to produce exactly that many tokens (JAX: no end ids; transformers:
   min_new_tokens). transformers gets left-padded prompts (what its batched generate needs) and
   `num_return_sequences=K`, which prefills each prompt K times; the JAX sampler prefills once and shares the
-  cache. Prompts are text only (decode cost does not depend on images). Timing: decode = full call - prefill call (the same call with max_new_tokens=1; the
-  JAX run reuses the compiled program, max_new_tokens is data); decode tokens/s = rows x (new tokens - 1) /
-  decode seconds.
+  cache. Prompts are text only (decode cost does not depend on images). Timing: decode = full call - prefill
+  call (the same call with max_new_tokens=1; the JAX run reuses the compiled program, max_new_tokens is data);
+  decode tokens/s = rows x (new tokens - 1) / decode seconds.
 - compile: the JAX program for each of `--lengths` and `--compile-lengths` (default also 4,096): trace and XLA
   compile seconds, measured apart from the first run (which runs the compiled executable), and XLA's memory
   analysis.
@@ -253,15 +253,16 @@ def part_tail(cfg, args):
           f"{len(eos)} random end ids (each step ends a row with probability ~{len(eos) / vocab:.4f}); the bench "
           f"config with an untied LM head (`tail_model`), temperature {args.temperature}, top-p {args.top_p}",
           flush=True)
-    timings = {}
-    outputs = {}
-    for stages, name in ((decode.MAX_STAGES, "compacted"), (1, "all rows")):
+    def run(stages):  # one program at a time (freed on return): output, (full s, prefill s, compile s)
         prog = JaxProgram(model, ids, mask, n_new, decode_stages=stages, **kw)
-        outputs[name] = prog(n_new)
+        out = prog(n_new)
         full = _best(lambda: prog(n_new), args.repeats)
         prefill = _best(lambda: prog(1), args.repeats)
-        timings[name] = (full, prefill, prog.compile_s + prog.trace_s)
-        del prog
+        return out, (full, prefill, prog.compile_s + prog.trace_s)
+
+    timings, outputs = {}, {}
+    for stages, name in ((decode.MAX_STAGES, "compacted"), (1, "all rows")):
+        outputs[name], timings[name] = run(stages)
     a, b = outputs["compacted"], outputs["all rows"]
     same = bool(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens)))
     lengths = np.asarray(a.lengths)
@@ -348,7 +349,9 @@ def aot_report(num_prompts=16, num_samples=4, prompt_len=1024, image_tokens=768,
           f"({image_tokens} image tokens) + {max_new_tokens} new tokens, mesh "
           f"{'x'.join(f'{k}={v}' for k, v in mesh.shape.items())}: lower {lower_s:.0f} s, compile {compile_s:.0f} s")
     print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs "
-          f"{mem.output_size_in_bytes / GB:.3f} GB, temp {mem.temp_size_in_bytes / GB:.2f} GB -> peak {peak / GB:.2f} GB (the bf16 KV cache alone: "
+          f"{mem.output_size_in_bytes / GB:.3f} GB, temp {mem.temp_size_in_bytes / GB:.2f} GB "
+          f"-> peak {peak / GB:.2f} GB "
+          "(the bf16 KV cache alone: "
           f"{cache / GB:.1f} GB in all, {cache / GB / mesh.size:.2f} GB per device)", flush=True)
     return mem
 
