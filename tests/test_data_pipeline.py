@@ -266,3 +266,54 @@ def test_bucket_rules_and_config_errors():
         PL.PipelineConfig(shard_index=2, shard_count=2).validate()
     with pytest.raises(ValueError, match="multiples of 4"):
         PL.PipelineConfig(prompt_patch_buckets=(6, 8)).validate()
+
+
+def _global_batches(source, tok, processes, steps, states=None, **overrides):
+    """`steps` global batches of 4 prompts read by `processes` processes (sorted ids), and their states after.
+
+    ``states``: all processes' states of a run with another process count to resume from.
+    """
+    iterators = []
+    for i in range(processes):
+        config = _config(batch_size=4 // processes, num_epochs=None, shard_index=i, shard_count=processes,
+                         **overrides)
+        iterators.append(_iterator(source, config, tok))
+        if states is not None:
+            iterators[-1].note = iterators[-1].set_state_from_processes(states)
+    batches = [sorted(i for it in iterators for i in next(it).id) for _ in range(steps)]
+    return batches, [it.get_state() for it in iterators], iterators
+
+
+def test_process_count_change_resumes_the_global_stream_exactly(tok):
+    """Global batches hold the same prompts with 1, 2 or 4 processes, and a resume on another count continues them."""
+    source = SyntheticSource(num_records=10, seed=2, image_size=32)
+    reference, _, _ = _global_batches(source, tok, 1, 7)  # crosses an epoch boundary (10 records)
+    two, _, _ = _global_batches(source, tok, 2, 7)
+    assert two == reference and all(len(b) == 4 for b in reference)
+    assert any(len(set(b)) < 4 for b in reference)  # a batch across the epoch boundary holds a record twice
+    # Epochs of full global batches (the release's drop_last): the same with 1 and 2 processes.
+    full_epochs, _, _ = _global_batches(source, tok, 1, 4, epoch_size=8)
+    assert _global_batches(source, tok, 2, 4, epoch_size=8)[0] == full_epochs != reference[:4]
+
+    _, states2, _ = _global_batches(source, tok, 2, 3)  # 2 processes stop after 3 steps
+    on1, states1, its = _global_batches(source, tok, 1, 2, states=states2)  # resumed on 1 process
+    assert on1 == reference[3:5]
+    assert its[0].note.endswith("resumes at record 12 (exact)")
+    on4, _, _ = _global_batches(source, tok, 4, 2, states=states1)  # and on to 4 processes
+    assert on4 == reference[5:7]
+    # A later resume on the same count (set_state) reopens the stream where the re-derived slice started.
+    again = _iterator(source, _config(batch_size=4, num_epochs=None), tok)
+    again.set_state(states1[0])
+    assert sorted(next(again).id) == reference[5]
+
+
+def test_process_count_change_after_skipped_records_reads_some_again(tok, tmp_path):
+    write_geometry3k(tmp_path / "g", "train", num_rows=12, image_size=(60, 50), corrupt_rows=[1, 3])
+    source = S.Geometry3KSource(tmp_path / "g", "train")
+    _, states2, _ = _global_batches(source, tok, 2, 2, shuffle=False, prompt_buckets=(64, 128, 256))
+    pulled = [s["records"] for s in states2]
+    assert pulled == [4, 6]  # process 1 read both bad records (rows 1 and 3)
+    _, _, its = _global_batches(source, tok, 1, 1, states=states2, shuffle=False, prompt_buckets=(64, 128, 256))
+    again = abs(pulled[0] - pulled[1])
+    assert f"{again} records that some of them had read past it" in its[0].note
+    assert its[0].counters.counts["undecodable_image"] == 2  # both processes' skips, summed on process 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 from typing import Any, Sequence
 
@@ -61,9 +62,10 @@ class PipelineConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None = repeat forever
-    # Records read from each epoch's permutation of this process's shard; None = all. The trainer sets it to the
-    # release's epoch (EasyR1's DataLoader, drop_last=True): floor(records / global batch) full batches, so the
-    # few records left over are dropped in every epoch, not carried into the next one.
+    # Records read from each epoch's permutation of the source (before it is shared between processes); None =
+    # all. The trainer sets it to the release's epoch (EasyR1's DataLoader, drop_last=True): floor(records /
+    # global batch) full global batches, so the few records left over are dropped in every epoch, not carried
+    # into the next one.
     epoch_size: int | None = None
     drop_remainder: bool = True
     prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
@@ -228,17 +230,23 @@ class SkipCounters:
 class PromptBatchIterator(grain.DatasetIterator):
     """Pulls featurized records, skips + counts + logs bad ones, and yields padded batches.
 
-    The state is the parent grain iterator's state plus the counters (JSON-serializable), so a
+    The state is the parent grain iterator's state plus the counters, the count of records pulled
+    and where this process's slice of the global record stream starts (JSON-serializable), so a
     restored iterator yields exactly the batches the original would have yielded next.
+    ``set_state_from_processes`` re-derives the position when the process count changed.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, config: PipelineConfig, pad_id: int, model_config):
+    def __init__(self, parent: grain.DatasetIterator, config: PipelineConfig, pad_id: int, model_config, *,
+                 reopen=None, start: int = 0):
         super().__init__(parent)
         self.config = config
         self.pad_id = int(pad_id)
         self.model_config = model_config
         self.counters = SkipCounters()
         self._logged_ids: set[str] = set()
+        self._reopen_fn = reopen  # start -> a parent reading this process's records from global record `start`
+        self._start = int(start)
+        self._records = 0  # records (kept or skipped) pulled from the parent since `start`
 
     def __next__(self) -> PromptBatch:
         examples = []
@@ -247,6 +255,7 @@ class PromptBatchIterator(grain.DatasetIterator):
                 element = next(self._parent)
             except StopIteration:
                 break
+            self._records += 1
             if "skip" in element:
                 self.counters.counts[element["skip"]] = self.counters.counts.get(element["skip"], 0) + 1
                 if element["id"] not in self._logged_ids:  # once per id, also across epochs
@@ -266,11 +275,60 @@ class PromptBatchIterator(grain.DatasetIterator):
             "counts": dict(self.counters.counts),
             "prompts": self.counters.prompts,
             "batches": self.counters.batches,
+            "start": self._start,
+            "records": self._records,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
+        start = int(state.get("start", 0))
+        if start != self._start:  # written after a change of process count: the slice starts elsewhere
+            self._reopen(start)
         self._parent.set_state(state["parent"])
+        self._records = int(state.get("records", 0))
         self.counters = SkipCounters(dict(state["counts"]), int(state["prompts"]), int(state["batches"]))
+
+    def set_state_from_processes(self, states: list[dict[str, Any]]) -> str:
+        """Positions this process from the states of ALL processes of a run with another process count.
+
+        Process p of n read the global records start+p, start+p+n, ... and pulled ``records_p`` of
+        them, so every record before ``start + n * min_p(records_p)`` has been read by its process.
+        This process resumes its slice of the stream there. Exact (no record read twice or missed)
+        when every process pulled the same count, i.e. when no process skipped more bad records than
+        another; otherwise the records some processes read past that point are read again. Returns
+        a note saying which. The skip counters of all processes are summed on process 0.
+        """
+        starts = {int(s.get("start", 0)) for s in states}
+        if len(starts) != 1 or any("records" not in s for s in states):
+            raise ValueError("the data positions were written by a pipeline without global record counts or with "
+                             f"different starts {sorted(starts)}: cannot re-derive this process's position")
+        pulled = [int(s["records"]) for s in states]
+        start = starts.pop() + len(states) * min(pulled)
+        self._reopen(start)
+        counts = SkipCounters()
+        if _shard(self.config)[0] == 0:
+            for s in states:
+                for reason, n in s["counts"].items():
+                    counts.counts[reason] = counts.counts.get(reason, 0) + int(n)
+                counts.prompts += int(s["prompts"])
+            counts.batches = max(int(s["batches"]) for s in states)
+        self.counters = counts
+        again = sum(n - min(pulled) for n in pulled)
+        index, count = _shard(self.config)
+        note = (f"data position re-derived for process {index} of {count} from the {len(states)} processes that wrote "
+                f"the checkpoint: the global record stream resumes at record {start}")
+        return note + (" (exact)" if again == 0 else
+                       f"; {again} records that some of them had read past it (they skipped bad records) are read again")
+
+    def _reopen(self, start: int) -> None:
+        if self._reopen_fn is None:
+            raise ValueError("this PromptBatchIterator was built without `reopen`: it cannot move to global record "
+                             f"{start}")
+        old = self._parent
+        super().__init__(self._reopen_fn(start))
+        close = getattr(old, "close", None)
+        if close is not None:
+            close()
+        self._start, self._records = int(start), 0
 
     def close(self) -> None:
         close = getattr(self._parent, "close", None)
@@ -289,34 +347,37 @@ def _shard(config: PipelineConfig) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-class _EpochPosition:
-    """(kept, record): kept when the record is among the first `epoch_size` of its epoch's permutation."""
+class _EpochPrefixes:
+    """Random-access view of a repeated dataset (``records_per_epoch`` per epoch) that keeps the first
+    ``epoch_size`` records of each epoch: global index g reads record ``g % epoch_size`` of epoch
+    ``g // epoch_size``. An index map, not a filter, so the stream can be sliced between processes."""
 
-    def __init__(self, records_per_epoch: int, epoch_size: int):
-        self.records_per_epoch, self.epoch_size = records_per_epoch, epoch_size
+    def __init__(self, repeated, records_per_epoch: int, epoch_size: int, num_epochs: int | None):
+        self.repeated, self.records_per_epoch, self.epoch_size = repeated, records_per_epoch, epoch_size
+        self.length = sys.maxsize if num_epochs is None else num_epochs * epoch_size
 
-    def __call__(self, index: int, record):
-        return index % self.records_per_epoch < self.epoch_size, record
+    def __len__(self) -> int:
+        return self.length
 
-
-def _kept(tagged) -> bool:
-    return tagged[0]
-
-
-def _record(tagged):
-    return tagged[1]
+    def __getitem__(self, index: int):
+        epoch, offset = divmod(int(index), self.epoch_size)
+        return self.repeated[epoch * self.records_per_epoch + offset]
 
 
 def make_dataset(source, config: PipelineConfig, tokenizer_path: str | None = None, tokenizer=None,
-                 image_root=None) -> grain.IterDataset:
-    """grain IterDataset of featurized records (or skip markers) for this process's shard."""
+                 image_root=None, *, start: int = 0) -> grain.IterDataset:
+    """grain IterDataset of featurized records (or skip markers) for this process's shard.
+
+    The global record stream (the records shuffled per epoch with ``config.seed``, the first
+    ``config.epoch_size`` of each epoch, repeated) is the same on every process; process i of n reads its records ``start + i``, ``start + i + n``, ...
+    (disjoint slices that cover it). ``start``: global records consumed before a change of process
+    count (``PromptBatchIterator.set_state_from_processes``).
+    """
     config.validate()
     if len(source) == 0:
         raise ValueError(f"data source {source!r} is empty")
     shard_index, shard_count = _shard(config)
     ds = grain.MapDataset.source(source)
-    if shard_count > 1:  # disjoint, covering slices: process i reads rows i, i+n, i+2n, ...
-        ds = ds[shard_index::shard_count]
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)  # a new permutation per epoch (grain seeds epoch e with seed+e)
     records_per_epoch = len(ds)
@@ -324,8 +385,12 @@ def make_dataset(source, config: PipelineConfig, tokenizer_path: str | None = No
     if config.epoch_size is not None:
         if config.epoch_size > records_per_epoch:
             raise ValueError(f"PipelineConfig.epoch_size={config.epoch_size} exceeds the {records_per_epoch} records "
-                             f"of this process's shard of {source!r}")
-        ds = ds.map_with_index(_EpochPosition(records_per_epoch, config.epoch_size)).filter(_kept).map(_record)
+                             f"of {source!r}")
+        ds = grain.MapDataset.source(_EpochPrefixes(ds, records_per_epoch, config.epoch_size, config.num_epochs))
+    if shard_count > 1 or start:
+        # Sharding the stream (not the source) keeps the global batches' records independent of the process
+        # count: the n processes' b-record batches together hold the global records [g*n*b, (g+1)*n*b).
+        ds = ds[int(start) + shard_index::shard_count]
     ds = ds.map(Featurize(config, tokenizer_path, tokenizer, image_root))
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.batch_size))
     if config.num_workers > 0:
@@ -354,8 +419,13 @@ def make_iterator(source, config: PipelineConfig, tokenizer_path: str | None = N
       PromptBatchIterator: next() -> `PromptBatch`; `.counters` holds the bad-record counts.
     """
     dataset = make_dataset(source, config, tokenizer_path, tokenizer, image_root)
+
+    def reopen(start: int) -> grain.DatasetIterator:
+        return iter(make_dataset(source, config, tokenizer_path, tokenizer, image_root, start=start))
+
     if tokenizer is None:
         from vaopd_jax.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path)
-    return PromptBatchIterator(iter(dataset), config, pad_id=tokenizer.pad_token_id, model_config=model_config)
+    return PromptBatchIterator(iter(dataset), config, pad_id=tokenizer.pad_token_id, model_config=model_config,
+                               reopen=reopen)

@@ -90,8 +90,8 @@ def pipeline_for(config, tokenizer, model_config, *, split: str, batch_size: int
             f"{split} batch size {batch_size} must be divisible by the number of processes {jax.process_count()}")
     source = data_source(config, split)
     local_batch = batch_size // jax.process_count() if train else batch_size
-    # Each process reads its share of every epoch's full global batches (its shard holds at least that many).
-    epoch_size = epoch_steps(len(source), batch_size) * local_batch if train else None
+    # Every epoch of the global record stream holds the epoch's full global batches; each process reads its share.
+    epoch_size = epoch_steps(len(source), batch_size) * batch_size if train else None
     pcfg = pipeline.PipelineConfig(
         batch_size=local_batch, seed=config.seed, shuffle=train, num_epochs=None if train else 1,
         epoch_size=epoch_size, drop_remainder=train, prompt_buckets=tuple(d.prompt_buckets),
