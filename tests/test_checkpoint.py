@@ -55,6 +55,18 @@ def test_round_trip_state_iterator_and_meta(tmp_path):
     np.testing.assert_array_equal(next(it2), expected_next[1])
 
 
+def test_a_position_taken_before_the_last_batch_is_saved_instead_of_the_iterators(tmp_path):
+    manager = ckpt_lib.CheckpointManager(str(tmp_path), async_save=False)
+    it = make_iterator()
+    next(it)
+    position = it.get_state()  # a stop discards the step whose batch comes next
+    discarded = next(it)
+    manager.save(1, make_state(1.0, 1), data_state=position)
+    it2 = make_iterator()
+    ckpt_lib.CheckpointManager(str(tmp_path)).restore_latest(ckpt_lib.abstract_like(make_state()), data_iterator=it2)
+    np.testing.assert_array_equal(next(it2), discarded)
+
+
 def test_keep_policy_and_empty_dir(tmp_path):
     manager = ckpt_lib.CheckpointManager(str(tmp_path), keep=2, save_every=1, async_save=False)
     assert manager.restore_latest(ckpt_lib.abstract_like(make_state())) is None

@@ -1,5 +1,8 @@
 """grain pipeline: static shapes, both views, determinism, sharding, exact resume, bad records."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -246,11 +249,29 @@ def test_partial_final_batch_is_padded_with_mask(tok):
     assert len(list(_iterator(source, _config(batch_size=4), tok))) == 1
 
 
+def _child_pids():
+    import glob
+
+    pids = []
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with open(path) as f:
+            pids += [int(p) for p in f.read().split()]
+    return pids
+
+
 def test_worker_processes_give_the_same_batches(tok):
+    """... and survive a Ctrl-C / job-wide SIGTERM sent to every process (the trainer then stops cleanly)."""
     source = SyntheticSource(num_records=8, seed=9, image_size=64)
     single = list(_iterator(source, _config(), tok))
+    before = set(_child_pids())
     iterator = _iterator(source, _config(num_workers=1), tok)
-    multi = list(iterator)
+    multi = [next(iterator)]
+    workers = set(_child_pids()) - before
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+    multi += list(iterator)
     iterator.close()
     assert [list(b.id) for b in multi] == [list(b.id) for b in single]
     np.testing.assert_array_equal(multi[1].pixel_values_pixelated, single[1].pixel_values_pixelated)

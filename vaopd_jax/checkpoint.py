@@ -45,6 +45,7 @@ import shutil
 import time
 from typing import Any
 
+import grain  # also registers grain's Orbax handler (grain.checkpoint.CheckpointSave)
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -90,6 +91,23 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+class _SavedPosition(grain.DatasetIterator):
+    """A data position taken earlier: what grain's Orbax handler writes is the iterator's ``get_state()``."""
+
+    def __init__(self, state: dict):
+        super().__init__()
+        self._position = state
+
+    def __next__(self):
+        raise StopIteration
+
+    def get_state(self) -> dict:
+        return self._position
+
+    def set_state(self, state: dict) -> None:
+        self._position = state
+
+
 class CheckpointMismatchError(RuntimeError):
     """The workdir's checkpoints hold arrays of other shapes than this run's state (another model)."""
 
@@ -126,22 +144,25 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         return sorted(self._state.all_steps())
 
-    def save(self, step: int, state: Any, *, data_iterator: Any = None, meta: dict | None = None,
-             force: bool = False) -> bool:
+    def save(self, step: int, state: Any, *, data_iterator: Any = None, data_state: dict | None = None,
+             meta: dict | None = None, force: bool = False) -> bool:
         """Saves ``state`` (a pytree of arrays) at ``step`` if due; returns whether it saved.
 
         ``data_iterator`` is a grain ``DatasetIterator`` (or ``DataLoaderIterator``);
-        its position is saved per process. ``meta`` is a small JSON-able dict; the
-        run's ``topology()`` is added to it.
+        its position is saved per process. ``data_state``: instead, a position taken
+        earlier with ``get_state()`` (a stop that discards the step whose batch was
+        already drawn saves the position before it). ``meta`` is a small JSON-able
+        dict; the run's ``topology()`` is added to it.
         """
         if not force and step % self.save_every != 0:
             return False
         if step in self._state.all_steps():
             return False
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({**(meta or {}), "topology": topology()})}
+        items = {"state": ocp.args.StandardSave(state),
+                 "meta": ocp.args.JsonSave({**(meta or {}), "topology": topology()})}
+        if data_state is not None:
+            data_iterator = _SavedPosition(data_state)
         if data_iterator is not None:
-            import grain  # grain's Orbax handler is registered on import
-
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return bool(self._state.save(step, args=ocp.args.Composite(**items), force=True))
 

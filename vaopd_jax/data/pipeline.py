@@ -364,6 +364,17 @@ class _EpochPrefixes:
         return self.repeated[epoch * self.records_per_epoch + offset]
 
 
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """grain workers ignore SIGINT/SIGTERM: a Ctrl-C or a job-wide SIGTERM reaches every process of the
+    group, and the trainer stops cleanly (vaopd_jax/preemption.py) only while its workers still serve the
+    data position it saves. They end with the main process."""
+    del worker_index, worker_count
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_dataset(source, config: PipelineConfig, tokenizer_path: str | None = None, tokenizer=None,
                  image_root=None, *, start: int = 0) -> grain.IterDataset:
     """grain IterDataset of featurized records (or skip markers) for this process's shard.
@@ -399,7 +410,8 @@ def make_dataset(source, config: PipelineConfig, tokenizer_path: str | None = No
         if not flags.FLAGS.is_parsed():  # grain reads absl flags in workers; outside absl.app nothing parsed them
             flags.FLAGS.mark_as_parsed()
         ids = ids.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size)
+            grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size),
+            worker_init_fn=_ignore_stop_signals,
         )
     return ids
 
