@@ -105,6 +105,15 @@ def get_config(arg=None):
   # rollout.num_rollouts dividing prompts_per_step * num_rollouts. Same loss and gradient, less memory
   # (`python -m vaopd_jax.bench.step --part aot` prints what each teacher needs on 8 x 80 GB).
   c.train.micro_batch_rollouts = 0
+  # Persistent XLA compilation cache: '' = $JAX_COMPILATION_CACHE_DIR, else ~/.cache/vaopd_jax/jax_compilation_cache
+  # (one per machine, shared by its runs; on a multi-host slice, storage every host reads); 'none' = off.
+  c.train.compilation_cache_dir = ""
+  # A loop phase (data, rollout, update, validation, checkpoint) past its limit is reported with every thread's
+  # Python stack; then 'report' keeps waiting, 'exit' ends the process with code 75 (restart the run).
+  c.train.watchdog = ml_collections.ConfigDict()
+  c.train.watchdog.timeout_s = 3600.0        # 0 = off
+  c.train.watchdog.first_timeout_s = 7200.0  # the first run of each phase (it includes XLA compilation)
+  c.train.watchdog.action = "report"
 
   # Validation: 200 of the 300 Geometry3K validation problems
   # (sorted(random.Random(42).sample(range(300), 200))), every 50 steps.

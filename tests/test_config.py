@@ -132,6 +132,9 @@ def _with(cfg, **fields):
     ("train__micro_batch_rollouts", 6, r"config.train.micro_batch_rollouts = 6: must be 0 or a multiple of "
                                        r"rollout.num_rollouts = 4 \(whole prompts\)"),
     ("train__micro_batch_rollouts", 24, r"that divides the step's 16 x 4 = 64 rollouts"),
+    ("train__watchdog__timeout_s", -1.0, r"config.train.watchdog.timeout_s = -1.0: must be in \[0, inf\]"),
+    ("train__watchdog__action", "restart", r"config.train.watchdog.action = 'restart': must be one of \('report', "),
+    ("train__compilation_cache_dir", 3, r"config.train.compilation_cache_dir = 3: must be a directory, ''"),
 ])
 def test_bad_field_fails_naming_field_value_and_range(field, value, message):
     cfg = _with(load("base"), workdir="/tmp/x")

@@ -183,6 +183,50 @@ def test_kill_and_resume_equals_uninterrupted_run(shared, reference):
         np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
 
 
+def test_sigterm_mid_step_saves_a_complete_checkpoint_and_resumes_exactly(shared, reference, tmp_path):
+    """SIGTERM during step 2: exit 0 with a checkpoint at the step reached; the resumed run equals the reference.
+
+    This is also the second start of the reference config: it compiles nothing (persistent cache).
+    """
+    workdir = str(shared["root"] / "sigterm")
+    with open(tmp_path / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen(train_args(shared, workdir), env=env_for(shared), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        head = ""
+        for line in proc.stdout:
+            head += line
+            if line.startswith("step 1/"):
+                break
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        os.kill(proc.pid, signal.SIGTERM)
+        signalled = time.time()
+        out, _ = proc.communicate(timeout=300)
+        stop_s = time.time() - signalled
+        err.seek(0)
+        stderr = err.read()
+    out = head + out
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stop_s < 120, stop_s  # the rest of one step, validation at most, and the save
+    assert "received SIGTERM: stopping at the next check point" in stderr
+    stopped = [line for line in out.splitlines() if line.startswith("stopped ")]
+    assert len(stopped) == 1 and "(SIGTERM)" in stopped[0] and "is complete" in stopped[0], out
+    reached = int(stopped[0].split(os.path.join("checkpoints", ""))[1].split()[0])
+    ckpts = os.path.join(workdir, "checkpoints")
+    assert max(int(d) for d in os.listdir(ckpts) if d.isdigit()) == reached and reached < STEPS
+    assert not [d for d in os.listdir(ckpts) if "tmp" in d]  # committed: no temporary directory left
+    assert [s for s, _ in train_losses(workdir)] == list(range(1, reached + 1))
+    assert "start-up " in out and "compilation over the run: 0 programs compiled" in stopped[0]
+
+    resumed = run(train_args(shared, workdir), env_for(shared))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert os.path.join("checkpoints", str(reached)) in resumed.stdout
+    assert train_losses(workdir) == train_losses(reference["workdir"])
+    ours = export_tensors(os.path.join(workdir, "export", "final"))
+    ref = export_tensors(os.path.join(reference["workdir"], "export", "final"))
+    for name in ref:
+        np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
+
+
 def test_bad_configs_fail_before_compute(shared, tmp_path):
     proc = run(train_args(shared, str(tmp_path / "bad"), "--config.va.p_v=1.5", "--config.va.lam=-0.5",
                           "--config.method=reweight_only", "--config.rollout.num_rollouts=1",
@@ -232,28 +276,72 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_checkpoint_and_resume(shared, tmp_path):
+def test_two_processes_stop_on_one_sigterm_resume_and_continue_on_4_and_1_devices(shared, tmp_path):
+    """2 processes x 4 devices: a SIGTERM to process 1 only stops both at the same point (exit 0, checkpoint);
+    the resumed run's checkpoint (8 devices) restores on 4 devices and on 1, where training continues."""
     workdir = str(tmp_path / "multi")
 
-    def launch(steps):
+    def launch(steps, signal_after=None):
         port = _free_port()
-        procs = [subprocess.Popen(
-            train_args(shared, workdir, f"--config.train.num_steps={steps}", "--config.eval.every=0",
-                       "--config.train.checkpoint_every=1"),
-            env=env_for(shared, devices=4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                        JAX_PROCESS_ID=str(i)),
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-        outs = [p.communicate(timeout=600) for p in procs]
+        procs, errs = [], []
+        for i in range(2):
+            errs.append(open(tmp_path / f"stderr{i}.{steps}.txt", "w+"))
+            procs.append(subprocess.Popen(
+                train_args(shared, workdir, f"--config.train.num_steps={steps}", "--config.eval.every=0",
+                           "--config.train.checkpoint_every=1"),
+                env=env_for(shared, devices=4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                            JAX_PROCESS_ID=str(i)),
+                cwd=REPO, stdout=subprocess.PIPE, stderr=errs[-1], text=True))
+        head = ""
+        if signal_after:
+            for line in procs[0].stdout:
+                head += line
+                if line.startswith(signal_after):
+                    os.kill(procs[1].pid, signal.SIGTERM)
+                    break
+        outs = []
+        for p, err in zip(procs, errs):
+            out, _ = p.communicate(timeout=600)
+            err.seek(0)
+            outs.append((out, err.read()))
         for p, (out, err) in zip(procs, outs):
             assert p.returncode == 0, err[-3000:]
-        return outs
+        return [(head + outs[0][0], outs[0][1]), outs[1]]
 
-    first = launch(2)
-    assert "8 x cpu in 2 process(es)" in first[0][0] and "step 2/2" in first[0][0]
+    first = launch(3, signal_after="step 1/3")
+    assert "8 x cpu in 2 process(es)" in first[0][0] and "step 1/3" in first[0][0]
     assert "step " not in first[1][0] and "devices:" not in first[1][0]  # only process 0 prints progress
+    assert "received SIGTERM" not in first[0][1]  # process 0 learnt of it from the coordination service
+    stopped = [line for line in first[0][0].splitlines() if line.startswith("stopped ")]
+    assert len(stopped) == 1, first[0][0]
+    reached = int(stopped[0].split(os.path.join("checkpoints", ""))[1].split()[0])
+    assert 1 <= reached < 3 and f"step {reached + 1}/3" not in first[0][0]
+    assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == reached
     second = launch(3)
-    assert "resumed from" in second[0][0] and "step 3/3" in second[0][0] and "step 2/3" not in second[0][0]
+    assert "resumed from" in second[0][0] and "step 3/3" in second[0][0] and f"step {reached}/3" not in second[0][0]
     assert [s for s, _ in train_losses(workdir)] == [1, 2, 3]
     assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [1, 2, 3]
-    with open(os.path.join(workdir, "export", "final", "config.json")) as f:
-        assert json.load(f)["model_type"] == "qwen3_vl"
+    saved = export_tensors(os.path.join(workdir, "export", "final"))
+
+    # Elastic: the checkpoint of 8 devices in 2 processes restores on 4 devices in 1 process (fsdp=4) with the
+    # same params, and training continues on 1 device with the data position re-derived from both processes.
+    # The last run also has a tiny watchdog limit: every phase is reported, and the run carries on.
+    shutil.rmtree(os.path.join(workdir, "export"))
+    quick = ("--config.eval.every=0", "--config.export.best=False", "--config.train.checkpoint_every=1")
+    on4 = run(train_args(shared, workdir, "--config.train.num_steps=3", "--config.mesh.fsdp=4", *quick),
+              env_for(shared, devices=4))
+    assert on4.returncode == 0, on4.stderr[-3000:]
+    assert "written by 2 process(es) with 8 devices, restored onto this mesh" in on4.stdout
+    restored = export_tensors(os.path.join(workdir, "export", "final"))
+    assert restored.keys() == saved.keys()
+    for name in saved:
+        np.testing.assert_array_equal(restored[name], saved[name], err_msg=name)
+    on1 = run(train_args(shared, workdir, "--config.train.num_steps=4", "--config.mesh.fsdp=1",
+                         "--config.train.watchdog.timeout_s=0.001", "--config.train.watchdog.first_timeout_s=0.001",
+                         *quick), env_for(shared, devices=1))
+    assert on1.returncode == 0, on1.stderr[-3000:]
+    assert "from the 2 processes that wrote the checkpoint: the global record stream resumes at record 6 (exact)" \
+        in on1.stdout
+    assert "step 4/4" in on1.stdout and [s for s, _ in train_losses(workdir)] == [1, 2, 3, 4]
+    assert np.isfinite(train_losses(workdir)[3][1])
+    assert "watchdog: phase 'rollout' of step 4 has run" in on1.stderr and 'Thread "MainThread"' in on1.stderr

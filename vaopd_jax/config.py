@@ -29,6 +29,7 @@ from vaopd_jax.data.processor import IMAGE_PATHS
 from vaopd_jax.data.batch import VIEWS as SFT_IMAGES  # the demo warm-ups' view of the images
 from vaopd_jax.distill.objective import METHODS, RANGES, REWEIGHTING_METHODS, ObjectiveConfig, Range
 from vaopd_jax.models.qwen3_vl.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, Qwen3VLConfig
+from vaopd_jax.watchdog import ACTIONS as WATCHDOG_ACTIONS
 
 DATA_SOURCES = ("synthetic", "geometry3k", "virl39k")
 DEMO = "configs/demo.py"  # where the demo-only fields (tiny models, warm-ups, the synthetic task) live
@@ -278,6 +279,12 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         c.fail("train.micro_batch_rollouts", micro,
                f"must be 0 or a multiple of rollout.num_rollouts = {k} (whole prompts) that divides the step's "
                f"{prompts} x {k} = {prompts * k} rollouts")
+    cache_dir = c.get("train.compilation_cache_dir")
+    if cache_dir is not None and not isinstance(cache_dir, str):
+        c.fail("train.compilation_cache_dir", cache_dir, "must be a directory, '' (the default one) or 'none'")
+    c.number("train.watchdog.timeout_s", 0, None, why="0 turns the watchdog off")
+    c.number("train.watchdog.first_timeout_s", 0, None, why="0 = train.watchdog.timeout_s")
+    c.choice("train.watchdog.action", WATCHDOG_ACTIONS)
 
     c.number("eval.every", 0, None, integer=True, why="0 disables periodic validation")
     c.number("eval.num_problems", 1, None, integer=True)

@@ -6,9 +6,12 @@ The VA-OPD training loop, one straight `main`:
   2. tokenizer, teacher, student  Hugging Face checkpoints (or the demo's SFT / random tiny models)
   3. data and samplers            PromptBatch iterators (train, validation); a Sampler for each, built once
   4. optimizer, state, step       AdamW; the student's train state; the frozen teacher; the fused jitted step
-  5. checkpoints and logs         resume from the latest complete checkpoint; tensorboard + metrics.jsonl
+  5. checkpoints and logs         resume from the latest complete checkpoint (any mesh, any device count);
+                                  tensorboard + metrics.jsonl
   6. the loop                     prompts -> rollouts (Sampler) -> TrainBatch -> step -> metrics, with
-                                  periodic validation (sampling + grading) and the best checkpoint
+                                  periodic validation (sampling + grading) and the best checkpoint; a
+                                  SIGTERM/SIGINT stops every process at one check point, saves and exits 0;
+                                  a phase past train.watchdog's limit is reported
   7. export                       the final and best students in Hugging Face format, the summary table
 
 Multi-host: run the same command on every host; jax.distributed is initialised
@@ -16,6 +19,10 @@ from the environment. Each process loads its slice of the data; the slices are
 exchanged once per step (`PromptBatch.gather_processes`) so every process holds
 the same global batch (the sampler and step take global arrays); only process 0
 writes logs and exports.
+
+Start-up (to the first step) and the first step's time are printed, with the
+count of XLA programs compiled and loaded from the persistent compilation cache
+(train.compilation_cache_dir): a restarted run compiles nothing.
 
 Outputs under --config.workdir: checkpoints/ (Orbax), checkpoints_best/, tb/
 (tensorboard), metrics.jsonl, export/final and export/best (Hugging Face).
@@ -29,6 +36,8 @@ import os
 import sys
 import time
 
+STARTED = time.monotonic()  # start-up is timed from here: before JAX, the models and the data load
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,9 +47,10 @@ from flax import nnx
 from ml_collections import config_flags
 
 from vaopd_jax import checkpoint as ckpt_lib
+from vaopd_jax import compile_cache
 from vaopd_jax import config as config_lib
 from vaopd_jax import metrics as metrics_lib
-from vaopd_jax import sft
+from vaopd_jax import preemption, sft, watchdog
 from vaopd_jax.data import splits
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.distill import objective
@@ -69,6 +79,9 @@ def main(argv) -> None:
     # ------------------------------------------------------------------ 1. config, processes, mesh
     config = _CONFIG.value
     config_lib.validate(config)  # before any compute: names the field, the value and the allowed range
+    # Before anything compiles: JAX decides once per process whether the persistent cache is used.
+    cache_dir = compile_cache.enable(config.train.compilation_cache_dir)
+    compiles = compile_cache.CompileCounter()
     mesh_lib.maybe_initialize_distributed()
     if config.data.prompts_per_step % jax.process_count():
         raise config_lib.ConfigError(
@@ -152,7 +165,12 @@ def main(argv) -> None:
     if restored is not None:
         state = state.replace(**restored.state)
         nonfinite_streak = int(restored.meta.get("nonfinite_streak", 0))
-        say(f"resumed from {os.path.join(workdir, ckpt_lib.STATE_DIR, str(restored.step))}")
+        say(f"resumed from {os.path.join(workdir, ckpt_lib.STATE_DIR, str(restored.step))}" + (
+            f" (written by {restored.topology['processes']} process(es) with {restored.topology['devices']} devices, "
+            f"restored onto this mesh {dict(mesh.shape)})" if restored.topology not in (None, ckpt_lib.topology())
+            else ""))
+        if restored.data_note:
+            say(restored.data_note)
     step = int(host(state.step))
     logger = metrics_lib.MetricsLogger(workdir, total_steps=total_steps, is_primary=primary(), resume_step=step,
                                        console_every=config.train.log_every)
@@ -166,20 +184,42 @@ def main(argv) -> None:
             say(f"new best validation accuracy {result['accuracy']:.4f} at step {at_step}")
 
     # ------------------------------------------------------------------ 6. the loop
+    # From here a SIGTERM / SIGINT (or JAX's preemption notice) stops every process at the same check point:
+    # before a step's rollout, or after it (the rollout is discarded, never half-applied, and its prompts come
+    # first after the resume). A phase running past train.watchdog's limit is reported.
+    stop = preemption.StopRequest().install()
+    w = config.train.watchdog
+    dog = watchdog.Watchdog(w.timeout_s, first_timeout_s=w.first_timeout_s, action=w.action)
+    say(f"start-up {time.monotonic() - STARTED:.1f} s; compilation so far: {compiles.summary()} "
+        f"({'cache ' + cache_dir if cache_dir else 'persistent cache off'})")
     if step == 0 and config.eval.every > 0:
-        run_validation(0)  # the "before" row of the summary table
+        with dog.phase("validation", 0):
+            run_validation(0)  # the "before" row of the summary table
+    first_step, discarded_position = step, None
     while step < total_steps:
-        prompts = next(train_iter).gather_processes()
+        if stop.reached(f"before step {step + 1}"):
+            break
+        position = train_iter.get_state()
+        with dog.phase("data", step + 1):
+            prompts = next(train_iter).gather_processes()
         rng, sample_rng = jax.random.split(state.rng)
         start = time.perf_counter()
-        out = rollouts(state.params, prompts, sample_rng)
-        tokens, mask, logprobs = host(out.tokens), host(out.response_mask), host(out.model_logprobs)
+        with dog.phase("rollout", step + 1):
+            out = rollouts(state.params, prompts, sample_rng)
+            tokens, mask, logprobs = host(out.tokens), host(out.response_mask), host(out.model_logprobs)
         rollout_s = time.perf_counter() - start
+        if stop.reached(f"after the rollout of step {step + 1}"):
+            discarded_position = position
+            break
         start = time.perf_counter()
         train_batch = step_lib.build_train_batch(prompts, tokens, mask, k, model_cfg, sampler_logprobs=logprobs)
-        state, metrics = train_step(state, teacher_params, step_lib.shard_batch(train_batch, mesh), rng)
-        metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
+        with dog.phase("update", step + 1):
+            state, metrics = train_step(state, teacher_params, step_lib.shard_batch(train_batch, mesh), rng)
+            metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
         update_s = time.perf_counter() - start
+        if step == first_step:
+            say(f"first step {rollout_s + update_s:.1f} s (rollout {rollout_s:.1f} s, update {update_s:.1f} s); "
+                f"compilation so far: {compiles.summary()}")
         step += 1
         seq_tokens = int(train_batch.attention_mask.sum())
         flops = (metrics_lib.rollout_flops(n_student, int(prompts.attention_mask.sum()), int(mask.sum())) +
@@ -201,9 +241,32 @@ def main(argv) -> None:
                 f"last good step {step - nonfinite_streak}. Check the data and lower config.optim.lr, then rerun "
                 "to resume.")
         if config.eval.every > 0 and (step % config.eval.every == 0 or step == total_steps):
-            run_validation(step)
-        ckpt.save(step, saved(state), data_iterator=train_iter, meta={"nonfinite_streak": nonfinite_streak},
-                  force=step == total_steps)
+            with dog.phase("validation", step):
+                run_validation(step)
+        with dog.phase("checkpoint", step):
+            ckpt.save(step, saved(state), data_iterator=train_iter, meta={"nonfinite_streak": nonfinite_streak},
+                      force=step == total_steps)
+    if stop.stopped_at is not None:
+        # Every process saves the state of the step reached and waits until Orbax has committed it (renamed
+        # from its temporary directory); a repeated signal meanwhile is only reported.
+        saving = time.monotonic()
+        with dog.phase("checkpoint", step):
+            ckpt.save(step, saved(state), data_iterator=train_iter if discarded_position is None else None,
+                      data_state=discarded_position, meta={"nonfinite_streak": nonfinite_streak}, force=True)
+            ckpt.wait()
+        logger.close()
+        ckpt.close()
+        dog.close()
+        since = stop.seconds_since_signal()
+        say(f"stopped {stop.stopped_at}" + (f" ({stop.signal_name})" if stop.signal_name else "") +
+            f": the checkpoint {os.path.join(workdir, ckpt_lib.STATE_DIR, str(step))} is complete (saved in "
+            f"{time.monotonic() - saving:.1f} s" + (f", {since:.1f} s after the signal" if since is not None else "")
+            + f"); compilation over the run: {compiles.summary()}. Rerun the same command to resume.")
+        stop.uninstall()
+        grading.shutdown()
+        return
+    stop.uninstall()
+    dog.close()
     ckpt.wait()
     logger.close()
 
@@ -214,7 +277,8 @@ def main(argv) -> None:
         f"metrics:          {os.path.join(workdir, 'metrics.jsonl')}\n"
         f"student (HF):     {os.path.join(workdir, 'export', 'final')}"
         + (f"\nbest student:     {os.path.join(workdir, 'export', 'best')} (step {ckpt.best_info['step']}, "
-           f"validation accuracy {ckpt.best_info['accuracy']:.4f})" if ckpt.best_info else ""))
+           f"validation accuracy {ckpt.best_info['accuracy']:.4f})" if ckpt.best_info else "")
+        + f"\ncompilation over the run: {compiles.summary()}")
     ckpt.close()
     grading.shutdown()
 
