@@ -16,12 +16,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+
 from vaopd_jax.parallel import mesh as mesh_lib  # noqa: E402
 
+if os.environ.get("WORKER_NO_PREEMPTION_SERVICE"):  # the fallback: processes all-gather their stop flags
+    jax.config.update("jax_enable_preemption_service", False)
 mesh_lib.maybe_initialize_distributed()
 
 import grain  # noqa: E402
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402

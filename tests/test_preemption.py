@@ -49,11 +49,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(workdir, steps, step_seconds=0.3):
+def _launch(workdir, steps, step_seconds=0.3, **extra_env):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", PYTHONUNBUFFERED="1",
-               TF_CPP_MIN_LOG_LEVEL="2")
+               TF_CPP_MIN_LOG_LEVEL="2", **extra_env)
     return [subprocess.Popen([sys.executable, WORKER, workdir, str(steps), str(step_seconds)],
                              env=dict(env, JAX_PROCESS_ID=str(i)), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -89,11 +89,15 @@ def _expected_sums(steps):
     return out
 
 
-@pytest.mark.parametrize("target", ["sigterm_both", "sigterm_one", "sigint_one"])
+@pytest.mark.parametrize("target", ["sigterm_both", "sigterm_one", "sigint_one", "sigterm_one_without_service"])
 def test_two_processes_stop_at_the_same_point_and_resume_exactly(tmp_path, target):
-    """Each case stops both processes cleanly at one check point; one case (to keep the suite short) resumes."""
+    """Each case stops both processes cleanly at one check point; one case (to keep the suite short) resumes.
+
+    Without JAX's preemption service the processes all-gather their flags at each check point instead.
+    """
     workdir = str(tmp_path / "run")
-    procs = _launch(workdir, steps=40)
+    extra = {"WORKER_NO_PREEMPTION_SERVICE": "1"} if target.endswith("without_service") else {}
+    procs = _launch(workdir, steps=40, **extra)
     for line in procs[0].stdout:  # a few steps in: signal once step 2 is done
         if line.startswith("step 2 "):
             break
