@@ -83,6 +83,7 @@ def main():
         print(f"step {step} sum {total!r}", flush=True)
         ckpt.save(step, state, data_iterator=it)
     if stop.stopped_at is not None:
+        print(f"saving step {step}", flush=True)
         ckpt.save(step, state, data_iterator=it, force=True)
         ckpt.wait()
         print(f"stopped {stop.stopped_at}; checkpoint at step {step} (signal {stop.signal_name})", flush=True)

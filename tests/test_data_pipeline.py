@@ -315,6 +315,8 @@ def test_process_count_change_resumes_the_global_stream_exactly(tok):
     # Epochs of full global batches (the release's drop_last): the same with 1 and 2 processes.
     full_epochs, _, _ = _global_batches(source, tok, 1, 4, epoch_size=8)
     assert _global_batches(source, tok, 2, 4, epoch_size=8)[0] == full_epochs != reference[:4]
+    _, states2, _ = _global_batches(source, tok, 2, 1, epoch_size=8)  # ... and resume on another count
+    assert _global_batches(source, tok, 1, 3, states=states2, epoch_size=8)[0] == full_epochs[1:]
 
     _, states2, _ = _global_batches(source, tok, 2, 3)  # 2 processes stop after 3 steps
     on1, states1, its = _global_batches(source, tok, 1, 2, states=states2)  # resumed on 1 process

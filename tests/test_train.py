@@ -185,6 +185,7 @@ def test_kill_and_resume_equals_uninterrupted_run(shared, reference):
 
 def test_sigterm_mid_step_saves_a_complete_checkpoint_and_resumes_exactly(shared, reference, tmp_path):
     """SIGTERM during step 2: exit 0 with a checkpoint at the step reached; the resumed run equals the reference.
+    A second SIGTERM during the save is only reported: the checkpoint is committed whole.
 
     This is also the second start of the reference config: it compiles nothing (persistent cache).
     """
@@ -200,6 +201,11 @@ def test_sigterm_mid_step_saves_a_complete_checkpoint_and_resumes_exactly(shared
         assert proc.poll() is None, "the run ended before it could be stopped"
         os.kill(proc.pid, signal.SIGTERM)
         signalled = time.time()
+        for line in proc.stdout:
+            head += line
+            if line.startswith("stopping "):  # the save begins
+                os.kill(proc.pid, signal.SIGTERM)
+                break
         out, _ = proc.communicate(timeout=300)
         stop_s = time.time() - signalled
         err.seek(0)
@@ -208,6 +214,7 @@ def test_sigterm_mid_step_saves_a_complete_checkpoint_and_resumes_exactly(shared
     assert proc.returncode == 0, stderr[-3000:]
     assert stop_s < 120, stop_s  # the rest of one step, validation at most, and the save
     assert "received SIGTERM: stopping at the next check point" in stderr
+    assert "received SIGTERM again: already stopping" in stderr
     stopped = [line for line in out.splitlines() if line.startswith("stopped ")]
     assert len(stopped) == 1 and "(SIGTERM)" in stopped[0] and "is complete" in stopped[0], out
     reached = int(stopped[0].split(os.path.join("checkpoints", ""))[1].split()[0])

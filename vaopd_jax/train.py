@@ -250,6 +250,7 @@ def main(argv) -> None:
         # Every process saves the state of the step reached and waits until Orbax has committed it (renamed
         # from its temporary directory); a repeated signal meanwhile is only reported.
         saving = time.monotonic()
+        say(f"stopping {stop.stopped_at}: saving the checkpoint of step {step} (a repeated signal does not cut it off)")
         with dog.phase("checkpoint", step):
             ckpt.save(step, saved(state), data_iterator=train_iter if discarded_position is None else None,
                       data_state=discarded_position, meta={"nonfinite_streak": nonfinite_streak}, force=True)

@@ -380,9 +380,10 @@ def make_dataset(source, config: PipelineConfig, tokenizer_path: str | None = No
     """grain IterDataset of featurized records (or skip markers) for this process's shard.
 
     The global record stream (the records shuffled per epoch with ``config.seed``, the first
-    ``config.epoch_size`` of each epoch, repeated) is the same on every process; process i of n reads its records ``start + i``, ``start + i + n``, ...
-    (disjoint slices that cover it). ``start``: global records consumed before a change of process
-    count (``PromptBatchIterator.set_state_from_processes``).
+    ``config.epoch_size`` of each epoch, repeated) is the same on every process; process i of n
+    reads its records ``start + i``, ``start + i + n``, ... (disjoint slices that cover it).
+    ``start``: global records consumed before a change of process count
+    (``PromptBatchIterator.set_state_from_processes``).
     """
     config.validate()
     if len(source) == 0:
