@@ -22,8 +22,8 @@ avg@8, OPD -> VA-OPD):
   teacher=8b,data=virl39k  12,145 steps  46.4/65.5 -> 50.2/68.0 (validation and checkpoints every 200 steps)
 
 Meshes: FSDP over all devices (mesh.data=1, mesh.fsdp=-1). Memory: every teacher fits one 8 x 80 GB host
-at the paper's shapes; the 32B teacher with micro-batches of 32 rollouts (`train.micro_batch_rollouts`, set
-below: same loss and gradient, two teacher/student passes per step). Per-device peak of the compiled step on
+at the paper's shapes; the 8B and 32B teachers with micro-batches of 32 rollouts (`train.micro_batch_rollouts`,
+set below: same loss and gradient, two teacher/student passes per step; for 8B it keeps the step within 50 GB). Per-device peak of the compiled step on
 fsdp=8 (`python -m vaopd_jax.bench.step --part aot`: 16x4 rollouts, prompt 1,024, chunked attention; the
 largest micro-batch within 72 GB; CPU-compiled, so upper bounds):
   teacher   response 2,048               response 4,096
@@ -37,8 +37,9 @@ Sweeps over these variants: configs/sweep_ablation.py.
 from vaopd_jax import config as config_lib
 
 TEACHERS = ("4b", "8b", "32b")
-# Rollouts per micro-batch (0: all 64 at once): the largest within 72 GB per device on 8 x 80 GB (table above).
-MICRO_BATCH_ROLLOUTS = {"4b": 0, "8b": 0, "32b": 32}
+# Rollouts per micro-batch (0: all 64 at once): the largest within 72 GB per device on 8 x 80 GB (table above);
+# 8B takes 32 as well, so its step stays within 50 GB per device (38.0 GB at response 4,096).
+MICRO_BATCH_ROLLOUTS = {"4b": 0, "8b": 32, "32b": 32}
 DATA = {"geo3k": "geometry3k", "virl39k": "virl39k"}
 
 

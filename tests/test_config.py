@@ -35,7 +35,7 @@ def test_every_train_config_validates_and_documents_its_command():
         assert cfg.data.source == {"geo3k": "geometry3k", "virl39k": "virl39k"}[variant.split("data=")[1]]
         assert cfg.data.val_source == "geometry3k" and cfg.mesh.fsdp == -1
         # The micro-batch of `python -m vaopd_jax.bench.step --part aot`'s table (8 x 80 GB).
-        assert cfg.train.micro_batch_rollouts == {"4b": 0, "8b": 0, "32b": 32}[cfg.teacher.size]
+        assert cfg.train.micro_batch_rollouts == {"4b": 0, "8b": 32, "32b": 32}[cfg.teacher.size]
 
 
 def test_paper_variants_name_and_check_their_teacher(tmp_path):
