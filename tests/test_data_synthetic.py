@@ -113,3 +113,76 @@ def test_fine_cue_is_readable_in_the_original():
         ink = block < block.max() - 1.0
         read = [p for p in S.PATTERNS if np.array_equal(S.pattern_mask(p, 64, 64)[y:y + 2, x:x + 2], ink)]
         assert read == [scene.pattern]
+
+
+def _tokenizer():
+    from vaopd_jax.data.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+def test_replies_are_deterministic_varied_and_in_length():
+    tok = _tokenizer()
+    source = S.SyntheticSource(num_records=300, seed=5, image_size=64)
+    lengths, openings, by_task = [], set(), {}
+    for i in range(len(source)):
+        rec = source[i]
+        assert rec["reply"] == S.SyntheticSource(num_records=300, seed=5)[i]["reply"]  # deterministic
+        info = S.reply_token_info(tok, rec["reply"], rec["task"])
+        lengths.append(len(info["ids"]))
+        openings.add(rec["reply"].split(".")[0])
+        words = {"disk": rec["scene"].disk, "background": rec["scene"].background}
+        by_task.setdefault(rec["task"], set()).update(
+            j for j, d in enumerate(S.DESCRIBE) if d.format(**words) in rec["reply"])
+        assert rec["reply"].endswith(f"Answer: {rec['answer']}")
+        assert info["ids"][-1] == tok.convert_tokens_to_ids("<|im_end|>")
+        # the final answer is one token, right before <|im_end|>; grading finds it as the earliest answer
+        assert info["answer"] == [len(info["ids"]) - 2]
+        assert tok.decode(info["ids"][info["answer"][0]]).strip() == rec["answer"]
+        assert "answer" not in rec["reply"][:rec["reply"].rfind("Answer:")].lower()
+    low, high = S.REPLY_TOKENS
+    assert low <= min(lengths) and max(lengths) <= high, (min(lengths), max(lengths))
+    assert 30 <= np.mean(lengths) <= 45
+    # varied phrasing: every restatement and every description is used
+    assert len(openings) == sum(len(v) for v in S.RESTATE.values())
+    assert all(len(v) == len(S.DESCRIBE) for v in by_task.values())
+    assert S.SyntheticSource(10, seed=6)[0]["reply"] != source[0]["reply"]
+
+
+def test_critical_tokens_are_exactly_the_ones_the_fine_detail_changes():
+    tok = _tokenizer()
+    seen_fine = 0
+    for i in range(120):
+        rng = np.random.default_rng([21, i])
+        scene = S.sample_scene(rng, 64)
+        for task in S.QUESTIONS:
+            # the same phrasing (same rng state) with each of the three textures
+            infos = [S.reply_token_info(tok, S.make_reply(dataclasses.replace(scene, pattern=p), task,
+                                                         np.random.default_rng([22, i])), task)
+                     for p in S.PATTERNS]
+            ids = np.array([info["ids"] for info in infos])  # same length: every texture word is one token
+            changed = np.nonzero((ids != ids[0]).any(0))[0].tolist()
+            info = infos[0]
+            if task == "pattern":
+                seen_fine += 1
+                # two tokens in the reasoning (the detail seen up close, the texture concluded) + the answer
+                assert len(info["critical"]) == 2 and changed == info["critical"] + info["answer"]
+                words = [tok.decode([info["ids"][j]]).strip() for j in info["critical"]]
+                assert words == [S.DETAIL_WORDS[S.PATTERNS[0]], S.PATTERNS[0]]
+                assert info["critical"][0] >= 15  # after the restatement and the description
+            else:
+                assert info["critical"] == [] and changed == []  # coarse replies do not depend on the texture
+    assert seen_fine == 120
+
+
+def test_reply_errors_are_clear():
+    tok = _tokenizer()
+    scene = S.sample_scene(np.random.default_rng(0), 64)
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        S.make_reply(scene, "size", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="no final 'Answer"):
+        S.reply_token_info(tok, "The texture is grid.", "pattern")
+    with pytest.raises(ValueError, match="exactly one of"):
+        S.reply_token_info(tok, "Lines form rows and columns, so grid. Answer: grid", "pattern")

@@ -15,6 +15,20 @@ the image border, which a probe fitted on pixelated images themselves can pick u
 cover most of the image, so a tiny Qwen3-VL-shaped model learns to read them on a CPU in minutes.
 Answers are single Qwen tokens.
 
+Taught replies (`make_reply`, the record's "reply") look like the paper's: 20-60 tokens of language
+scaffolding around a short answer. A reply restates the question, describes what survives pixelation (the
+colours), takes one reasoning step and ends with ``Answer: <answer>``; each part is drawn from several
+phrasings, so the scaffolding is not trivially predictable. In a fine-question reply exactly two tokens depend
+on the fine detail (the texture seen up close, "rows" / "columns" / "squares", and the conclusion drawn from
+it, "horizontal" / "vertical" / "grid"), then the final answer repeats the conclusion:
+
+    The question asks which texture the background has. I see a black disk on a red background. Up close,
+    the thin dark lines form rows, so the texture is horizontal. Answer: horizontal
+
+`reply_token_info` tokenizes a reply and gives the positions of those critical tokens and of the answer. A
+teacher that reads the texture puts its visual advantage on the first critical token (the pixelated view
+cannot tell the three textures apart there); the conclusion and the answer follow from the text before them.
+
 Records are generated on the fly from (seed, index): `SyntheticSource` is a picklable random-access
 source for grain, as cheap to shard and shuffle as a file source.
 """
@@ -22,6 +36,7 @@ source for grain, as cheap to shard and shuffle as a file source.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -110,6 +125,83 @@ def answer_for(scene: Scene, task: str) -> str:
     raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(QUESTIONS)}")
 
 
+# ----------------------------------------------------------------------------- taught replies
+# What the thin lines look like up close (the fine-detail token) and the texture it means.
+DETAIL_WORDS = {"horizontal": "rows", "vertical": "columns", "grid": "squares"}
+RESTATE = {
+    "pattern": ("The question asks which texture the background has.", "We need the texture of the background.",
+                "I am asked about the fine texture behind the disk.", "This asks for the pattern of the background."),
+    "background": ("The question asks for the colour of the background.", "We need the background colour.",
+                   "I am asked what colour lies behind the disk.", "This asks which colour the background is."),
+    "disk": ("The question asks whether the big disk is white or black.", "We need the colour of the big disk.",
+             "I am asked about the shade of the disk.", "This asks which colour the disk is."),
+}
+# What survives pixelation: both colours ({disk}, {background}).
+DESCRIBE = ("I see a {disk} disk on a {background} background.", "The image shows a big {disk} disk over a "
+            "{background} field.", "There is a {disk} circle in front of a {background} background.",
+            "A {background} background surrounds a {disk} disk.")
+# The reasoning step. Fine: {detail} is the fine-detail token, {pattern} the conclusion drawn from it.
+REASON = {
+    "pattern": ("Up close, the thin dark lines form {detail}, so the texture is {pattern}.",
+                "Looking closely, the fine lines make {detail}, which means the texture is {pattern}.",
+                "The thin lines form {detail} when seen closely, so the pattern is {pattern}."),
+    "background": ("So the background is {background}.", "That colour fills the background, so it is {background}.",
+                   "The background is clearly {background}."),
+    "disk": ("So the disk is {disk}.", "The disk in the middle looks {disk}.", "Its colour is clearly {disk}."),
+}
+# An optional remark (language only) before the fine reasoning step.
+REMARK = ("", "The colours would survive a blur, but the texture would not.", "A blur would keep the colours only.")
+FINAL = "Answer: {answer}"
+REPLY_TOKENS = (20, 60)  # every taught reply has between 20 and 60 tokens (<|im_end|> included)
+
+
+def make_reply(scene: Scene, task: str, rng: np.random.Generator) -> str:
+    """The taught reply to `task` about `scene`, its phrasing drawn with `rng` (see the module docstring)."""
+    if task not in QUESTIONS:
+        raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(QUESTIONS)}")
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    words = {"disk": scene.disk, "background": scene.background, "pattern": scene.pattern,
+             "detail": DETAIL_WORDS[scene.pattern]}
+    parts = [pick(RESTATE[task]), pick(DESCRIBE).format(**words)]
+    if task == "pattern":
+        parts.append(pick(REMARK))
+    parts += [pick(REASON[task]).format(**words), FINAL.format(answer=answer_for(scene, task))]
+    return " ".join(part for part in parts if part)
+
+
+def reply_token_info(tokenizer, reply: str, task: str) -> dict:
+    """Token ids of a taught reply (``<|im_end|>`` appended) and where its vision-critical tokens are.
+
+    Returns:
+      {"ids": list[int], "critical": positions of the tokens that depend on the fine detail (fine question:
+       the detail word and the texture concluded from it; coarse question: none), "answer": positions of the
+       final answer's tokens}.
+    Raises:
+      ValueError when the reply does not end with ``Answer: <answer>`` or lacks its fine-detail words.
+    """
+    encoded = tokenizer(reply, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    final = reply.rfind("Answer: ")
+    if final < 0:
+        raise ValueError(f"reply has no final 'Answer: ...': {reply!r}")
+
+    def covering(start: int, end: int) -> list[int]:
+        return [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+
+    answer_start = final + len("Answer: ")
+    answer = covering(answer_start, len(reply))
+    critical = []
+    if task == "pattern":
+        body = reply[:final]
+        for words in (tuple(DETAIL_WORDS.values()), PATTERNS):
+            found = list(re.finditer(r"\b(" + "|".join(words) + r")\b", body))
+            if len(found) != 1:
+                raise ValueError(f"reply should name exactly one of {words} before the answer: {reply!r}")
+            critical += covering(found[0].start(), found[0].end())
+    return {"ids": ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")], "critical": sorted(critical),
+            "answer": answer}
+
+
 def make_record(seed: int, index: int, size: int = 64, fine_fraction: float = 0.5) -> dict:
     """Record `index` of the task with this seed: {id, images, question, answer, kind, task, scene}."""
     rng = np.random.default_rng([seed, index])
@@ -123,6 +215,7 @@ def make_record(seed: int, index: int, size: int = 64, fine_fraction: float = 0.
         "images": [render_scene(scene)],
         "question": QUESTIONS[task],
         "answer": answer_for(scene, task),
+        "reply": make_reply(scene, task, np.random.default_rng([seed, index, 1])),
         "kind": KIND_OF_TASK[task],
         "task": task,
         "scene": scene,
