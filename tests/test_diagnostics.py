@@ -328,3 +328,65 @@ def test_token_texts_keeps_split_characters_whole():
     # An incomplete character at the very end stays on the last token.
     assert diagnostics.token_texts(decode, [0, 1]) == ["caf", "\ufffd"]
     assert diagnostics.token_texts(decode, []) == []
+
+
+def test_va_top_tokens_names_the_tokens_and_agrees_with_the_step():
+    import jax.numpy as jnp
+
+    from vaopd_jax.distill import step as step_lib
+
+    # 2 rollouts x 10 tokens; 20 valid tokens -> the top 2. The fine-detail token 7 carries the most VA.
+    va = np.zeros((2, 10))
+    va[0, 3], va[1, 5], va[1, 2], va[0, 0] = 1.0, 0.6, 0.2, 0.2
+    mask = np.ones((2, 10))
+    mask[1, 9] = 0
+    va[1, 9] = 50.0  # masked: ignored
+    ids = np.arange(20).reshape(2, 10) % 5 + 100
+    ids[0, 3] = ids[1, 5] = 7
+    report = diagnostics.va_top_tokens(va, mask, ids, lambda t: f"<{t[0]}>", critical_token_ids=[7])
+    assert report["num_top"] == 2  # ceil(0.1 x 19)
+    assert report["top_share"] == pytest.approx(1.6 / 2.0)
+    assert report["top_critical_share"] == pytest.approx(1.0)
+    assert report["critical_share"] == pytest.approx(0.8)
+    assert report["tokens"] == [("<7>", pytest.approx(1.0), 2)]
+    in_graph = step_lib.va_concentration(jnp.asarray(va), jnp.asarray(mask), jnp.asarray(ids), (7,))
+    assert float(in_graph["top_share"]) == pytest.approx(report["top_share"], abs=1e-6)
+    assert float(in_graph["top_critical_share"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(in_graph["critical_share"]) == pytest.approx(0.8, abs=1e-6)
+    assert float(in_graph["critical_token_share"]) == pytest.approx(2 / 19, abs=1e-6)
+    # no VA mass (standard OPD): the step reports zeros, the diagnostics NaN
+    zero = step_lib.va_concentration(jnp.zeros((2, 10)), jnp.asarray(mask), jnp.asarray(ids), (7,))
+    assert float(zero["top_share"]) == 0.0 and float(zero["critical_token_share"]) > 0
+    assert math.isnan(diagnostics.va_top_tokens(np.zeros((2, 10)), mask, ids, str)["top_share"])
+    # uniform VA: the top 10 % carry 10 % (one token in ten)
+    uniform = step_lib.va_concentration(jnp.ones((1, 10)), jnp.ones((1, 10)), jnp.zeros((1, 10), jnp.int32))
+    assert float(uniform["top_share"]) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="token_ids has shape"):
+        diagnostics.va_top_tokens(va, mask, ids[:, :5], str)
+    with pytest.raises(ValueError, match="no valid token"):
+        diagnostics.va_top_tokens(va, np.zeros_like(mask), ids, str)
+
+
+def test_synthetic_critical_ids_are_the_fine_detail_words():
+    from vaopd_jax.data import synthetic
+    from vaopd_jax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    ids = synthetic.critical_token_ids(tok)
+    assert sorted(tok.decode([i]).strip() for i in ids) == sorted(
+        [*synthetic.DETAIL_WORDS.values(), *synthetic.PATTERNS])
+    # the fine-detail tokens of a taught reply are exactly its critical positions and its answer
+    rec = synthetic.SyntheticSource(50, seed=9, fine_fraction=1.0)[0]
+    info = synthetic.reply_token_info(tok, rec["reply"], rec["task"])
+    assert [i for i, t in enumerate(info["ids"]) if t in ids] == info["critical"] + info["answer"]
+
+
+def test_va_concentration_from_logs_reads_the_trainers_scalars(tmp_path):
+    logger = metrics_lib.MetricsLogger(str(tmp_path), total_steps=2, console_every=10)
+    for step, share in ((1, 0.5), (2, 0.9)):
+        logger.log_train(step, {"loss": 1.0, "va_top_share": share, "va_top_critical_share": share / 2},
+                         rollout_s=1.0, update_s=1.0, tokens=10)
+    logger.close()
+    logs = diagnostics.va_concentration_from_logs(tmp_path / "tb")
+    assert logs == {"train/va_top_share": [(1, 0.5), (2, pytest.approx(0.9))],
+                    "train/va_top_critical_share": [(1, 0.25), (2, pytest.approx(0.45))]}

@@ -51,7 +51,7 @@ from vaopd_jax import compile_cache
 from vaopd_jax import config as config_lib
 from vaopd_jax import metrics as metrics_lib
 from vaopd_jax import preemption, sft, watchdog
-from vaopd_jax.data import splits
+from vaopd_jax.data import splits, synthetic
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import step as step_lib
@@ -151,7 +151,9 @@ def main(argv) -> None:
     k = config.rollout.num_rollouts
     step_config = step_lib.StepConfig(num_rollouts=k, objective=config_lib.objective_config(config),
                                       kl_chunk_size=config.model.kl_chunk_size, valid_vocab_size=valid_vocab_size,
-                                      micro_batch_rollouts=config.train.micro_batch_rollouts or None)
+                                      micro_batch_rollouts=config.train.micro_batch_rollouts or None,
+                                      critical_token_ids=synthetic.critical_token_ids(tokenizer)
+                                      if config.data.source == "synthetic" else ())
     train_step = step_lib.make_train_step(step_config, teacher_graphdef, optimizer, mesh=mesh,
                                           state_sharding=step_lib.train_state_sharding(state))
 

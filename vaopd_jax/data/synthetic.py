@@ -169,6 +169,16 @@ def make_reply(scene: Scene, task: str, rng: np.random.Generator) -> str:
     return " ".join(part for part in parts if part)
 
 
+def critical_token_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of the fine-detail words of the replies (" rows", " columns", " squares", " horizontal", " vertical",
+    " grid", as they appear after a space): the tokens a teacher's visual advantage should sit on."""
+    words = (*DETAIL_WORDS.values(), *PATTERNS)
+    ids = [tokenizer.encode(" " + word, add_special_tokens=False) for word in words]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"every fine-detail word should be one token; got {dict(zip(words, ids))}")
+    return tuple(sorted(i[0] for i in ids))
+
+
 def reply_token_info(tokenizer, reply: str, task: str) -> dict:
     """Token ids of a taught reply (``<|im_end|>`` appended) and where its vision-critical tokens are.
 

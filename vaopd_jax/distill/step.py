@@ -64,6 +64,8 @@ class StepConfig:
     micro_batch_rollouts: rollouts per micro-batch inside the step, a multiple of num_rollouts that divides the
       batch (None: all at once). Teacher scoring and the student's forward and backward then run micro-batch
       by micro-batch, gradients summed in fp32, one optimizer update (distill/microbatch.py).
+    critical_token_ids: ids of the task's vision-critical tokens (the synthetic task's fine-detail words), for
+      the metrics that say whether the teacher's VA sits on them (`va_concentration`); () when unknown.
     """
 
     num_rollouts: int = 4
@@ -71,6 +73,7 @@ class StepConfig:
     kl_chunk_size: int = 256
     valid_vocab_size: int | None = None
     micro_batch_rollouts: int | None = None
+    critical_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.objective, objective.ObjectiveConfig):
@@ -281,6 +284,32 @@ def two_view_logprobs(model: Qwen3VL, batch: TrainBatch, *, valid_vocab_size: in
             view_logprobs(model, batch, batch.pixel_values_pixelated, **kw))
 
 
+def va_concentration(va, mask, tokens, critical_token_ids=(), fraction: float = 0.1) -> dict:
+    """Where the VA mass of a batch of rollouts sits (the paper: the top 10 % of tokens carry ~93 % of it).
+
+    va, mask, tokens: (R, T) per-token VA (>= 0), response mask, token ids. The top tokens are the
+    ceil(fraction x n) valid tokens with the largest VA (n valid tokens; ties: earlier rows and tokens first).
+    Returns scalars (0 when the VA mass is 0, e.g. for standard OPD, which does not compute it):
+      top_share: share of the VA mass carried by the top tokens;
+      top_critical_share: share of the top tokens' VA mass that sits on `critical_token_ids`;
+      critical_share: share of all VA mass on `critical_token_ids`;
+      critical_token_share: share of the valid tokens that are critical (the share a uniform VA would give).
+    """
+    valid = (mask > 0).reshape(-1)
+    flat = jnp.where(valid, va.reshape(-1), 0.0)
+    k = jnp.ceil(fraction * valid.sum())
+    order = jnp.argsort(jnp.where(valid, -flat, jnp.inf), stable=True)
+    rank = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
+    top = valid & (rank < k)
+    critical = valid & jnp.isin(tokens.reshape(-1), jnp.asarray(tuple(critical_token_ids) or (-1,), jnp.int32))
+    share = lambda part, whole: jnp.where(whole > 0, part / jnp.maximum(whole, 1e-30), 0.0)  # noqa: E731
+    total, top_mass = flat.sum(), jnp.where(top, flat, 0.0).sum()
+    return {"top_share": share(top_mass, total),
+            "top_critical_share": share(jnp.where(top & critical, flat, 0.0).sum(), top_mass),
+            "critical_share": share(jnp.where(critical, flat, 0.0).sum(), total),
+            "critical_token_share": share(critical.sum().astype(jnp.float32), valid.sum().astype(jnp.float32))}
+
+
 def _masked_mean(x, mask):
     mask = mask.astype(jnp.float32)
     return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
@@ -415,6 +444,9 @@ def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, te
         "num_truncated_rollouts": batch.num_truncated.astype(jnp.float32),
         "skipped": (~finite).astype(jnp.float32),
     }
+    if obj_cfg.needs_visual_advantage:
+        concentration = va_concentration(va, mask, batch.response_tokens, config.critical_token_ids)
+        metrics.update({f"va_{name}": value for name, value in concentration.items()})
     return new_state, metrics
 
 
@@ -434,7 +466,8 @@ def make_train_step(config: StepConfig, teacher_graphdef, optimizer: optax.Gradi
       rollouts), grad_norm (before clipping), teacher_logp / student_logp (token means of the sampled tokens'
       log-probs), sampler_logp_gap (mean |student - sampler| log-prob), num_tokens, num_high_tokens,
       num_prompts, num_empty_rollouts, num_truncated_rollouts, skipped (1 = non-finite, update not applied).
-      VA metrics are 0 for 'opd', which skips the pixelated teacher pass.
+      VA metrics are 0 for 'opd', which skips the pixelated teacher pass. The VA methods add
+      va_top_share, va_top_critical_share, va_critical_share, va_critical_token_share (`va_concentration`).
     """
     fn = lambda state, teacher_params, batch, rng: _step(config, teacher_graphdef, optimizer, state,
                                                          teacher_params, batch, rng)

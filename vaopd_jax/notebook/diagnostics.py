@@ -6,6 +6,8 @@ the teacher looks. These functions make that visible:
 - ``va_concentration_curve`` / ``top_fraction_share``: how concentrated VA mass
   is (the paper: the top 10 % of tokens carry ~93 % of it).
 - ``va_summary``: the scalars worth logging (mean VA, max, top-10 % share).
+- ``va_top_tokens``: which tokens carry the top 10 % of VA (e.g. the synthetic task's fine-detail words), and
+  ``va_concentration_from_logs``: the trainer's concentration scalars (train/va_top_share, ...) read back.
 - ``va_token_html`` / ``va_token_png``: one rollout's text, each token shaded
   by its VA (HTML for notebooks, PNG for TensorBoard and the README);
   ``token_texts`` decodes the per-token strings they take.
@@ -164,6 +166,64 @@ def va_summary(va: Any, mask: Any = None, top_fraction: float = 0.1) -> dict[str
         share_key: top_fraction_share(valid, None, top_fraction),
         "num_tokens": float(valid.size),
     }
+
+
+def va_top_tokens(va: Any, mask: Any, token_ids: Any, decode: Callable[[list[int]], str], *,
+                  fraction: float = 0.1, critical_token_ids: Sequence[int] = (), limit: int = 10) -> dict:
+    """Which tokens carry the VA mass of a batch of rollouts.
+
+    The top tokens are the ceil(fraction x n) valid tokens with the largest VA (n valid tokens, ties: earlier
+    first), the rule of the trainer's ``train/va_top_share`` (`distill.step.va_concentration`).
+
+    Args:
+      va, mask: (R, T) or (T,) VA and response mask; token_ids: the same shape, the sampled token ids.
+      decode: ids -> text (``tokenizer.decode``).
+      critical_token_ids: the task's vision-critical ids (``data.synthetic.critical_token_ids``).
+      limit: how many token texts to list.
+    Returns:
+      {"top_share": share of all VA mass on the top tokens, "top_critical_share": share of the top tokens' mass
+       on critical ids, "critical_share": share of all mass on critical ids, "num_top": number of top tokens,
+       "tokens": [(text, share of the top tokens' mass, count among the top tokens)] for the `limit` texts with
+       the most mass, largest first}. Shares are NaN when the VA mass is zero.
+    """
+    va_array = _as_float_array(va, "va")
+    mask_array = _mask_array(mask, va_array.shape)
+    ids = np.asarray(token_ids)
+    if ids.shape != va_array.shape:
+        raise ValueError(f"token_ids has shape {ids.shape}, expected the VA's {va_array.shape}")
+    if not (0.0 < fraction <= 1.0):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    values, valid_ids = va_array[mask_array], ids[mask_array]
+    if values.size == 0:
+        raise ValueError("va_top_tokens: no valid token (the mask is all zero)")
+    order = np.argsort(-values, kind="stable")[:math.ceil(fraction * values.size)]
+    total, top_mass = float(values.sum()), float(values[order].sum())
+    critical = np.isin(valid_ids, np.asarray(list(critical_token_ids), np.int64))
+    share = lambda part, whole: part / whole if whole > 0 else math.nan  # noqa: E731
+    by_text: dict[str, list[float]] = {}
+    for i in order:
+        entry = by_text.setdefault(decode([int(valid_ids[i])]), [0.0, 0])
+        entry[0] += float(values[i])
+        entry[1] += 1
+    tokens = sorted(((text, share(mass, top_mass), count) for text, (mass, count) in by_text.items()),
+                    key=lambda item: -item[1] if math.isfinite(item[1]) else 0.0)[:limit]
+    return {"top_share": share(top_mass, total),
+            "top_critical_share": share(float(values[order][critical[order]].sum()), top_mass),
+            "critical_share": share(float(values[critical].sum()), total), "num_top": int(order.size),
+            "tokens": tokens}
+
+
+CONCENTRATION_TAGS = ("train/va_top_share", "train/va_top_critical_share", "train/va_critical_share",
+                      "train/va_critical_token_share")
+
+
+def va_concentration_from_logs(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """The trainer's VA-concentration scalars from a run's tensorboard logs (``<workdir>/tb``): tag ->
+    [(step, value)] for the tags of `CONCENTRATION_TAGS` that were logged (VA methods only; OPD logs none)."""
+    from vaopd_jax import metrics as metrics_lib
+
+    scalars = metrics_lib.read_tensorboard_scalars(str(logdir))
+    return {tag: scalars[tag] for tag in CONCENTRATION_TAGS if tag in scalars}
 
 
 # ---------------------------------------------------------------------------
