@@ -129,6 +129,8 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  c.mesh.expert = 1                 # expert parallelism: a MoE teacher's experts split over it (also FSDP for the
+                                    # dense parts); configs/paper.py teacher=30b-a3b uses it
   c.mesh.tensor = 1
 
   c.export = ml_collections.ConfigDict()

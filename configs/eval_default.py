@@ -74,8 +74,9 @@ def get_config(arg=None):
   c.judge.timeout_s = 60.0
 
   c.mesh = ml_collections.ConfigDict()   # over this process's LOCAL devices
-  c.mesh.data = -1                  # -1: every local device not used by fsdp x tensor
+  c.mesh.data = -1                  # -1: every local device not used by fsdp x expert x tensor
   c.mesh.fsdp = 1
+  c.mesh.expert = 1                 # a mixture-of-experts model's experts split over it (expert parallelism)
   c.mesh.tensor = 1
 
   if variant == "quick":

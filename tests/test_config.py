@@ -9,7 +9,8 @@ from vaopd_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIGS = ["base", "paper", "demo"]
-PAPER_VARIANTS = [f"teacher={t},data={d}" for t in ("4b", "8b", "32b") for d in ("geo3k", "virl39k")]
+PAPER_VARIANTS = [f"teacher={t},data={d}" for t in ("4b", "8b", "32b", "30b-a3b", "235b-a22b")
+                  for d in ("geo3k", "virl39k")]
 
 
 def module(name):
@@ -33,9 +34,14 @@ def test_every_train_config_validates_and_documents_its_command():
         config_lib.validate(cfg, check_paths=False)
         assert cfg.teacher.size == variant.split(",")[0].split("=")[1] and cfg.student.size == "2b"
         assert cfg.data.source == {"geo3k": "geometry3k", "virl39k": "virl39k"}[variant.split("data=")[1]]
-        assert cfg.data.val_source == "geometry3k" and cfg.mesh.fsdp == -1
-        # The micro-batch of `python -m vaopd_jax.bench.step --part aot`'s table (8 x 80 GB).
-        assert cfg.train.micro_batch_rollouts == {"4b": 0, "8b": 32, "32b": 32}[cfg.teacher.size]
+        assert cfg.data.val_source == "geometry3k"
+        # Dense teachers: FSDP over all devices; MoE teachers: experts (and FSDP of the dense parts) over them.
+        moe = cfg.teacher.size in ("30b-a3b", "235b-a22b")
+        assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor) == ((1, 1, -1, 1) if moe else
+                                                                                   (1, -1, 1, 1))
+        # The micro-batch of `python -m vaopd_jax.bench.step --part aot`'s table (8 x 80 GB; 235B-A22B: 32 x 80 GB).
+        assert cfg.train.micro_batch_rollouts == {"4b": 0, "8b": 32, "32b": 32, "30b-a3b": 32,
+                                                  "235b-a22b": 32}[cfg.teacher.size]
 
 
 def test_paper_variants_name_and_check_their_teacher(tmp_path):
@@ -62,8 +68,54 @@ def test_paper_variants_name_and_check_their_teacher(tmp_path):
                 teacher__hf_path=teacher_4b, data__train_path=str(tmp_path), data__val_path=str(tmp_path))
     with pytest.raises(config_lib.ConfigError, match=r"config.student.size = '2b'"):
         config_lib.validate(cfg)
-    with pytest.raises(config_lib.ConfigError, match=r"teacher='16b'; must be one of \('4b', '8b', '32b'\)"):
+    with pytest.raises(config_lib.ConfigError, match=r"teacher='16b'; must be one of \('4b', '8b', '32b', '30b-a3b'"):
         load("paper", "teacher=16b")
+
+
+# text_config size fields of the released Qwen3-VL-30B-A3B-Instruct config.json (../shared/data/qwen3_vl_configs)
+# and of Qwen3-VL-235B-A22B-Instruct.
+REAL_MOE_TEXT = {
+    "30b-a3b": dict(hidden_size=2048, num_hidden_layers=48, intermediate_size=6144, num_experts=128,
+                    num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[]),
+    "235b-a22b": dict(hidden_size=4096, num_hidden_layers=94, intermediate_size=12288, num_experts=128,
+                      num_experts_per_tok=8, moe_intermediate_size=1536, decoder_sparse_step=1, mlp_only_layers=[]),
+}
+
+
+def test_moe_teacher_variants_check_the_checkpoint_like_dense_sizes(tmp_path):
+    student = _hf_dir(tmp_path, "student", 151936, hidden_size=2048, num_hidden_layers=28, intermediate_size=6144)
+    moe_dirs = {size: _hf_dir(tmp_path, f"teacher_{size}", 151936, model_type="qwen3_vl_moe", **text)
+                for size, text in REAL_MOE_TEXT.items()}
+    dense_8b = _hf_dir(tmp_path, "teacher_8b", 151936, hidden_size=4096, num_hidden_layers=36, intermediate_size=12288)
+    paths = dict(workdir=str(tmp_path), student__hf_path=student, data__train_path=str(tmp_path),
+                 data__val_path=str(tmp_path))
+    for size, path in moe_dirs.items():
+        config_lib.validate(_with(load("paper", f"teacher={size}"), teacher__hf_path=path, **paths))
+    # The 30B-A3B checkpoint for the 235B-A22B variant, and for the 8B one; an 8B checkpoint for the 30B-A3B one.
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"config.teacher.hf_path = '.*teacher_30b-a3b': its config.json is a Qwen3-VL-30B-A3B "
+                             r"\(text hidden_size=2048, num_hidden_layers=48, num_experts=128, "
+                             r"moe_intermediate_size=768\) but config.teacher.size = '235b-a22b' expects "
+                             r"hidden_size=4096, num_hidden_layers=94, num_experts=128, moe_intermediate_size=1536: "
+                             r"point teacher.hf_path at the Qwen3-VL-235B-A22B checkpoint or pick the variant "
+                             r"teacher=30b-a3b"):
+        config_lib.validate(_with(load("paper", "teacher=235b-a22b"), teacher__hf_path=moe_dirs["30b-a3b"], **paths))
+    with pytest.raises(config_lib.ConfigError, match=r"is a Qwen3-VL-30B-A3B .* config.teacher.size = '8b'"):
+        config_lib.validate(_with(load("paper", "teacher=8b"), teacher__hf_path=moe_dirs["30b-a3b"], **paths))
+    with pytest.raises(config_lib.ConfigError, match=r"is a Qwen3-VL-8B .* config.teacher.size = '30b-a3b' expects "
+                                                     r"hidden_size=2048, num_hidden_layers=48, num_experts=128"):
+        config_lib.validate(_with(load("paper", "teacher=30b-a3b"), teacher__hf_path=dense_8b, **paths))
+    # An expert axis that does not divide the 128 experts; a dense teacher ignores the axis's size.
+    with pytest.raises(config_lib.ConfigError, match=r"config.mesh.expert = 3: an expert axis of 3 devices must "
+                                                     r"divide the teacher's 128 experts"):
+        config_lib.validate(_with(load("paper", "teacher=30b-a3b"), teacher__hf_path=moe_dirs["30b-a3b"],
+                                  mesh__expert=3, **paths))
+    config_lib.validate(_with(load("paper", "teacher=8b"), teacher__hf_path=dense_8b, mesh__expert=3,
+                              mesh__fsdp=1, **paths))
+    # The trainer's check once mesh.expert = -1 is resolved to the device count.
+    assert config_lib.expert_axis_problem(moe_dirs["235b-a22b"], 32) is None
+    assert "divide the teacher's 128 experts" in config_lib.expert_axis_problem(moe_dirs["30b-a3b"], 48)
+    assert config_lib.expert_axis_problem(dense_8b, 48) is None
 
 
 @pytest.mark.parametrize("method", config_lib.METHODS)
@@ -128,6 +180,10 @@ def _with(cfg, **fields):
     ("train__num_steps", 0, r"config.train.num_steps = 0: must be >= 1, or -1"),
     ("workdir", "", r"config.workdir = '': must be a non-empty path"),
     ("mesh__tensor", 0, r"config.mesh.tensor = 0: must be >= 1 or -1"),
+    ("mesh__expert", 0, r"config.mesh.expert = 0: must be >= 1 or -1"),
+    ("mesh__expert", -2, r"config.mesh.expert = -2: must be in \[-1, inf\] \(-1 takes the remaining devices; a MoE"),
+    ("mesh__expert", 1.5, r"config.mesh.expert = 1.5: must be an integer"),
+    ("mesh__expert", -1, r"config.mesh: at most one of data/fsdp/expert/tensor may be -1"),
     ("train__micro_batch_rollouts", -4, r"config.train.micro_batch_rollouts = -4: must be in \[0, inf\]"),
     ("train__micro_batch_rollouts", 6, r"config.train.micro_batch_rollouts = 6: must be 0 or a multiple of "
                                        r"rollout.num_rollouts = 4 \(whole prompts\)"),
@@ -178,10 +234,10 @@ def test_all_problems_reported_at_once():
     assert "config.va.p_v = 2.0" in str(err.value) and "config.va.lam = 3.0" in str(err.value)
 
 
-def _hf_dir(tmp_path, name, vocab, **text):
+def _hf_dir(tmp_path, name, vocab, model_type="qwen3_vl", **text):
     path = tmp_path / name
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl",
+    (path / "config.json").write_text(json.dumps({"model_type": model_type,
                                                   "text_config": {"vocab_size": vocab, **text}}))
     return str(path)
 

@@ -33,15 +33,33 @@ from vaopd_jax.watchdog import ACTIONS as WATCHDOG_ACTIONS
 
 DATA_SOURCES = ("synthetic", "geometry3k", "virl39k")
 DEMO = "configs/demo.py"  # where the demo-only fields (tiny models, warm-ups, the synthetic task) live
-# Model sizes a config may name (<role>.size), checked against a checkpoint's config.json by these text fields.
+# Model sizes a config may name (<role>.size), checked against a checkpoint's config.json by their text fields:
+# width, depth and MLP width for the dense models; width, depth, expert count and expert MLP width for the
+# mixture-of-experts ones (their dense intermediate_size is unused when every layer is sparse).
 MODEL_SIZES = {"2b": Qwen3VLConfig.qwen3_vl_2b, "4b": Qwen3VLConfig.qwen3_vl_4b, "8b": Qwen3VLConfig.qwen3_vl_8b,
-               "32b": Qwen3VLConfig.qwen3_vl_32b}
-_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size")
+               "32b": Qwen3VLConfig.qwen3_vl_32b, "30b-a3b": Qwen3VLConfig.qwen3_vl_30b_a3b,
+               "235b-a22b": Qwen3VLConfig.qwen3_vl_235b_a22b}
+_DENSE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size")
+_MOE_KEYS = ("hidden_size", "num_hidden_layers", "num_experts", "moe_intermediate_size")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # parallel.mesh.MESH_AXES (config.mesh.<axis>)
 
 
-def _size_signature(size: str) -> tuple:
+def _size_signature(size: str) -> dict:
     text = MODEL_SIZES[size]().text
-    return tuple(getattr(text, key) for key in _SIZE_KEYS)
+    return {key: getattr(text, key) for key in (_MOE_KEYS if text.is_moe else _DENSE_KEYS)}
+
+
+def _text_signature(text: dict) -> dict:
+    """The size fields of a config.json's text_config (dense unless it has num_experts > 0)."""
+    moe = bool(text.get("num_experts") or text.get("num_local_experts"))
+    found = {key: text.get(key) for key in (_MOE_KEYS if moe else _DENSE_KEYS)}
+    if moe and found["num_experts"] is None:
+        found["num_experts"] = text.get("num_local_experts")
+    return found
+
+
+def _describe(signature: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in signature.items())
 
 
 class ConfigError(ValueError):
@@ -294,12 +312,13 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     c.number("eval.max_new_tokens", 1, None, integer=True)
     c.number("eval.batch_size", 1, None, integer=True)
 
-    for axis in ("data", "fsdp", "tensor"):
-        value = c.number(f"mesh.{axis}", -1, None, integer=True, why="-1 takes the remaining devices")
+    for axis in MESH_AXES:
+        why = "-1 takes the remaining devices" + ("; a MoE teacher's experts are split over it" if axis == "expert" else "")
+        value = c.number(f"mesh.{axis}", -1, None, integer=True, why=why)
         if value == 0:
             c.fail(f"mesh.{axis}", 0, "must be >= 1 or -1")
-    if sum(1 for a in ("data", "fsdp", "tensor") if c.get(f"mesh.{a}") == -1) > 1:
-        c.problems.append("config.mesh: at most one of data/fsdp/tensor may be -1")
+    if sum(1 for a in MESH_AXES if c.get(f"mesh.{a}") == -1) > 1:
+        c.problems.append(f"config.mesh: at most one of {'/'.join(MESH_AXES)} may be -1")
 
     student_init = c.choice("student.init", ("hf", "random", "sft"))
     teacher_init = c.choice("teacher.init", ("hf", "sft"))
@@ -326,24 +345,45 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         raise ConfigError("invalid config:\n  " + "\n  ".join(c.problems))
 
 
+def _read_text_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        hf = json.load(f)
+    return hf.get("text_config", hf)
+
+
 def _check_size(c: _Checker, role: str, path: str) -> None:
     """The checkpoint's config.json against ``<role>.size`` (a paper variant names its teacher's size)."""
     size = c.get(f"{role}.size")
     if not size or size not in MODEL_SIZES:
         return
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        hf = json.load(f)
-    text = hf.get("text_config", hf)
-    found = tuple(text.get(key) for key in _SIZE_KEYS)
+    found = _text_signature(_read_text_config(path))
     expected = _size_signature(size)
     if found != expected:
         named = [name for name in MODEL_SIZES if _size_signature(name) == found]
         what = f"a Qwen3-VL-{named[0].upper()}" if named else "no Qwen3-VL size this project knows"
         c.fail(f"{role}.hf_path", path,
-               f"its config.json is {what} (text {', '.join(f'{k}={v}' for k, v in zip(_SIZE_KEYS, found))}) but "
-               f"config.{role}.size = {size!r} expects {', '.join(f'{k}={v}' for k, v in zip(_SIZE_KEYS, expected))}: "
-               f"point {role}.hf_path at the Qwen3-VL-{size.upper()} checkpoint"
+               f"its config.json is {what} (text {_describe(found)}) but config.{role}.size = {size!r} expects "
+               f"{_describe(expected)}: point {role}.hf_path at the Qwen3-VL-{size.upper()} checkpoint"
                + (f" or pick the variant {role}={named[0]}" if named and role == "teacher" else ""))
+
+
+def _check_experts(c: _Checker, path: str) -> None:
+    """mesh.expert > 1 splits the experts of the teacher's MoE layers: it must divide their number."""
+    expert = c.get("mesh.expert")
+    if isinstance(expert, int) and not isinstance(expert, bool) and expert > 1:
+        problem = expert_axis_problem(path, expert)
+        if problem:
+            c.fail("mesh.expert", expert, problem)
+
+
+def expert_axis_problem(path: str, expert: int) -> str | None:
+    """Why an 'expert' mesh axis of size `expert` cannot split the experts of the MoE checkpoint at `path` (None
+    when it can, or when the checkpoint is dense: there the axis is one more FSDP axis)."""
+    experts = _text_signature(_read_text_config(path)).get("num_experts")
+    if experts and experts % expert:
+        return (f"an expert axis of {expert} devices must divide the teacher's {experts} experts "
+                f"({path}/config.json); pick a divisor of {experts}, or 1")
+    return None
 
 
 def _check_paths(c: _Checker, student_init: str | None, teacher_init: str | None) -> None:
@@ -359,6 +399,8 @@ def _check_paths(c: _Checker, student_init: str | None, teacher_init: str | None
         elif init == "hf":
             vocab[role] = hf_vocab_size(path)
             _check_size(c, role, str(path))
+            if role == "teacher":
+                _check_experts(c, str(path))
         elif init in ("random", "sft"):
             vocab[role] = c.get(f"{tiny[role]}.text.vocab_size", DEMO)
     teacher_vocab, student_vocab = vocab.get("teacher"), vocab.get("student")

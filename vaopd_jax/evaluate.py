@@ -505,30 +505,36 @@ def resolve_model_dir(config) -> Path:
 
 
 def local_mesh(config):
-    """A (data, fsdp, tensor) mesh over this process's devices, or None for one device.
+    """A (data, fsdp, expert, tensor) mesh over this process's devices, or None for one device.
 
     Evaluation never crosses hosts: each process runs the model on its local devices.
-    config.mesh.data = -1 takes every local device not used by fsdp x tensor.
+    config.mesh.data = -1 takes every local device not used by fsdp x expert x tensor; config.mesh.expert
+    (default 1) splits a mixture-of-experts model's experts over that many devices.
     """
     import jax
 
+    from vaopd_jax.parallel.mesh import MESH_AXES
+
     devices = jax.local_devices()
-    fsdp, tensor, data = int(config.mesh.fsdp), int(config.mesh.tensor), int(config.mesh.data)
-    if fsdp < 1 or tensor < 1 or (data < 1 and data != -1):
-        raise EvalConfigError(f"config.mesh = (data={data}, fsdp={fsdp}, tensor={tensor}): each must be >= 1 "
-                              "(data may be -1: all remaining local devices)")
+    data, fsdp, tensor = int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)
+    expert = int(config.mesh.get("expert", 1))
+    fixed = fsdp * expert * tensor
+    shape = f"data={data}, fsdp={fsdp}, expert={expert}, tensor={tensor}"
+    if min(fsdp, expert, tensor) < 1 or (data < 1 and data != -1):
+        raise EvalConfigError(f"config.mesh = ({shape}): each must be >= 1 (data may be -1: all remaining local "
+                              "devices)")
     if data == -1:
-        if len(devices) % (fsdp * tensor):
-            raise EvalConfigError(f"config.mesh fsdp={fsdp} x tensor={tensor} does not divide the "
+        if len(devices) % fixed:
+            raise EvalConfigError(f"config.mesh fsdp={fsdp} x expert={expert} x tensor={tensor} does not divide the "
                                   f"{len(devices)} local devices")
-        data = len(devices) // (fsdp * tensor)
-    count = data * fsdp * tensor
+        data = len(devices) // fixed
+    count = data * fixed
     if count > len(devices):
-        raise EvalConfigError(f"config.mesh asks for {data}x{fsdp}x{tensor} = {count} devices; this process has "
-                              f"{len(devices)}")
+        raise EvalConfigError(f"config.mesh asks for {data}x{fsdp}x{expert}x{tensor} = {count} devices; this process "
+                              f"has {len(devices)}")
     if count == 1:
         return None
-    return jax.sharding.Mesh(np.asarray(devices[:count]).reshape(data, fsdp, tensor), ("data", "fsdp", "tensor"))
+    return jax.sharding.Mesh(np.asarray(devices[:count]).reshape(data, fsdp, expert, tensor), MESH_AXES)
 
 
 def _tokenizer_for(config):
@@ -595,8 +601,8 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
 
     # The backend and device kind, and a warning when a GPU/TPU config (bf16, a multi-device mesh) lands on CPU.
     devices_line, backend_warnings = backend_lib.startup_report(
-        backend_lib.backend_info(), dtype=config.dtype, mesh_shape=(config.mesh.data, config.mesh.fsdp,
-                                                                   config.mesh.tensor))
+        backend_lib.backend_info(), dtype=config.dtype,
+        mesh_shape=(config.mesh.data, config.mesh.fsdp, config.mesh.get("expert", 1), config.mesh.tensor))
     log.info("%s", devices_line)
     for warning in backend_warnings:
         log.warning("%s", warning)

@@ -91,10 +91,16 @@ def main(argv) -> None:
     # mesh) lands on CPU, before make_mesh can fail on the device count.
     devices_line, backend_warnings = backend_lib.startup_report(
         backend_lib.backend_info(), dtype=config.model.dtype, attention_impl=config.model.attention_impl,
-        mesh_shape=(config.mesh.data, config.mesh.fsdp, config.mesh.tensor), field_prefix="config.model.")
+        mesh_shape=(config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor),
+        field_prefix="config.model.")
     for warning in backend_warnings:
         log.warning(warning)
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, expert=config.mesh.expert)
+    if config.teacher.init == "hf" and mesh.shape["expert"] > 1:  # mesh.expert = -1 is known only now
+        problem = config_lib.expert_axis_problem(config.teacher.hf_path, mesh.shape["expert"])
+        if problem:
+            raise config_lib.ConfigError(f"config.mesh.expert = {config.mesh.expert} (mesh {dict(mesh.shape)}): "
+                                         f"{problem}")
     workdir = config.workdir
     if primary():
         os.makedirs(workdir, exist_ok=True)

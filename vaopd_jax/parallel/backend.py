@@ -86,7 +86,8 @@ def accelerator_reasons(*, dtype: str | None = None, attention_impl: str | None 
     """Why a config expects a GPU/TPU (empty when nothing in it does); see the module docstring's rule.
 
     dtype: 'float32' | 'bfloat16' (None: not given); attention_impl: 'xla' | 'chunked' | 'cudnn';
-    mesh_shape: the configured (data, fsdp, tensor) sizes, -1 = all remaining devices.
+    mesh_shape: the configured mesh sizes ((data, fsdp, expert, tensor) or (data, fsdp, tensor)), -1 = all
+      remaining devices.
     """
     reasons = []
     if dtype is not None and str(dtype) == "bfloat16":
