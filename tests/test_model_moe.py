@@ -406,3 +406,44 @@ def test_expert_parallel_gradients_equal_one_device():
         g = np.asarray(getattr(got.language_model.layers, name)[...])
         assert np.abs(w).max() > 0, name
         np.testing.assert_allclose(g, w, atol=1e-4 * np.abs(w).max(), rtol=0, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- the trainer's and evaluator's loaders
+def test_trainer_and_evaluator_load_a_moe_checkpoint_and_sample_on_an_expert_mesh(tmp_path):
+    """A qwen3_vl_moe checkpoint through the loaders the runs use: the trainer's teacher loader (models/load.py, with
+    the run's attention options) on a data x expert mesh (config.mesh.expert), and the evaluator's loader and local
+    mesh (evaluate.py, config.mesh.expert) whose sampler gives the single-device greedy tokens."""
+    import ml_collections
+
+    from vaopd_jax import evaluate
+    from vaopd_jax.models import load as load_lib
+
+    cfg, _, model = _pair("top2_norm_dense_layer1")
+    path = tmp_path / "moe_teacher"
+    qwen3_vl.save_hf_checkpoint(model, path)
+
+    run = ml_collections.ConfigDict({"model": {"attention_impl": "chunked", "attention_chunk_size": 16}})
+    mesh = make_mesh(data=4, fsdp=1, tensor=1, expert=2)
+    teacher = load_lib.load_model(run, str(path), mesh, dtype=jnp.float32)
+    assert teacher.config.text == cfg.text and teacher.config.attention_impl == "chunked"
+    gate = teacher.language_model.layers.expert_gate_kernel[...]
+    assert gate.sharding.spec[1] == "expert" and gate.addressable_shards[0].data.shape[1] == cfg.text.num_experts // 2
+    np.testing.assert_array_equal(np.asarray(gate), np.asarray(model.language_model.layers.expert_gate_kernel[...]))
+
+    eval_config = ml_collections.ConfigDict({"model": str(path), "export": "best", "dtype": "float32",
+                                             "mesh": {"data": -1, "fsdp": 1, "expert": 2, "tensor": 1}})
+    eval_mesh = evaluate.local_mesh(eval_config)
+    assert dict(eval_mesh.shape) == {"data": 4, "fsdp": 1, "expert": 2, "tensor": 1}
+    evaluated = evaluate.load_model(eval_config, mesh=eval_mesh)
+    assert evaluated.config.text.is_moe
+    batch = testing.make_batch(cfg, [[], [(1, 4, 4)], [(1, 4, 6)], []], [6, 3, 2, 5], seed=1)
+    kw = dict(max_new_tokens=6, num_samples=2, temperature=0.0, eos_token_ids=(7, 9))
+    args = (batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw)
+    want = sampler.generate(model, *args, **kw)
+    got = sampler.generate(evaluated, *args, mesh=eval_mesh, **kw)
+    assert len(got.tokens.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    eval_config.mesh.expert = 3
+    with pytest.raises(evaluate.EvalConfigError, match=r"fsdp=1 x expert=3 x tensor=1 does not divide the 8 local"):
+        evaluate.local_mesh(eval_config)

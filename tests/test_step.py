@@ -4,6 +4,8 @@ Compile cost dominates here, so the compiled steps are module-scoped and built w
 XLA's backend optimization level 0 (about half the CPU compile time).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,6 +203,36 @@ def test_opd_text_only_steps_lower_kl(setup):
     assert all(b < a for a, b in zip(kls, kls[1:])) and kls[-1] < 0.92 * kls[0], kls
     assert float(metrics["va_mean"]) == 0.0 and float(metrics["num_high_tokens"]) == 0.0
     # OPD's loss is the mean over rollouts of the token-mean KL: with one step's KL it equals kl averaged per row.
+
+
+def _moe_teacher(seed=3):
+    """A tiny mixture-of-experts teacher (4 experts, top-2, renormalised, a dense layer after a sparse one) of the
+    setup's vocabulary and vision tower: the dense students learn from it like from a dense teacher."""
+    cfg = _config(48)
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=16, mlp_only_layers=(1,)),
+                      moe_impl="tiled", moe_tile_size=4)
+    return _random_model(cfg, seed)
+
+
+def test_moe_teacher_steps_lower_kl(setup):
+    s = setup
+    teacher = _moe_teacher()
+    assert teacher.config.text.sparse_layers == (True, False)
+    teacher_graphdef, teacher_params = step_lib.split_teacher(teacher)
+    train_step = step_lib.make_train_step(s["config"], teacher_graphdef, s["optimizer"], compiler_options=FAST_COMPILE)
+    state = _fresh_state(s)
+    batch = step_lib.shard_batch(s["batch"])
+    kls, losses = [], []
+    for _ in range(5):
+        state, metrics = train_step(state, teacher_params, batch, jax.random.key(0))
+        kls.append(float(metrics["kl"]))
+        losses.append(float(metrics["loss"]))
+        assert float(metrics["skipped"]) == 0.0
+    assert all(b < a for a, b in zip(kls, kls[1:])) and kls[-1] < 0.92 * kls[0], kls
+    # The MoE teacher's routed experts count: its step is not the dense setup teacher's step.
+    _, dense_metrics = s["train_step"](_fresh_state(s), s["teacher_params"], batch, jax.random.key(0))
+    assert abs(float(dense_metrics["loss"]) - losses[0]) > 1e-3 * losses[0]
 
 
 def test_eight_devices_match_one_device(setup):
