@@ -5,26 +5,31 @@ the paper-scale step on a simulated 8-device mesh with the micro-batch each teac
     python -m vaopd_jax.bench.step --part torch          # 1. JAX vs eager PyTorch, same config/batch/weights
     python -m vaopd_jax.bench.step --part aot            # 2. the AOT table: 4B/8B/32B x 2,048/4,096 x fsdp=8
     python -m vaopd_jax.bench.step --part aot --teachers 8b --responses 4096 --micro-batch 32   # one compile
+    python -m vaopd_jax.bench.step --part aot --teachers 30b-a3b --responses 4096 --meshes 1,1,8,1   # MoE, expert=8
+    XLA_FLAGS=--xla_force_host_platform_device_count=32 python -m vaopd_jax.bench.step --part aot \
+        --teachers 235b-a22b --responses 4096 --meshes 1,1,32,1                   # 235B-A22B over 4 x 8 devices
     python -m vaopd_jax.bench.step --part layer          # 2a. one decoder layer: where the memory goes
 
 1. Step time: the jitted step (teacher on both views, VA, weights, groups, chunked KL, grad, clip, AdamW) vs
    the same step written in eager PyTorch over transformers' Qwen3VLForConditionalGeneration (student and
    teacher), same small config, same weights, same batch, same process, CPU, fp32. JAX and torch steps are
    interleaved so machine load hits both; prints the median step times, the ratio and the two first-step losses.
-2. AOT: the paper-scale step (2B student with fp32 master params / bf16 compute, 4B / 8B / 32B bf16 teacher,
-   16 prompts x 4 rollouts, 1,024 prompt tokens of which 768 are one image, --responses tokens, KL chunk 512 as
-   configs/base.py) lowered from abstract shapes (no weights allocated) with ShapeDtypeStructs carrying the
-   shardings of a simulated (data, fsdp, tensor) mesh, compiled, and XLA's per-device memory analysis printed:
-   argument, output, alias, temp bytes and the peak argument + output - alias + temp. For each teacher x
-   response x mesh the table tries micro-batches of 64, 32, 16, 8 rollouts (`train.micro_batch_rollouts`),
-   largest first, one compile at a time, and keeps the first whose peak is within 72 GB (80 GB less 10 %
-   headroom for what the analysis does not see); then prints one markdown table. XLA's CPU backend has no bf16
-   matmul: it converts the teacher's bf16 weights to f32 and hoists those copies out of the layer loop, which a
-   GPU/TPU does not do, so these peaks are upper bounds (32B teacher, response 4,096, 32 rollouts per
-   micro-batch: 66.4 GB; with XLA_FLAGS=--xla_disable_hlo_passes=while-loop-invariant-code-motion, which keeps
-   those copies inside the loop, one layer at a time, 45.6 GB). Student and teacher use --attention (default 'chunked':
-   models/qwen3_vl/attention.py, no T x T scores); 'xla' is the dense path that materializes (rows, heads, T, T)
-   fp32 scores per layer.
+2. AOT: the paper-scale step (2B student with fp32 master params / bf16 compute, 4B / 8B / 32B bf16 teacher or the
+   mixture-of-experts 30B-A3B / 235B-A22B one, 16 prompts x 4 rollouts, 1,024 prompt tokens of which 768 are one
+   image, --responses tokens, KL chunk 512 as configs/base.py) lowered from abstract shapes (no weights allocated)
+   with ShapeDtypeStructs carrying the shardings of a simulated (data, fsdp, tensor) or (data, fsdp, expert, tensor)
+   mesh, compiled, and XLA's per-device memory analysis printed: argument, output, alias, temp bytes and the peak
+   argument + output - alias + temp. For each teacher x response x mesh the table tries micro-batches of 64, 32, 16,
+   8 rollouts (`train.micro_batch_rollouts`), largest first, one compile at a time, and keeps the first whose peak is
+   within 72 GB (80 GB less 10 % headroom for what the analysis does not see); then prints one markdown table. XLA's
+   CPU backend has no bf16 matmul: it converts the teacher's bf16 weights to f32 and hoists those copies out of the
+   layer loop, which a GPU/TPU does not do, so these peaks are upper bounds (32B teacher, response 4,096, 32 rollouts
+   per micro-batch: 66.4 GB; with XLA_FLAGS=--xla_disable_hlo_passes=while-loop-invariant-code-motion, which keeps
+   those copies inside the loop, one layer at a time, 45.6 GB). Student and teacher use --attention (default
+   'chunked': models/qwen3_vl/attention.py, no T x T scores); 'xla' is the dense path that materializes (rows, heads,
+   T, T) fp32 scores per layer. MoE teachers use the tiled grouped GEMM (models/qwen3_vl/grouped.py, the GPU path)
+   and expert parallelism over the mesh's 'expert' axis (models/qwen3_vl/moe.py; on the dense parts that axis is one
+   more FSDP axis, so fsdp=8 and expert=8 shard the 2B student alike).
    2a. `--part layer`: one 2B decoder layer, forward + backward, compiled at one device's share of the paper
    batch (8 rows x 5,120 tokens), for attention xla vs chunked: temp bytes against the size of one
    (rows, heads, T, T) fp32 score matrix, which is what the full step's temp memory tracks.
@@ -56,10 +61,14 @@ from vaopd_jax.distill.batch import TrainBatch, build_train_batch
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.models.qwen3_vl import sharding as model_sharding
 from vaopd_jax.models.qwen3_vl import testing
+from vaopd_jax.parallel.mesh import MESH_AXES
 
 GB = 1e9
 DEVICE_GB, HEADROOM = 80, 0.10  # A100/H100 80 GB; 10 % left for what XLA's analysis does not see (allocator
 # fragmentation, collective and cuDNN workspaces, the runtime's own reservations)
+TEACHERS = {"4b": qwen3_vl.Qwen3VLConfig.qwen3_vl_4b, "8b": qwen3_vl.Qwen3VLConfig.qwen3_vl_8b,
+            "32b": qwen3_vl.Qwen3VLConfig.qwen3_vl_32b, "30b-a3b": qwen3_vl.Qwen3VLConfig.qwen3_vl_30b_a3b,
+            "235b-a22b": qwen3_vl.Qwen3VLConfig.qwen3_vl_235b_a22b}
 MICRO_BATCH_CANDIDATES = (64, 32, 16, 8)  # rollouts per micro-batch for 16 prompts x 4: whole prompts, fsdp=8 rows
 PAPER_KL_CHUNK = 512  # configs/base.py model.kl_chunk_size
 
@@ -258,8 +267,7 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
     """Lowers and compiles the paper-scale step from abstract shapes; prints XLA's per-device memory."""
     options = dict(attention_impl=attention, attention_chunk_size=attention_chunk_size)
     student_cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(**options)
-    teacher_cfg = {"4b": qwen3_vl.Qwen3VLConfig.qwen3_vl_4b, "8b": qwen3_vl.Qwen3VLConfig.qwen3_vl_8b,
-                   "32b": qwen3_vl.Qwen3VLConfig.qwen3_vl_32b}[teacher_name](**options)
+    teacher_cfg = TEACHERS[teacher_name](**options)
     student_graphdef, student_params = _abstract_model(student_cfg, jnp.float32, jnp.bfloat16, "block", mesh)
     teacher_graphdef, teacher_params = _abstract_model(teacher_cfg, jnp.bfloat16, jnp.bfloat16, "none", mesh)
     optimizer = step_lib.make_optimizer(1e-6, total_steps=1000)
@@ -334,6 +342,24 @@ def aot_table(teachers, responses, meshes, *, candidates=MICRO_BATCH_CANDIDATES,
     return rows
 
 
+def simulated_mesh(text: str) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh of simulated CPU devices from 'data,fsdp,tensor' (expert = 1) or
+    'data,fsdp,expert,tensor'."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (3, 4) or min(sizes) < 1:
+        raise SystemExit(f"--meshes {text!r}: expected data,fsdp,tensor or data,fsdp,expert,tensor positive sizes")
+    if len(sizes) == 3:
+        sizes = sizes[:2] + [1] + sizes[2:]
+    count = int(np.prod(sizes))
+    if count > len(jax.devices("cpu")):
+        raise SystemExit(f"--meshes {text}: needs {count} devices, {len(jax.devices('cpu'))} simulated; set "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+    return Mesh(np.asarray(jax.devices("cpu")[:count]).reshape(sizes), MESH_AXES)
+
+
 def _mesh_text(mesh: Mesh) -> str:
     return " x ".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 device"
 
@@ -346,10 +372,11 @@ def main(argv=None):
     parser.add_argument("--rollouts", type=int, default=4)
     parser.add_argument("--response", type=int, default=128, help="response length (part 1)")
     parser.add_argument("--image", type=int, default=8, help="image side in patches (part 1)")
-    parser.add_argument("--teachers", default="4b,8b,32b", help="comma list of 4b/8b/32b (part 2)")
+    parser.add_argument("--teachers", default="4b,8b,32b", help=f"comma list of {'/'.join(TEACHERS)} (part 2)")
     parser.add_argument("--responses", default="2048,4096", help="comma list of response lengths (part 2)")
-    parser.add_argument("--meshes", default="1,8,1", help="';'-separated data,fsdp,tensor sizes of simulated meshes "
-                        "(part 2; more than 8 devices needs XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    parser.add_argument("--meshes", default="1,8,1", help="';'-separated data,fsdp,tensor or data,fsdp,expert,tensor "
+                        "sizes of simulated meshes (part 2; more than 8 devices needs "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     parser.add_argument("--attention", default="chunked", choices=("chunked", "xla", "cudnn"),
                         help="attention_impl of student and teacher (part 2); 'cudnn' needs an NVIDIA GPU")
     parser.add_argument("--attention-chunk", type=int, default=512, help="query chunk of 'chunked' (parts 2, 2a)")
@@ -365,15 +392,11 @@ def main(argv=None):
         for attention in ("xla", "chunked"):
             layer_report(attention, chunk_size=args.attention_chunk)
     if args.part in ("aot", "all"):
-        meshes = []
-        for text in args.meshes.split(";"):
-            sizes = [int(x) for x in text.split(",")]
-            if int(np.prod(sizes)) > len(jax.devices("cpu")):
-                raise SystemExit(f"--meshes {text}: needs {int(np.prod(sizes))} devices, {len(jax.devices('cpu'))} "
-                                 "simulated; set XLA_FLAGS=--xla_force_host_platform_device_count=N")
-            devices = np.asarray(jax.devices("cpu")[:int(np.prod(sizes))]).reshape(sizes)
-            meshes.append(Mesh(devices, ("data", "fsdp", "tensor")))
+        meshes = [simulated_mesh(text) for text in args.meshes.split(";")]
         teachers = [t.strip() for t in args.teachers.split(",")]
+        unknown = [t for t in teachers if t not in TEACHERS]
+        if unknown:
+            raise SystemExit(f"--teachers: {unknown} unknown; choose from {list(TEACHERS)}")
         responses = [int(x) for x in args.responses.split(",")]
         options = dict(attention=args.attention, attention_chunk_size=args.attention_chunk, kl_chunk_size=args.kl_chunk)
         print("== 2. AOT compile from abstract shapes (no weights), memory per device")
