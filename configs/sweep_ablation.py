@@ -9,12 +9,14 @@ Expect per run the figures of the matching configs/paper.py variant; the table
 to fill: validation accuracy (best) and mean student VA for
 {opd, reweight_only, group_only, va_opd} x {4B, 8B, 32B} teachers.
 `get_sweep(arg)` returns the runs; `arg` may restrict them, e.g.
-`configs/sweep_ablation.py:teachers=8b,methods=opd+va_opd`.
+`configs/sweep_ablation.py:teachers=8b,methods=opd+va_opd`; the mixture-of-experts teachers are opt-in:
+`teachers=30b-a3b` (one 8 x 80 GB host) or `235b-a22b` (four).
 """
 
 from vaopd_jax import config as config_lib
 
-TEACHERS = {"4b": "Qwen3-VL-4B-Instruct", "8b": "Qwen3-VL-8B-Instruct", "32b": "Qwen3-VL-32B-Instruct"}
+TEACHERS = {"4b": "Qwen3-VL-4B-Instruct", "8b": "Qwen3-VL-8B-Instruct", "32b": "Qwen3-VL-32B-Instruct",
+            "30b-a3b": "Qwen3-VL-30B-A3B-Instruct", "235b-a22b": "Qwen3-VL-235B-A22B-Instruct"}
 STUDENT = "Qwen3-VL-2B-Instruct"
 
 

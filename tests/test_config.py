@@ -276,6 +276,10 @@ def test_sweep_lists_methods_times_teachers():
     assert len({r["name"] for r in sweep}) == len(sweep)
     for r in sweep:
         assert os.path.exists(os.path.join(REPO, r["config"].split(":")[0]))
+    moe = module("sweep_ablation").get_sweep("teachers=30b-a3b,methods=va_opd")
+    assert [(r["name"], r["config"]) for r in moe] == [
+        ("geo3k_30b-a3b_to_2b_va_opd", "configs/paper.py:teacher=30b-a3b,data=geo3k,method=va_opd")]
+    assert moe[0]["overrides"]["teacher.hf_path"].endswith("/Qwen3-VL-30B-A3B-Instruct")
 
 
 def test_every_field_is_overridable_from_the_command_line():
