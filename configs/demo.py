@@ -45,6 +45,7 @@ def get_config(arg=None):
   c.student.sft.steps = 100
   c.student.sft.lr = 3e-3
   c.student.sft.batch_size = 32
+  c.student.sft.image_word_weight = 10.0  # colours and fine-detail words weigh 10x (see the teacher's)
   c.student.sft.fine_fraction = 0.34  # each of the three questions about equally often
   c.student.sft.images = "pixelated"  # original | pixelated | pixelated_fine (only the fine-detail questions'
                                      # images pixelated). On pixelated views the student learns the questions, the
@@ -57,6 +58,9 @@ def get_config(arg=None):
   c.teacher.sft.steps = 120
   c.teacher.sft.lr = 3e-3
   c.teacher.sft.batch_size = 32
+  c.teacher.sft.image_word_weight = 10.0  # the few words of a ~40-token reply that depend on the image (colours,
+                                         # fine detail) weigh 10x: unweighted, 120 steps teach the scaffolding
+                                         # but not to read the texture
   c.teacher.sft.fine_fraction = 0.5  # the whole task
   c.teacher.sft.images = "original"  # the teacher learns from the original images
   c.teacher.sft.output_dir = ""     # '' = <workdir>/teacher_sft (reused when it holds a finished teacher)
@@ -73,7 +77,11 @@ def get_config(arg=None):
   c.data.synthetic_train_size = 4096  # training prompts (validation: eval.num_problems others)
   c.data.synthetic_fine_fraction = 0.75  # mostly the vision-critical question; the coarse ones guard against forgetting
 
-  c.rollout.max_new_tokens = 6        # replies look like "Answer: red<|im_end|>" (4 tokens)
+  # The tiny models' vocabulary is the task's ~130 Qwen tokens (data.tokenizer.TaskVocabTokenizer): the same
+  # softmax over the task's tokens at a small fraction of the 151,936-row LM head's cost.
+  c.data.task_vocabulary = True
+
+  c.rollout.max_new_tokens = 64       # taught replies are 24-56 tokens (<|im_end|> included)
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0               # plain sampling: nucleus filtering over 151,936 logits is slow on CPU
 
@@ -92,7 +100,7 @@ def get_config(arg=None):
   c.eval.every = 20
   c.eval.num_problems = 64
   c.eval.temperature = 0.0            # greedy: the before/after table is not sampling noise
-  c.eval.max_new_tokens = 8
+  c.eval.max_new_tokens = 64
   c.eval.batch_size = 32
 
   return c

@@ -52,6 +52,7 @@ def train_args(shared, workdir, *extra):
         sys.executable, "-m", "vaopd_jax.train", "--config", os.path.join(REPO, "configs", "demo.py"),
         f"--config.workdir={workdir}", "--config.teacher.init=hf", "--config.student.init=random",
         f"--config.teacher.hf_path={shared['teacher']}",
+        "--config.data.task_vocabulary=False",  # a full-vocabulary HF teacher
         f"--config.student.tiny.text.hidden_size={t['hidden']}",
         f"--config.student.tiny.text.num_hidden_layers={t['layers']}",
         f"--config.student.tiny.text.intermediate_size={t['mlp']}",

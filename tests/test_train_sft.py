@@ -28,17 +28,25 @@ def test_answer_tokens_and_batch_layout(setup):
     tok, cfg, batches = setup
     ids = sft.answer_token_ids(tok, "red")
     assert tok.decode(ids) == "Answer: red<|im_end|>" and ids[-1] == 151645
+    assert sft.reply_token_ids(tok, "", "red") == ids  # a record without a taught reply learns the answer line
     prompt = next(batches)
-    batch = sft.build_sft_batch(prompt, tok, max_answer_tokens=8)
+    image_words = synthetic.image_word_ids(tok)
+    batch = sft.build_sft_batch(prompt, tok, max_answer_tokens=64, critical_token_ids=image_words,
+                                critical_weight=10.0)
     for row in range(len(prompt.answer)):
         n = int(prompt.attention_mask[row].sum())
-        reply = sft.answer_token_ids(tok, prompt.answer[row])
+        reply = sft.reply_token_ids(tok, prompt.reply[row], prompt.answer[row])
+        assert tok.decode(reply) == prompt.reply[row] + "<|im_end|>"  # the synthetic task's taught reply
         k = len(reply)
+        assert 24 <= k <= 56
         np.testing.assert_array_equal(batch["input_ids"][row, n:n + k], reply)
         assert batch["attention_mask"][row].sum() == n + k
         np.testing.assert_array_equal(batch["target_positions"][row, :k], np.arange(n - 1, n - 1 + k))
         np.testing.assert_array_equal(batch["target_ids"][row, :k], reply)
-        assert batch["target_mask"][row].sum() == k
+        # the words that depend on the image weigh 10, the others 1
+        weights = np.where(np.isin(reply, image_words), 10.0, 1.0)
+        np.testing.assert_array_equal(batch["target_mask"][row, :k], weights)
+        assert batch["target_mask"][row, k:].sum() == 0 and weights.max() == 10.0
         # The prompt part keeps the prompt's MRoPE positions (image block included).
         np.testing.assert_array_equal(batch["position_ids"][:, row, :n], prompt.position_ids[:, row, :n])
     assert batch["position_ids"].shape == (3,) + batch["input_ids"].shape
@@ -49,8 +57,8 @@ def test_answer_tokens_and_batch_layout(setup):
     expected, _ = qwen3_vl.get_rope_index(batch["input_ids"], grids[grids.any(-1)], batch["attention_mask"], cfg)
     valid = batch["attention_mask"].astype(bool)
     np.testing.assert_array_equal(batch["position_ids"][:, valid], expected[:, valid])
-    with pytest.raises(ValueError, match="needs .* tokens; max_answer_tokens is 2"):
-        sft.build_sft_batch(prompt, tok, max_answer_tokens=2)
+    with pytest.raises(ValueError, match="needs .* tokens; max_answer_tokens is 20"):
+        sft.build_sft_batch(prompt, tok, max_answer_tokens=20)
 
 
 def test_a_few_steps_lower_the_reply_loss(setup):
@@ -61,14 +69,14 @@ def test_a_few_steps_lower_the_reply_loss(setup):
 
     tok, cfg, batches = setup
     model = qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    fixed = [sft.build_sft_batch(next(batches), tok) for _ in range(2)]
-    loss_before = float(sft.sft_loss(model, fixed[0])[0])
+    fixed = [sft.build_sft_batch(next(batches), tok, 64) for _ in range(2)]
+    loss_before, accuracy_before = (float(x) for x in sft.sft_loss(model, fixed[0]))
     model, history = sft.train_sft(model, (fixed[i % 2] for i in range(100)), steps=12, lr=1e-2, log_every=4,
                                    warmup_steps=2)
     assert [h[0] for h in history] == [4, 8, 12]
     loss_after, accuracy = (float(x) for x in sft.sft_loss(model, fixed[0]))
     assert np.isfinite(loss_before) and loss_after < loss_before - 1.0
-    assert accuracy > 0.5  # "Answer", ":" and <|im_end|> are learned first
+    assert accuracy > accuracy_before + 0.05  # the replies' fixed words ("the", "background", ":") come first
 
 
 def test_warm_up_views_replace_exactly_the_chosen_images(setup):
@@ -96,3 +104,45 @@ def test_lm_head_padding_rows_are_left_out_of_sampling_and_the_loss(setup):
     # A head with fewer rows than the tokenizer has tokens (still holding the image-token ids).
     small = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=151660))
     assert tokenizer_lib.valid_vocab_size(tok, small.text.vocab_size) == 151660
+
+
+def test_task_vocabulary_tokenizer_and_model(setup, tmp_path):
+    import jax.numpy as jnp
+
+    from vaopd_jax.data import processor
+
+    base, _, _ = setup
+    tok = synthetic.task_tokenizer(base)
+    assert 100 <= len(tok) <= 200  # the task's prompts and replies use ~130 of Qwen's 151,669 tokens
+    source = synthetic.SyntheticSource(300, seed=8)
+    for i in range(len(source)):  # every reply and prompt is in the vocabulary and decodes back exactly
+        rec = source[i]
+        ids = tok.encode(rec["reply"])
+        assert tok.decode(ids) == rec["reply"] and max(ids) < len(tok)
+        assert tok.to_base(ids) == base.encode(rec["reply"], add_special_tokens=False)
+    prompt, _ = processor.build_prompt(tok, rec["question"], [(1, 4, 4)])
+    base_prompt, _ = processor.build_prompt(base, rec["question"], [(1, 4, 4)])
+    assert tok.to_base(prompt) == list(base_prompt)
+    assert tok.convert_tokens_to_ids("<|im_end|>") == tok.to_task([tokenizer_lib.IM_END_ID])[0]
+    assert tokenizer_lib.end_token_ids(base) == tokenizer_lib.END_TOKEN_IDS
+    assert tok.to_base(tokenizer_lib.end_token_ids(tok)) == list(tokenizer_lib.END_TOKEN_IDS)
+    with pytest.raises(ValueError, match="outside the task vocabulary"):
+        tok.encode("The zebra is purple.")
+    with pytest.raises(ValueError, match=r"must lie in \[0, "):
+        tok.decode([len(tok)])
+    with pytest.raises(ValueError, match="special tokens"):
+        tokenizer_lib.TaskVocabTokenizer(base, [1, 2, 3])
+    # saved next to a model, it loads back as the same task vocabulary
+    tok.save_pretrained(tmp_path)
+    again = tokenizer_lib.load_tokenizer(tmp_path)
+    assert isinstance(again, tokenizer_lib.TaskVocabTokenizer) and list(again.base_ids) == list(tok.base_ids)
+    # a tiny model of the task vocabulary: its vocabulary and special ids are the compact ones
+    spec = config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vision_depth=1, vision_hidden=32)
+    import ml_collections
+
+    run = ml_collections.ConfigDict({"model": {"attention_impl": "xla", "attention_chunk_size": 16}})
+    model = load_lib.tiny_model(run, spec, tokenizer=tok)
+    assert model.config.text.vocab_size == len(tok)
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert model.lm_head_kernel().shape == (32, len(tok)) and model.lm_head_kernel().dtype == jnp.float32
+    assert load_lib.tiny_model(run, spec, tokenizer=base).config.text.vocab_size == 151936

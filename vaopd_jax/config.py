@@ -333,12 +333,24 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
             c.number(f"{role}.sft.steps", 1, None, integer=True, where=DEMO)
             c.number(f"{role}.sft.lr", 0, None, lo_open=True, where=DEMO)
             c.number(f"{role}.sft.batch_size", 1, None, integer=True, where=DEMO)
+            c.number(f"{role}.sft.image_word_weight", 0, None, lo_open=True, where=DEMO,
+                     why="loss weight of the reply words that depend on the image")
             c.number(f"{role}.sft.fine_fraction", 0, 1, where=DEMO,
                      why="share of fine-detail questions in the warm-up data")
             c.choice(f"{role}.sft.images", SFT_IMAGES, where=DEMO)
             if c.get("data.source") != "synthetic":
                 c.fail("data.source", c.get("data.source"), f"must be 'synthetic' when {role}.init='sft' "
                        "(the demo warm-up is defined on the synthetic task)")
+    if "task_vocabulary" in config.get("data", {}) and c.boolean("data.task_vocabulary"):  # configs/demo.py
+        rules = (("teacher.init", teacher_init, ("sft",)), ("student.init", student_init, ("random", "sft")),
+                 ("data.source", c.get("data.source"), ("synthetic",)),
+                 ("data.val_source", c.get("data.val_source"), ("synthetic",)),
+                 ("data.num_workers", c.get("data.num_workers"), (0,)))
+        for name, value, allowed in rules:
+            if value not in allowed:
+                c.fail(name, value, f"must be one of {allowed} with data.task_vocabulary=True (the tiny models built "
+                       "here get the synthetic task's compact vocabulary; grain workers would reload the full "
+                       "tokenizer)")
     if check_paths:
         _check_paths(c, student_init, teacher_init)
     if c.problems:

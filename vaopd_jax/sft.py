@@ -1,10 +1,11 @@
 """Supervised warm-up of the demo's tiny teacher and student on the synthetic vision-critical task.
 
 The demo has no downloadable teacher, so it first teaches a tiny Qwen3-VL-shaped
-model the task of ``vaopd_jax.data.synthetic`` with cross-entropy on the answer
-tokens ``"Answer: <answer><|im_end|>"`` after each chat prompt. That reply form
-is graded by the same first-committed-answer rule as real data (an ``Answer:``
-line, ``vaopd_jax.eval.grading.extract_answer``). The student gets a shorter
+model the task of ``vaopd_jax.data.synthetic`` with cross-entropy on the taught
+reply's tokens after each chat prompt (the record's ``reply``: a few sentences
+ending ``Answer: <answer>``, then ``<|im_end|>``; records without one are taught
+``Answer: <answer>``). The reply is graded by the same first-committed-answer
+rule as real data (an ``Answer:`` line, ``vaopd_jax.eval.grading.extract_answer``). The student gets a shorter
 warm-up standing in for pre-training (by default on the pixelated views). Each
 trained model is written once in Hugging Face format and reused by every later
 run with the same workdir.
@@ -31,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vaopd_jax.data import splits
+from vaopd_jax.data import splits, synthetic
 from vaopd_jax.data.batch import PromptBatch
 from vaopd_jax.models import load as load_lib
 from vaopd_jax.models import qwen3_vl
@@ -50,13 +51,25 @@ def answer_token_ids(tokenizer, answer: str) -> list[int]:
     return list(ids) + [tokenizer.convert_tokens_to_ids(IM_END)]
 
 
-def build_sft_batch(prompts: PromptBatch, tokenizer, max_answer_tokens: int = 8) -> dict:
+def reply_token_ids(tokenizer, reply: str, answer: str) -> list[int]:
+    """Token ids of the taught reply: ``reply`` when the record has one (the synthetic task's replies), else
+    ``Answer: <answer>``; ``<|im_end|>`` closes the turn."""
+    if not reply:
+        return answer_token_ids(tokenizer, answer)
+    return list(tokenizer.encode(reply, add_special_tokens=False)) + [tokenizer.convert_tokens_to_ids(IM_END)]
+
+
+def build_sft_batch(prompts: PromptBatch, tokenizer, max_answer_tokens: int = 8, *,
+                    critical_token_ids=(), critical_weight: float = 1.0) -> dict:
     """Appends each record's reply to its prompt and lays out the supervised targets (host numpy).
 
     Args:
       prompts: a `data.batch.PromptBatch` (P prompts, no filler rows) whose ``pixel_values`` hold the view to
-        learn from (`PromptBatch.with_view`) and whose ``answer`` holds the replies' answers.
+        learn from (`PromptBatch.with_view`) and whose ``reply`` (or, where it is empty, ``answer``) gives the
+        reply to learn (`reply_token_ids`).
       max_answer_tokens: A, the static reply length (longer replies are an error).
+      critical_token_ids, critical_weight: reply tokens with these ids (the synthetic task's fine-detail words)
+        weigh ``critical_weight`` in the loss, the others 1 (`target_mask` holds the weights).
     Returns:
       input_ids / attention_mask (P, Tp + A), position_ids (3, P, Tp + A) (the prompt's MRoPE positions, then
       next position + a for reply token a), target_positions / target_ids / target_mask (P, A): the hidden
@@ -75,9 +88,9 @@ def build_sft_batch(prompts: PromptBatch, tokenizer, max_answer_tokens: int = 8)
     target_mask = np.zeros((batch, max_answer_tokens), np.float32)
     for row in range(batch):
         n = int(lengths[row])
-        reply = answer_token_ids(tokenizer, str(prompts.answer[row]))
+        reply = reply_token_ids(tokenizer, str(prompts.reply[row]), str(prompts.answer[row]))
         if len(reply) > max_answer_tokens:
-            raise ValueError(f"answer {prompts.answer[row]!r} needs {len(reply)} tokens; "
+            raise ValueError(f"the reply of {prompts.id[row]!r} needs {len(reply)} tokens; "
                              f"max_answer_tokens is {max_answer_tokens}")
         input_ids[row, :n] = prompt_ids[row, :n]
         input_ids[row, n:n + len(reply)] = reply
@@ -87,7 +100,7 @@ def build_sft_batch(prompts: PromptBatch, tokenizer, max_answer_tokens: int = 8)
         # The hidden state at position p predicts the token at p + 1.
         target_positions[row, :len(reply)] = np.arange(n - 1, n - 1 + len(reply))
         target_ids[row, :len(reply)] = reply
-        target_mask[row, :len(reply)] = 1.0
+        target_mask[row, :len(reply)] = np.where(np.isin(reply, list(critical_token_ids)), critical_weight, 1.0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             "target_positions": target_positions, "target_ids": target_ids, "target_mask": target_mask,
             "pixel_values": prompts.pixel_values, "vision_inputs": prompts.vision_inputs,
@@ -95,7 +108,7 @@ def build_sft_batch(prompts: PromptBatch, tokenizer, max_answer_tokens: int = 8)
 
 
 def sft_loss(model: qwen3_vl.Qwen3VL, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Mean cross-entropy over reply tokens and their greedy (argmax) accuracy.
+    """Mean cross-entropy over reply tokens and their greedy (argmax) accuracy, both weighted by `target_mask`.
 
     Only the (B, A) reply positions go through the (E, V) lm_head, never (B, T, V).
     """
@@ -174,12 +187,19 @@ def demo_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     if os.path.exists(os.path.join(out_dir, SFT_DONE)):
         multihost.say(f"{role}: reusing the SFT {role} in {out_dir}")
         return load_lib.load_model(config, out_dir, mesh, **dtypes)
-    model = load_lib.tiny_model(config, spec, seed=config.seed + (1 if role == "teacher" else 0))
+    model = load_lib.tiny_model(config, spec, seed=config.seed + (1 if role == "teacher" else 0),
+                                tokenizer=tokenizer)
     multihost.say(f"{role}: SFT of a tiny {role} ({load_lib.count_params(model):,} params) on the synthetic task "
                   f"(fine-question share {node.fine_fraction}, {node.images.replace('_', ' ')} images), "
                   f"{node.steps} steps -> {out_dir}")
     data = splits.pipeline_for(config, tokenizer, model.config, split=f"{role}_sft", batch_size=node.batch_size)
-    batches = (build_sft_batch(b.gather_processes().with_view(node.images), tokenizer) for b in data)
+    # Replies up to the longest a rollout may be (the synthetic task's are 24-56 tokens with <|im_end|>).
+    max_reply = max(8, config.rollout.max_new_tokens)
+    # The words that depend on the image (colours, fine detail) weigh sft.image_word_weight: a few tokens of a
+    # ~40-token reply, they are otherwise learnt after all the scaffolding.
+    critical = dict(critical_token_ids=synthetic.image_word_ids(tokenizer), critical_weight=node.image_word_weight)
+    batches = (build_sft_batch(b.gather_processes().with_view(node.images), tokenizer, max_reply, **critical)
+               for b in data)
     model, _ = train_sft(model, batches, steps=node.steps, lr=node.lr, label=f"{role} SFT")
     qwen3_vl.save_hf_checkpoint(model, out_dir)
     if multihost.primary():

@@ -109,6 +109,9 @@ def main(argv) -> None:
     # ------------------------------------------------------------------ 2. tokenizer, teacher, student
     tokenizer = tokenizer_lib.load_tokenizer(
         config.tokenizer_path or (config.student.hf_path if config.student.init == "hf" else None))
+    if config.data.get("task_vocabulary", False):  # the demo: tiny models over the synthetic task's tokens
+        tokenizer = synthetic.task_tokenizer(tokenizer)
+        say(f"task vocabulary: the tiny models' vocabulary is the synthetic task's {len(tokenizer)} Qwen tokens")
     # The frozen teacher in config.model.dtype; the student's params in float32 (the AdamW master copy) with
     # config.model.dtype matmuls.
     dtype = jnp.dtype(config.model.dtype)
@@ -121,7 +124,8 @@ def main(argv) -> None:
     elif config.student.init == "sft":
         student = sft.demo_model(config, "student", tokenizer, mesh)
     else:
-        student = load_lib.tiny_model(config, config.student.tiny, compute_dtype=dtype, seed=config.seed)
+        student = load_lib.tiny_model(config, config.student.tiny, compute_dtype=dtype, seed=config.seed,
+                                      tokenizer=tokenizer)
     if student.config.text.vocab_size != teacher.config.text.vocab_size:
         raise config_lib.ConfigError(
             f"student vocabulary size {student.config.text.vocab_size} != teacher vocabulary size "
@@ -138,12 +142,13 @@ def main(argv) -> None:
     valid_vocab_size = tokenizer_lib.valid_vocab_size(tokenizer, model_cfg.text.vocab_size)
     r, e = config.rollout, config.eval
     # Built once (graph, settings, mesh), called with the train state's params: K rollouts per prompt.
+    ends = dict(eos_token_ids=tokenizer_lib.end_token_ids(tokenizer))  # the compact ids with a task vocabulary
     rollouts = sampler.Sampler(student, max_new_tokens=r.max_new_tokens, num_samples=r.num_rollouts,
                                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                               valid_vocab_size=valid_vocab_size, mesh=mesh)
+                               valid_vocab_size=valid_vocab_size, mesh=mesh, **ends)
     val_rollouts = sampler.Sampler(student, max_new_tokens=e.max_new_tokens, num_samples=e.num_samples,
                                    temperature=e.temperature, top_p=e.top_p, valid_vocab_size=valid_vocab_size,
-                                   mesh=mesh)
+                                   mesh=mesh, **ends)
 
     # ------------------------------------------------------------------ 4. optimizer, state, step
     total_steps = splits.train_steps(config)  # the release's count: epochs x full batches per epoch

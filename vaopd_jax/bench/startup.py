@@ -48,6 +48,7 @@ def _tiny_args(scratch: str) -> list[str]:
     qwen3_vl.save_hf_checkpoint(teacher, teacher_dir)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return ["--config", os.path.join(repo, "configs", "demo.py"), "--config.teacher.init=hf",
+            "--config.data.task_vocabulary=False",  # a full-vocabulary HF teacher
             "--config.student.init=random", f"--config.teacher.hf_path={teacher_dir}",
             f"--config.student.tiny.text.hidden_size={TINY['hidden']}",
             f"--config.student.tiny.text.num_hidden_layers={TINY['layers']}",

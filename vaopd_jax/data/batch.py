@@ -46,6 +46,8 @@ class PromptBatch(NamedTuple):
       (P, Np, ...) and merged_valid (P, Np / merge^2)); None when pixel_values is None.
     example_mask (P,) bool: False on the filler rows of a final partial batch.
     id, answer, kind (P,) numpy str arrays ('' on filler rows; kind '' when the source has no kinds).
+    reply (P,) numpy str array: the taught reply of each prompt when the source has one (the synthetic task;
+      the demo's SFT warm-ups learn it), else ''.
     """
 
     input_ids: np.ndarray
@@ -60,6 +62,7 @@ class PromptBatch(NamedTuple):
     id: np.ndarray
     answer: np.ndarray
     kind: np.ndarray
+    reply: np.ndarray
 
     # ------------------------------------------------------------------ derived
     @property
@@ -116,7 +119,8 @@ class PromptBatch(NamedTuple):
             position_ids=self.position_ids[:, rows], rope_deltas=take(self.rope_deltas),
             image_grid_thw=take(self.image_grid_thw), pixel_values=take(self.pixel_values),
             pixel_values_pixelated=take(self.pixel_values_pixelated), vision_inputs=vision,
-            example_mask=take(self.example_mask), id=take(self.id), answer=take(self.answer), kind=take(self.kind))
+            example_mask=take(self.example_mask), id=take(self.id), answer=take(self.answer), kind=take(self.kind),
+            reply=take(self.reply))
 
     def without_filler(self) -> "PromptBatch":
         """The real prompts only (drops the filler rows of a final partial batch, `example_mask` False)."""
@@ -168,7 +172,7 @@ class PromptBatch(NamedTuple):
         vision = None
         if self.vision_inputs is not None:
             vision = VisionInputs(**{name: out[f"vision.{name}"] for name in VisionInputs._fields})
-        strings = {k: multihost.allgather_strings(getattr(self, k)) for k in ("id", "answer", "kind")}
+        strings = {k: multihost.allgather_strings(getattr(self, k)) for k in ("id", "answer", "kind", "reply")}
         return PromptBatch(
             input_ids=out["input_ids"], attention_mask=out["attention_mask"],
             position_ids=np.moveaxis(out["position_ids"], 0, 1), rope_deltas=out["rope_deltas"],
@@ -190,7 +194,7 @@ def from_examples(examples: Sequence[Mapping], cfg: Qwen3VLConfig, *, pad_id: in
     Args:
       examples: per prompt a mapping with 'input_ids' (T,) int, 'image_grid_thw' (n, 3) int (n may be 0),
         'pixel_values' (sum t*h*w, patch_dim) float32 (or None when n = 0), optionally
-        'pixel_values_pixelated' (same shape), and optionally 'id', 'answer', 'kind' strings.
+        'pixel_values_pixelated' (same shape), and optionally 'id', 'answer', 'kind', 'reply' strings.
       cfg: the model config (special token ids, merge size, vision position grid).
       pad_id: token id of the right padding.
       batch_size: P >= len(examples); the rows after the examples are filler (`example_mask` False).
@@ -263,7 +267,7 @@ def from_examples(examples: Sequence[Mapping], cfg: Qwen3VLConfig, *, pad_id: in
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, rope_deltas=rope_deltas,
         image_grid_thw=image_grid_thw, pixel_values=pixel_values, pixel_values_pixelated=pixel_values_pix,
         vision_inputs=vision_inputs, example_mask=np.arange(batch_size) < num_real, id=strings("id"),
-        answer=strings("answer"), kind=strings("kind"))
+        answer=strings("answer"), kind=strings("kind"), reply=strings("reply"))
 
 
 def _image_runs(ids: np.ndarray, image_token_id: int) -> list[int]:

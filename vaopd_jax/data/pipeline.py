@@ -186,6 +186,7 @@ class Featurize:
             "id": record_id,
             "answer": str(answer),
             "kind": str(record.get("kind", "")),
+            "reply": str(record.get("reply", "")),
             "input_ids": input_ids,
             "mm_token_type_ids": token_types,
             "pixel_values": np.concatenate(rows, axis=0),

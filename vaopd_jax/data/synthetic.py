@@ -169,6 +169,30 @@ def make_reply(scene: Scene, task: str, rng: np.random.Generator) -> str:
     return " ".join(part for part in parts if part)
 
 
+def task_texts(tokenizer) -> list[str]:
+    """Every text the task can show a model: the chat prompts (template rendered, one image) and every
+    sentence a reply can hold, alone and after a space (Qwen's pre-tokenizer splits at both, so these hold
+    every token of every prompt and reply)."""
+    from vaopd_jax.data import processor
+
+    prompts = [tokenizer.apply_chat_template(processor.build_messages(q, 1), tokenize=False,
+                                             add_generation_prompt=True) for q in QUESTIONS.values()]
+    words = [{"disk": d, "background": b, "pattern": p, "detail": DETAIL_WORDS[p], "answer": a}
+             for d in DISKS for b in BACKGROUNDS for p in PATTERNS
+             for a in (*PATTERNS, *BACKGROUNDS, *DISKS)]
+    templates = {t for options in (*RESTATE.values(), DESCRIBE, *REASON.values(), REMARK) for t in options if t}
+    sentences = sorted({t.format(**w) for t in templates | {FINAL} for w in words})
+    return prompts + sentences + [" " + s for s in sentences]
+
+
+def task_tokenizer(base):
+    """The Qwen tokenizer restricted to this task's tokens (`tokenizer.TaskVocabTokenizer`, a few hundred ids):
+    the demo's tiny models use it (config data.task_vocabulary)."""
+    from vaopd_jax.data import tokenizer as tokenizer_lib
+
+    return tokenizer_lib.task_vocab_tokenizer(base, task_texts(base))
+
+
 def critical_token_ids(tokenizer) -> tuple[int, ...]:
     """Ids of the fine-detail words of the replies (" rows", " columns", " squares", " horizontal", " vertical",
     " grid", as they appear after a space): the tokens a teacher's visual advantage should sit on."""
@@ -177,6 +201,17 @@ def critical_token_ids(tokenizer) -> tuple[int, ...]:
     if any(len(i) != 1 for i in ids):
         raise ValueError(f"every fine-detail word should be one token; got {dict(zip(words, ids))}")
     return tuple(sorted(i[0] for i in ids))
+
+
+def image_word_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of every reply word that depends on the image: the colours (which survive pixelation) and the
+    fine-detail words (`critical_token_ids`, which do not), as they appear after a space. The demo's SFT
+    warm-ups weigh them up (`<role>.sft.image_word_weight`): a few words of a ~40-token reply."""
+    words = (*BACKGROUNDS, *DISKS)
+    ids = [tokenizer.encode(" " + word, add_special_tokens=False) for word in words]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"every colour word should be one token; got {dict(zip(words, ids))}")
+    return tuple(sorted({i[0] for i in ids} | set(critical_token_ids(tokenizer))))
 
 
 def reply_token_info(tokenizer, reply: str, task: str) -> dict:

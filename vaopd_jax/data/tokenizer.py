@@ -335,6 +335,8 @@ def load_tokenizer(path: str | os.PathLike | None = None, cache_dir: str | os.Pa
     Raises:
       FileNotFoundError: `path` is not a directory or has no tokenizer files.
       ValueError: the tokenizer's vision/chat special ids differ from Qwen3-VL's.
+    A directory that also holds task_vocabulary.json (a demo model with a task vocabulary) gives a
+    `TaskVocabTokenizer`.
     """
     from transformers import AutoTokenizer
 
@@ -348,6 +350,11 @@ def load_tokenizer(path: str | os.PathLike | None = None, cache_dir: str | os.Pa
             )
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         _check_special_ids(tok, str(path))
+        if (path / TASK_VOCABULARY_FILE).is_file():  # a demo model's compact vocabulary
+            import json
+
+            with open(path / TASK_VOCABULARY_FILE) as f:
+                return TaskVocabTokenizer(tok, json.load(f)["base_ids"])
         return tok
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -373,3 +380,109 @@ def load_tokenizer(path: str | os.PathLike | None = None, cache_dir: str | os.Pa
         logger.warning("could not cache the offline tokenizer in %s (%s); using the in-memory build", cache, err)
     _check_special_ids(tok, "offline build")
     return tok
+
+
+# ----------------------------------------------------------------------------- task vocabulary
+TASK_VOCABULARY_FILE = "task_vocabulary.json"
+
+
+def end_token_ids(tokenizer) -> tuple[int, ...]:
+    """The ids of <|im_end|> and <|endoftext|> in this tokenizer (`END_TOKEN_IDS` for the Qwen tokenizer; the
+    compact ids for a `TaskVocabTokenizer`)."""
+    return tuple(int(tokenizer.convert_tokens_to_ids(t)) for t in ("<|im_end|>", "<|endoftext|>"))
+
+
+class TaskVocabTokenizer:
+    """The Qwen tokenizer restricted to the tokens of one task, with compact ids 0..S-1.
+
+    Tiny demo models spend nearly all their compute in the 151,936-row LM head (a width-128 model: ~98 % of
+    its FLOPs per token). With a task whose prompts and replies use a few hundred Qwen tokens, a model whose
+    vocabulary is just those tokens computes the same softmax-over-the-task's-tokens at a small fraction of
+    the cost. This wrapper tokenizes with the real Qwen tokenizer and maps each Qwen id to its rank among the
+    task's ids (`base_ids`, sorted), and back when decoding; a text with a token outside the task is an error.
+    It offers what the project calls on a tokenizer: `encode`, `__call__` (offsets included), `decode`,
+    `batch_decode`, `convert_tokens_to_ids`, `apply_chat_template`, `pad_token_id`, `len`, `save_pretrained`
+    (the Qwen files plus task_vocabulary.json, which `load_tokenizer(path)` recognises).
+    """
+
+    def __init__(self, base, base_ids):
+        import numpy as np
+
+        ids = sorted({int(i) for i in base_ids})
+        if not ids or ids[0] < 0 or ids[-1] >= len(base):
+            raise ValueError(f"task vocabulary ids must lie in [0, {len(base)}); got {len(ids)} ids "
+                             f"{ids[:3]}...{ids[-3:]}")
+        missing = [t for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>",
+                               "<|image_pad|>", "<|video_pad|>") if base.convert_tokens_to_ids(t) not in ids]
+        if missing:
+            raise ValueError(f"a task vocabulary must hold the chat and vision special tokens; missing {missing}")
+        self.base = base
+        self.base_ids = np.asarray(ids, np.int64)
+        self._to_task = np.full(len(base), -1, np.int64)
+        self._to_task[self.base_ids] = np.arange(len(ids))
+        self.chat_template = getattr(base, "chat_template", None)
+
+    def __len__(self) -> int:
+        return int(self.base_ids.size)
+
+    def __repr__(self) -> str:
+        return f"TaskVocabTokenizer({len(self)} of {len(self.base)} Qwen tokens)"
+
+    def to_task(self, ids, text: str | None = None) -> list[int]:
+        """Qwen ids -> task ids (ValueError naming the tokens outside the task)."""
+        mapped = self._to_task[list(ids)] if len(ids) else self._to_task[:0]
+        if (mapped < 0).any():
+            outside = sorted({self.base.convert_ids_to_tokens(int(i)) for i, m in zip(ids, mapped) if m < 0})
+            raise ValueError(f"tokens {outside} are outside the task vocabulary ({len(self)} tokens)"
+                             + (f" in {text[:80]!r}" if text is not None else ""))
+        return [int(m) for m in mapped]
+
+    def to_base(self, ids) -> list[int]:
+        """Task ids -> Qwen ids."""
+        ids = [int(i) for i in ids]
+        if any(not 0 <= i < len(self) for i in ids):
+            raise ValueError(f"task token ids must lie in [0, {len(self)}); got {ids}")
+        return [int(self.base_ids[i]) for i in ids]
+
+    def encode(self, text: str, add_special_tokens: bool = False, **kwargs) -> list[int]:
+        return self.to_task(self.base.encode(text, add_special_tokens=add_special_tokens, **kwargs), text)
+
+    def __call__(self, text: str, add_special_tokens: bool = False, **kwargs) -> dict:
+        out = dict(self.base(text, add_special_tokens=add_special_tokens, **kwargs))
+        out["input_ids"] = self.to_task(out["input_ids"], text)
+        return out
+
+    def decode(self, ids, **kwargs) -> str:
+        if isinstance(ids, int) or (hasattr(ids, "ndim") and ids.ndim == 0):
+            ids = [int(ids)]
+        return self.base.decode(self.to_base(ids), **kwargs)
+
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        return [self.decode(list(s), **kwargs) for s in sequences]
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.to_task([self.base.convert_tokens_to_ids(token)], token)[0]
+
+    def apply_chat_template(self, *args, **kwargs):
+        out = self.base.apply_chat_template(*args, **kwargs)
+        return out if kwargs.get("tokenize", True) is False or isinstance(out, str) else self.to_task(out)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.to_task([self.base.pad_token_id])[0]
+
+    def save_pretrained(self, path) -> None:
+        import json
+
+        self.base.save_pretrained(str(path))
+        with open(os.path.join(str(path), TASK_VOCABULARY_FILE), "w") as f:
+            json.dump({"base_ids": [int(i) for i in self.base_ids]}, f)
+
+
+def task_vocab_tokenizer(base, texts) -> TaskVocabTokenizer:
+    """A `TaskVocabTokenizer` of every token of `texts` (as the base tokenizer splits them) and the added
+    special tokens."""
+    ids = {idx for idx, _, _ in ADDED_TOKENS}
+    for text_ids in base(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.update(text_ids)
+    return TaskVocabTokenizer(base, ids)

@@ -10,6 +10,8 @@ runtime options, chosen by the run whatever the checkpoint says.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,10 +38,18 @@ def config_from_spec(spec) -> qwen3_vl.Qwen3VLConfig:
     return qwen3_vl.Qwen3VLConfig.tiny(**kwargs)
 
 
-def tiny_model(config, spec, *, compute_dtype=None, seed: int = 0) -> qwen3_vl.Qwen3VL:
-    """A randomly initialised tiny model (float32 params) of a `tiny_spec` node, with the run's options."""
-    return qwen3_vl.Qwen3VL(config_from_spec(spec).replace(**runtime_options(config)), param_dtype=jnp.float32,
-                            compute_dtype=compute_dtype, rngs=nnx.Rngs(seed))
+def tiny_model(config, spec, *, compute_dtype=None, seed: int = 0, tokenizer=None) -> qwen3_vl.Qwen3VL:
+    """A randomly initialised tiny model (float32 params) of a `tiny_spec` node, with the run's options.
+
+    tokenizer: a `data.tokenizer.TaskVocabTokenizer` gives the model its compact vocabulary (its size and its
+    special ids); any other tokenizer (or None) keeps the spec's (the real Qwen vocabulary)."""
+    cfg = config_from_spec(spec).replace(**runtime_options(config))
+    if tokenizer is not None and hasattr(tokenizer, "base_ids"):
+        ids = {name: int(tokenizer.convert_tokens_to_ids(token)) for name, token in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer)), **ids)
+    return qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, compute_dtype=compute_dtype, rngs=nnx.Rngs(seed))
 
 
 def count_params(model) -> int:

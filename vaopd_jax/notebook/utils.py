@@ -330,7 +330,7 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
     valid_vocab_size = tokenizer_lib.valid_vocab_size(tokenizer, student.config.text.vocab_size)
     rollouts, student_params = sampler.Sampler.for_model(
         student, max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature, top_p=top_p,
-        valid_vocab_size=valid_vocab_size)
+        valid_vocab_size=valid_vocab_size, eos_token_ids=tokenizer_lib.end_token_ids(tokenizer))
     decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
     scored: list[ScoredRollout] = []
     for start in range(0, len(records), batch_size):
