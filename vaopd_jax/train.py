@@ -25,7 +25,8 @@ count of XLA programs compiled and loaded from the persistent compilation cache
 (train.compilation_cache_dir): a restarted run compiles nothing.
 
 Outputs under --config.workdir: checkpoints/ (Orbax), checkpoints_best/, tb/
-(tensorboard), metrics.jsonl, export/final and export/best (Hugging Face).
+(tensorboard), metrics.jsonl, export/final and export/best (Hugging Face), phases.json
+(wall time and peak resident memory of each phase, also printed at the end).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from vaopd_jax import checkpoint as ckpt_lib
 from vaopd_jax import compile_cache
 from vaopd_jax import config as config_lib
 from vaopd_jax import metrics as metrics_lib
-from vaopd_jax import preemption, sft, watchdog
+from vaopd_jax import phases, preemption, sft, watchdog
 from vaopd_jax.data import splits, synthetic
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.distill import objective
@@ -68,6 +69,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file,
                                           lock_config=True)
 
 
+PHASES_FILE = "phases.json"  # wall time and peak RSS per phase (phases.PhaseMeter), read by bench.demo
+
+
 class NonFiniteError(RuntimeError):
     """Raised after ``train.max_nonfinite_steps`` consecutive skipped (non-finite) steps."""
 
@@ -79,6 +83,10 @@ def main(argv) -> None:
     # ------------------------------------------------------------------ 1. config, processes, mesh
     config = _CONFIG.value
     config_lib.validate(config)  # before any compute: names the field, the value and the allowed range
+    # Wall time and peak RSS per phase (start-up, the demo's SFT phases, distillation, validation, export):
+    # printed at the end and written to <workdir>/phases.json for `python -m vaopd_jax.bench.demo`.
+    meter = phases.PhaseMeter()
+    meter.begin("start-up")  # JAX, processes, mesh, tokenizer
     # Before anything compiles: JAX decides once per process whether the persistent cache is used.
     cache_dir = compile_cache.enable(config.train.compilation_cache_dir)
     compiles = compile_cache.CompileCounter()
@@ -115,17 +123,22 @@ def main(argv) -> None:
     # The frozen teacher in config.model.dtype; the student's params in float32 (the AdamW master copy) with
     # config.model.dtype matmuls.
     dtype = jnp.dtype(config.model.dtype)
-    if config.teacher.init == "sft":
-        teacher = sft.demo_model(config, "teacher", tokenizer, mesh)
-    else:
-        teacher = load_lib.load_model(config, config.teacher.hf_path, mesh, dtype=dtype)
-    if config.student.init == "hf":
-        student = load_lib.load_model(config, config.student.hf_path, mesh, dtype=jnp.float32, compute_dtype=dtype)
-    elif config.student.init == "sft":
-        student = sft.demo_model(config, "student", tokenizer, mesh)
-    else:
-        student = load_lib.tiny_model(config, config.student.tiny, compute_dtype=dtype, seed=config.seed,
-                                      tokenizer=tokenizer)
+    meter.end("start-up")
+    with meter.phase("teacher SFT" if config.teacher.init == "sft" else "teacher load"):
+        if config.teacher.init == "sft":
+            teacher = sft.demo_model(config, "teacher", tokenizer, mesh)
+        else:
+            teacher = load_lib.load_model(config, config.teacher.hf_path, mesh, dtype=dtype)
+    with meter.phase("student warm-up" if config.student.init == "sft" else "student load"):
+        if config.student.init == "hf":
+            student = load_lib.load_model(config, config.student.hf_path, mesh, dtype=jnp.float32,
+                                          compute_dtype=dtype)
+        elif config.student.init == "sft":
+            student = sft.demo_model(config, "student", tokenizer, mesh)
+        else:
+            student = load_lib.tiny_model(config, config.student.tiny, compute_dtype=dtype, seed=config.seed,
+                                          tokenizer=tokenizer)
+    meter.begin("set-up")  # data, samplers, train state, step, checkpoint restore
     if student.config.text.vocab_size != teacher.config.text.vocab_size:
         raise config_lib.ConfigError(
             f"student vocabulary size {student.config.text.vocab_size} != teacher vocabulary size "
@@ -146,7 +159,10 @@ def main(argv) -> None:
     rollouts = sampler.Sampler(student, max_new_tokens=r.max_new_tokens, num_samples=r.num_rollouts,
                                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                valid_vocab_size=valid_vocab_size, mesh=mesh, **ends)
-    val_rollouts = sampler.Sampler(student, max_new_tokens=e.max_new_tokens, num_samples=e.num_samples,
+    # Greedy samples of one prompt are all the same: avg@k of k copies is the score of one, at 1/k of the cost
+    # (the demo's greedy validation sampled and scored 8 copies, ~5 GB of full-vocabulary log-probs at once).
+    val_rollouts = sampler.Sampler(student, max_new_tokens=e.max_new_tokens,
+                                   num_samples=1 if e.temperature == 0 else e.num_samples,
                                    temperature=e.temperature, top_p=e.top_p, valid_vocab_size=valid_vocab_size,
                                    mesh=mesh, **ends)
 
@@ -200,63 +216,65 @@ def main(argv) -> None:
     # From here a SIGTERM / SIGINT (or JAX's preemption notice) stops every process at the same check point:
     # before a step's rollout, or after it (the rollout is discarded, never half-applied, and its prompts come
     # first after the resume). A phase running past train.watchdog's limit is reported.
+    meter.end("set-up")
     stop = preemption.StopRequest().install()
     w = config.train.watchdog
     dog = watchdog.Watchdog(w.timeout_s, first_timeout_s=w.first_timeout_s, action=w.action)
     say(f"start-up {time.monotonic() - STARTED:.1f} s; compilation so far: {compiles.summary()} "
         f"({'cache ' + cache_dir if cache_dir else 'persistent cache off'})")
     if step == 0 and config.eval.every > 0:
-        with dog.phase("validation", 0):
+        with dog.phase("validation", 0), meter.phase("validation"):
             run_validation(0)  # the "before" row of the summary table
     first_step, discarded_position = step, None
     while step < total_steps:
         if stop.reached(f"before step {step + 1}"):
             break
-        position = train_iter.get_state()
-        with dog.phase("data", step + 1):
-            prompts = next(train_iter).gather_processes()
-        rng, sample_rng = jax.random.split(state.rng)
-        start = time.perf_counter()
-        with dog.phase("rollout", step + 1):
-            out = rollouts(state.params, prompts, sample_rng)
-            tokens, mask, logprobs = host(out.tokens), host(out.response_mask), host(out.model_logprobs)
-        rollout_s = time.perf_counter() - start
-        if stop.reached(f"after the rollout of step {step + 1}"):
-            discarded_position = position
-            break
-        start = time.perf_counter()
-        train_batch = step_lib.build_train_batch(prompts, tokens, mask, k, model_cfg, sampler_logprobs=logprobs)
-        with dog.phase("update", step + 1):
-            state, metrics = train_step(state, teacher_params, step_lib.shard_batch(train_batch, mesh), rng)
-            metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
-        update_s = time.perf_counter() - start
-        if step == first_step:
-            say(f"first step {rollout_s + update_s:.1f} s (rollout {rollout_s:.1f} s, update {update_s:.1f} s); "
-                f"compilation so far: {compiles.summary()}")
-        step += 1
-        seq_tokens = int(train_batch.attention_mask.sum())
-        flops = (metrics_lib.rollout_flops(n_student, int(prompts.attention_mask.sum()), int(mask.sum())) +
-                 metrics_lib.update_flops(n_student, n_teacher, seq_tokens, teacher_views))
-        # Bad records skipped by this process's pipeline (counted, logged once per id by the pipeline).
-        logger.log_train(step, metrics, rollout_s=rollout_s, update_s=update_s, tokens=seq_tokens, flops=flops,
-                         num_devices=jax.device_count(), peak_tflops_per_device=peak,
-                         extra=train_iter.counters.as_dict())
-        nonfinite_streak = nonfinite_streak + 1 if metrics["skipped"] else 0
-        if nonfinite_streak >= config.train.max_nonfinite_steps:
-            ckpt.save(step, saved(state), data_iterator=train_iter, meta={"nonfinite_streak": nonfinite_streak},
-                      force=True)
-            ckpt.wait()
-            logger.close()
-            raise NonFiniteError(
-                f"stopping at step {step}: {nonfinite_streak} consecutive steps had a non-finite loss or gradient "
-                f"(last loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); their updates were skipped, so "
-                f"the checkpoint {os.path.join(workdir, ckpt_lib.STATE_DIR, str(step))} holds the params of the "
-                f"last good step {step - nonfinite_streak}. Check the data and lower config.optim.lr, then rerun "
-                "to resume.")
+        with meter.phase("distillation"):  # data, rollout, update
+            position = train_iter.get_state()
+            with dog.phase("data", step + 1):
+                prompts = next(train_iter).gather_processes()
+            rng, sample_rng = jax.random.split(state.rng)
+            start = time.perf_counter()
+            with dog.phase("rollout", step + 1):
+                out = rollouts(state.params, prompts, sample_rng)
+                tokens, mask, logprobs = host(out.tokens), host(out.response_mask), host(out.model_logprobs)
+            rollout_s = time.perf_counter() - start
+            if stop.reached(f"after the rollout of step {step + 1}"):
+                discarded_position = position
+                break
+            start = time.perf_counter()
+            train_batch = step_lib.build_train_batch(prompts, tokens, mask, k, model_cfg, sampler_logprobs=logprobs)
+            with dog.phase("update", step + 1):
+                state, metrics = train_step(state, teacher_params, step_lib.shard_batch(train_batch, mesh), rng)
+                metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
+            update_s = time.perf_counter() - start
+            if step == first_step:
+                say(f"first step {rollout_s + update_s:.1f} s (rollout {rollout_s:.1f} s, update {update_s:.1f} s); "
+                    f"compilation so far: {compiles.summary()}")
+            step += 1
+            seq_tokens = int(train_batch.attention_mask.sum())
+            flops = (metrics_lib.rollout_flops(n_student, int(prompts.attention_mask.sum()), int(mask.sum())) +
+                     metrics_lib.update_flops(n_student, n_teacher, seq_tokens, teacher_views))
+            # Bad records skipped by this process's pipeline (counted, logged once per id by the pipeline).
+            logger.log_train(step, metrics, rollout_s=rollout_s, update_s=update_s, tokens=seq_tokens, flops=flops,
+                             num_devices=jax.device_count(), peak_tflops_per_device=peak,
+                             extra=train_iter.counters.as_dict())
+            nonfinite_streak = nonfinite_streak + 1 if metrics["skipped"] else 0
+            if nonfinite_streak >= config.train.max_nonfinite_steps:
+                ckpt.save(step, saved(state), data_iterator=train_iter, meta={"nonfinite_streak": nonfinite_streak},
+                          force=True)
+                ckpt.wait()
+                logger.close()
+                raise NonFiniteError(
+                    f"stopping at step {step}: {nonfinite_streak} consecutive steps had a non-finite loss or gradient "
+                    f"(last loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); their updates were skipped, so "
+                    f"the checkpoint {os.path.join(workdir, ckpt_lib.STATE_DIR, str(step))} holds the params of the "
+                    f"last good step {step - nonfinite_streak}. Check the data and lower config.optim.lr, then rerun "
+                    "to resume.")
         if config.eval.every > 0 and (step % config.eval.every == 0 or step == total_steps):
-            with dog.phase("validation", step):
+            with dog.phase("validation", step), meter.phase("validation"):
                 run_validation(step)
-        with dog.phase("checkpoint", step):
+        with dog.phase("checkpoint", step), meter.phase("checkpoint"):
             ckpt.save(step, saved(state), data_iterator=train_iter, meta={"nonfinite_streak": nonfinite_streak},
                       force=step == total_steps)
     if stop.stopped_at is not None:
@@ -285,7 +303,8 @@ def main(argv) -> None:
     logger.close()
 
     # ------------------------------------------------------------------ 7. export
-    export(config, state, ckpt, tokenizer, workdir)
+    with meter.phase("export"):
+        export(config, state, ckpt, tokenizer, workdir)
     say("\n" + summary_table(os.path.join(workdir, "metrics.jsonl")))
     say(f"\ntensorboard logs: tensorboard --logdir {os.path.join(workdir, 'tb')}\n"
         f"metrics:          {os.path.join(workdir, 'metrics.jsonl')}\n"
@@ -295,6 +314,10 @@ def main(argv) -> None:
         + f"\ncompilation over the run: {compiles.summary()}")
     ckpt.close()
     grading.shutdown()
+    say("\n" + meter.table())
+    if primary():
+        meter.write_json(os.path.join(workdir, PHASES_FILE))
+    meter.close()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -314,7 +337,6 @@ def validate(state, val_batches, val_rollouts: sampler.Sampler, config, tokenize
     same keys and grades it, so the results agree without a gather.
     """
     model_cfg = val_rollouts.config
-    e = config.eval
     counts: dict[str, list[int]] = {}  # kind -> [correct, total]
     va_sum = va_count = 0.0
     valid_vocab_size = tokenizer_lib.valid_vocab_size(tokenizer, model_cfg.text.vocab_size)
@@ -323,14 +345,14 @@ def validate(state, val_batches, val_rollouts: sampler.Sampler, config, tokenize
         out = val_rollouts(state.params, batch, rng)
         tokens, mask = host(out.tokens), host(out.response_mask)
         texts = tokenizer.batch_decode([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
-        golds = [str(a) for a in np.repeat(batch.answer, e.num_samples)]
-        kinds = np.repeat(batch.kind, e.num_samples)
+        golds = [str(a) for a in np.repeat(batch.answer, val_rollouts.num_samples)]
+        kinds = np.repeat(batch.kind, val_rollouts.num_samples)
         # the release's checkpoint-selection grading: earliest committed answer (else the raw text), mathruler
         for ok, kind in zip(validation.grade_validation_responses(texts, golds), kinds):
             tally = counts.setdefault(str(kind) or "all", [0, 0])
             tally[0] += int(ok)
             tally[1] += 1
-        train_batch = step_lib.build_train_batch(batch, tokens, mask, e.num_samples, model_cfg)
+        train_batch = step_lib.build_train_batch(batch, tokens, mask, val_rollouts.num_samples, model_cfg)
         total, count = _va_sums(state.params, step_lib.shard_batch(train_batch, mesh), state.graphdef,
                                 valid_vocab_size, config.model.kl_chunk_size)
         va_sum, va_count = va_sum + float(total), va_count + float(count)

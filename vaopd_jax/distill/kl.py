@@ -13,7 +13,15 @@ The KL's backward pass is a custom VJP that recomputes each chunk's logits and
 applies the closed form of METHOD.md's reference gradient,
   d KL / d z = p_S * (log p_S - log p_T - KL),
 so the backward also holds one chunk of logits at a time plus the (H, V) float32
-accumulator of the lm_head gradient.
+accumulator of the lm_head gradient. The forward saves, per position, the two
+log-normalizers (logsumexp of the student's and the teacher's logits) and the KL
+((B, T) float32 each): the backward then needs no softmax (no max / sum over the
+vocabulary), only one elementwise pass from the two chunks of logits to the
+gradient of the logits, so fewer vocabulary-sized buffers are alive at once.
+
+A sequence of T positions is cut into ceil(T / chunk_size) chunks of equal size
+(at most ``chunk_size``), so the padding is less than one position per chunk
+(T = 6 with chunk_size 8 is one chunk of 6, not 8).
 
 Vocabulary rows at index >= ``valid_vocab_size`` (lm_head padding beyond the
 tokenizer) are excluded from every softmax.
@@ -29,9 +37,17 @@ import jax.numpy as jnp
 from vaopd_jax.distill.objective import MASKED_LOGIT
 
 
+def _balanced_chunk_size(length: int, chunk_size: int) -> int:
+    """The size of ceil(length / chunk_size) equal chunks covering ``length`` (<= chunk_size, least padding)."""
+    num_chunks = max(-(-length // chunk_size), 1)
+    return -(-length // num_chunks)
+
+
 def _chunk(x: jax.Array, chunk_size: int) -> jax.Array:
-    """(B, T, ...) -> (n_chunks, B, C, ...), zero-padding T up to a multiple of C."""
+    """(B, T, ...) -> (n_chunks, B, C, ...), n_chunks = ceil(T / chunk_size) chunks of C <= chunk_size positions,
+    zero-padding T up to n_chunks * C (less than n_chunks positions)."""
     batch, length = x.shape[:2]
+    chunk_size = _balanced_chunk_size(length, chunk_size)
     num_chunks = -(-length // chunk_size)
     pad = num_chunks * chunk_size - length
     if pad:
@@ -47,13 +63,18 @@ def _unchunk(x: jax.Array, length: int) -> jax.Array:
     return x[:, :length]
 
 
-def _log_softmax_logits(hidden: jax.Array, kernel: jax.Array, valid_vocab_size: int | None) -> jax.Array:
-    """(B, C, H) @ (H, V) -> (B, C, V) float32 log-probs with padded vocabulary rows masked."""
+def _logits(hidden: jax.Array, kernel: jax.Array, valid_vocab_size: int | None) -> jax.Array:
+    """(B, C, H) @ (H, V) -> (B, C, V) float32 logits with padded vocabulary rows masked."""
     logits = jnp.einsum("bch,hv->bcv", hidden, kernel, preferred_element_type=jnp.float32)
     vocab = kernel.shape[-1]
     if valid_vocab_size is not None and valid_vocab_size < vocab:
         logits = jnp.where(jnp.arange(vocab) < valid_vocab_size, logits, MASKED_LOGIT)
-    return jax.nn.log_softmax(logits, axis=-1)
+    return logits
+
+
+def _log_softmax_logits(hidden: jax.Array, kernel: jax.Array, valid_vocab_size: int | None) -> jax.Array:
+    """(B, C, H) @ (H, V) -> (B, C, V) float32 log-probs with padded vocabulary rows masked."""
+    return jax.nn.log_softmax(_logits(hidden, kernel, valid_vocab_size), axis=-1)
 
 
 def _pick(logp: jax.Array, targets: jax.Array) -> jax.Array:
@@ -83,47 +104,59 @@ def _kl_core(student_hidden, student_kernel, teacher_hidden, teacher_kernel, tar
                        valid_vocab_size, chunk_size)
 
 
-def _kl_forward(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, valid_vocab_size,
-                chunk_size):
+def _kl_chunks(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, valid_vocab_size,
+               chunk_size):
+    """Per position: KL (Eq. 1), log p_T(target), log p_S(target) and the two log-normalizers, all (B, T)."""
     length = targets.shape[1]
 
     def body(_, chunk):
         h_s, h_t, tgt = chunk
-        logp_s = _log_softmax_logits(h_s, student_kernel, valid_vocab_size)
-        logp_t = _log_softmax_logits(h_t, teacher_kernel, valid_vocab_size)
+        logits_s = _logits(h_s, student_kernel, valid_vocab_size)
+        logits_t = _logits(h_t, teacher_kernel, valid_vocab_size)
+        lse_s = jax.nn.logsumexp(logits_s, axis=-1)
+        lse_t = jax.nn.logsumexp(logits_t, axis=-1)
+        logp_s = logits_s - lse_s[..., None]
+        logp_t = logits_t - lse_t[..., None]
         kl = (jnp.exp(logp_s) * (logp_s - logp_t)).sum(-1)  # Eq. 1
-        return None, (kl, _pick(logp_t, tgt), _pick(logp_s, tgt))
+        return None, (kl, _pick(logp_t, tgt), _pick(logp_s, tgt), lse_s, lse_t)
 
     chunks = (_chunk(student_hidden, chunk_size), _chunk(teacher_hidden, chunk_size), _chunk(targets, chunk_size))
     _, outs = jax.lax.scan(body, None, chunks)
     return tuple(_unchunk(o, length) for o in outs)
 
 
+def _kl_forward(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, valid_vocab_size,
+                chunk_size):
+    return _kl_chunks(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, valid_vocab_size,
+                      chunk_size)[:3]
+
+
 def _kl_fwd(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, valid_vocab_size, chunk_size):
-    outs = _kl_forward(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, valid_vocab_size,
-                       chunk_size)
-    return outs, (student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets)
+    kl, logp_t, logp_s, lse_s, lse_t = _kl_chunks(student_hidden, student_kernel, teacher_hidden, teacher_kernel,
+                                                  targets, valid_vocab_size, chunk_size)
+    # (B, T) residuals: the backward rebuilds log p = logits - logsumexp without another softmax.
+    return (kl, logp_t, logp_s), (student_hidden, student_kernel, teacher_hidden, teacher_kernel, lse_s, lse_t, kl)
 
 
 def _kl_bwd(valid_vocab_size, chunk_size, residuals, cotangents):
-    student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets = residuals
+    student_hidden, student_kernel, teacher_hidden, teacher_kernel, lse_s, lse_t, kl = residuals
     g_kl = cotangents[0]  # the two log-prob outputs are stop-gradient (see token_kl_and_logprobs)
-    length = targets.shape[1]
+    length = g_kl.shape[1]
+    kernel_f32 = student_kernel.astype(jnp.float32)
 
     def body(grad_kernel, chunk):
-        h_s, h_t, g = chunk
-        logp_s = _log_softmax_logits(h_s, student_kernel, valid_vocab_size)
-        logp_t = _log_softmax_logits(h_t, teacher_kernel, valid_vocab_size)
-        p_s = jnp.exp(logp_s)
-        diff = logp_s - logp_t
-        kl = (p_s * diff).sum(-1, keepdims=True)
-        # METHOD.md: dKL/dz = p_S * (log p_S - log p_T - KL); p_S = 0 on padded vocabulary rows.
-        grad_logits = g[..., None].astype(jnp.float32) * p_s * (diff - kl)
-        grad_hidden = jnp.einsum("bcv,hv->bch", grad_logits, student_kernel.astype(jnp.float32))
+        h_s, h_t, g, lse_s_c, lse_t_c, kl_c = chunk
+        logp_s = _logits(h_s, student_kernel, valid_vocab_size) - lse_s_c[..., None]
+        logp_t = _logits(h_t, teacher_kernel, valid_vocab_size) - lse_t_c[..., None]
+        # METHOD.md: dKL/dz = p_S * (log p_S - log p_T - KL); p_S = 0 on padded vocabulary rows. One elementwise
+        # pass over the two chunks of logits.
+        grad_logits = (g[..., None] * jnp.exp(logp_s)) * (logp_s - logp_t - kl_c[..., None])
+        grad_hidden = jnp.einsum("bcv,hv->bch", grad_logits, kernel_f32)
         grad_kernel = grad_kernel + jnp.einsum("bch,bcv->hv", h_s.astype(jnp.float32), grad_logits)
         return grad_kernel, grad_hidden.astype(student_hidden.dtype)
 
-    chunks = (_chunk(student_hidden, chunk_size), _chunk(teacher_hidden, chunk_size), _chunk(g_kl, chunk_size))
+    chunks = tuple(_chunk(x, chunk_size) for x in (student_hidden, teacher_hidden, g_kl.astype(jnp.float32),
+                                                   lse_s, lse_t, kl))
     grad_kernel0 = jnp.zeros(student_kernel.shape, jnp.float32)
     grad_kernel, grad_hidden = jax.lax.scan(body, grad_kernel0, chunks)
     return (_unchunk(grad_hidden, length), grad_kernel.astype(student_kernel.dtype), None, None, None)

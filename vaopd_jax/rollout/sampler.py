@@ -299,6 +299,7 @@ class Sampler:
                              "Build it with jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)")
         self.config = cfg
         self.mesh = mesh
+        self.num_samples = int(num_samples)
         self.max_new_tokens = int(max_new_tokens)
         self.max_length = cfg.text.max_position_embeddings if max_length is None else int(max_length)
         self.program = _Program(
