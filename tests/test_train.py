@@ -133,6 +133,14 @@ def test_run_writes_tensorboard_checkpoints_and_hf_export(reference):
                 "perf/tokens_per_s", "val/accuracy", "val/student_va_mean", "data/skipped"):
         assert tag in scalars, tag
     assert [s for s, _ in scalars["val/accuracy"]] == [0, 2, 4]
+    # Wall time and peak RSS per phase (vaopd_jax.phases), printed and in phases.json for bench.demo.
+    with open(os.path.join(workdir, "phases.json"), encoding="utf-8") as f:
+        phases = {p["name"]: p for p in json.load(f)["phases"]}
+    assert {"start-up", "teacher load", "student load", "set-up", "validation", "distillation", "checkpoint",
+            "export"} == set(phases)
+    assert (phases["distillation"]["calls"], phases["validation"]["calls"]) == (STEPS, 3)
+    assert all(p["peak_rss"] > 100 * 2 ** 20 and p["wall_s"] > 0 for p in phases.values())
+    assert "whole process" in reference["stdout"]
     assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4]
     assert "step 4/4 | loss" in reference["stdout"] and "mean student VA" in reference["stdout"]
     # The start-up line names the backend; chunked attention (a GPU/TPU setting) on CPU is warned about.

@@ -72,11 +72,6 @@ def _logits(hidden: jax.Array, kernel: jax.Array, valid_vocab_size: int | None) 
     return logits
 
 
-def _log_softmax_logits(hidden: jax.Array, kernel: jax.Array, valid_vocab_size: int | None) -> jax.Array:
-    """(B, C, H) @ (H, V) -> (B, C, V) float32 log-probs with padded vocabulary rows masked."""
-    return jax.nn.log_softmax(_logits(hidden, kernel, valid_vocab_size), axis=-1)
-
-
 def _pick(logp: jax.Array, targets: jax.Array) -> jax.Array:
     """log p(target): (B, C, V), (B, C) -> (B, C), as a one-hot reduction (shards over V)."""
     vocab_ids = jnp.arange(logp.shape[-1], dtype=targets.dtype)
@@ -115,10 +110,11 @@ def _kl_chunks(student_hidden, student_kernel, teacher_hidden, teacher_kernel, t
         logits_t = _logits(h_t, teacher_kernel, valid_vocab_size)
         lse_s = jax.nn.logsumexp(logits_s, axis=-1)
         lse_t = jax.nn.logsumexp(logits_t, axis=-1)
-        logp_s = logits_s - lse_s[..., None]
-        logp_t = logits_t - lse_t[..., None]
-        kl = (jnp.exp(logp_s) * (logp_s - logp_t)).sum(-1)  # Eq. 1
-        return None, (kl, _pick(logp_t, tgt), _pick(logp_s, tgt), lse_s, lse_t)
+        # Eq. 1 with log p = z - logsumexp(z): sum_v p_S (z_S - z_T) - lse_S + lse_T, so that no (B, C, V)
+        # log-prob array is written besides the two logits (p_S = 0 on padded rows, where z_S = z_T).
+        p_s = jnp.exp(logits_s - lse_s[..., None])
+        kl = (p_s * (logits_s - logits_t)).sum(-1) - lse_s + lse_t
+        return None, (kl, _pick(logits_t, tgt) - lse_t, _pick(logits_s, tgt) - lse_s, lse_s, lse_t)
 
     chunks = (_chunk(student_hidden, chunk_size), _chunk(teacher_hidden, chunk_size), _chunk(targets, chunk_size))
     _, outs = jax.lax.scan(body, None, chunks)
@@ -214,7 +210,8 @@ def token_logprobs(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *,
 
     def body(_, chunk):
         h, tgt = chunk
-        return None, _pick(_log_softmax_logits(h, kernel, valid_vocab_size), tgt)
+        logits = _logits(h, kernel, valid_vocab_size)
+        return None, _pick(logits, tgt) - jax.nn.logsumexp(logits, axis=-1)  # no (B, C, V) log-prob array
 
     _, logp = jax.lax.scan(body, None, (_chunk(hidden, chunk_size), _chunk(targets, chunk_size)))
     return _unchunk(logp, targets.shape[1])

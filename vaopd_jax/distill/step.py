@@ -324,6 +324,9 @@ def _whole_batch_loss_and_grads(config: StepConfig, teacher: Qwen3VL, state: Tra
     teacher_hidden = jax.lax.stop_gradient(response_hidden(teacher, batch, batch.pixel_values))
     if obj_cfg.needs_visual_advantage:
         logp_pix = jax.lax.stop_gradient(view_logprobs(teacher, batch, batch.pixel_values_pixelated, **kl_kwargs))
+        # The pixelated view's chunked log-probs finish before the KL starts: XLA's scheduler otherwise runs the
+        # two vocabulary-sized passes side by side (on CPU, ~2 chunks of logits more at the peak).
+        logp_pix, teacher_hidden = jax.lax.optimization_barrier((logp_pix, teacher_hidden))
     else:
         logp_pix = None
 
