@@ -24,8 +24,6 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "study config, e.g. configs/study.py")
-_QUICK = flags.DEFINE_bool("quick", False, "tiny runs (seconds each): checks the whole study end to end")
 
 METRICS = (("fine", "val/accuracy_fine"), ("coarse", "val/accuracy_coarse"), ("overall", "val/accuracy"),
            ("student VA", "val/student_va_mean"))
@@ -200,10 +198,18 @@ def run_study(config, *, quick: bool = False, repo: str | None = None, echo: boo
 
 def main(argv) -> None:
     del argv
-    if _CONFIG.value is None:
+    if flags.FLAGS.config is None:
         raise app.UsageError("pass --config configs/study.py")
-    run_study(_CONFIG.value, quick=_QUICK.value)
+    run_study(flags.FLAGS.config, quick=flags.FLAGS.quick)
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs: importing this module beside `vaopd_jax.train` (which
+    also has a --config flag) must not clash."""
+    config_flags.DEFINE_config_file("config", None, "study config, e.g. configs/study.py")
+    flags.DEFINE_bool("quick", False, "tiny runs (seconds each): checks the whole study end to end")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
