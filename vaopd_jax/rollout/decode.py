@@ -15,9 +15,12 @@ allocated:
   or reallocated. Each stage is one while loop with static shapes (one compiled body per bucket).
   Buckets are padded with copies of an unfinished row whose writes are dropped.
 
-The tokens do not depend on the schedule: the step-`t` uniform of row r is element r of
+The tokens do not depend on the schedule up to float rounding: the step-`t` uniform of row r is element r of
 `jax.random.uniform(fold_in(rng, t), (R,))` whichever bucket the row is decoded in (the same draw as a
-full-batch step), and a row's logits do not depend on the other rows.
+full-batch step), and a row's logits do not depend on the other rows, except that a smaller bucket's matmuls
+can round differently in the last bits (~5e-7 in the log-probs): a draw that falls that close to a boundary of
+the cumulative distribution then picks the neighbouring token (seen in a 64-row, 256-token batch of the
+bench's 50M config; bench.sample --part tail reports it).
 
 Under a mesh the rows are sharded over the batch axes in `row_groups` contiguous groups; a row only moves
 within its group (its device), so compaction and the indexed cache reads never cross devices. A stage ends

@@ -252,7 +252,7 @@ class Sampler:
     max_position_embeddings); cache_dtype (default the compute dtype); top_p_candidates (a speed knob);
     min_new_bucket: the smallest new-token bucket; decode_stages: row buckets of the decode loop
     (rollout/decode.py: finished rows are compacted out between stages; 1 = every row is decoded until the last
-    one ends; the tokens are the same).
+    one ends; the tokens are the same up to float rounding).
     """
 
     def __init__(self, model: qwen3_vl.Qwen3VL, *, max_new_tokens: int, num_samples: int = 1,
