@@ -31,8 +31,8 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from vaopd_jax import checkpoint as ckpt_lib  # noqa: E402
-from vaopd_jax import preemption  # noqa: E402
+from vaopd_jax.runtime import checkpoint as ckpt_lib  # noqa: E402
+from vaopd_jax.runtime import preemption  # noqa: E402
 
 GLOBAL_BATCH = 4
 

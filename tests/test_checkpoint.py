@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vaopd_jax import checkpoint as ckpt_lib
+from vaopd_jax.runtime import checkpoint as ckpt_lib
 
 
 def make_state(scale=1.0, step=0):
@@ -93,7 +93,7 @@ def test_corrupt_latest_step_is_skipped_with_warning(tmp_path, caplog, damage):
             if os.path.isfile(f):
                 os.remove(f)
     fresh = ckpt_lib.CheckpointManager(str(tmp_path), keep=3, async_save=False)
-    with caplog.at_level(logging.WARNING, logger="vaopd_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="vaopd_jax.runtime.checkpoint"):
         restored = fresh.restore_latest(ckpt_lib.abstract_like(make_state()))
     assert restored.step == 1
     assert_state_equal(restored.state, make_state(1.0, 1))
@@ -150,7 +150,7 @@ RESTORE_ELSEWHERE = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from vaopd_jax import checkpoint as ckpt_lib
+from vaopd_jax.runtime import checkpoint as ckpt_lib
 workdir, fsdp = sys.argv[1], int(sys.argv[2])
 mesh = jax.make_mesh((fsdp,), ("fsdp",))
 target = {"params": {"w": jax.device_put(jnp.zeros((16, 4)), NamedSharding(mesh, P("fsdp"))), "b": jnp.zeros((3,))},

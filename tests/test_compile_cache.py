@@ -5,13 +5,13 @@ import os
 import subprocess
 import sys
 
-from vaopd_jax import compile_cache
+from vaopd_jax.runtime import compile_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROGRAM = r"""
 import json, sys
-from vaopd_jax import compile_cache
+from vaopd_jax.runtime import compile_cache
 path = compile_cache.enable(sys.argv[1])
 counter = compile_cache.CompileCounter()
 import jax, jax.numpy as jnp

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vaopd_jax import metrics as metrics_lib
+from vaopd_jax.runtime import metrics as metrics_lib
 from vaopd_jax.notebook import diagnostics
 
 

@@ -1,4 +1,4 @@
-"""vaopd_jax.host_malloc: the trainer re-executes itself once with glibc's huge-page malloc tunable."""
+"""vaopd_jax.runtime.host_malloc: the trainer re-executes itself once with glibc's huge-page malloc tunable."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from vaopd_jax import host_malloc
+from vaopd_jax.runtime import host_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 applies = host_malloc.hugepage_env({}) is not None  # Linux, glibc >= 2.35, THP not 'never'
@@ -24,7 +24,7 @@ def test_the_users_tunable_wins_and_others_are_kept():
 def test_reexec_keeps_the_command_line_and_happens_once(tmp_path):
     script = tmp_path / "main.py"
     script.write_text("import os, sys\n"
-                      "from vaopd_jax import host_malloc\n"
+                      "from vaopd_jax.runtime import host_malloc\n"
                       "print('start', flush=True)\n"
                       "assert host_malloc.reexec_with_hugepages() is False\n"  # returns only when nothing is to do
                       "print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])\n")

@@ -1,4 +1,4 @@
-"""vaopd_jax.phases (wall time and peak RSS per phase) and the report of `python -m vaopd_jax.bench.demo`."""
+"""vaopd_jax.runtime.phases (wall time and peak RSS per phase) and the report of `python -m vaopd_jax.bench.demo`."""
 
 import json
 import sys
@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from vaopd_jax import phases
+from vaopd_jax.runtime import phases
 from vaopd_jax.bench import demo as bench_demo
 
 MB = 1024 ** 2

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from vaopd_jax import preemption
+from vaopd_jax.runtime import preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "preemption_worker.py")

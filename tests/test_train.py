@@ -83,7 +83,7 @@ def run(args, env, timeout=600):
 
 
 def train_losses(workdir):
-    from vaopd_jax import metrics as metrics_lib
+    from vaopd_jax.runtime import metrics as metrics_lib
 
     return [(r["step"], r["train/loss"]) for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"),
                                                                           kind="train")]
@@ -123,7 +123,7 @@ def module_config(name):
 
 
 def test_run_writes_tensorboard_checkpoints_and_hf_export(reference):
-    from vaopd_jax import metrics as metrics_lib
+    from vaopd_jax.runtime import metrics as metrics_lib
 
     workdir = reference["workdir"]
     scalars = metrics_lib.read_tensorboard_scalars(os.path.join(workdir, "tb"))
@@ -133,7 +133,7 @@ def test_run_writes_tensorboard_checkpoints_and_hf_export(reference):
                 "perf/tokens_per_s", "val/accuracy", "val/student_va_mean", "data/skipped"):
         assert tag in scalars, tag
     assert [s for s, _ in scalars["val/accuracy"]] == [0, 2, 4]
-    # Wall time and peak RSS per phase (vaopd_jax.phases), printed and in phases.json for bench.demo.
+    # Wall time and peak RSS per phase (vaopd_jax.runtime.phases), printed and in phases.json for bench.demo.
     with open(os.path.join(workdir, "phases.json"), encoding="utf-8") as f:
         phases = {p["name"]: p for p in json.load(f)["phases"]}
     assert {"start-up", "teacher load", "student load", "set-up", "validation", "distillation", "checkpoint",

@@ -1,7 +1,7 @@
 """metrics.py: MFU arithmetic, tensorboard + JSONL writing, resume truncation, non-primary silence."""
 
 import pytest
-from vaopd_jax import metrics as metrics_lib
+from vaopd_jax.runtime import metrics as metrics_lib
 
 
 def test_flops_and_mfu_arithmetic():

@@ -7,7 +7,7 @@ import time
 import grain
 import pytest
 
-from vaopd_jax import watchdog
+from vaopd_jax.runtime import watchdog
 
 
 class StalledSource:

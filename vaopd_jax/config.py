@@ -29,7 +29,7 @@ from vaopd_jax.data.processor import IMAGE_PATHS
 from vaopd_jax.data.batch import VIEWS as SFT_IMAGES  # the demo warm-ups' view of the images
 from vaopd_jax.distill.objective import METHODS, RANGES, REWEIGHTING_METHODS, ObjectiveConfig, Range
 from vaopd_jax.models.qwen3_vl.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, Qwen3VLConfig
-from vaopd_jax.watchdog import ACTIONS as WATCHDOG_ACTIONS
+from vaopd_jax.runtime.watchdog import ACTIONS as WATCHDOG_ACTIONS
 
 DATA_SOURCES = ("synthetic", "geometry3k", "virl39k")
 DEMO = "configs/demo.py"  # where the demo-only fields (tiny models, warm-ups, the synthetic task) live

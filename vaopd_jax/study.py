@@ -54,7 +54,7 @@ def mean_interval(values) -> tuple[float, float]:
 
 def read_validation(run_dir: str) -> dict[int, dict[str, float]]:
     """step -> the validation record of a run's metrics.jsonl (the last one logged at each step)."""
-    from vaopd_jax import metrics as metrics_lib
+    from vaopd_jax.runtime import metrics as metrics_lib
 
     return {int(r["step"]): r for r in metrics_lib.read_jsonl(os.path.join(run_dir, "metrics.jsonl"), kind="val")}
 

@@ -39,7 +39,7 @@ import time
 
 STARTED = time.monotonic()  # start-up is timed from here: before JAX, the models and the data load
 
-from vaopd_jax import host_malloc
+from vaopd_jax.runtime import host_malloc
 
 if __name__ == "__main__":
     # Before JAX allocates anything: XLA's per-step temporaries come in as 2 MiB pages, not 4 KiB ones (on
@@ -54,11 +54,8 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from vaopd_jax import checkpoint as ckpt_lib
-from vaopd_jax import compile_cache
 from vaopd_jax import config as config_lib
-from vaopd_jax import metrics as metrics_lib
-from vaopd_jax import phases, preemption, sft, watchdog
+from vaopd_jax import sft
 from vaopd_jax.data import splits, synthetic
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.distill import objective
@@ -70,6 +67,9 @@ from vaopd_jax.parallel import backend as backend_lib
 from vaopd_jax.parallel import mesh as mesh_lib
 from vaopd_jax.parallel.multihost import host, primary, say, sync
 from vaopd_jax.rollout import sampler
+from vaopd_jax.runtime import checkpoint as ckpt_lib
+from vaopd_jax.runtime import compile_cache, phases, preemption, watchdog
+from vaopd_jax.runtime import metrics as metrics_lib
 
 log = logging.getLogger("vaopd_jax.train")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/demo.py[:method=opd]",

@@ -12,7 +12,7 @@ subprocess, each run in its own workdir under ``--root`` (default: a new tempora
 - ``cached``: the command run again with the SFT models of the fresh run (``<role>.sft.output_dir``)
   and its compilation cache, as a user's second run.
 
-For each run it prints the trainer's phase table (`vaopd_jax.phases`: start-up, teacher SFT,
+For each run it prints the trainer's phase table (`vaopd_jax.runtime.phases`: start-up, teacher SFT,
 student warm-up, set-up, validation, distillation, checkpoint, export; wall time and peak RSS of
 each, the peak reset at every phase start), the whole process's peak RSS as the kernel reports it
 to the parent (``wait4``, the figure `/usr/bin/time -v` prints) and its wall time, and the
@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from vaopd_jax import phases
+from vaopd_jax.runtime import phases
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNS = ("fresh", "cached")

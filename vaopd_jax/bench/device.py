@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vaopd_jax import metrics
+from vaopd_jax.runtime import metrics
 from vaopd_jax.bench import sample as sample_bench
 from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.distill import step as step_lib

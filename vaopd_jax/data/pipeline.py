@@ -367,7 +367,7 @@ class _EpochPrefixes:
 
 def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
     """grain workers ignore SIGINT/SIGTERM: a Ctrl-C or a job-wide SIGTERM reaches every process of the
-    group, and the trainer stops cleanly (vaopd_jax/preemption.py) only while its workers still serve the
+    group, and the trainer stops cleanly (vaopd_jax/runtime/preemption.py) only while its workers still serve the
     data position it saves. They end with the main process."""
     del worker_index, worker_count
     import signal

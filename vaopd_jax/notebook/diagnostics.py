@@ -220,7 +220,7 @@ CONCENTRATION_TAGS = ("train/va_top_share", "train/va_top_critical_share", "trai
 def va_concentration_from_logs(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
     """The trainer's VA-concentration scalars from a run's tensorboard logs (``<workdir>/tb``): tag ->
     [(step, value)] for the tags of `CONCENTRATION_TAGS` that were logged (VA methods only; OPD logs none)."""
-    from vaopd_jax import metrics as metrics_lib
+    from vaopd_jax.runtime import metrics as metrics_lib
 
     scalars = metrics_lib.read_tensorboard_scalars(str(logdir))
     return {tag: scalars[tag] for tag in CONCENTRATION_TAGS if tag in scalars}

@@ -159,7 +159,7 @@ def validation_history(workdir: str) -> list[dict]:
       FileNotFoundError: the run wrote no ``metrics.jsonl`` (it did not start).
       ValueError: the run has no validation record (``eval.every`` was 0).
     """
-    from vaopd_jax import metrics as metrics_lib
+    from vaopd_jax.runtime import metrics as metrics_lib
 
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):

@@ -28,7 +28,7 @@ all processes' positions and the iterator re-derives its own
 
 The trainer decides when to save (periodic steps, the agreed preemption step); Orbax's
 own preemption check is turned off here because each call to JAX's preemption sync point
-counts as a check point (vaopd_jax/preemption.py).
+counts as a check point (vaopd_jax/runtime/preemption.py).
 
 The teacher is frozen and loaded from its Hugging Face directory: it is never
 part of the state saved here.
