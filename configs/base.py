@@ -5,10 +5,10 @@ r"""python -m vaopd_jax.train --config configs/base.py \
     --config.data.train_path=/data/geometry3k/data \
     --config.data.val_path=/data/geometry3k/data
 
-The paper recipe (spec/METHOD.md "Defaults"): Qwen3-VL-8B -> 2B on Geometry3K with VA-OPD.
+The paper's recipe (docs/method.md, "Defaults"): Qwen3-VL-8B -> 2B on Geometry3K with VA-OPD.
 
 Expect 655 steps (5 epochs of 131 full batches: 2,101 prompts // 16 per step, the
-release's drop_last), warm-up int(0.05 x 655) = 32 steps, 16 prompts x K=4
+release's drop_last), warm-up int(0.05 x 655) = 32 steps, 16 prompts x 4
 rollouts of up to 4,096 tokens per step, validation (8 samples at temperature 1.0
 on each of 200 Geometry3K validation problems: avg@8) before training and every
 50 steps, the best student (by validation accuracy, the earliest on ties)
@@ -53,10 +53,10 @@ def get_config(arg=None):
   c.va.lam = 0.5
   c.va.tau = 1.0
   c.va.eps = 1e-6
-  c.va.pixelate_ratio = 0.1
+  c.va.pixelation_ratio = 0.1
 
   c.rollout = ml_collections.ConfigDict()
-  c.rollout.num_rollouts = 4        # K
+  c.rollout.num_rollouts = 4        # rollouts per prompt
   c.rollout.max_new_tokens = 4096
   c.rollout.temperature = 0.7
   c.rollout.top_p = 0.95

@@ -64,8 +64,8 @@ def get_config(arg=None):
   c.teacher.sft.fine_fraction = 0.5  # the whole task
   c.teacher.sft.images = "original"  # the teacher learns from the original images
   c.teacher.sft.output_dir = ""     # '' = <workdir>/teacher_sft (reused when it holds a finished teacher)
-  c.teacher.sft.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,
-                                            vision_hidden=64)
+  c.teacher.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,
+                                        vision_hidden=64)
 
   c.data.source = "synthetic"
   c.data.val_source = "synthetic"

@@ -15,12 +15,12 @@ import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 
 from vaopd_jax import train  # noqa: E402
-from vaopd_jax.distill import step as step_lib  # noqa: E402
+from vaopd_jax.distill import batch as batch_lib  # noqa: E402
 
 
 def main():
     from_step = int(sys.argv.pop(1))
-    build = step_lib.build_train_batch
+    build = batch_lib.build_train_batch
     calls = [0]
 
     def poisoned(*args, **kwargs):  # the train loop builds one train batch per step (validation is off)
@@ -30,7 +30,7 @@ def main():
             batch = batch._replace(pixel_values=np.full_like(batch.pixel_values, np.nan))
         return batch
 
-    step_lib.build_train_batch = poisoned
+    batch_lib.build_train_batch = poisoned
     app.run(train.main)
 
 

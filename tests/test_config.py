@@ -27,11 +27,11 @@ def test_every_train_config_validates_and_documents_its_command():
         assert mod.__doc__.strip().startswith(f"python -m vaopd_jax.train --config configs/{name}.py"), name
         cfg = mod.get_config(None)
         cfg.workdir = "/tmp/x"
-        config_lib.validate(cfg, check_paths=False)
+        config_lib.load(cfg, check_paths=False)
     for variant in PAPER_VARIANTS:
         cfg = load("paper", variant)
         cfg.workdir = "/tmp/x"
-        config_lib.validate(cfg, check_paths=False)
+        config_lib.load(cfg, check_paths=False)
         assert cfg.teacher.size == variant.split(",")[0].split("=")[1] and cfg.student.size == "2b"
         assert cfg.data.source == {"geo3k": "geometry3k", "virl39k": "virl39k"}[variant.split("data=")[1]]
         assert cfg.data.val_source == "geometry3k"
@@ -57,17 +57,17 @@ def test_paper_variants_name_and_check_their_teacher(tmp_path):
                     teacher__hf_path=teacher_4b, data__train_path=str(tmp_path), data__val_path=str(tmp_path))
         assert cfg.method == "opd"
         if size == "4b":
-            config_lib.validate(cfg)
+            config_lib.load(cfg)
             continue
         with pytest.raises(config_lib.ConfigError,
                            match=r"config.teacher.hf_path = '.*teacher4b': its config.json is a Qwen3-VL-4B .* but "
                                  r"config.teacher.size = '8b' expects hidden_size=4096.* or pick the variant teacher=4b"):
-            config_lib.validate(cfg)
+            config_lib.load(cfg)
     # The student is checked the same way (a 4B checkpoint given as the 2B student).
     cfg = _with(load("paper", "teacher=4b"), workdir=str(tmp_path), student__hf_path=teacher_4b,
                 teacher__hf_path=teacher_4b, data__train_path=str(tmp_path), data__val_path=str(tmp_path))
     with pytest.raises(config_lib.ConfigError, match=r"config.student.size = '2b'"):
-        config_lib.validate(cfg)
+        config_lib.load(cfg)
     with pytest.raises(config_lib.ConfigError, match=r"teacher='16b'; must be one of \('4b', '8b', '32b', '30b-a3b'"):
         load("paper", "teacher=16b")
 
@@ -90,7 +90,7 @@ def test_moe_teacher_variants_check_the_checkpoint_like_dense_sizes(tmp_path):
     paths = dict(workdir=str(tmp_path), student__hf_path=student, data__train_path=str(tmp_path),
                  data__val_path=str(tmp_path))
     for size, path in moe_dirs.items():
-        config_lib.validate(_with(load("paper", f"teacher={size}"), teacher__hf_path=path, **paths))
+        config_lib.load(_with(load("paper", f"teacher={size}"), teacher__hf_path=path, **paths))
     # The 30B-A3B checkpoint for the 235B-A22B variant, and for the 8B one; an 8B checkpoint for the 30B-A3B one.
     with pytest.raises(config_lib.ConfigError,
                        match=r"config.teacher.hf_path = '.*teacher_30b-a3b': its config.json is a Qwen3-VL-30B-A3B "
@@ -99,18 +99,18 @@ def test_moe_teacher_variants_check_the_checkpoint_like_dense_sizes(tmp_path):
                              r"hidden_size=4096, num_hidden_layers=94, num_experts=128, moe_intermediate_size=1536: "
                              r"point teacher.hf_path at the Qwen3-VL-235B-A22B checkpoint or pick the variant "
                              r"teacher=30b-a3b"):
-        config_lib.validate(_with(load("paper", "teacher=235b-a22b"), teacher__hf_path=moe_dirs["30b-a3b"], **paths))
+        config_lib.load(_with(load("paper", "teacher=235b-a22b"), teacher__hf_path=moe_dirs["30b-a3b"], **paths))
     with pytest.raises(config_lib.ConfigError, match=r"is a Qwen3-VL-30B-A3B .* config.teacher.size = '8b'"):
-        config_lib.validate(_with(load("paper", "teacher=8b"), teacher__hf_path=moe_dirs["30b-a3b"], **paths))
+        config_lib.load(_with(load("paper", "teacher=8b"), teacher__hf_path=moe_dirs["30b-a3b"], **paths))
     with pytest.raises(config_lib.ConfigError, match=r"is a Qwen3-VL-8B .* config.teacher.size = '30b-a3b' expects "
                                                      r"hidden_size=2048, num_hidden_layers=48, num_experts=128"):
-        config_lib.validate(_with(load("paper", "teacher=30b-a3b"), teacher__hf_path=dense_8b, **paths))
+        config_lib.load(_with(load("paper", "teacher=30b-a3b"), teacher__hf_path=dense_8b, **paths))
     # An expert axis that does not divide the 128 experts; a dense teacher ignores the axis's size.
     with pytest.raises(config_lib.ConfigError, match=r"config.mesh.expert = 3: an expert axis of 3 devices must "
                                                      r"divide the teacher's 128 experts"):
-        config_lib.validate(_with(load("paper", "teacher=30b-a3b"), teacher__hf_path=moe_dirs["30b-a3b"],
+        config_lib.load(_with(load("paper", "teacher=30b-a3b"), teacher__hf_path=moe_dirs["30b-a3b"],
                                   mesh__expert=3, **paths))
-    config_lib.validate(_with(load("paper", "teacher=8b"), teacher__hf_path=dense_8b, mesh__expert=3,
+    config_lib.load(_with(load("paper", "teacher=8b"), teacher__hf_path=dense_8b, mesh__expert=3,
                               mesh__fsdp=1, **paths))
     # The trainer's check once mesh.expert = -1 is resolved to the device count.
     assert config_lib.expert_axis_problem(moe_dirs["235b-a22b"], 32) is None
@@ -123,7 +123,8 @@ def test_method_variant(method):
     cfg = load("paper", f"method={method}")
     assert cfg.method == method
     cfg.va.p_v = 0.25
-    objective = config_lib.objective_config(cfg)
+    cfg.workdir = "/tmp/x"
+    objective = config_lib.load(cfg, check_paths=False).objective()
     assert (objective.method, objective.high_fraction, objective.high_weight, objective.tau) == (method, 0.25, 0.5, 1.0)
     reweight, group = objective.reweight, objective.group
     assert (reweight, group) == {"va_opd": (True, True), "opd": (False, False),
@@ -132,7 +133,7 @@ def test_method_variant(method):
 
 def test_paper_defaults():
     cfg = load("base")
-    assert (cfg.va.p_v, cfg.va.lam, cfg.va.tau, cfg.va.eps, cfg.va.pixelate_ratio) == (0.2, 0.5, 1.0, 1e-6, 0.1)
+    assert (cfg.va.p_v, cfg.va.lam, cfg.va.tau, cfg.va.eps, cfg.va.pixelation_ratio) == (0.2, 0.5, 1.0, 1e-6, 0.1)
     assert (cfg.data.prompts_per_step, cfg.rollout.num_rollouts, cfg.rollout.max_new_tokens) == (16, 4, 4096)
     assert (cfg.optim.lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.weight_decay, cfg.optim.clip_norm) == (
         1e-6, 0.9, 0.95, 0.1, 1.0)
@@ -147,7 +148,7 @@ def test_bad_variant_argument_names_the_known_keys():
     with pytest.raises(config_lib.ConfigError, match="unknown; known keys: \\['method'\\]"):
         load("base", "teacher=8b")
     with pytest.raises(config_lib.ConfigError, match="config.method = 'kd'"):
-        config_lib.validate(_with(load("base", "method=kd"), workdir="/tmp/x"), check_paths=False)
+        config_lib.load(_with(load("base", "method=kd"), workdir="/tmp/x"), check_paths=False)
 
 
 def _with(cfg, **fields):
@@ -190,13 +191,13 @@ def _with(cfg, **fields):
     ("train__micro_batch_rollouts", 24, r"that divides the step's 16 x 4 = 64 rollouts"),
     ("train__watchdog__timeout_s", -1.0, r"config.train.watchdog.timeout_s = -1.0: must be in \[0, inf\]"),
     ("train__watchdog__action", "restart", r"config.train.watchdog.action = 'restart': must be one of \('report', "),
-    ("train__compilation_cache_dir", 3, r"config.train.compilation_cache_dir = 3: must be a directory, ''"),
+    ("train__compilation_cache_dir", 3, r"config.train.compilation_cache_dir = 3: must be a string: a directory, ''"),
 ])
 def test_bad_field_fails_naming_field_value_and_range(field, value, message):
     cfg = _with(load("base"), workdir="/tmp/x")
     cfg = _with(cfg, **{field: value})
     with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate(cfg, check_paths=False)
+        config_lib.load(cfg, check_paths=False)
 
 
 def test_demo_fields_live_in_the_demo_config():
@@ -207,11 +208,11 @@ def test_demo_fields_live_in_the_demo_config():
     assert "synthetic_train_size" not in base.data and "synthetic_train_size" in demo.data
     cfg = _with(load("base"), workdir="/tmp/x", student__init="random")
     with pytest.raises(config_lib.ConfigError, match=r"config.student.tiny is missing .* configs/demo.py"):
-        config_lib.validate(cfg, check_paths=False)
+        config_lib.load(cfg, check_paths=False)
     cfg = _with(load("demo"), data__synthetic_fine_fraction=1.2)
     with pytest.raises(config_lib.ConfigError,
                        match=r"config.data.synthetic_fine_fraction = 1.2: must be in \[0, 1\]"):
-        config_lib.validate(cfg, check_paths=False)
+        config_lib.load(cfg, check_paths=False)
 
 
 def test_demo_warm_up_images_must_be_a_known_view():
@@ -219,18 +220,18 @@ def test_demo_warm_up_images_must_be_a_known_view():
     with pytest.raises(config_lib.ConfigError,
                        match=r"config.student.sft.images = 'blurred': must be one of \('original', 'pixelated', "
                              r"'pixelated_fine'\)"):
-        config_lib.validate(cfg, check_paths=False)
+        config_lib.load(cfg, check_paths=False)
 
 
 def test_k1_is_allowed_without_reweighting():
     cfg = _with(load("base", "method=group_only"), workdir="/tmp/x", rollout__num_rollouts=1)
-    config_lib.validate(cfg, check_paths=False)
+    config_lib.load(cfg, check_paths=False)
 
 
 def test_all_problems_reported_at_once():
     cfg = _with(load("base"), workdir="/tmp/x", va__p_v=2.0, va__lam=3.0)
     with pytest.raises(config_lib.ConfigError) as err:
-        config_lib.validate(cfg, check_paths=False)
+        config_lib.load(cfg, check_paths=False)
     assert "config.va.p_v = 2.0" in str(err.value) and "config.va.lam = 3.0" in str(err.value)
 
 
@@ -248,7 +249,7 @@ def test_missing_teacher_path(tmp_path):
                 data__train_path=str(tmp_path), data__val_path=str(tmp_path))
     with pytest.raises(config_lib.ConfigError,
                        match=r"config.teacher.hf_path = '.*nope': must be a local Hugging Face"):
-        config_lib.validate(cfg)
+        config_lib.load(cfg)
 
 
 def test_student_teacher_vocab_mismatch(tmp_path):
@@ -256,9 +257,9 @@ def test_student_teacher_vocab_mismatch(tmp_path):
                 student__hf_path=_hf_dir(tmp_path, "student", 32000),
                 data__train_path=str(tmp_path), data__val_path=str(tmp_path))
     with pytest.raises(config_lib.ConfigError, match="student vocabulary size 32000 != teacher vocabulary size 151936"):
-        config_lib.validate(cfg)
+        config_lib.load(cfg)
     cfg.student.hf_path = _hf_dir(tmp_path, "student2", 151936)
-    config_lib.validate(cfg)
+    config_lib.load(cfg)
 
 
 def test_missing_data_path(tmp_path):
@@ -266,7 +267,7 @@ def test_missing_data_path(tmp_path):
                 student__hf_path=_hf_dir(tmp_path, "student", 151936), data__train_path="/no/such/geo3k",
                 data__val_path=str(tmp_path))
     with pytest.raises(config_lib.ConfigError, match="config.data.train_path = '/no/such/geo3k'"):
-        config_lib.validate(cfg)
+        config_lib.load(cfg)
 
 
 def test_sweep_lists_methods_times_teachers():
@@ -308,4 +309,4 @@ def test_remat_accepts_only_what_the_model_implements():
     assert config_lib.REMAT_POLICIES == model_config.REMAT_POLICIES
     cfg = _with(load("base"), workdir="/tmp/x", model__remat="full")
     with pytest.raises(config_lib.ConfigError, match=r"config.model.remat = 'full': must be one of \('none', 'block'\)"):
-        config_lib.validate(cfg, check_paths=False)
+        config_lib.load(cfg, check_paths=False)

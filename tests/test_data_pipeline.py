@@ -18,7 +18,7 @@ from vaopd_jax.data.tokenizer import load_tokenizer
 
 SMALL = dict(min_pixels=32 * 32, max_pixels=64 * 64, prompt_buckets=(32, 64, 128), prompt_patch_buckets=(16, 32, 64))
 # The models reading the batches: the real special ids and merge size, a tiny vision position grid.
-MODEL = load_lib.config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
+MODEL = config_lib.model_config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
                                                                vision_depth=1, vision_hidden=32))
 
 

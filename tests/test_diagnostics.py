@@ -333,7 +333,7 @@ def test_token_texts_keeps_split_characters_whole():
 def test_va_top_tokens_names_the_tokens_and_agrees_with_the_step():
     import jax.numpy as jnp
 
-    from vaopd_jax.distill import step as step_lib
+    from vaopd_jax.distill import teacher as teacher_lib
 
     # 2 rollouts x 10 tokens; 20 valid tokens -> the top 2. The fine-detail token 7 carries the most VA.
     va = np.zeros((2, 10))
@@ -349,17 +349,17 @@ def test_va_top_tokens_names_the_tokens_and_agrees_with_the_step():
     assert report["top_critical_share"] == pytest.approx(1.0)
     assert report["critical_share"] == pytest.approx(0.8)
     assert report["tokens"] == [("<7>", pytest.approx(1.0), 2)]
-    in_graph = step_lib.va_concentration(jnp.asarray(va), jnp.asarray(mask), jnp.asarray(ids), (7,))
+    in_graph = teacher_lib.va_concentration(jnp.asarray(va), jnp.asarray(mask), jnp.asarray(ids), (7,))
     assert float(in_graph["top_share"]) == pytest.approx(report["top_share"], abs=1e-6)
     assert float(in_graph["top_critical_share"]) == pytest.approx(1.0, abs=1e-6)
     assert float(in_graph["critical_share"]) == pytest.approx(0.8, abs=1e-6)
     assert float(in_graph["critical_token_share"]) == pytest.approx(2 / 19, abs=1e-6)
     # no VA mass (standard OPD): the step reports zeros, the diagnostics NaN
-    zero = step_lib.va_concentration(jnp.zeros((2, 10)), jnp.asarray(mask), jnp.asarray(ids), (7,))
+    zero = teacher_lib.va_concentration(jnp.zeros((2, 10)), jnp.asarray(mask), jnp.asarray(ids), (7,))
     assert float(zero["top_share"]) == 0.0 and float(zero["critical_token_share"]) > 0
     assert math.isnan(diagnostics.va_top_tokens(np.zeros((2, 10)), mask, ids, str)["top_share"])
     # uniform VA: the top 10 % carry 10 % (one token in ten)
-    uniform = step_lib.va_concentration(jnp.ones((1, 10)), jnp.ones((1, 10)), jnp.zeros((1, 10), jnp.int32))
+    uniform = teacher_lib.va_concentration(jnp.ones((1, 10)), jnp.ones((1, 10)), jnp.zeros((1, 10), jnp.int32))
     assert float(uniform["top_share"]) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="token_ids has shape"):
         diagnostics.va_top_tokens(va, mask, ids[:, :5], str)

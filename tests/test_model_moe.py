@@ -416,15 +416,17 @@ def test_trainer_and_evaluator_load_a_moe_checkpoint_and_sample_on_an_expert_mes
     import ml_collections
 
     from vaopd_jax import evaluate
+    from vaopd_jax.config import ModelConfig
     from vaopd_jax.models import load as load_lib
 
     cfg, _, model = _pair("top2_norm_dense_layer1")
     path = tmp_path / "moe_teacher"
     qwen3_vl.save_hf_checkpoint(model, path)
 
-    run = ml_collections.ConfigDict({"model": {"attention_impl": "chunked", "attention_chunk_size": 16}})
+    options = ModelConfig(dtype="float32", remat="none", kl_chunk_size=8, attention_impl="chunked",
+                          attention_chunk_size=16)
     mesh = make_mesh(data=4, fsdp=1, tensor=1, expert=2)
-    teacher = load_lib.load_model(run, str(path), mesh, dtype=jnp.float32)
+    teacher = load_lib.load_model(options, str(path), mesh, dtype=jnp.float32)
     assert teacher.config.text == cfg.text and teacher.config.attention_impl == "chunked"
     gate = teacher.language_model.layers.expert_gate_kernel[...]
     assert gate.sharding.spec[1] == "expert" and gate.addressable_shards[0].data.shape[1] == cfg.text.num_experts // 2

@@ -87,7 +87,7 @@ def _write_tiny_checkpoint(path: Path, seed: int) -> None:
 
     spec = config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vision_depth=1,
                                 vision_hidden=32, head_dim=16)
-    model = qwen3_vl.Qwen3VL(load_lib.config_from_spec(spec), rngs=nnx.Rngs(seed))
+    model = qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(spec), rngs=nnx.Rngs(seed))
     qwen3_vl.save_hf_checkpoint(model, path)
 
 

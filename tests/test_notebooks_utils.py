@@ -108,7 +108,7 @@ def _tiny_model(seed):
     # The real Qwen vocabulary and special ids (the records go through the real tokenizer).
     spec = config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vision_depth=1, vision_hidden=32,
                                 head_dim=16)
-    return qwen3_vl.Qwen3VL(load_lib.config_from_spec(spec), rngs=nnx.Rngs(seed))
+    return qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(spec), rngs=nnx.Rngs(seed))
 
 
 def test_score_visual_advantage_matches_full_logits():
@@ -120,7 +120,7 @@ def test_score_visual_advantage_matches_full_logits():
     source = synthetic.SyntheticSource(3, seed=5)
     records = [source[i] for i in range(3)]
     num_samples, max_new = 2, 6
-    kwargs = dict(pixelate_ratio=0.1, min_pixels=1024, max_pixels=4096)
+    kwargs = dict(pixelation_ratio=0.1, min_pixels=1024, max_pixels=4096)
     # 3 records in batches of 2: the last batch is filled up and its extra rows dropped.
     scored = notebook_utils.score_visual_advantage(student, teacher, tokenizer, records, max_new_tokens=max_new,
                                                    num_samples=num_samples, temperature=1.0, batch_size=2, seed=3,

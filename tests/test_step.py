@@ -16,6 +16,8 @@ from flax import nnx
 from tests.oracles import reference_opd_loss
 from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.distill import objective
+from vaopd_jax.distill import batch as train_batch_lib
+from vaopd_jax.distill import state as state_lib
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.distill.batch import build_train_batch
 from vaopd_jax.models import qwen3_vl
@@ -79,7 +81,7 @@ def setup():
     # comparison is not amplified by Adam's first-step g / |g| on near-zero gradient entries.
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5))
     config = step_lib.StepConfig(num_rollouts=K, kl_chunk_size=4, valid_vocab_size=VALID_VOCAB)
-    teacher_graphdef, teacher_params = step_lib.split_teacher(teacher)
+    teacher_graphdef, teacher_params = state_lib.split_teacher(teacher)
     train_step = step_lib.make_train_step(config, teacher_graphdef, optimizer, compiler_options=FAST_COMPILE)
     return dict(teacher=teacher, student=student, prompts=prompts, tokens=tokens, mask=mask, batch=batch,
                 optimizer=optimizer, config=config, teacher_graphdef=teacher_graphdef,
@@ -87,7 +89,7 @@ def setup():
 
 
 def _fresh_state(s, remat="block"):
-    return step_lib.create_train_state(s["student"], s["optimizer"], jax.random.key(0), remat=remat)
+    return state_lib.create_train_state(s["student"], s["optimizer"], jax.random.key(0), remat=remat)
 
 
 def _reference_loss(student_params, s, method="va_opd"):
@@ -124,7 +126,7 @@ def test_step_matches_full_logit_reference(setup):
     s = setup
     state = _fresh_state(s)
     params_before = jax.tree.map(np.asarray, state.params)
-    new_state, metrics = s["train_step"](state, s["teacher_params"], step_lib.shard_batch(s["batch"]),
+    new_state, metrics = s["train_step"](state, s["teacher_params"], train_batch_lib.shard_batch(s["batch"]),
                                          jax.random.key(7))
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: _reference_loss(p, s)),
                                   compiler_options=FAST_COMPILE)(jax.tree.map(jnp.asarray, params_before))
@@ -152,14 +154,14 @@ def test_state_is_donated(setup):
     s = setup
     state = _fresh_state(s)
     leaf = jax.tree.leaves(state.params)[0]
-    s["train_step"](state, s["teacher_params"], step_lib.shard_batch(s["batch"]), jax.random.key(0))
+    s["train_step"](state, s["teacher_params"], train_batch_lib.shard_batch(s["batch"]), jax.random.key(0))
     assert leaf.is_deleted()
 
 
 def test_few_va_opd_steps_lower_kl(setup):
     s = setup
     state = _fresh_state(s)
-    batch = step_lib.shard_batch(s["batch"])
+    batch = train_batch_lib.shard_batch(s["batch"])
     kls = []
     for _ in range(5):
         state, metrics = s["train_step"](state, s["teacher_params"], batch, jax.random.key(0))
@@ -174,7 +176,7 @@ def test_non_finite_batch_skips_update(setup):
     opt_before = jax.tree.map(np.asarray, state.opt_state)
     bad = s["batch"]._replace(pixel_values=s["batch"].pixel_values.copy())
     bad.pixel_values[0, 0, 0] = np.nan
-    new_state, metrics = s["train_step"](state, s["teacher_params"], step_lib.shard_batch(bad), jax.random.key(0))
+    new_state, metrics = s["train_step"](state, s["teacher_params"], train_batch_lib.shard_batch(bad), jax.random.key(0))
     assert float(metrics["skipped"]) == 1.0
     assert not np.isfinite(float(metrics["loss"]))
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(params_before)):
@@ -190,7 +192,7 @@ def test_opd_text_only_steps_lower_kl(setup):
     pb = testing.make_batch(cfg, [[], []], text_lens=[5, 3], seed=3)
     tokens, mask = _rollouts(1)
     prompts = batch_lib.from_flat(pb.input_ids, pb.attention_mask, None, None, cfg)
-    batch = step_lib.shard_batch(build_train_batch(prompts, tokens, mask, K, cfg))
+    batch = train_batch_lib.shard_batch(build_train_batch(prompts, tokens, mask, K, cfg))
     config = step_lib.StepConfig(num_rollouts=K, objective=objective.ObjectiveConfig(method="opd"), kl_chunk_size=5,
                                  valid_vocab_size=VALID_VOCAB)
     train_step = step_lib.make_train_step(config, s["teacher_graphdef"], s["optimizer"],
@@ -219,10 +221,10 @@ def test_moe_teacher_steps_lower_kl(setup):
     s = setup
     teacher = _moe_teacher()
     assert teacher.config.text.sparse_layers == (True, False)
-    teacher_graphdef, teacher_params = step_lib.split_teacher(teacher)
+    teacher_graphdef, teacher_params = state_lib.split_teacher(teacher)
     train_step = step_lib.make_train_step(s["config"], teacher_graphdef, s["optimizer"], compiler_options=FAST_COMPILE)
     state = _fresh_state(s)
-    batch = step_lib.shard_batch(s["batch"])
+    batch = train_batch_lib.shard_batch(s["batch"])
     kls, losses = [], []
     for _ in range(5):
         state, metrics = train_step(state, teacher_params, batch, jax.random.key(0))
@@ -239,16 +241,16 @@ def test_eight_devices_match_one_device(setup):
     s = setup
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     state1 = _fresh_state(s)
-    new1, metrics1 = s["train_step"](state1, s["teacher_params"], step_lib.shard_batch(s["batch"]),
+    new1, metrics1 = s["train_step"](state1, s["teacher_params"], train_batch_lib.shard_batch(s["batch"]),
                                      jax.random.key(0))
-    state8 = step_lib.create_train_state(s["student"], s["optimizer"], jax.random.key(0), remat="block", mesh=mesh)
-    teacher_graphdef, teacher_params8 = step_lib.split_teacher(s["teacher"], mesh=mesh)
+    state8 = state_lib.create_train_state(s["student"], s["optimizer"], jax.random.key(0), remat="block", mesh=mesh)
+    teacher_graphdef, teacher_params8 = state_lib.split_teacher(s["teacher"], mesh=mesh)
     assert len(jax.tree.leaves(state8.params)[0].sharding.device_set) == 8
-    sharding8 = step_lib.train_state_sharding(state8)
+    sharding8 = state_lib.train_state_sharding(state8)
     train_step8 = step_lib.make_train_step(s["config"], teacher_graphdef, s["optimizer"], mesh=mesh,
                                            state_sharding=sharding8,
                                            compiler_options=FAST_COMPILE)
-    batch8 = step_lib.shard_batch(s["batch"], mesh)
+    batch8 = train_batch_lib.shard_batch(s["batch"], mesh)
     assert batch8.input_ids.sharding.spec[0] == ("data", "fsdp")
     new8, metrics8 = train_step8(state8, teacher_params8, batch8, jax.random.key(0))
     np.testing.assert_allclose(float(metrics8["loss"]), float(metrics1["loss"]), rtol=1e-5)
@@ -291,7 +293,7 @@ def test_the_releases_655_step_schedule(monkeypatch):
         progress = (update - warmup) / max(1, total - warmup)
         return lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
-    schedule = step_lib.make_schedule(lr, total_steps=total, warmup_fraction=0.05)
+    schedule = state_lib.make_schedule(lr, total_steps=total, warmup_fraction=0.05)
     ours = np.asarray([float(schedule(s)) for s in range(total)])
     # float32 schedule: 1 + cos cancels near the end, so absolute error ~1e-7 of the peak there
     np.testing.assert_allclose(ours, [release_lr(s) for s in range(total)], rtol=1e-5, atol=1e-7 * lr)
@@ -308,8 +310,8 @@ def test_step_config_and_optimizer_validation():
     with pytest.raises(TypeError, match="ObjectiveConfig"):
         step_lib.StepConfig(objective="opd")
     with pytest.raises(ValueError, match="warmup_fraction"):
-        step_lib.make_optimizer(total_steps=10, warmup_fraction=1.0)
-    schedule = step_lib.make_schedule(1e-6, total_steps=100, warmup_fraction=0.05)
+        state_lib.make_optimizer(total_steps=10, warmup_fraction=1.0)
+    schedule = state_lib.make_schedule(1e-6, total_steps=100, warmup_fraction=0.05)
     np.testing.assert_allclose([float(schedule(i)) for i in (0, 5, 100)], [0.0, 1e-6, 0.0], atol=1e-12)
     # Cosine decay over steps [5, 100] after the linear warm-up.
     np.testing.assert_allclose(float(schedule(52)), 0.5e-6 * (1 + np.cos(np.pi * 47 / 95)), rtol=1e-5)

@@ -11,6 +11,8 @@ from flax import nnx
 from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.distill import microbatch
 from vaopd_jax.distill import objective
+from vaopd_jax.distill import batch as train_batch_lib
+from vaopd_jax.distill import state as state_lib
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.distill.batch import build_train_batch
 from vaopd_jax.models import qwen3_vl
@@ -53,7 +55,7 @@ def setup():
     lengths = np.array([6, 3, 1, 5, 0, 4, 6, 2])  # one empty rollout: its sibling takes the prompt's weight
     mask = (np.arange(TR)[None] < lengths[:, None]).astype(np.float32)
     batch = build_train_batch(prompts, tokens, mask, K, teacher_cfg)
-    teacher_graphdef, teacher_params = step_lib.split_teacher(_random_model(teacher_cfg, 1))
+    teacher_graphdef, teacher_params = state_lib.split_teacher(_random_model(teacher_cfg, 1))
     # Plain SGD with lr 1: new params = params - grads, so comparing params compares the gradients.
     optimizer = optax.sgd(1.0)
     student = _random_model(student_cfg, 2)
@@ -67,16 +69,16 @@ def _run(s, micro_batch_rollouts, method="va_opd", mesh=None):
         return s["results"][key]
     config = step_lib.StepConfig(num_rollouts=K, objective=objective.ObjectiveConfig(method=method), kl_chunk_size=4,
                                  valid_vocab_size=VALID_VOCAB, micro_batch_rollouts=micro_batch_rollouts)
-    state = step_lib.create_train_state(s["student"], s["optimizer"], jax.random.key(0), remat="block", mesh=mesh)
+    state = state_lib.create_train_state(s["student"], s["optimizer"], jax.random.key(0), remat="block", mesh=mesh)
     params = jax.tree.map(np.asarray, state.params)
     teacher_params = s["teacher_params"]
     if mesh is not None:
         teacher_params = jax.device_put(teacher_params, qwen3_vl.param_shardings(
             nnx.merge(s["teacher_graphdef"], teacher_params), mesh))
     train_step = step_lib.make_train_step(config, s["teacher_graphdef"], s["optimizer"], mesh=mesh,
-                                          state_sharding=step_lib.train_state_sharding(state) if mesh else None,
+                                          state_sharding=state_lib.train_state_sharding(state) if mesh else None,
                                           compiler_options=FAST_COMPILE)
-    new_state, metrics = train_step(state, teacher_params, step_lib.shard_batch(s["batch"], mesh), jax.random.key(3))
+    new_state, metrics = train_step(state, teacher_params, train_batch_lib.shard_batch(s["batch"], mesh), jax.random.key(3))
     grads = jax.tree.map(lambda before, after: before - np.asarray(after), params, new_state.params)
     out = {"metrics": {k: float(v) for k, v in metrics.items()}, "grads": grads}
     s["results"][key] = out

@@ -38,7 +38,7 @@ def shared(tmp_path_factory):
     from vaopd_jax.models import qwen3_vl
 
     root = tmp_path_factory.mktemp("train")
-    teacher = qwen3_vl.Qwen3VL(load_lib.config_from_spec(config_lib.tiny_spec(**TINY)),
+    teacher = qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(config_lib.tiny_spec(**TINY)),
                                param_dtype=jnp.float32, rngs=nnx.Rngs(5))
     qwen3_vl.save_hf_checkpoint(teacher, str(root / "teacher"))
     # VAOPD_TEST_JAX_CACHE keeps compiled programs across test sessions (local iteration).
@@ -112,7 +112,8 @@ def test_checkpoints_load_with_the_runs_attention_options(shared):
     load_lib = importlib.import_module("vaopd_jax.models.load")
     config = module_config("demo")
     config.model.attention_impl, config.model.attention_chunk_size = "chunked", 16
-    model = load_lib.load_model(config, shared["teacher"], None, dtype=jnp.float32)
+    options = importlib.import_module("vaopd_jax.config").load(config, check_paths=False).model
+    model = load_lib.load_model(options, shared["teacher"], None, dtype=jnp.float32)
     assert (model.config.attention_impl, model.config.attention_chunk_size) == ("chunked", 16)
 
 

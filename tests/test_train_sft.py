@@ -16,7 +16,7 @@ from vaopd_jax.data import tokenizer as tokenizer_lib
 @pytest.fixture(scope="module")
 def setup():
     tok = tokenizer_lib.load_tokenizer(None)
-    cfg = load_lib.config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
+    cfg = config_lib.model_config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
                                                                  vision_depth=1, vision_hidden=32))
     pcfg = pipeline.PipelineConfig(batch_size=8, prompt_buckets=(32, 64), prompt_patch_buckets=(16, 32), min_pixels=1024,
                                    max_pixels=4096, shard_index=0, shard_count=1)
@@ -138,9 +138,9 @@ def test_task_vocabulary_tokenizer_and_model(setup, tmp_path):
     assert isinstance(again, tokenizer_lib.TaskVocabTokenizer) and list(again.base_ids) == list(tok.base_ids)
     # a tiny model of the task vocabulary: its vocabulary and special ids are the compact ones
     spec = config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vision_depth=1, vision_hidden=32)
-    import ml_collections
-
-    run = ml_collections.ConfigDict({"model": {"attention_impl": "xla", "attention_chunk_size": 16}})
+    run = config_lib.ModelConfig(dtype="float32", remat="none", kl_chunk_size=8, attention_impl="xla",
+                                 attention_chunk_size=16)
+    spec = config_lib.model_config_from_spec(spec)
     model = load_lib.tiny_model(run, spec, tokenizer=tok)
     assert model.config.text.vocab_size == len(tok)
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")

@@ -1,22 +1,26 @@
-"""Training-config schema helpers and validation, run before any compute.
+"""The training config: one typed object, validated once at the entry points.
 
-The config files in ``configs/`` build an ``ml_collections.ConfigDict`` from
-``configs/base.py`` (the paper recipe, spec/METHOD.md "Defaults") and change a
-few fields. ``validate(config)`` checks every field the trainer reads and
-raises one ``ConfigError`` listing every problem, each naming the field, the
-value seen and the allowed range, e.g.::
+The config files in ``configs/`` build an ``ml_collections.ConfigDict`` (every field overridable on the command
+line) from ``configs/base.py`` (the paper's recipe) and change a few fields. ``load(config_dict)`` checks every
+field, turns the tree into the frozen dataclasses below (`Config` and its parts) and raises one ``ConfigError``
+listing every problem at once, each naming the field, the value seen and the allowed range, e.g.::
 
-    config.va.p_v = 1.5: must be in (0, 1] (fraction of a rollout's tokens in the high-VA group, Eq. 5)
+    config.va.p_v = 1.5: must be in (0, 1] (p_v, fraction of a rollout's tokens in the high-VA group, Eq. 5)
 
-Methods (spec/METHOD.md "Ablations"):
+Nothing below the entry points (train, study, evaluate, the demo's warm-ups) sees the ConfigDict: the model
+loader gets a `ModelConfig`, the sampler a `RolloutConfig`, the objective an `ObjectiveConfig`
+(`Config.objective()`), the data code the typed `Config`.
+
+Methods (docs/method.md, "Ablations"):
   ``va_opd``         rollout reweighting (Eq. 3-4) and token grouping (Eq. 5)
   ``reweight_only``  reweighting, plain token mean inside each rollout
-  ``group_only``     grouping, uniform rollout weights 1/K
+  ``group_only``     grouping, uniform rollout weights
   ``opd``            standard on-policy distillation (neither)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,14 +29,16 @@ from typing import Any
 import ml_collections
 
 from vaopd_jax.data import tokenizer as tokenizer_lib
-from vaopd_jax.data.processor import IMAGE_PATHS
 from vaopd_jax.data.batch import VIEWS as SFT_IMAGES  # the demo warm-ups' view of the images
+from vaopd_jax.data.processor import IMAGE_PATHS
 from vaopd_jax.distill.objective import METHODS, RANGES, REWEIGHTING_METHODS, ObjectiveConfig, Range
 from vaopd_jax.models.qwen3_vl.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, Qwen3VLConfig
 from vaopd_jax.runtime.watchdog import ACTIONS as WATCHDOG_ACTIONS
 
 DATA_SOURCES = ("synthetic", "geometry3k", "virl39k")
+BASE = "configs/base.py"
 DEMO = "configs/demo.py"  # where the demo-only fields (tiny models, warm-ups, the synthetic task) live
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # parallel.mesh.MESH_AXES (config.mesh.<axis>)
 # Model sizes a config may name (<role>.size), checked against a checkpoint's config.json by their text fields:
 # width, depth and MLP width for the dense models; width, depth, expert count and expert MLP width for the
 # mixture-of-experts ones (their dense intermediate_size is unused when every layer is sparse).
@@ -41,9 +47,468 @@ MODEL_SIZES = {"2b": Qwen3VLConfig.qwen3_vl_2b, "4b": Qwen3VLConfig.qwen3_vl_4b,
                "235b-a22b": Qwen3VLConfig.qwen3_vl_235b_a22b}
 _DENSE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size")
 _MOE_KEYS = ("hidden_size", "num_hidden_layers", "num_experts", "moe_intermediate_size")
-MESH_AXES = ("data", "fsdp", "expert", "tensor")  # parallel.mesh.MESH_AXES (config.mesh.<axis>)
 
 
+class ConfigError(ValueError):
+    """A configuration field is missing, out of range or inconsistent."""
+
+
+# ----------------------------------------------------------------------------- the schema
+def _field(kind: str, *, lo=None, hi=None, lo_open=False, hi_open=False, why="", choices=None, allowed=None,
+           where: str = BASE, default=dataclasses.MISSING, **extra):
+    """A config field: its kind ('int' | 'float' | 'bool' | 'str' | 'ints' | 'sub' | 'tiny'), its allowed values
+    (a range, or choices) and the config file that defines it (named when it is missing)."""
+    rng = allowed or (Range(lo, hi, lo_open=lo_open, hi_open=hi_open, why=why)
+                      if lo is not None or hi is not None else None)
+    meta = {"kind": kind, "range": rng, "choices": choices, "where": where, "why": why, **extra}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _sub(cls, *, optional: bool = False, where: str = BASE):
+    return _field("sub", cls=cls, where=where, default=None if optional else dataclasses.MISSING)
+
+
+@dataclasses.dataclass(frozen=True)
+class SftConfig:
+    """The demo's supervised warm-up of a tiny model on the synthetic task (vaopd_jax/sft.py).
+
+    steps >= 1; lr > 0; batch_size >= 1; image_word_weight > 0: the loss weight of the reply words that depend on
+    the image; fine_fraction in [0, 1]: share of fine-detail questions; images: the view learnt from (original |
+    pixelated | pixelated_fine); output_dir: where the model is cached ('' = <workdir>/<role>_sft).
+    """
+
+    steps: int = _field("int", lo=1, where=DEMO)
+    lr: float = _field("float", lo=0, lo_open=True, where=DEMO)
+    batch_size: int = _field("int", lo=1, where=DEMO)
+    image_word_weight: float = _field("float", lo=0, lo_open=True, where=DEMO,
+                                      why="loss weight of the reply words that depend on the image")
+    fine_fraction: float = _field("float", lo=0, hi=1, where=DEMO, why="share of fine-detail questions")
+    images: str = _field("str", choices=SFT_IMAGES, where=DEMO)
+    output_dir: str = _field("str", where=DEMO)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleConfig:
+    """The student or the teacher. init: 'hf' (hf_path, a Hugging Face Qwen3-VL directory), 'sft' (a tiny model
+    taught the synthetic task first, `sft`) or, for the student, 'random' (a random tiny model); size: '' or a
+    MODEL_SIZES name checked against hf_path's config.json; tiny: the tiny shape (a `tiny_spec`, demo only)."""
+
+    init: str = _field("str", choices=("hf", "sft", "random"))
+    hf_path: str = _field("str")
+    size: str = _field("str", choices=("",) + tuple(MODEL_SIZES))
+    tiny: Qwen3VLConfig | None = _field("tiny", where=DEMO, default=None)
+    sft: SftConfig | None = _sub(SftConfig, optional=True, where=DEMO)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAConfig:
+    """The visual advantage's hyper-parameters (Eq. 2-5) and the pixelated view: p_v, lam, tau, eps
+    (`objective.RANGES`), pixelation_ratio in (0, 1) (side fraction of the pixelated view)."""
+
+    p_v: float = _field("float", allowed=RANGES["high_fraction"])
+    lam: float = _field("float", allowed=RANGES["high_weight"])
+    tau: float = _field("float", allowed=RANGES["tau"])
+    eps: float = _field("float", allowed=RANGES["eps"])
+    pixelation_ratio: float = _field("float", lo=0, hi=1, lo_open=True, hi_open=True,
+                                     why="side fraction of the pixelated view")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Student rollouts (`rollout.Sampler`): num_rollouts per prompt, max_new_tokens, temperature (0 = greedy),
+    top_p in (0, 1], top_k (0 = off)."""
+
+    num_rollouts: int = _field("int", lo=1)
+    max_new_tokens: int = _field("int", lo=1)
+    temperature: float = _field("float", lo=0, why="0 means greedy")
+    top_p: float = _field("float", lo=0, hi=1, lo_open=True)
+    top_k: int = _field("int", lo=0, why="0 disables top-k")
+
+    def sampler_settings(self) -> dict:
+        """`rollout.Sampler` keyword arguments."""
+        return dict(max_new_tokens=self.max_new_tokens, num_samples=self.num_rollouts, temperature=self.temperature,
+                    top_p=self.top_p, top_k=self.top_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Prompts: the record sources (`data.splits`), the image bounds and path, the static buckets."""
+
+    source: str = _field("str", choices=DATA_SOURCES)
+    train_path: str = _field("str")
+    val_source: str = _field("str", choices=DATA_SOURCES)
+    val_path: str = _field("str")
+    prompts_per_step: int = _field("int", lo=1)
+    num_epochs: float = _field("float", lo=0, lo_open=True)
+    min_pixels: int = _field("int", lo=1)
+    max_pixels: int = _field("int", lo=1)
+    image_path: str = _field("str", choices=IMAGE_PATHS)
+    prompt_buckets: tuple[int, ...] = _field("ints", minimum=1)
+    prompt_patch_buckets: tuple[int, ...] = _field("ints", minimum=4)
+    num_workers: int = _field("int", lo=0)
+    # The synthetic task (configs/demo.py).
+    synthetic_train_size: int | None = _field("int", lo=1, where=DEMO, default=None)
+    synthetic_fine_fraction: float | None = _field("float", lo=0, hi=1, where=DEMO, default=None,
+                                                   why="share of fine-detail questions in the training prompts")
+    image_size: int | None = _field("int", lo=32, where=DEMO, default=None)
+    task_vocabulary: bool = _field("bool", where=DEMO, default=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """How the models run (chosen by the run, whatever the checkpoint says): dtype of params and matmuls,
+    rematerialisation, KL chunk, attention kernel and its chunk."""
+
+    dtype: str = _field("str", choices=DTYPES)
+    remat: str = _field("str", choices=REMAT_POLICIES)
+    kl_chunk_size: int = _field("int", lo=1)
+    attention_impl: str = _field("str", choices=ATTENTION_IMPLS)
+    attention_chunk_size: int = _field("int", lo=1)
+
+    def runtime_options(self) -> dict:
+        """The model-config fields the run chooses (`Qwen3VLConfig.replace(**options)`)."""
+        return {"attention_impl": self.attention_impl, "attention_chunk_size": self.attention_chunk_size}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping, linear warm-up and cosine decay (`distill.state.make_optimizer`)."""
+
+    lr: float = _field("float", lo=0, lo_open=True)
+    b1: float = _field("float", lo=0, hi=1, hi_open=True)
+    b2: float = _field("float", lo=0, hi=1, hi_open=True)
+    weight_decay: float = _field("float", lo=0)
+    clip_norm: float = _field("float", lo=0, lo_open=True)
+    warmup_fraction: float = _field("float", lo=0, hi=1, hi_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchdogConfig:
+    timeout_s: float = _field("float", lo=0, why="0 turns the watchdog off")
+    first_timeout_s: float = _field("float", lo=0, why="0 = train.watchdog.timeout_s")
+    action: str = _field("str", choices=WATCHDOG_ACTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps (-1 = from data.num_epochs), logging, checkpoints, non-finite steps, micro-batches,
+    the compilation cache, the watchdog and the mechanism logging of the step (`distill.step.StepConfig`)."""
+
+    num_steps: int = _field("int", lo=-1, why="-1 derives it from data.num_epochs")
+    log_every: int = _field("int", lo=1)
+    checkpoint_every: int = _field("int", lo=1)
+    keep_checkpoints: int = _field("int", lo=1)
+    async_checkpoint: bool = _field("bool")
+    max_nonfinite_steps: int = _field("int", lo=1, why="consecutive skipped (non-finite) steps before the run stops")
+    peak_tflops_per_device: float = _field("float", lo=0, why="0 = look up the device kind for the MFU estimate")
+    micro_batch_rollouts: int = _field("int", lo=0, why="0 = all rollouts at once")
+    compilation_cache_dir: str = _field("str", why="a directory, '' (the default one) or 'none'")
+    watchdog: WatchdogConfig = _sub(WatchdogConfig)
+    # Mechanism logging (the miniature's study turns it on): the teacher's pixelated pass and the VA metrics also
+    # for standard OPD; the share of the loss's gradient on the vision-critical tokens (one more student pass).
+    log_visual_advantage: bool = _field("bool", default=False)
+    log_token_gradients: bool = _field("bool", default=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Periodic validation (every 0 = off): problems, samples per problem (avg@k), sampling, batch size."""
+
+    every: int = _field("int", lo=0, why="0 disables periodic validation")
+    num_problems: int = _field("int", lo=1)
+    num_samples: int = _field("int", lo=1)
+    temperature: float = _field("float", lo=0)
+    top_p: float = _field("float", lo=0, hi=1, lo_open=True)
+    max_new_tokens: int = _field("int", lo=1)
+    batch_size: int = _field("int", lo=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Devices per mesh axis (-1: the remaining devices, at most one axis); a MoE teacher's experts split over
+    `expert`."""
+
+    data: int = _field("int", lo=-1, why="-1 takes the remaining devices")
+    fsdp: int = _field("int", lo=-1, why="-1 takes the remaining devices")
+    expert: int = _field("int", lo=-1, why="-1 takes the remaining devices; a MoE teacher's experts are split over it")
+    tensor: int = _field("int", lo=-1, why="-1 takes the remaining devices")
+
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.data, self.fsdp, self.expert, self.tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    final: bool = _field("bool")
+    best: bool = _field("bool")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A validated training config (`load`). Every part is a frozen dataclass; see configs/base.py for the
+    meaning and the paper's value of each field."""
+
+    workdir: str = _field("str")
+    seed: int = _field("int", lo=0, hi=2**31 - 1)
+    method: str = _field("str", choices=METHODS)
+    tokenizer_path: str = _field("str")
+    student: RoleConfig = _sub(RoleConfig)
+    teacher: RoleConfig = _sub(RoleConfig)
+    va: VAConfig = _sub(VAConfig)
+    rollout: RolloutConfig = _sub(RolloutConfig)
+    data: DataConfig = _sub(DataConfig)
+    model: ModelConfig = _sub(ModelConfig)
+    optim: OptimConfig = _sub(OptimConfig)
+    train: TrainConfig = _sub(TrainConfig)
+    eval: EvalConfig = _sub(EvalConfig)
+    mesh: MeshConfig = _sub(MeshConfig)
+    export: ExportConfig = _sub(ExportConfig)
+
+    def objective(self) -> ObjectiveConfig:
+        """The method and its VA hyper-parameters: the paper's names (p_v, lambda) meet the objective's here."""
+        va = self.va
+        return ObjectiveConfig(method=self.method, high_fraction=va.p_v, high_weight=va.lam, tau=va.tau, eps=va.eps)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- building and checking
+class _Problems(list):
+    def fail(self, name: str, value: Any, rule: str) -> None:
+        self.append(f"config.{name} = {value!r}: {rule}")
+
+
+def _number(value, kind: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _value(name: str, value: Any, meta: dict, problems: _Problems) -> Any:
+    """One leaf, checked; None (with a problem) when it is wrong."""
+    kind = meta["kind"]
+    if kind in ("int", "float"):
+        if not _number(value, kind):
+            problems.fail(name, value, "must be an integer" if kind == "int" else "must be a finite number")
+            return None
+        problem = meta["range"].problem(value) if meta["range"] else None
+        if problem:
+            problems.fail(name, value, problem)
+            return None
+        return float(value) if kind == "float" else int(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            problems.fail(name, value, "must be true or false")
+            return None
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            problems.fail(name, value, "must be a string" + (f": {meta['why']}" if meta["why"] else ""))
+            return None
+        if meta["choices"] is not None and value not in meta["choices"]:
+            problems.fail(name, value, f"must be one of {tuple(meta['choices'])}")
+            return None
+        return value
+    if kind == "ints":
+        minimum = meta["minimum"]
+        values = list(value) if isinstance(value, (list, tuple)) else None
+        if (not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values)
+                or values != sorted(set(values))):
+            problems.fail(name, value, f"must be a non-empty increasing list of integers >= {minimum}")
+            return None
+        return tuple(int(v) for v in values)
+    if kind == "tiny":
+        try:
+            return model_config_from_spec(value)
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            problems.fail(name, "<tiny spec>", f"is not a valid tiny_spec ({err}); build it with config.tiny_spec")
+            return None
+    raise AssertionError(kind)
+
+
+def _build(cls, node, path: str, problems: _Problems):
+    """The dataclass `cls` from a ConfigDict node; every problem of the subtree is recorded."""
+    prefix = f"{path}." if path else ""
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        problems.append(f"config.{path} = {node!r}: must be a group of fields")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in node.keys():
+        if key not in fields:
+            problems.append(f"config.{prefix}{key}: unknown field (the fields of config.{path or '<root>'} are "
+                            f"{', '.join(fields)})")
+    values, complete = {}, True
+    for name, f in fields.items():
+        meta = f.metadata
+        if name not in node or node[name] is None:
+            if f.default is not dataclasses.MISSING:
+                values[name] = f.default
+                continue
+            problems.append(f"config.{prefix}{name} is missing (the trainer reads it; start from {meta['where']})")
+            complete = False
+            continue
+        if meta["kind"] == "sub":
+            value = _build(meta["cls"], node[name], prefix + name, problems)
+        else:
+            value = _value(prefix + name, node[name], meta, problems)
+        complete &= value is not None
+        values[name] = value
+    return cls(**values) if complete else None
+
+
+def load(config: ml_collections.ConfigDict, *, check_paths: bool = True, device_count: int | None = None,
+         process_count: int = 1) -> Config:
+    """The typed, validated training config of a ConfigDict; raises ``ConfigError`` listing every problem.
+
+    check_paths: also check that teacher/student/data paths exist, that the two models agree (vocabulary) and
+      that the lengths fit the models' positions (off for unit tests of ranges).
+    device_count: the devices of the run (jax.device_count()): the mesh must divide it and the batch the mesh.
+    process_count: the processes of the run: each loads its share of every step's prompts.
+    """
+    problems = _Problems()
+    typed = _build(Config, config, "", problems)
+    if typed is not None:
+        sizes = _cross_checks(typed, problems, device_count)
+        if typed.data.prompts_per_step % process_count:
+            problems.fail("data.prompts_per_step", typed.data.prompts_per_step,
+                          f"must be divisible by the number of processes ({process_count})")
+        if check_paths:
+            _check_paths(typed, problems, expert=(sizes or {}).get("expert", typed.mesh.expert))
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return typed
+
+
+def _cross_checks(c: Config, problems: _Problems, device_count: int | None) -> dict | None:
+    """The rules that tie fields together; returns the mesh axes' sizes when the device count is known."""
+    if not c.workdir.strip():
+        problems.fail("workdir", c.workdir, "must be a non-empty path (pass --config.workdir=DIR)")
+    if c.method in REWEIGHTING_METHODS and c.rollout.num_rollouts < 2:
+        problems.fail("rollout.num_rollouts", c.rollout.num_rollouts,
+                      f"must be >= 2 with method={c.method!r}: rollout weights are a softmax over the rollouts of "
+                      "a prompt (Eq. 3-4); use method='opd' or 'group_only' for one rollout per prompt")
+    d = c.data
+    if d.min_pixels > d.max_pixels:
+        problems.fail("data.min_pixels", d.min_pixels, f"must be <= config.data.max_pixels = {d.max_pixels}")
+    if any(b % 4 for b in d.prompt_patch_buckets):
+        problems.fail("data.prompt_patch_buckets", d.prompt_patch_buckets, "must be multiples of 4 (spatial merge 2 x 2)")
+    if "synthetic" in (d.source, d.val_source):
+        for name in ("synthetic_train_size", "synthetic_fine_fraction", "image_size"):
+            if getattr(d, name) is None:
+                problems.append(f"config.data.{name} is missing (the synthetic task reads it; start from {DEMO})")
+    if c.train.num_steps == 0:
+        problems.fail("train.num_steps", 0, "must be >= 1, or -1 to derive it from data.num_epochs")
+    micro, k, prompts = c.train.micro_batch_rollouts, c.rollout.num_rollouts, d.prompts_per_step
+    if micro and (micro % k or (prompts * k) % micro):
+        problems.fail("train.micro_batch_rollouts", micro,
+                      f"must be 0 or a multiple of rollout.num_rollouts = {k} (whole prompts) that divides the "
+                      f"step's {prompts} x {k} = {prompts * k} rollouts")
+    _check_roles(c, problems)
+    return _check_mesh(c, problems, device_count)
+
+
+def _check_mesh(c: Config, problems: _Problems, device_count: int | None) -> dict | None:
+    shape = dict(zip(MESH_AXES, c.mesh.shape()))
+    for axis, size in shape.items():
+        if size == 0:
+            problems.fail(f"mesh.{axis}", 0, "must be >= 1 or -1")
+    if sum(1 for size in shape.values() if size == -1) > 1:
+        problems.append(f"config.mesh: at most one of {'/'.join(MESH_AXES)} may be -1")
+        return None
+    if device_count is None or any(size == 0 for size in shape.values()):
+        return None
+    fixed = math.prod(size for size in shape.values() if size != -1)
+    if device_count % fixed:
+        problems.append(f"config.mesh = {shape}: the fixed axes need a multiple of {fixed} devices; this run has "
+                        f"{device_count}")
+        return None
+    sizes = {axis: (device_count // fixed if size == -1 else size) for axis, size in shape.items()}
+    if math.prod(sizes.values()) != device_count:
+        problems.append(f"config.mesh = {shape}: uses {math.prod(sizes.values())} of the run's {device_count} "
+                        "devices (set one axis to -1 to take the rest)")
+    batch_axes = sizes["data"] * sizes["fsdp"] * sizes["expert"]  # the logical 'batch' axis (sharding rules)
+    rows = c.data.prompts_per_step * c.rollout.num_rollouts
+    if rows % batch_axes:
+        problems.fail("data.prompts_per_step", c.data.prompts_per_step,
+                      f"x rollout.num_rollouts = {rows} rollouts per step must be divisible by the batch axes of the "
+                      f"mesh (data x fsdp x expert = {batch_axes}), or each device would hold every rollout")
+    return sizes
+
+
+def _check_roles(c: Config, problems: _Problems) -> None:
+    if c.teacher.init == "random":
+        problems.fail("teacher.init", "random", "must be 'hf' or 'sft' (a random teacher teaches nothing)")
+    if c.student.init in ("random", "sft") and c.student.tiny is None:
+        problems.append(f"config.student.tiny is missing (student.init={c.student.init!r} builds a tiny model; "
+                        f"start from {DEMO})")
+    if c.teacher.init == "sft" and c.teacher.tiny is None:
+        problems.append(f"config.teacher.tiny is missing (teacher.init='sft' builds a tiny model; start from {DEMO})")
+    for role in ("teacher", "student"):
+        node = getattr(c, role)
+        if node.init == "sft":
+            if node.sft is None:
+                problems.append(f"config.{role}.sft is missing ({role}.init='sft' warms a tiny model up; start from "
+                                f"{DEMO})")
+            if c.data.source != "synthetic":
+                problems.fail("data.source", c.data.source, f"must be 'synthetic' when {role}.init='sft' (the demo "
+                              "warm-up is defined on the synthetic task)")
+    if c.data.task_vocabulary:
+        rules = (("teacher.init", c.teacher.init, ("sft",)), ("student.init", c.student.init, ("random", "sft")),
+                 ("data.source", c.data.source, ("synthetic",)), ("data.val_source", c.data.val_source, ("synthetic",)),
+                 ("data.num_workers", c.data.num_workers, (0,)))
+        for name, value, allowed in rules:
+            if value not in allowed:
+                problems.fail(name, value, f"must be one of {allowed} with data.task_vocabulary=True (the tiny models "
+                              "built here get the synthetic task's compact vocabulary; grain workers would reload the "
+                              "full tokenizer)")
+
+
+def _check_paths(c: Config, problems: _Problems, expert: int) -> None:
+    """The files the run reads, and what the two models' configs must agree on."""
+    texts = {}  # role -> text config (dict) of its model: from its checkpoint, or from the tiny spec
+    for role, other in (("teacher", "teacher.init='sft', the demo teacher"),
+                        ("student", "student.init='random' / 'sft'")):
+        node = getattr(c, role)
+        if node.init == "hf":
+            if not node.hf_path or not os.path.isfile(os.path.join(node.hf_path, "config.json")):
+                problems.fail(f"{role}.hf_path", node.hf_path, "must be a local Hugging Face Qwen3-VL directory with "
+                              f"config.json (or configs/demo.py's {other})")
+                continue
+            texts[role] = _read_text_config(node.hf_path)
+            _check_size(c, problems, role, node.hf_path)
+            if role == "teacher" and expert > 1:
+                problem = expert_axis_problem(node.hf_path, expert)
+                if problem:
+                    problems.fail("mesh.expert", c.mesh.expert, problem)
+        elif node.tiny is not None:
+            texts[role] = dataclasses.asdict(node.tiny.text)
+    if "teacher" in texts and "student" in texts:
+        teacher_vocab, student_vocab = texts["teacher"].get("vocab_size"), texts["student"].get("vocab_size")
+        if teacher_vocab != student_vocab:
+            problems.append(f"student vocabulary size {student_vocab} != teacher vocabulary size {teacher_vocab}: the "
+                            "token KL (Eq. 1) compares distributions over one vocabulary; pick a student and teacher "
+                            "of one family")
+    longest = max(c.data.prompt_buckets) + max(c.rollout.max_new_tokens, c.eval.max_new_tokens)
+    for role, text in texts.items():
+        positions = text.get("max_position_embeddings")
+        if positions and longest > positions:
+            problems.fail("rollout.max_new_tokens", c.rollout.max_new_tokens,
+                          f"the longest prompt (data.prompt_buckets up to {max(c.data.prompt_buckets)}) plus "
+                          f"max(rollout, eval).max_new_tokens = {longest} tokens exceeds the {role}'s "
+                          f"{positions} positions (max_position_embeddings)")
+    for split, source_field in (("train_path", "source"), ("val_path", "val_source")):
+        path, source = getattr(c.data, split), getattr(c.data, source_field)
+        if source != "synthetic" and (not path or not os.path.exists(path)):
+            problems.fail(f"data.{split}", path, f"must be an existing file or directory for data.{source_field}={source!r}")
+    if c.tokenizer_path and not os.path.isdir(c.tokenizer_path):
+        problems.fail("tokenizer_path", c.tokenizer_path,
+                      "must be a local tokenizer directory, or '' for the offline Qwen tokenizer")
+
+
+# ----------------------------------------------------------------------------- model sizes
 def _size_signature(size: str) -> dict:
     text = MODEL_SIZES[size]().text
     return {key: getattr(text, key) for key in (_MOE_KEYS if text.is_moe else _DENSE_KEYS)}
@@ -62,45 +527,80 @@ def _describe(signature: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in signature.items())
 
 
-class ConfigError(ValueError):
-    """A configuration field is missing, out of range or inconsistent."""
+def _read_text_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        hf = json.load(f)
+    return hf.get("text_config", hf)
 
 
+def _check_size(c: Config, problems: _Problems, role: str, path: str) -> None:
+    """The checkpoint's config.json against ``<role>.size`` (a paper variant names its teacher's size)."""
+    size = getattr(c, role).size
+    if not size:
+        return
+    found, expected = _text_signature(_read_text_config(path)), _size_signature(size)
+    if found != expected:
+        named = [name for name in MODEL_SIZES if _size_signature(name) == found]
+        what = f"a Qwen3-VL-{named[0].upper()}" if named else "no Qwen3-VL size this project knows"
+        problems.fail(f"{role}.hf_path", path,
+                      f"its config.json is {what} (text {_describe(found)}) but config.{role}.size = {size!r} expects "
+                      f"{_describe(expected)}: point {role}.hf_path at the Qwen3-VL-{size.upper()} checkpoint"
+                      + (f" or pick the variant {role}={named[0]}" if named and role == "teacher" else ""))
+
+
+def expert_axis_problem(path: str, expert: int) -> str | None:
+    """Why an 'expert' mesh axis of size `expert` cannot split the experts of the MoE checkpoint at `path` (None
+    when it can, or when the checkpoint is dense: there the axis is one more FSDP axis)."""
+    experts = _text_signature(_read_text_config(path)).get("num_experts")
+    if experts and experts % expert:
+        return (f"an expert axis of {expert} devices must divide the teacher's {experts} experts "
+                f"({path}/config.json); pick a divisor of {experts}, or 1")
+    return None
+
+
+def hf_vocab_size(path: str) -> int:
+    """``text_config.vocab_size`` from a Hugging Face Qwen3-VL ``config.json``."""
+    text = _read_text_config(path)
+    if "vocab_size" not in text:
+        raise ConfigError(f"{os.path.join(path, 'config.json')} has no text_config.vocab_size (is it a Qwen3-VL "
+                          "checkpoint?)")
+    return int(text["vocab_size"])
+
+
+# ----------------------------------------------------------------------------- helpers of the config files
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses a big_vision style config argument ``'method=opd,teacher=8b'``.
 
-    Every key must appear in ``defaults``; each value is converted to the type
-    of its default (bool accepts true/false/1/0).
+    Every key must appear in ``defaults``; each value is converted to the type of its default (bool accepts
+    true/false/1/0).
     """
     out = dict(defaults)
-    if arg:
-        for item in arg.split(","):
-            if not item.strip():
-                continue
-            if "=" not in item:
-                raise ConfigError(
-                    f"config argument {item!r} in {arg!r} is not key=value; known keys: {sorted(defaults)}")
-            key, value = (s.strip() for s in item.split("=", 1))
-            if key not in defaults:
-                raise ConfigError(f"config argument key {key!r} in {arg!r} is unknown; known keys: {sorted(defaults)}")
-            default = defaults[key]
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ConfigError(f"config argument {key}={value!r}: expected true/false")
-                out[key] = value.lower() in ("true", "1")
-            elif isinstance(default, (int, float)) and not isinstance(default, bool):
+    for item in (arg or "").split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ConfigError(f"config argument {item!r} in {arg!r} is not key=value; known keys: {sorted(defaults)}")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in defaults:
+            raise ConfigError(f"config argument key {key!r} in {arg!r} is unknown; known keys: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"config argument {key}={value!r}: expected true/false")
+            out[key] = value.lower() in ("true", "1")
+        elif isinstance(default, (int, float)):
+            try:
                 out[key] = type(default)(value)
-            else:
-                out[key] = value
+            except ValueError:
+                raise ConfigError(f"config argument {key}={value!r}: expected a {type(default).__name__}") from None
+        else:
+            out[key] = value
     return ml_collections.ConfigDict(out)
 
 
 def load_sibling(config_file: str, name: str):
-    """Imports the config module ``name`` that sits beside ``config_file`` (e.g. ``configs/base.py``).
-
-    Config files are loaded by path (``--config configs/x.py``), so they cannot
-    rely on ``configs`` being importable from the current directory.
-    """
+    """Imports the config module ``name`` that sits beside ``config_file`` (e.g. ``configs/base.py``): config files
+    are loaded by path (``--config configs/x.py``), so they cannot rely on ``configs`` being importable."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
@@ -114,11 +614,10 @@ def load_sibling(config_file: str, name: str):
 
 def tiny_spec(*, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, vision_depth: int,
               vision_hidden: int, head_dim: int = 32, vocab_size: int = 151936) -> ml_collections.ConfigDict:
-    """A tiny Qwen3-VL shape for random-init / demo models (``models.load.config_from_spec(spec)``).
+    """A tiny Qwen3-VL shape for random-init / demo models (`model_config_from_spec(spec)`).
 
-    The real vocabulary and special ids (the offline Qwen tokenizer), tied
-    embeddings (halves the 151,936-row tables), an MRoPE section summing to
-    head_dim / 2, and deepstack after every vision block but the last.
+    The real vocabulary and special ids (the offline Qwen tokenizer), tied embeddings (halves the 151,936-row
+    tables), an MRoPE section summing to head_dim / 2, and deepstack after every vision block but the last.
     """
     quarter = head_dim // 8
     return ml_collections.ConfigDict({
@@ -130,302 +629,15 @@ def tiny_spec(*, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, 
                    "num_heads": 2, "num_position_embeddings": 64,
                    "deepstack_visual_indexes": tuple(range(max(vision_depth - 1, 1)))},
         "tie_word_embeddings": True,
-        # Tiny demo models use the real tokenizer, so they keep its special ids (spec/QWEN3VL.md).
+        # Tiny demo models use the real tokenizer, so they keep its special ids.
         "image_token_id": tokenizer_lib.IMAGE_PAD_ID, "video_token_id": tokenizer_lib.VIDEO_PAD_ID,
         "vision_start_token_id": tokenizer_lib.VISION_START_ID, "vision_end_token_id": tokenizer_lib.VISION_END_ID,
     })
 
 
-# config.va field -> ObjectiveConfig field: the paper's names (p_v, lambda, tau, eps) on the command line, the
-# objective's descriptive ones in code; this table is the one place they meet.
-VA_FIELDS = {"p_v": "high_fraction", "lam": "high_weight", "tau": "tau", "eps": "eps"}
-
-
-def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
-    """The objective of a (validated) training config: config.method and config.va.*."""
-    return ObjectiveConfig(method=config.method, **{field: config.va[name] for name, field in VA_FIELDS.items()})
-
-
-def hf_vocab_size(path: str) -> int:
-    """``text_config.vocab_size`` from a Hugging Face Qwen3-VL ``config.json``."""
-    cfg_file = os.path.join(path, "config.json")
-    with open(cfg_file, encoding="utf-8") as f:
-        hf = json.load(f)
-    text = hf.get("text_config", hf)
-    if "vocab_size" not in text:
-        raise ConfigError(f"{cfg_file} has no text_config.vocab_size (is it a Qwen3-VL checkpoint?)")
-    return int(text["vocab_size"])
-
-
-class _Checker:
-    """Collects every problem so that one run reports all of them at once."""
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        self.problems: list[str] = []
-
-    def get(self, name: str, where: str = "configs/base.py") -> Any:
-        node: Any = self.config
-        for part in name.split("."):
-            if part not in node:
-                self.problems.append(f"config.{name} is missing (the trainer reads it; start from {where})")
-                return None
-            node = node[part]
-        return node
-
-    def fail(self, name: str, value: Any, rule: str) -> None:
-        self.problems.append(f"config.{name} = {value!r}: {rule}")
-
-    def number(self, name: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-               hi_open: bool = False, integer: bool = False, why: str = "", allowed: Range | None = None,
-               where: str = "configs/base.py") -> Any:
-        value = self.get(name, where)
-        if value is None:
-            return None
-        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
-            self.fail(name, value, f"must be {'an integer' if integer else 'a finite number'}")
-            return None
-        allowed = allowed or Range(lo, hi, lo_open=lo_open, hi_open=hi_open, why=why)
-        problem = allowed.problem(value)
-        if problem:
-            self.fail(name, value, problem)
-            return None
-        return value
-
-    def choice(self, name: str, options: tuple[str, ...], where: str = "configs/base.py") -> Any:
-        value = self.get(name, where)
-        if value is not None and value not in options:
-            self.fail(name, value, f"must be one of {options}")
-            return None
-        return value
-
-    def boolean(self, name: str) -> Any:
-        value = self.get(name)
-        if value is not None and not isinstance(value, bool):
-            self.fail(name, value, "must be true or false")
-            return None
-        return value
-
-    def int_list(self, name: str, minimum: int = 1) -> Any:
-        value = self.get(name)
-        if value is None:
-            return None
-        values = list(value)
-        if not values or any(not isinstance(v, int) or v < minimum for v in values) or values != sorted(set(values)):
-            self.fail(name, value, f"must be a non-empty increasing list of integers >= {minimum}")
-            return None
-        return values
-
-
-def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
-    """Checks every field of a training config; raises ``ConfigError`` listing all problems.
-
-    Args:
-      config: a config built from ``configs/base.py``.
-      check_paths: also check that teacher/student/data paths exist and that the
-        student and teacher vocabularies match (off for unit tests of ranges).
-    """
-    c = _Checker(config)
-    workdir = c.get("workdir")
-    if workdir is not None and (not isinstance(workdir, str) or not workdir.strip()):
-        c.fail("workdir", workdir, "must be a non-empty path (pass --config.workdir=DIR)")
-    c.number("seed", 0, 2**31 - 1, integer=True)
-    method = c.choice("method", METHODS)
-
-    # spec/METHOD.md Eq. 3-5: the objective's own ranges (objective.RANGES).
-    for name, field in VA_FIELDS.items():
-        c.number(f"va.{name}", allowed=RANGES[field])
-    c.number("va.pixelate_ratio", 0, 1, lo_open=True, hi_open=True, why="side fraction of the pixelated view")
-
-    k = c.number("rollout.num_rollouts", 1, None, integer=True)
-    if method in REWEIGHTING_METHODS and k is not None and k < 2:
-        c.fail("rollout.num_rollouts", k,
-               f"must be >= 2 with method={method!r}: rollout weights are a softmax over the K siblings of a "
-               "prompt (Eq. 3-4); use method='opd' or 'group_only' for K = 1")
-    c.number("rollout.max_new_tokens", 1, None, integer=True)
-    c.number("rollout.temperature", 0, None, why="0 means greedy")
-    c.number("rollout.top_p", 0, 1, lo_open=True)
-    c.number("rollout.top_k", 0, None, integer=True, why="0 disables top-k")
-
-    c.choice("data.source", DATA_SOURCES)
-    c.choice("data.val_source", DATA_SOURCES)
-    c.number("data.prompts_per_step", 1, None, integer=True)
-    c.number("data.num_epochs", 0, None, lo_open=True)
-    min_px = c.number("data.min_pixels", 1, None, integer=True)
-    max_px = c.number("data.max_pixels", 1, None, integer=True)
-    if min_px is not None and max_px is not None and min_px > max_px:
-        c.fail("data.min_pixels", min_px, f"must be <= config.data.max_pixels = {max_px}")
-    c.choice("data.image_path", IMAGE_PATHS)
-    c.int_list("data.prompt_buckets")
-    patch_buckets = c.int_list("data.prompt_patch_buckets", minimum=4)
-    if patch_buckets is not None and any(b % 4 for b in patch_buckets):
-        c.fail("data.prompt_patch_buckets", patch_buckets, "must be multiples of 4 (spatial merge 2 x 2)")
-    c.number("data.num_workers", 0, None, integer=True)
-    if "synthetic" in (c.get("data.source"), c.get("data.val_source")):  # the demo's task (configs/demo.py)
-        c.number("data.synthetic_train_size", 1, None, integer=True, where=DEMO)
-        c.number("data.synthetic_fine_fraction", 0, 1, where=DEMO,
-                 why="share of fine-detail questions in the synthetic training prompts")
-        c.number("data.image_size", 32, None, integer=True, where=DEMO)
-
-    c.choice("model.dtype", DTYPES)
-    c.choice("model.remat", REMAT_POLICIES)
-    c.number("model.kl_chunk_size", 1, None, integer=True)
-    c.choice("model.attention_impl", ATTENTION_IMPLS)
-    c.number("model.attention_chunk_size", 1, None, integer=True)
-
-    c.number("optim.lr", 0, None, lo_open=True)
-    c.number("optim.b1", 0, 1, hi_open=True)
-    c.number("optim.b2", 0, 1, hi_open=True)
-    c.number("optim.weight_decay", 0, None)
-    c.number("optim.clip_norm", 0, None, lo_open=True)
-    c.number("optim.warmup_fraction", 0, 1, hi_open=True)
-
-    c.number("train.num_steps", -1, None, integer=True, why="-1 derives it from data.num_epochs")
-    if c.get("train.num_steps") == 0:
-        c.fail("train.num_steps", 0, "must be >= 1, or -1 to derive it from data.num_epochs")
-    c.number("train.log_every", 1, None, integer=True)
-    c.number("train.checkpoint_every", 1, None, integer=True)
-    c.number("train.keep_checkpoints", 1, None, integer=True)
-    c.boolean("train.async_checkpoint")
-    c.number("train.max_nonfinite_steps", 1, None, integer=True,
-             why="consecutive skipped (non-finite) steps before the run stops")
-    c.number("train.peak_tflops_per_device", 0, None, why="0 = look up the device kind for the MFU estimate")
-    micro = c.number("train.micro_batch_rollouts", 0, None, integer=True, why="0 = all rollouts at once")
-    prompts = c.get("data.prompts_per_step")
-    if micro and k and isinstance(prompts, int) and (micro % k or (prompts * k) % micro):
-        c.fail("train.micro_batch_rollouts", micro,
-               f"must be 0 or a multiple of rollout.num_rollouts = {k} (whole prompts) that divides the step's "
-               f"{prompts} x {k} = {prompts * k} rollouts")
-    cache_dir = c.get("train.compilation_cache_dir")
-    if cache_dir is not None and not isinstance(cache_dir, str):
-        c.fail("train.compilation_cache_dir", cache_dir, "must be a directory, '' (the default one) or 'none'")
-    c.number("train.watchdog.timeout_s", 0, None, why="0 turns the watchdog off")
-    c.number("train.watchdog.first_timeout_s", 0, None, why="0 = train.watchdog.timeout_s")
-    c.choice("train.watchdog.action", WATCHDOG_ACTIONS)
-
-    c.number("eval.every", 0, None, integer=True, why="0 disables periodic validation")
-    c.number("eval.num_problems", 1, None, integer=True)
-    c.number("eval.num_samples", 1, None, integer=True)
-    c.number("eval.temperature", 0, None)
-    c.number("eval.top_p", 0, 1, lo_open=True)
-    c.number("eval.max_new_tokens", 1, None, integer=True)
-    c.number("eval.batch_size", 1, None, integer=True)
-
-    for axis in MESH_AXES:
-        why = "-1 takes the remaining devices" + ("; a MoE teacher's experts are split over it" if axis == "expert" else "")
-        value = c.number(f"mesh.{axis}", -1, None, integer=True, why=why)
-        if value == 0:
-            c.fail(f"mesh.{axis}", 0, "must be >= 1 or -1")
-    if sum(1 for a in MESH_AXES if c.get(f"mesh.{a}") == -1) > 1:
-        c.problems.append(f"config.mesh: at most one of {'/'.join(MESH_AXES)} may be -1")
-
-    student_init = c.choice("student.init", ("hf", "random", "sft"))
-    teacher_init = c.choice("teacher.init", ("hf", "sft"))
-    for role in ("student", "teacher"):
-        size = c.get(f"{role}.size")
-        if size not in (None, "") and size not in MODEL_SIZES:
-            c.fail(f"{role}.size", size, f"must be '' (any) or one of {tuple(MODEL_SIZES)}")
-    if student_init in ("random", "sft"):
-        c.get("student.tiny", DEMO)
-    for role, used in (("teacher", teacher_init == "sft"), ("student", student_init == "sft")):
-        if used:  # the demo's warm-ups (configs/demo.py)
-            c.number(f"{role}.sft.steps", 1, None, integer=True, where=DEMO)
-            c.number(f"{role}.sft.lr", 0, None, lo_open=True, where=DEMO)
-            c.number(f"{role}.sft.batch_size", 1, None, integer=True, where=DEMO)
-            c.number(f"{role}.sft.image_word_weight", 0, None, lo_open=True, where=DEMO,
-                     why="loss weight of the reply words that depend on the image")
-            c.number(f"{role}.sft.fine_fraction", 0, 1, where=DEMO,
-                     why="share of fine-detail questions in the warm-up data")
-            c.choice(f"{role}.sft.images", SFT_IMAGES, where=DEMO)
-            if c.get("data.source") != "synthetic":
-                c.fail("data.source", c.get("data.source"), f"must be 'synthetic' when {role}.init='sft' "
-                       "(the demo warm-up is defined on the synthetic task)")
-    if "task_vocabulary" in config.get("data", {}) and c.boolean("data.task_vocabulary"):  # configs/demo.py
-        rules = (("teacher.init", teacher_init, ("sft",)), ("student.init", student_init, ("random", "sft")),
-                 ("data.source", c.get("data.source"), ("synthetic",)),
-                 ("data.val_source", c.get("data.val_source"), ("synthetic",)),
-                 ("data.num_workers", c.get("data.num_workers"), (0,)))
-        for name, value, allowed in rules:
-            if value not in allowed:
-                c.fail(name, value, f"must be one of {allowed} with data.task_vocabulary=True (the tiny models built "
-                       "here get the synthetic task's compact vocabulary; grain workers would reload the full "
-                       "tokenizer)")
-    if check_paths:
-        _check_paths(c, student_init, teacher_init)
-    if c.problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(c.problems))
-
-
-def _read_text_config(path: str) -> dict:
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        hf = json.load(f)
-    return hf.get("text_config", hf)
-
-
-def _check_size(c: _Checker, role: str, path: str) -> None:
-    """The checkpoint's config.json against ``<role>.size`` (a paper variant names its teacher's size)."""
-    size = c.get(f"{role}.size")
-    if not size or size not in MODEL_SIZES:
-        return
-    found = _text_signature(_read_text_config(path))
-    expected = _size_signature(size)
-    if found != expected:
-        named = [name for name in MODEL_SIZES if _size_signature(name) == found]
-        what = f"a Qwen3-VL-{named[0].upper()}" if named else "no Qwen3-VL size this project knows"
-        c.fail(f"{role}.hf_path", path,
-               f"its config.json is {what} (text {_describe(found)}) but config.{role}.size = {size!r} expects "
-               f"{_describe(expected)}: point {role}.hf_path at the Qwen3-VL-{size.upper()} checkpoint"
-               + (f" or pick the variant {role}={named[0]}" if named and role == "teacher" else ""))
-
-
-def _check_experts(c: _Checker, path: str) -> None:
-    """mesh.expert > 1 splits the experts of the teacher's MoE layers: it must divide their number."""
-    expert = c.get("mesh.expert")
-    if isinstance(expert, int) and not isinstance(expert, bool) and expert > 1:
-        problem = expert_axis_problem(path, expert)
-        if problem:
-            c.fail("mesh.expert", expert, problem)
-
-
-def expert_axis_problem(path: str, expert: int) -> str | None:
-    """Why an 'expert' mesh axis of size `expert` cannot split the experts of the MoE checkpoint at `path` (None
-    when it can, or when the checkpoint is dense: there the axis is one more FSDP axis)."""
-    experts = _text_signature(_read_text_config(path)).get("num_experts")
-    if experts and experts % expert:
-        return (f"an expert axis of {expert} devices must divide the teacher's {experts} experts "
-                f"({path}/config.json); pick a divisor of {experts}, or 1")
-    return None
-
-
-def _check_paths(c: _Checker, student_init: str | None, teacher_init: str | None) -> None:
-    # Each model's vocabulary: from its checkpoint's config.json, or from the demo's tiny spec.
-    vocab = {}
-    tiny = {"teacher": "teacher.sft.tiny", "student": "student.tiny"}
-    for role, init, other in (("teacher", teacher_init, "teacher.init='sft', the demo teacher"),
-                              ("student", student_init, "student.init='random' / 'sft'")):
-        path = c.get(f"{role}.hf_path")
-        if init == "hf" and (not path or not os.path.isfile(os.path.join(str(path), "config.json"))):
-            c.fail(f"{role}.hf_path", path, "must be a local Hugging Face Qwen3-VL directory with config.json "
-                   f"(or configs/demo.py's {other})")
-        elif init == "hf":
-            vocab[role] = hf_vocab_size(path)
-            _check_size(c, role, str(path))
-            if role == "teacher":
-                _check_experts(c, str(path))
-        elif init in ("random", "sft"):
-            vocab[role] = c.get(f"{tiny[role]}.text.vocab_size", DEMO)
-    teacher_vocab, student_vocab = vocab.get("teacher"), vocab.get("student")
-    if teacher_vocab is not None and student_vocab is not None and teacher_vocab != student_vocab:
-        c.problems.append(
-            f"student vocabulary size {student_vocab} != teacher vocabulary size {teacher_vocab}: the token KL "
-            "(Eq. 1) compares distributions over one vocabulary; pick a student and teacher of one family")
-    for split, source_field in (("train_path", "source"), ("val_path", "val_source")):
-        path = c.get(f"data.{split}")
-        source = c.get(f"data.{source_field}")
-        if source != "synthetic" and (not path or not os.path.exists(str(path))):
-            c.fail(f"data.{split}", path,
-                   f"must be an existing file or directory for data.{source_field}={source!r}")
-    tokenizer = c.get("tokenizer_path")
-    if tokenizer and not os.path.isdir(str(tokenizer)):
-        c.fail("tokenizer_path", tokenizer, "must be a local tokenizer directory, or '' for the offline Qwen tokenizer")
+def model_config_from_spec(spec) -> Qwen3VLConfig:
+    """``Qwen3VLConfig.tiny(**spec)`` of a `tiny_spec` (a ConfigDict or a dict)."""
+    kwargs = spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else dict(spec)
+    for part in ("text", "vision"):
+        kwargs[part] = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(kwargs[part]).items()}
+    return Qwen3VLConfig.tiny(**kwargs)

@@ -172,39 +172,40 @@ def train_sft(model: qwen3_vl.Qwen3VL, batches: Iterable[dict], *, steps: int, l
 def demo_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     """A tiny demo model taught the synthetic task by SFT once, then reloaded from its HF directory.
 
-    role 'teacher': ``config.teacher.sft`` (the whole task); role 'student': ``config.student.sft``, a
-    warm-up standing in for pre-training (by default on the pixelated views: the student learns the
-    questions, the answer words and the coarse cues, so the fine-detail skill must come from distillation).
-    The model lands in ``<role>.sft.output_dir`` (default ``<workdir>/<role>_sft``), reused when finished.
+    config: the run's typed `config.Config`. role 'teacher': ``config.teacher.sft`` (the whole task); role
+    'student': ``config.student.sft``, a warm-up standing in for pre-training (by default on the pixelated views:
+    the student learns the questions, the answer words and the coarse cues, so the fine-detail skill must come
+    from distillation). The model lands in ``<role>.sft.output_dir`` (default ``<workdir>/<role>_sft``), reused
+    when finished.
     """
-    node = config.teacher.sft if role == "teacher" else config.student.sft
-    spec = config.teacher.sft.tiny if role == "teacher" else config.student.tiny
-    out_dir = node.output_dir or os.path.join(config.workdir, f"{role}_sft")
+    node = getattr(config, role)
+    out_dir = node.sft.output_dir or os.path.join(config.workdir, f"{role}_sft")
     # Loaded like an HF teacher / student would be: the teacher in config.model.dtype; the student's params
     # in float32 (the AdamW master copy) with config.model.dtype matmuls.
     dtype = jnp.dtype(config.model.dtype)
     dtypes = {"dtype": dtype} if role == "teacher" else {"dtype": jnp.float32, "compute_dtype": dtype}
     if os.path.exists(os.path.join(out_dir, SFT_DONE)):
         multihost.say(f"{role}: reusing the SFT {role} in {out_dir}")
-        return load_lib.load_model(config, out_dir, mesh, **dtypes)
-    model = load_lib.tiny_model(config, spec, seed=config.seed + (1 if role == "teacher" else 0),
+        return load_lib.load_model(config.model, out_dir, mesh, **dtypes)
+    model = load_lib.tiny_model(config.model, node.tiny, seed=config.seed + (1 if role == "teacher" else 0),
                                 tokenizer=tokenizer)
+    sft = node.sft
     multihost.say(f"{role}: SFT of a tiny {role} ({load_lib.count_params(model):,} params) on the synthetic task "
-                  f"(fine-question share {node.fine_fraction}, {node.images.replace('_', ' ')} images), "
-                  f"{node.steps} steps -> {out_dir}")
-    data = splits.pipeline_for(config, tokenizer, model.config, split=f"{role}_sft", batch_size=node.batch_size)
+                  f"(fine-question share {sft.fine_fraction}, {sft.images.replace('_', ' ')} images), "
+                  f"{sft.steps} steps -> {out_dir}")
+    data = splits.pipeline_for(config, tokenizer, model.config, split=f"{role}_sft", batch_size=sft.batch_size)
     # Replies up to the longest a rollout may be (the synthetic task's are 24-56 tokens with <|im_end|>).
     max_reply = max(8, config.rollout.max_new_tokens)
     # The words that depend on the image (colours, fine detail) weigh sft.image_word_weight: a few tokens of a
     # ~40-token reply, they are otherwise learnt after all the scaffolding.
-    critical = dict(critical_token_ids=synthetic.image_word_ids(tokenizer), critical_weight=node.image_word_weight)
-    batches = (build_sft_batch(b.gather_processes().with_view(node.images), tokenizer, max_reply, **critical)
+    critical = dict(critical_token_ids=synthetic.image_word_ids(tokenizer), critical_weight=sft.image_word_weight)
+    batches = (build_sft_batch(b.gather_processes().with_view(sft.images), tokenizer, max_reply, **critical)
                for b in data)
-    model, _ = train_sft(model, batches, steps=node.steps, lr=node.lr, label=f"{role} SFT")
+    model, _ = train_sft(model, batches, steps=sft.steps, lr=sft.lr, label=f"{role} SFT")
     qwen3_vl.save_hf_checkpoint(model, out_dir)
     if multihost.primary():
         tokenizer.save_pretrained(out_dir)
         with open(os.path.join(out_dir, SFT_DONE), "w") as f:
             f.write("ok\n")
     multihost.sync(f"{role}_sft_saved")
-    return load_lib.load_model(config, out_dir, mesh, **dtypes)
+    return load_lib.load_model(config.model, out_dir, mesh, **dtypes)

@@ -60,6 +60,8 @@ from flax import nnx
 from vaopd_jax.runtime import metrics
 from vaopd_jax.bench import sample as sample_bench
 from vaopd_jax.data import batch as batch_lib
+from vaopd_jax.distill import batch as train_batch_lib
+from vaopd_jax.distill import state as state_lib
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.distill.batch import build_train_batch
 from vaopd_jax.models import qwen3_vl
@@ -395,12 +397,12 @@ def step_section(shapes: Shapes, impl: str, peak: float, repeats: int) -> dict:
     tokens = rng.integers(0, min(student_cfg.vision_start_token_id, student_cfg.text.vocab_size), (p * k, r))
     lengths = rng.integers(r // 2, r + 1, p * k)
     mask = (np.arange(r)[None] < lengths[:, None]).astype(np.float32)
-    train_batch = step_lib.shard_batch(build_train_batch(prompts, tokens.astype(np.int32), mask, k, student_cfg))
+    train_batch = train_batch_lib.shard_batch(build_train_batch(prompts, tokens.astype(np.int32), mask, k, student_cfg))
 
-    optimizer = step_lib.make_optimizer(1e-6, total_steps=1000)
-    state = step_lib.create_train_state(student, optimizer, jax.random.key(0), remat="block")
+    optimizer = state_lib.make_optimizer(1e-6, total_steps=1000)
+    state = state_lib.create_train_state(student, optimizer, jax.random.key(0), remat="block")
     del student
-    teacher_graphdef, teacher_params = step_lib.split_teacher(teacher)
+    teacher_graphdef, teacher_params = state_lib.split_teacher(teacher)
     del teacher
     config = step_lib.StepConfig(num_rollouts=k, kl_chunk_size=shapes.kl_chunk, valid_vocab_size=shapes.valid_vocab)
     train_step = step_lib.make_train_step(config, teacher_graphdef, optimizer)

@@ -55,6 +55,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vaopd_jax.distill import batch as train_batch_lib
+from vaopd_jax.distill import state as state_lib
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.distill.batch import TrainBatch, build_train_batch
@@ -161,11 +163,11 @@ def bench_vs_torch(num_steps: int, num_prompts: int, num_rollouts: int, response
 
     lr = 1e-5
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.1))
-    state = step_lib.create_train_state(student, optimizer, jax.random.key(0), remat="none")
-    teacher_graphdef, teacher_params = step_lib.split_teacher(teacher)
+    state = state_lib.create_train_state(student, optimizer, jax.random.key(0), remat="none")
+    teacher_graphdef, teacher_params = state_lib.split_teacher(teacher)
     config = step_lib.StepConfig(num_rollouts=num_rollouts, kl_chunk_size=64)
     train_step = step_lib.make_train_step(config, teacher_graphdef, optimizer)
-    device_batch = step_lib.shard_batch(batch)
+    device_batch = train_batch_lib.shard_batch(batch)
     torch_opt = torch.optim.AdamW(torch_student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     inputs_orig, inputs_pix = _torch_batch(prompts, batch, num_rollouts, cfg)
 
@@ -226,7 +228,7 @@ def _abstract_batch(cfg, mesh, num_prompts, num_rollouts, prompt_len, response_l
         pixel_values=sds((num_prompts, patches, cfg.vision.patch_dim), jnp.float32),
         pixel_values_pixelated=sds((num_prompts, patches, cfg.vision.patch_dim), jnp.float32),
         vision_inputs=vision, image_rows=sds((rows * image_tokens,), jnp.int32), num_truncated=sds((), jnp.int32))
-    specs = step_lib.batch_partition_specs(batch, mesh)
+    specs = train_batch_lib.batch_partition_specs(batch, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
                         batch, specs)
 
@@ -270,13 +272,13 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
     teacher_cfg = TEACHERS[teacher_name](**options)
     student_graphdef, student_params = _abstract_model(student_cfg, jnp.float32, jnp.bfloat16, "block", mesh)
     teacher_graphdef, teacher_params = _abstract_model(teacher_cfg, jnp.bfloat16, jnp.bfloat16, "none", mesh)
-    optimizer = step_lib.make_optimizer(1e-6, total_steps=1000)
-    shardings = step_lib.abstract_train_state_sharding(optimizer, student_params, student_graphdef, mesh)
+    optimizer = state_lib.make_optimizer(1e-6, total_steps=1000)
+    shardings = state_lib.abstract_train_state_sharding(optimizer, student_params, student_graphdef, mesh)
     abstract_opt = jax.eval_shape(optimizer.init, student_params)
     key = jax.eval_shape(lambda: jax.random.key(0))
     replicated = NamedSharding(mesh, PartitionSpec())
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    state = step_lib.TrainState(
+    state = state_lib.TrainState(
         params=student_params, opt_state=jax.tree.map(with_sharding, abstract_opt, shardings.opt_state),
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated), graphdef=student_graphdef)

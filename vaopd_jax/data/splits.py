@@ -4,6 +4,8 @@
     batches = pipeline_for(config, tokenizer, model_config, split="train", batch_size=16)   # PromptBatches
     total = train_steps(config)                          # optimizer updates of the run
 
+`config` is the run's typed `config.Config`.
+
 Training splits are shuffled, repeated and sharded by process, in epochs of `epoch_steps` full batches (the
 release's EasyR1 DataLoader with drop_last=True: Geometry3K's 2,101 prompts give 131 batches of 16 per epoch,
 the 5 left over are dropped in every epoch); validation is read whole by every process, once, in order. The synthetic task's splits are disjoint record sets with fixed seeds (`SYNTHETIC_SEEDS`), so
@@ -48,8 +50,8 @@ def data_source(config, split: str):
     if name == "synthetic":
         size = config.eval.num_problems if split == "val" else d.synthetic_train_size
         fine_fraction = {"train": d.synthetic_fine_fraction, "val": 0.5,
-                         "teacher_sft": config.teacher.get("sft", {}).get("fine_fraction"),
-                         "student_sft": config.student.get("sft", {}).get("fine_fraction")}[split]
+                         "teacher_sft": config.teacher.sft and config.teacher.sft.fine_fraction,
+                         "student_sft": config.student.sft and config.student.sft.fine_fraction}[split]
         return synthetic.SyntheticSource(size, seed=SYNTHETIC_SEEDS[split], image_size=d.image_size,
                                          fine_fraction=fine_fraction)
     if split == "val":
@@ -96,7 +98,7 @@ def pipeline_for(config, tokenizer, model_config, *, split: str, batch_size: int
         batch_size=local_batch, seed=config.seed, shuffle=train, num_epochs=None if train else 1,
         epoch_size=epoch_size, drop_remainder=train, prompt_buckets=tuple(d.prompt_buckets),
         prompt_patch_buckets=tuple(d.prompt_patch_buckets), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-        pixelation_ratio=config.va.pixelate_ratio, image_path=d.image_path,
+        pixelation_ratio=config.va.pixelation_ratio, image_path=d.image_path,
         num_workers=d.num_workers if train else 0, shard_index=None if train else 0,
         shard_count=None if train else 1)
     return pipeline.make_iterator(source, pcfg, tokenizer=tokenizer, model_config=model_config)

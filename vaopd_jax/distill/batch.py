@@ -1,6 +1,7 @@
-"""`TrainBatch`: the device-ready inputs of one train step, and its host-side builder.
+"""`TrainBatch`: the device-ready inputs of one train step, its host-side builder and its placement on a mesh.
 
     train_batch = build_train_batch(prompt_batch, rollout_tokens, response_mask, num_rollouts, model_config)
+    device_batch = shard_batch(train_batch, mesh)      # rows / prompts over the batch mesh axes
 
 Layout (R = P prompts * K rollouts, the K rollouts of a prompt on adjacent rows):
 each row is the prompt's real tokens followed by the rollout's response tokens,
@@ -34,10 +35,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from vaopd_jax.data.batch import PromptBatch
 from vaopd_jax.models.qwen3_vl import Qwen3VLConfig, VisionInputs
+from vaopd_jax.models.qwen3_vl import sharding as model_sharding
 
 
 class TrainBatch(NamedTuple):
@@ -147,3 +152,35 @@ def build_train_batch(prompts: PromptBatch, rollout_tokens: np.ndarray, response
         sampler_logprobs=np.asarray(sampler_logprobs, np.float32), pixel_values=prompts.pixel_values,
         pixel_values_pixelated=prompts.pixel_values_pixelated, vision_inputs=prompts.vision_inputs,
         image_rows=prompts.image_rows(num_rollouts), num_truncated=np.asarray(num_truncated, np.int32))
+
+
+def batch_partition_specs(batch: TrainBatch, mesh: Mesh, rules=None) -> TrainBatch:
+    """PartitionSpecs for a TrainBatch: rows / prompts on the batch mesh axes, the rest replicated."""
+    def spec(x, batch_axis):  # x: an array or a jax.ShapeDtypeStruct
+        if x is None:
+            return None
+        shape = tuple(np.shape(x)) if isinstance(x, np.ndarray) else tuple(x.shape)
+        axes = [None] * len(shape)
+        if batch_axis is not None:
+            axes[batch_axis] = "batch"
+        return model_sharding.logical_to_spec(axes, rules, mesh, shape)
+
+    vision = None
+    if batch.vision_inputs is not None:
+        vision = type(batch.vision_inputs)(*(spec(f, 0) for f in batch.vision_inputs))
+    return TrainBatch(
+        input_ids=spec(batch.input_ids, 0), attention_mask=spec(batch.attention_mask, 0),
+        position_ids=spec(batch.position_ids, 1), response_positions=spec(batch.response_positions, 0),
+        response_tokens=spec(batch.response_tokens, 0), response_mask=spec(batch.response_mask, 0),
+        sampler_logprobs=spec(batch.sampler_logprobs, 0), pixel_values=spec(batch.pixel_values, 0),
+        pixel_values_pixelated=spec(batch.pixel_values_pixelated, 0), vision_inputs=vision,
+        image_rows=spec(batch.image_rows, None), num_truncated=spec(batch.num_truncated, None))
+
+
+def shard_batch(batch: TrainBatch, mesh: Mesh | None = None, rules=None) -> TrainBatch:
+    """Moves a host TrainBatch to device(s): on a mesh, rows / prompts split over the batch axes."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, batch)
+    specs = batch_partition_specs(batch, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), batch, specs,
+                        is_leaf=lambda x: x is None)

@@ -1,6 +1,6 @@
 """Chunked full-vocabulary reverse KL and sampled-token log-probs from hidden states.
 
-DESIGN.md's memory rule: full-vocabulary logits for a whole batch never exist at
+The memory rule: full-vocabulary logits for a whole batch never exist at
 once. These functions take final (normed) hidden states and lm_head kernels and
 walk the sequence axis in chunks of ``chunk_size`` positions with ``lax.scan``;
 only one chunk's (B, C, V) logits live at a time, in float32 (bf16 matmul
@@ -35,6 +35,11 @@ import jax
 import jax.numpy as jnp
 
 from vaopd_jax.distill.objective import MASKED_LOGIT
+
+# Response positions per chunk, the one default of every chunked KL / log-prob (config model.kl_chunk_size): a
+# chunk's (B, 512, V = 151,936) float32 logits are small beside a step's activations at the paper's sizes, and
+# 512 rows keep the LM-head matmul efficient. Tiny vocabularies want smaller chunks (the demo uses 8).
+DEFAULT_CHUNK_SIZE = 512
 
 
 def _balanced_chunk_size(length: int, chunk_size: int) -> int:
@@ -163,7 +168,7 @@ _kl_core.defvjp(_kl_fwd, _kl_bwd)
 
 def token_kl_and_logprobs(student_hidden: jax.Array, student_kernel: jax.Array, teacher_hidden: jax.Array,
                           teacher_kernel: jax.Array, targets: jax.Array, *, valid_vocab_size: int | None = None,
-                          chunk_size: int = 128) -> tuple[jax.Array, jax.Array, jax.Array]:
+                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-position reverse KL(p_S || p_T) (Eq. 1) and sampled-token log-probs, chunked.
 
     Position t of the hidden states is the one that predicts ``targets[:, t]``.
@@ -191,7 +196,7 @@ def token_kl_and_logprobs(student_hidden: jax.Array, student_kernel: jax.Array, 
 
 
 def token_logprobs(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *,
-                   valid_vocab_size: int | None = None, chunk_size: int = 128) -> jax.Array:
+                   valid_vocab_size: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
     """Chunked log p(target) at every position (e.g. the teacher on the pixelated view), stop-gradient.
 
     Args:

@@ -1,19 +1,22 @@
 """Micro-batches of whole prompts inside the one jitted train step (`train.micro_batch_rollouts`).
 
-Why whole prompts: the VA-OPD loss couples the K rollouts of a prompt (rollout weights are a softmax over the
-siblings, Eq. 3-4), and the vision tower runs once per prompt for its K rollouts. The step therefore scores
+Why whole prompts: the VA-OPD loss couples the rollouts of a prompt (rollout weights are a softmax over the
+siblings, Eq. 3-4), and the vision tower runs once per prompt for its rollouts. The step therefore scores
 every micro-batch with the teacher first, computes VA, weights and token coefficients for all rollouts, and
 only then runs the student's forward and backward micro-batch by micro-batch. The loss is linear in the
 per-token KL (`objective.weighted_loss`: sum(c * KL) / num_prompts with stop-gradient c and a batch-wide
 num_prompts), so the sum of the micro-batches' losses and gradients is the whole batch's, up to the order of
-the fp32 additions.
+the fp32 additions: micro-batching is gradient accumulation around the one loss function (`accumulate`).
 
     micro = split(batch, num_micro, num_rollouts)     # TrainBatch with a leading (M,) axis, inside the jit
     jax.lax.scan(body, carry, micro)                  # body sees one micro-batch: a TrainBatch of mb rows
     x = join(x_stacked)                               # (M, mb, ...) -> (R, ...)
+    (loss, aux), grads = accumulate(loss_fn, params, xs, num_micro)   # sum over micro-batches, one gradient
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +60,9 @@ def image_rows(merged_valid: jax.Array, num_rollouts: int) -> jax.Array:
     return out[:-1]
 
 
-def _rows_first(x, num_micro: int, axis: int = 0):
-    """Splits `axis` (R or P) into (M, R / M) and moves M to the front; the per-micro-batch axis stays batch-sharded."""
+def stack(x, num_micro: int, axis: int = 0):
+    """Splits `axis` (R or P) of an array into (M, R / M) and moves M to the front (micro-batch m holds rows
+    [m * R / M, (m + 1) * R / M)); the per-micro-batch axis stays batch-sharded. None stays None."""
     if x is None:
         return None
     x = jnp.moveaxis(x, axis, 0)
@@ -79,21 +83,42 @@ def split(batch: TrainBatch, num_micro: int, num_rollouts: int) -> TrainBatch:
     vision = None
     rows = None
     if batch.vision_inputs is not None:
-        vision = VisionInputs(*(_rows_first(f, num_micro) for f in batch.vision_inputs))
+        vision = VisionInputs(*(stack(f, num_micro) for f in batch.vision_inputs))
         rows = jax.vmap(lambda valid: image_rows(valid, num_rollouts))(vision.merged_valid)
     truncated = jnp.zeros((num_micro,), batch.num_truncated.dtype).at[0].set(batch.num_truncated)
     return TrainBatch(
-        input_ids=_rows_first(batch.input_ids, num_micro), attention_mask=_rows_first(batch.attention_mask, num_micro),
-        position_ids=_rows_first(batch.position_ids, num_micro, axis=1),
-        response_positions=_rows_first(batch.response_positions, num_micro),
-        response_tokens=_rows_first(batch.response_tokens, num_micro),
-        response_mask=_rows_first(batch.response_mask, num_micro),
-        sampler_logprobs=_rows_first(batch.sampler_logprobs, num_micro),
-        pixel_values=_rows_first(batch.pixel_values, num_micro),
-        pixel_values_pixelated=_rows_first(batch.pixel_values_pixelated, num_micro), vision_inputs=vision,
+        input_ids=stack(batch.input_ids, num_micro), attention_mask=stack(batch.attention_mask, num_micro),
+        position_ids=stack(batch.position_ids, num_micro, axis=1),
+        response_positions=stack(batch.response_positions, num_micro),
+        response_tokens=stack(batch.response_tokens, num_micro),
+        response_mask=stack(batch.response_mask, num_micro),
+        sampler_logprobs=stack(batch.sampler_logprobs, num_micro),
+        pixel_values=stack(batch.pixel_values, num_micro),
+        pixel_values_pixelated=stack(batch.pixel_values_pixelated, num_micro), vision_inputs=vision,
         image_rows=rows, num_truncated=truncated)
 
 
 def join(x: jax.Array) -> jax.Array:
     """(M, mb, ...) stacked per-micro-batch outputs -> (M * mb, ...) in batch row order."""
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def accumulate(loss_fn: Callable, params, xs, num_micro: int):
+    """((loss, aux), grads) of sum over micro-batches m of loss_fn(params, xs_m): `value_and_grad` of the one
+    loss function, once (num_micro = 1: `xs` is the whole batch) or scanned over the leading (M,) axis of `xs`
+    with the gradients summed in float32 (then cast back to the params' dtypes); aux is joined back into batch
+    order. loss_fn(params, x) -> (scalar loss, aux pytree of (rows, ...) arrays)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_micro == 1:
+        return grad_fn(params, xs)
+
+    def body(carry, x):
+        grad_sum, loss_sum = carry
+        (loss, aux), grads = grad_fn(params, x)
+        grad_sum = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_sum, grads)
+        return (grad_sum, loss_sum + loss), aux
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (grads, loss), aux = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), xs)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return (loss, jax.tree.map(join, aux)), grads

@@ -122,3 +122,59 @@ def grade_validation_responses(
     """Validation correctness of each response: first_committed_answer, then mathruler's grade_answer."""
     answers = [first_committed_answer(text) for text in texts]
     return [result.correct for result in grade_validation_batch(answers, golds, timeout_s=timeout_s)]
+
+
+# ----------------------------------------------------------------------------- the trainer's validation
+def _student_va_sums(params, batch, graphdef, valid_vocab_size, chunk_size):
+    """Sum of the student's own VA, max(0, log p_S(y|v) - log p_S(y|v~)), over valid tokens, and their count."""
+    from flax import nnx
+
+    from vaopd_jax.distill import objective, teacher
+
+    logp_orig, logp_pix = teacher.two_view_logprobs(nnx.merge(graphdef, params), batch,
+                                                    valid_vocab_size=valid_vocab_size, chunk_size=chunk_size)
+    va = objective.visual_advantage(logp_orig, logp_pix, batch.response_mask)
+    return (va * batch.response_mask).sum(), batch.response_mask.sum()
+
+
+_VA_SUMS = {}  # one jitted function per process (shared by every run of a study)
+
+
+def validate_student(params, graphdef, prompt_batches, sampler, tokenizer, *, seed: int, step: int, mesh,
+                     kl_chunk_size: int) -> dict:
+    """Validation accuracy (overall and per question kind) and the student's mean VA on the held-out prompts.
+
+    prompt_batches: `data.batch.PromptBatch`es (no filler rows) with both views; sampler: the validation
+    `rollout.Sampler`. Every process holds the whole (small) validation set, samples it with the same keys and
+    grades it like the release, so the results agree without a gather.
+    """
+    import jax
+    import numpy as np
+
+    from vaopd_jax.data import tokenizer as tokenizer_lib
+    from vaopd_jax.distill import batch as train_batch_lib
+    from vaopd_jax.parallel.multihost import host
+
+    if not _VA_SUMS:
+        _VA_SUMS["fn"] = jax.jit(_student_va_sums, static_argnames=("graphdef", "valid_vocab_size", "chunk_size"))
+    model_cfg = sampler.config
+    valid_vocab_size = tokenizer_lib.valid_vocab_size(tokenizer, model_cfg.text.vocab_size)
+    counts: dict[str, list[int]] = {}  # kind -> [correct, total]
+    va_sum = va_count = 0.0
+    for i, batch in enumerate(prompt_batches):
+        out = sampler(params, batch, jax.random.fold_in(jax.random.key(seed + 7), step * 1000 + i))
+        tokens, mask = host(out.tokens), host(out.response_mask)
+        texts = tokenizer.batch_decode([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
+        golds = [str(a) for a in np.repeat(batch.answer, sampler.num_samples)]
+        for ok, kind in zip(grade_validation_responses(texts, golds), np.repeat(batch.kind, sampler.num_samples)):
+            tally = counts.setdefault(str(kind) or "all", [0, 0])
+            tally[0], tally[1] = tally[0] + int(ok), tally[1] + 1
+        train_batch = train_batch_lib.build_train_batch(batch, tokens, mask, sampler.num_samples, model_cfg)
+        total, count = _VA_SUMS["fn"](params, train_batch_lib.shard_batch(train_batch, mesh), graphdef=graphdef,
+                                      valid_vocab_size=valid_vocab_size, chunk_size=kl_chunk_size)
+        va_sum, va_count = va_sum + float(total), va_count + float(count)
+    result = {"accuracy": sum(c for c, _ in counts.values()) / max(sum(n for _, n in counts.values()), 1),
+              "student_va_mean": va_sum / max(va_count, 1.0)}
+    if len(counts) > 1:
+        result.update({f"accuracy_{kind}": c / n for kind, (c, n) in sorted(counts.items())})
+    return result

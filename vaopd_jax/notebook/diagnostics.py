@@ -173,7 +173,7 @@ def va_top_tokens(va: Any, mask: Any, token_ids: Any, decode: Callable[[list[int
     """Which tokens carry the VA mass of a batch of rollouts.
 
     The top tokens are the ceil(fraction x n) valid tokens with the largest VA (n valid tokens, ties: earlier
-    first), the rule of the trainer's ``train/va_top_share`` (`distill.step.va_concentration`).
+    first), the rule of the trainer's ``train/va_top_share`` (`distill.teacher.va_concentration`).
 
     Args:
       va, mask: (R, T) or (T,) VA and response mask; token_ids: the same shape, the sampled token ids.

@@ -36,7 +36,8 @@ from vaopd_jax.data import pipeline, processor
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.data.batch import PromptBatch
 from vaopd_jax.distill import objective
-from vaopd_jax.distill import step as step_lib
+from vaopd_jax.distill import batch as batch_lib
+from vaopd_jax.distill import teacher as teacher_lib
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.notebook import diagnostics
 from vaopd_jax.rollout import sampler
@@ -265,7 +266,7 @@ def make_records(images: Sequence[Any], questions: Sequence[str] | str, answers:
 PATCH_BUCKETS = (64, 256, 1024, 4096, 16384, 65536)
 
 
-def _featurize(records: Sequence[dict], tokenizer, model_config, *, pixelate_ratio: float, min_pixels: int,
+def _featurize(records: Sequence[dict], tokenizer, model_config, *, pixelation_ratio: float, min_pixels: int,
                max_pixels: int, max_prompt_tokens: int, image_path: str = "release") -> PromptBatch:
     """One collated prompt batch (both views) of `records` through the data pipeline's own featurizer."""
     # Powers of two up to the limit: the teacher pass runs over the padded prompt, so padding every
@@ -274,7 +275,7 @@ def _featurize(records: Sequence[dict], tokenizer, model_config, *, pixelate_rat
     config = pipeline.PipelineConfig(batch_size=len(records), shuffle=False, num_epochs=1, drop_remainder=False,
                                      prompt_buckets=prompt_buckets + (max_prompt_tokens,),
                                      prompt_patch_buckets=PATCH_BUCKETS,
-                                     min_pixels=min_pixels, max_pixels=max_pixels, pixelation_ratio=pixelate_ratio,
+                                     min_pixels=min_pixels, max_pixels=max_pixels, pixelation_ratio=pixelation_ratio,
                                      image_path=image_path, shard_index=0, shard_count=1)
     config.validate()
     featurize = pipeline.Featurize(config, tokenizer=tokenizer)
@@ -288,17 +289,17 @@ def _featurize(records: Sequence[dict], tokenizer, model_config, *, pixelate_rat
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "valid_vocab_size"))
-def _teacher_logprobs(teacher_params, batch: step_lib.TrainBatch, teacher_graphdef, chunk_size: int,
+def _teacher_logprobs(teacher_params, batch: batch_lib.TrainBatch, teacher_graphdef, chunk_size: int,
                       valid_vocab_size: int):
     """Teacher log-probs of the response tokens on the original and the pixelated view, each (R, T): the train
     step's own chunked path (`step.two_view_logprobs`), never (R, T, V) at once."""
-    return step_lib.two_view_logprobs(nnx.merge(teacher_graphdef, teacher_params), batch,
+    return teacher_lib.two_view_logprobs(nnx.merge(teacher_graphdef, teacher_params), batch,
                                       valid_vocab_size=valid_vocab_size, chunk_size=chunk_size)
 
 
 def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL, tokenizer,
                            records: Sequence[dict], *, max_new_tokens: int = 64, num_samples: int = 1,
-                           temperature: float = 0.0, top_p: float = 1.0, pixelate_ratio: float = 0.1,
+                           temperature: float = 0.0, top_p: float = 1.0, pixelation_ratio: float = 0.1,
                            min_pixels: int = processor.MIN_PIXELS, max_pixels: int = processor.MAX_PIXELS,
                            max_prompt_tokens: int = 4096, batch_size: int = 4, seed: int = 0,
                            chunk_size: int = 128, image_path: str = "release") -> list[ScoredRollout]:
@@ -306,7 +307,7 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
 
     For each record the student samples `num_samples` answers (greedy at
     temperature 0); the teacher scores each answer on the original image and
-    on its pixelated copy (``processor.image_views(image, pixelate_ratio, min_pixels, max_pixels,
+    on its pixelated copy (``processor.image_views(image, pixelation_ratio, min_pixels, max_pixels,
     image_path)``: by default the release's path, bounds resize + RGB, then pixelation), and
     VA = max(0, log p_T(y_t | v, x, y_<t) - log p_T(y_t | v~, x, y_<t)).
 
@@ -338,11 +339,11 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
         # A short last chunk is filled up with copies of its last record (their rows are dropped below)
         # so every call has the same shapes and compiles once.
         filled = chunk + [chunk[-1]] * (min(batch_size, len(records)) - len(chunk))
-        batch = _featurize(filled, tokenizer, student.config, pixelate_ratio=pixelate_ratio, min_pixels=min_pixels,
+        batch = _featurize(filled, tokenizer, student.config, pixelation_ratio=pixelation_ratio, min_pixels=min_pixels,
                            max_pixels=max_pixels, max_prompt_tokens=max_prompt_tokens, image_path=image_path)
         out = rollouts(student_params, batch, jax.random.fold_in(jax.random.key(seed), start))
         tokens, mask = np.asarray(out.tokens), np.asarray(out.response_mask)
-        train_batch = step_lib.build_train_batch(batch, tokens, mask, num_samples, teacher.config)
+        train_batch = batch_lib.build_train_batch(batch, tokens, mask, num_samples, teacher.config)
         logp_orig, logp_pix = _teacher_logprobs(teacher_params, jax.tree.map(jnp.asarray, train_batch),
                                                 teacher_graphdef, chunk_size=min(chunk_size, tokens.shape[1]),
                                                 valid_vocab_size=valid_vocab_size)

@@ -67,6 +67,14 @@ class Restored:
     topology: dict | None = None  # {"processes", "devices"} of the run that wrote it (None: not recorded)
     data_note: str | None = None  # how the data position was re-derived for another process count
 
+    def describe(self, workdir: str, mesh_shape: dict) -> str:
+        """The resume line the trainer prints: which checkpoint, and how it was moved onto this run's devices."""
+        line = f"resumed from {os.path.join(workdir, STATE_DIR, str(self.step))}"
+        if self.topology not in (None, topology()):
+            line += (f" (written by {self.topology['processes']} process(es) with {self.topology['devices']} devices, "
+                     f"restored onto this mesh {mesh_shape})")
+        return line + (f"\n{self.data_note}" if self.data_note else "")
+
 
 def topology() -> dict:
     """The processes and devices of this run (saved with each checkpoint)."""

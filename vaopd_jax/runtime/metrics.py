@@ -290,3 +290,19 @@ def read_tensorboard_scalars(path: str | os.PathLike) -> dict[str, list[tuple[in
             if value.HasField("simple_value"):
                 scalars[value.tag].append((int(event.step), float(value.simple_value)))
     return {tag: sorted(points, key=lambda point: point[0]) for tag, points in scalars.items()}
+
+
+def summary_table(jsonl_path: str) -> str:
+    """Before/after table from the first and last validation records of metrics.jsonl."""
+    vals = read_jsonl(jsonl_path, kind="val")
+    if not vals:
+        return "(no validation ran: set --config.eval.every > 0)"
+    first, last = vals[0], vals[-1]
+    rows = [("accuracy, fine-detail questions", "val/accuracy_fine"),
+            ("accuracy, coarse questions", "val/accuracy_coarse"), ("accuracy, all", "val/accuracy"),
+            ("mean student VA", "val/student_va_mean")]
+    lines = [f"{'':34s}{'before (step %d)' % first['step']:>20s}{'after (step %d)' % last['step']:>20s}"]
+    for name, key in rows:
+        if key in first:
+            lines.append(f"{name:34s}{first[key]:>20.3f}{last.get(key, float('nan')):>20.3f}")
+    return "\n".join(lines)
