@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vaopd_jax import config as config_lib
 from vaopd_jax import evaluate
 from vaopd_jax.eval.benchmarks import common, fixtures
 from vaopd_jax.rollout import sampler
@@ -72,22 +73,26 @@ def count_lines(path):
     return sum(1 for line in open(path) if line.strip())
 
 
-class CountingGenerate:
-    """Wraps sampler.generate and counts prompts sent to it."""
+class CountingSampler:
+    """Wraps sampler.Sampler.__call__ and counts the prompts sent to it."""
 
     def __init__(self, real):
         self.real, self.prompts = real, 0
 
-    def __call__(self, model, input_ids, *args, **kwargs):
-        self.prompts += int(np.asarray(input_ids).shape[0])
-        return self.real(model, input_ids, *args, **kwargs)
+    def __call__(self, rollouts, params, prompts, rng=None):
+        self.prompts += prompts.num_prompts
+        return self.real(rollouts, params, prompts, rng)
+
+    def install(self, monkeypatch):
+        counter = self
+        monkeypatch.setattr(sampler.Sampler, "__call__", lambda rollouts, *a, **k: counter(rollouts, *a, **k))
+        return self
 
 
 def test_tiny_model_end_to_end_then_resume(tiny_model, tokenizer, bench_root, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     config = make_config(bench_root, out)
-    counter = CountingGenerate(sampler.generate)
-    monkeypatch.setattr(sampler, "generate", counter)
+    counter = CountingSampler(sampler.Sampler.__call__).install(monkeypatch)
     summary = evaluate.evaluate(config, model=tiny_model, tokenizer=tokenizer, model_name="tiny-random")
 
     # Per-sample JSONL: one line per usable question, K samples each.
@@ -139,15 +144,18 @@ def test_tiny_model_end_to_end_then_resume(tiny_model, tokenizer, bench_root, tm
                           model_name="tiny-random")
 
 
-class FixedTextGenerate:
-    """A stand-in sampler whose every sample is the same text: scores become known numbers."""
+class FixedTextSampler:
+    """A stand-in for sampler.Sampler.__call__ whose every sample is the same text: scores become known numbers."""
 
     def __init__(self, tokenizer, text):
         self.ids = tokenizer.encode(text, add_special_tokens=False) + [151645]
 
-    def __call__(self, model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
-                 max_new_tokens, num_samples=1, **kwargs):
-        rows = np.asarray(input_ids).shape[0] * num_samples
+    def install(self, monkeypatch):
+        fixed = self
+        monkeypatch.setattr(sampler.Sampler, "__call__", lambda rollouts, params, prompts, rng=None: fixed(
+            prompts.num_prompts * rollouts.num_samples, rollouts.max_new_tokens))
+
+    def __call__(self, rows, max_new_tokens):
         tokens = np.full((rows, max_new_tokens), 151643, np.int32)
         n = min(len(self.ids), max_new_tokens)
         tokens[:, :n] = self.ids[:n]
@@ -158,7 +166,7 @@ class FixedTextGenerate:
 
 
 def test_scores_through_the_whole_pipeline(tiny_model, tokenizer, bench_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(sampler, "generate", FixedTextGenerate(tokenizer, "The answer is \\boxed{B}."))
+    FixedTextSampler(tokenizer, "The answer is \\boxed{B}.").install(monkeypatch)
     config = make_config(bench_root, tmp_path / "eval", benchmarks="wemath,mathvista,mmstar",
                          max_new_tokens=32)
     summary = evaluate.evaluate(config, model=tiny_model, tokenizer=tokenizer, model_name="fixed")
@@ -184,8 +192,8 @@ def test_scores_through_the_whole_pipeline(tiny_model, tokenizer, bench_root, tm
 
 
 def test_process_slices_are_merged(tokenizer, tiny_model, bench_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(sampler, "generate", FixedTextGenerate(tokenizer, "Answer: D"))
-    config = make_config(bench_root, tmp_path / "eval", benchmarks="mmstar")
+    FixedTextSampler(tokenizer, "Answer: D").install(monkeypatch)
+    config = config_lib.load_evaluate(make_config(bench_root, tmp_path / "eval", benchmarks="mmstar"))
     out = Path(config.output_dir)
     out.mkdir(parents=True)
     from vaopd_jax.eval import benchmarks
@@ -209,6 +217,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 sys.path.insert(0, sys.argv[3])
 import test_eval_e2e as t
+from vaopd_jax import config as config_lib
 from vaopd_jax import evaluate
 config = t.make_config(sys.argv[4], sys.argv[5], benchmarks="wemath,ai2d")
 summary = evaluate.evaluate(config, model_name="fixed")
@@ -294,16 +303,16 @@ def test_prompt_images_follow_the_releases_path(tokenizer, bench_root, tmp_path)
     assert not np.array_equal(single.pixel_values, prompt.pixel_values)
     config.image_path = "twice"
     with pytest.raises(evaluate.EvalConfigError, match="image_path"):
-        evaluate.validate(config)
+        config_lib.load_evaluate(config)
     config.image_path, config.scoring, config.mmstar_average = "release", "lenient", "rows"
     with pytest.raises(evaluate.EvalConfigError, match="config.scoring = 'lenient'"):
-        evaluate.validate(config)
+        config_lib.load_evaluate(config)
 
 
 def test_invalid_config_names_fields(bench_root, tmp_path):
     config = make_config(bench_root, tmp_path, benchmarks="wemath,mmbench", top_p=1.5, num_samples=0)
     with pytest.raises(evaluate.EvalConfigError) as err:
-        evaluate.validate(config)
+        config_lib.load_evaluate(config)
     message = str(err.value)
     assert "config.benchmarks = 'wemath,mmbench'" in message
     assert "config.top_p = 1.5: must be in (0, 1]" in message
@@ -318,7 +327,7 @@ def test_hf_checkpoint_directory_is_loaded(tiny_model, tokenizer, bench_root, tm
         from vaopd_jax.models.qwen3_vl.convert import save_hf_checkpoint as save
     workdir = tmp_path / "run"
     save(tiny_model, str(workdir / "export" / "best"))  # a training workdir's exported best student
-    monkeypatch.setattr(sampler, "generate", FixedTextGenerate(tokenizer, "Answer: D"))
+    FixedTextSampler(tokenizer, "Answer: D").install(monkeypatch)
     config = make_config(bench_root, tmp_path / "eval", benchmarks="mmstar", model=str(workdir))
     assert evaluate.resolve_model_dir(config) == workdir / "export" / "best"
     runtime = evaluate.Runtime(config)

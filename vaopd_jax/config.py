@@ -31,12 +31,14 @@ import ml_collections
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.data.batch import VIEWS as SFT_IMAGES  # the demo warm-ups' view of the images
 from vaopd_jax.data.processor import IMAGE_PATHS
+from vaopd_jax.eval import benchmarks as benchmarks_lib
 from vaopd_jax.distill.objective import METHODS, RANGES, REWEIGHTING_METHODS, ObjectiveConfig, Range
 from vaopd_jax.models.qwen3_vl.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, Qwen3VLConfig
 from vaopd_jax.runtime.watchdog import ACTIONS as WATCHDOG_ACTIONS
 
 DATA_SOURCES = ("synthetic", "geometry3k", "virl39k")
 BASE = "configs/base.py"
+EVAL = "configs/eval_default.py"
 DEMO = "configs/demo.py"  # where the demo-only fields (tiny models, warm-ups, the synthetic task) live
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # parallel.mesh.MESH_AXES (config.mesh.<axis>)
 # Model sizes a config may name (<role>.size), checked against a checkpoint's config.json by their text fields:
@@ -320,6 +322,20 @@ def _value(name: str, value: Any, meta: dict, problems: _Problems) -> Any:
             problems.fail(name, value, f"must be a non-empty increasing list of integers >= {minimum}")
             return None
         return tuple(int(v) for v in values)
+    if kind == "names":
+        names = ([n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else
+                 list(value) if isinstance(value, (list, tuple)) else None)
+        unknown = None if names is None else [n for n in names if n not in meta["choices"]]
+        if not names or unknown:
+            problems.fail(name, value, f"must be a comma-separated subset of {list(meta['choices'])}")
+            return None
+        return tuple(names)
+    if kind == "paths":
+        mapping = dict(value) if isinstance(value, (ml_collections.ConfigDict, dict)) else None
+        if mapping is None or any(k not in meta["choices"] or not isinstance(v, str) for k, v in mapping.items()):
+            problems.fail(name, value, f"must map benchmark names {list(meta['choices'])} to directories")
+            return None
+        return dict(mapping)
     if kind == "tiny":
         try:
             return model_config_from_spec(value)
@@ -506,6 +522,84 @@ def _check_paths(c: Config, problems: _Problems, expert: int) -> None:
     if c.tokenizer_path and not os.path.isdir(c.tokenizer_path):
         problems.fail("tokenizer_path", c.tokenizer_path,
                       "must be a local tokenizer directory, or '' for the offline Qwen tokenizer")
+
+
+# ----------------------------------------------------------------------------- the evaluator's config
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """An OpenAI-compatible LLM judge for the protocols that use one (off when url is '')."""
+
+    url: str = _field("str", where=EVAL)
+    model: str = _field("str", where=EVAL)
+    api_key_env: str = _field("str", where=EVAL)
+    timeout_s: float = _field("float", lo=0, lo_open=True, where=EVAL)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """A validated evaluation config (`load_evaluate`; configs/eval_default.py documents every field)."""
+
+    model: str = _field("str", where=EVAL)
+    export: str = _field("str", choices=("best", "final"), where=EVAL)
+    tokenizer_path: str = _field("str", where=EVAL)
+    dtype: str = _field("str", choices=DTYPES, where=EVAL)
+    benchmarks_dir: str = _field("str", where=EVAL)
+    benchmarks: tuple[str, ...] = _field("names", choices=tuple(benchmarks_lib.BENCHMARKS), where=EVAL)
+    output_dir: str = _field("str", where=EVAL)
+    num_samples: int = _field("int", lo=1, where=EVAL, why="the paper uses 8: avg@8")
+    temperature: float = _field("float", lo=0, where=EVAL, why="0 = greedy")
+    top_p: float = _field("float", lo=0, hi=1, lo_open=True, where=EVAL)
+    top_k: int = _field("int", lo=0, where=EVAL, why="0 = off")
+    max_new_tokens: int = _field("int", lo=1, where=EVAL)
+    batch_size: int = _field("int", lo=1, where=EVAL, why="prompts per sampler call")
+    min_prompt_bucket: int = _field("int", lo=1, where=EVAL, why="smallest padded prompt length")
+    seed: int = _field("int", lo=0, hi=2**31 - 1, where=EVAL)
+    prompt_suffix: str = _field("str", where=EVAL)
+    min_pixels: int = _field("int", lo=1, where=EVAL)
+    max_pixels: int = _field("int", lo=1, where=EVAL)
+    image_path: str = _field("str", choices=IMAGE_PATHS, where=EVAL)
+    max_prompt_tokens: int = _field("int", lo=1, where=EVAL)
+    limit: int = _field("int", lo=0, where=EVAL, why="0 = every question")
+    grading_timeout_s: float = _field("float", lo=0, lo_open=True, where=EVAL)
+    scoring: str = _field("str", choices=benchmarks_lib.SCORING_MODES, where=EVAL)
+    mmstar_average: str = _field("str", choices=benchmarks_lib.MMSTAR_AVERAGES, where=EVAL)
+    judge: JudgeConfig = _sub(JudgeConfig, where=EVAL)
+    mesh: MeshConfig = _sub(MeshConfig, where=EVAL)
+    paths: dict | None = _field("paths", choices=tuple(benchmarks_lib.BENCHMARKS), where=EVAL, default=None)
+
+    def replace(self, **changes) -> "EvaluateConfig":
+        return dataclasses.replace(self, **changes)
+
+    def benchmark_dir(self, name: str) -> str:
+        """Where benchmark `name` is read from: config.paths.<name>, else <benchmarks_dir>/<name>."""
+        return (self.paths or {}).get(name, "") or os.path.join(self.benchmarks_dir, name)
+
+
+def load_evaluate(config: ml_collections.ConfigDict):
+    """The typed, validated evaluation config (`EvaluateConfig`); raises ``ConfigError`` listing every problem."""
+    problems = _Problems()
+    typed = _build(EvaluateConfig, config, "", problems)
+    if typed is not None:
+        if typed.min_pixels > typed.max_pixels:
+            problems.fail("min_pixels", typed.min_pixels, f"must be <= config.max_pixels = {typed.max_pixels}")
+        if not typed.benchmarks_dir and not any((typed.paths or {}).get(n) for n in typed.benchmarks):
+            problems.fail("benchmarks_dir", typed.benchmarks_dir, "must name the directory holding the benchmark "
+                          "folders (or set config.paths.<name>)")
+        if not typed.output_dir:
+            problems.fail("output_dir", typed.output_dir, "must name the results directory")
+        if typed.judge.url:
+            if not typed.judge.url.startswith(("http://", "https://")):
+                problems.fail("judge.url", typed.judge.url, "must start with http:// or https:// (an OpenAI-compatible "
+                              "endpoint)")
+            if not typed.judge.model:
+                problems.fail("judge.model", typed.judge.model, "must name the judge model")
+        for axis, size in zip(MESH_AXES, typed.mesh.shape()):
+            if size == 0 or (size == -1 and axis != "data"):
+                problems.fail(f"mesh.{axis}", size, "must be >= 1" + (" or -1 (all remaining local devices)"
+                                                                      if axis == "data" else ""))
+    if problems:
+        raise ConfigError("invalid evaluation config:\n  " + "\n  ".join(problems))
+    return typed
 
 
 # ----------------------------------------------------------------------------- model sizes

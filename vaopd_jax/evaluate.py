@@ -41,12 +41,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from vaopd_jax import config as config_lib
 from vaopd_jax.data import processor
 from vaopd_jax.eval import benchmarks as benchmarks_lib
 from vaopd_jax.eval import grading
 from vaopd_jax.eval.benchmarks import common
 from vaopd_jax.eval.judge import make_judge
-from vaopd_jax.models.qwen3_vl.config import DTYPES
 
 log = logging.getLogger("vaopd_jax.evaluate")
 
@@ -54,71 +54,13 @@ RUN_KEYS = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "p
             "min_pixels", "max_pixels", "image_path", "scoring")
 
 
-class EvalConfigError(ValueError):
-    """An evaluation config field is missing, out of range or inconsistent."""
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def benchmark_names(config) -> list[str]:
-    names = config.benchmarks
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    return list(names)
-
-
-def validate(config) -> None:
-    """Checks every field evaluate() reads; raises one EvalConfigError listing all problems."""
-    problems = []
-
-    def check(ok, field, value, allowed):
-        if not ok:
-            problems.append(f"config.{field} = {value!r}: {allowed}")
-
-    names = benchmark_names(config)
-    unknown = [n for n in names if n not in benchmarks_lib.BENCHMARKS]
-    check(names and not unknown, "benchmarks", config.benchmarks,
-          f"must be a comma-separated subset of {list(benchmarks_lib.BENCHMARKS)}")
-    check(isinstance(config.num_samples, int) and config.num_samples >= 1, "num_samples", config.num_samples,
-          "must be an int >= 1 (the paper uses 8: avg@8)")
-    check(config.temperature >= 0, "temperature", config.temperature, "must be >= 0 (0 = greedy)")
-    check(0 < config.top_p <= 1, "top_p", config.top_p, "must be in (0, 1]")
-    check(isinstance(config.top_k, int) and config.top_k >= 0, "top_k", config.top_k, "must be an int >= 0 (0 = off)")
-    check(isinstance(config.max_new_tokens, int) and config.max_new_tokens >= 1, "max_new_tokens",
-          config.max_new_tokens, "must be an int >= 1")
-    check(isinstance(config.batch_size, int) and config.batch_size >= 1, "batch_size", config.batch_size,
-          "must be an int >= 1 (prompts per sampler call)")
-    check(isinstance(config.max_prompt_tokens, int) and config.max_prompt_tokens >= 1, "max_prompt_tokens",
-          config.max_prompt_tokens, "must be an int >= 1")
-    check(1 <= config.min_pixels <= config.max_pixels, "min_pixels/max_pixels",
-          (config.min_pixels, config.max_pixels), "need 1 <= min_pixels <= max_pixels")
-    check(config.image_path in processor.IMAGE_PATHS, "image_path", config.image_path,
-          f"must be one of {processor.IMAGE_PATHS}")
-    check(isinstance(config.min_prompt_bucket, int) and config.min_prompt_bucket >= 1, "min_prompt_bucket",
-          config.min_prompt_bucket, "must be an int >= 1 (smallest padded prompt length)")
-    check(config.limit >= 0, "limit", config.limit, "must be >= 0 (0 = every question)")
-    check(config.scoring in benchmarks_lib.SCORING_MODES, "scoring", config.scoring,
-          f"must be one of {benchmarks_lib.SCORING_MODES}")
-    check(config.mmstar_average in benchmarks_lib.MMSTAR_AVERAGES, "mmstar_average", config.mmstar_average,
-          f"must be one of {benchmarks_lib.MMSTAR_AVERAGES}")
-    check(config.grading_timeout_s > 0, "grading_timeout_s", config.grading_timeout_s, "must be > 0 seconds")
-    check(config.dtype in DTYPES, "dtype", config.dtype, f"must be one of {DTYPES}")
-    check(bool(config.benchmarks_dir) or any(config.paths.get(n, "") for n in names), "benchmarks_dir",
-          config.benchmarks_dir, "must name the directory holding the benchmark folders (or set config.paths.<name>)")
-    check(config.export in ("best", "final"), "export", config.export, "must be 'best' or 'final'")
-    check(bool(config.output_dir), "output_dir", config.output_dir, "must name the results directory")
-    if config.judge.url:
-        check(config.judge.url.startswith(("http://", "https://")), "judge.url", config.judge.url,
-              "must start with http:// or https:// (an OpenAI-compatible endpoint)")
-        check(bool(config.judge.model), "judge.model", config.judge.model, "must name the judge model")
-    if problems:
-        raise EvalConfigError("invalid evaluation config:\n  " + "\n  ".join(problems))
+# A bad field, mixed settings in one output directory, or an unknown model directory (one error type with the
+# trainer's config; `config.load_evaluate` validates every field once, at the entry point).
+EvalConfigError = config_lib.ConfigError
 
 
 def benchmark_dir(config, name: str) -> Path:
-    override = config.paths.get(name, "") if "paths" in config else ""
-    return Path(override) if override else Path(config.benchmarks_dir) / name
+    return Path(config.benchmark_dir(name))
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -159,20 +101,19 @@ def build_prompt(bench, record, tokenizer, config, max_positions: Optional[int] 
     return Prompt(record, np.asarray(ids, np.int32), pixel_values if len(images) else None, grids)
 
 
-def collate(prompts: Sequence[Prompt], pad_id: int):
-    """Right-padded (B, T) ids and mask, concatenated pixel rows and grids (None when no image)."""
-    length = max(len(p.input_ids) for p in prompts)
-    ids = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p.input_ids)] = p.input_ids
-        mask[i, : len(p.input_ids)] = 1
-    with_images = [p for p in prompts if p.pixel_values is not None]
-    if not with_images:
-        return ids, mask, None, None
-    pixels = np.concatenate([p.pixel_values for p in with_images], axis=0)
-    grids = np.concatenate([p.grid_thw for p in with_images], axis=0)
-    return ids, mask, pixels, grids
+def prompt_batch(prompts: Sequence[Prompt], batch_size: int, model_config, *, pad_id: int, min_prompt_bucket: int):
+    """The `data.batch.PromptBatch` of one sampler call: the prompts, then copies of the first one up to
+    batch_size rows (their outputs are dropped), padded to a power-of-two prompt bucket: one compiled sampler
+    program per (prompt, patch) bucket, not per batch."""
+    from vaopd_jax.data import batch as batch_lib
+    from vaopd_jax.rollout import sampler
+
+    filled = list(prompts) + [prompts[0]] * (batch_size - len(prompts))
+    examples = [{"input_ids": p.input_ids, "image_grid_thw": p.grid_thw, "pixel_values": p.pixel_values,
+                 "id": p.record.id} for p in filled]
+    longest = max(len(p.input_ids) for p in filled)
+    return batch_lib.from_examples(examples, model_config, pad_id=pad_id,
+                                   prompt_len=sampler.bucket_size(longest, min_prompt_bucket))
 
 
 # ----------------------------------------------------------------------------- results files
@@ -202,7 +143,7 @@ def read_rows(paths: Sequence[Path]) -> dict:
 
 def check_run_settings(out_dir: Path, config, model_name: str) -> None:
     """Refuse to mix samples drawn with different settings in one output directory."""
-    settings = {k: config[k] for k in RUN_KEYS}
+    settings = {k: getattr(config, k) for k in RUN_KEYS}
     settings["model"] = model_name
     path = out_dir / "run_settings.json"
     if path.is_file():
@@ -224,25 +165,17 @@ def _decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> str:
     return tokenizer.decode([int(t) for t, m in zip(tokens, mask) if m], skip_special_tokens=True)
 
 
-def generate_rows(bench, prompts: Sequence[Prompt], model, tokenizer, config, *, rng, mesh, judge,
-                  valid_vocab_size, eos_ids) -> list[dict]:
-    """K samples for each prompt, extracted and graded -> JSONL rows."""
-    from vaopd_jax.rollout import sampler
-
-    # A short last batch is filled with copies of its first prompt (outputs dropped) so every call
-    # has batch_size rows: one compiled program per (prompt, patch) bucket, not per batch size.
-    filled = list(prompts) + [prompts[0]] * (config.batch_size - len(prompts))
-    ids, mask, pixels, grids = collate(filled, pad_id=eos_ids[-1])
-    out = sampler.generate(
-        model, ids, mask, pixels, grids, max_new_tokens=config.max_new_tokens, num_samples=config.num_samples,
-        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, eos_token_ids=eos_ids, rng=rng,
-        valid_vocab_size=valid_vocab_size, mesh=mesh, min_prompt_bucket=config.min_prompt_bucket,
-    )
+def generate_rows(bench, prompts: Sequence[Prompt], rt: dict, config, *, rng, judge) -> list[dict]:
+    """config.num_samples samples of each prompt through the runtime's `rollout.Sampler`, extracted and graded
+    -> JSONL rows. rt: the `Runtime`'s tokenizer, model, sampler and params."""
+    batch = prompt_batch(prompts, config.batch_size, rt["model"].config, pad_id=rt["eos_ids"][-1],
+                         min_prompt_bucket=config.min_prompt_bucket)
+    out = rt["sampler"](rt["params"], batch, rng)
     tokens = np.asarray(out.tokens)
     response_mask = np.asarray(out.response_mask)
     finished = np.asarray(out.finished)
     k = config.num_samples
-    texts = [[_decode(tokenizer, tokens[i * k + j], response_mask[i * k + j]) for j in range(k)]
+    texts = [[_decode(rt["tokenizer"], tokens[i * k + j], response_mask[i * k + j]) for j in range(k)]
              for i in range(len(prompts))]
     graded = bench.score([p.record for p in prompts], texts, judge=judge, timeout_s=config.grading_timeout_s,
                          scoring=scoring_of(config))
@@ -266,11 +199,11 @@ def generate_rows(bench, prompts: Sequence[Prompt], model, tokenizer, config, *,
 
 
 def evaluate_benchmark(bench, config, runtime, out_dir: Path, *, process_index: int, process_count: int,
-                       mesh=None, judge=None) -> dict:
+                       judge=None) -> dict:
     """Generate and grade this process's slice of one benchmark; returns counters for the log.
 
-    runtime: a callable returning {tokenizer, model, eos_ids, valid_vocab_size}, called only
-    when this slice has questions left to generate.
+    runtime: a `Runtime` (tokenizer, model, sampler, params), called only when this slice has questions left to
+    generate.
     """
     import jax
 
@@ -294,9 +227,7 @@ def evaluate_benchmark(bench, config, runtime, out_dir: Path, *, process_index: 
         if not pending:
             return
         seed = int(hashlib.sha1("|".join(p.record.id for p in pending).encode()).hexdigest()[:8], 16)
-        rows = generate_rows(bench, pending, rt["model"], rt["tokenizer"], config,
-                             rng=jax.random.fold_in(base_key, seed), mesh=mesh, judge=judge,
-                             valid_vocab_size=rt["valid_vocab_size"], eos_ids=rt["eos_ids"])
+        rows = generate_rows(bench, pending, rt, config, rng=jax.random.fold_in(base_key, seed), judge=judge)
         with open(samples_path, "a+", encoding="utf-8") as f:
             if f.tell() > 0:
                 f.seek(f.tell() - 1)
@@ -517,7 +448,7 @@ def local_mesh(config):
 
     devices = jax.local_devices()
     data, fsdp, tensor = int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)
-    expert = int(config.mesh.get("expert", 1))
+    expert = int(config.mesh.expert)
     fixed = fsdp * expert * tensor
     shape = f"data={data}, fsdp={fsdp}, expert={expert}, tensor={tensor}"
     if min(fsdp, expert, tensor) < 1 or (data < 1 and data != -1):
@@ -549,9 +480,9 @@ def _tokenizer_for(config):
 
 
 class Runtime:
-    """Tokenizer and model, loaded on first call: a run whose benchmarks are all missing
-    (or already scored) loads nothing. Calling returns {tokenizer, model, eos_ids,
-    valid_vocab_size}."""
+    """Tokenizer, model and the evaluation `rollout.Sampler` (built once), loaded on first call: a run whose
+    benchmarks are all missing (or already scored) loads nothing. Calling returns {tokenizer, model, params,
+    sampler, eos_ids, max_positions}."""
 
     def __init__(self, config, model=None, tokenizer=None, mesh=None):
         self.config, self.model, self.tokenizer, self.mesh = config, model, tokenizer, mesh
@@ -559,7 +490,10 @@ class Runtime:
 
     def __call__(self) -> dict:
         if not self.loaded:
+            from flax import nnx
+
             from vaopd_jax.data import tokenizer as tokenizer_lib
+            from vaopd_jax.rollout import sampler
 
             tok = self.tokenizer if self.tokenizer is not None else _tokenizer_for(self.config)
             if self.model is None:
@@ -570,11 +504,14 @@ class Runtime:
                 mdl = model_sharding.shard_model(self.model, self.mesh)
             else:
                 mdl = self.model
-            self.loaded = dict(
-                tokenizer=tok, model=mdl,
-                eos_ids=tokenizer_lib.END_TOKEN_IDS,
-                valid_vocab_size=tokenizer_lib.valid_vocab_size(tok, mdl.config.text.vocab_size),
-                max_positions=getattr(mdl.config.text, "max_position_embeddings", None))
+            c = self.config
+            eos_ids = tokenizer_lib.END_TOKEN_IDS
+            rollouts = sampler.Sampler(
+                mdl, max_new_tokens=c.max_new_tokens, num_samples=c.num_samples, temperature=c.temperature,
+                top_p=c.top_p, top_k=c.top_k, eos_token_ids=eos_ids, mesh=self.mesh,
+                valid_vocab_size=tokenizer_lib.valid_vocab_size(tok, mdl.config.text.vocab_size))
+            self.loaded = dict(tokenizer=tok, model=mdl, params=nnx.state(mdl, nnx.Param), sampler=rollouts,
+                               eos_ids=eos_ids, max_positions=getattr(mdl.config.text, "max_position_embeddings", None))
         return self.loaded
 
 
@@ -589,10 +526,11 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
     """
     import jax
 
-    validate(config)
+    if not isinstance(config, config_lib.EvaluateConfig):
+        config = config_lib.load_evaluate(config)  # every problem at once, before any compute
     out_dir = Path(config.output_dir)
     process_index, process_count = jax.process_index(), jax.process_count()
-    names = benchmark_names(config)
+    names = config.benchmarks
     model_name = model_name or config.model or "in-process model"
     check_run_settings(out_dir, config, model_name)
     judge = make_judge(config.judge.url, config.judge.model, api_key_env=config.judge.api_key_env,
@@ -602,7 +540,7 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
     # The backend and device kind, and a warning when a GPU/TPU config (bf16, a multi-device mesh) lands on CPU.
     devices_line, backend_warnings = backend_lib.startup_report(
         backend_lib.backend_info(), dtype=config.dtype,
-        mesh_shape=(config.mesh.data, config.mesh.fsdp, config.mesh.get("expert", 1), config.mesh.tensor))
+        mesh_shape=config.mesh.shape())
     log.info("%s", devices_line)
     for warning in backend_warnings:
         log.warning("%s", warning)
@@ -614,7 +552,7 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
         bench = benchmarks_lib.get(name)
         try:
             counters = evaluate_benchmark(bench, config, runtime, out_dir, process_index=process_index,
-                                          process_count=process_count, mesh=mesh, judge=judge)
+                                          process_count=process_count, judge=judge)
             statuses[name] = {"status": "ok", **counters}
             log.info("%s: %d generated, %d skipped in this process", name, counters["generated"], counters["skipped"])
         except common.MissingBenchmark as err:
@@ -651,7 +589,7 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
             totals[key] = totals.get(key, 0) + value
     summary = {
         "model": model_name,
-        "settings": {**{k: config[k] for k in RUN_KEYS}, "mmstar_average": config.mmstar_average},
+        "settings": {**{k: getattr(config, k) for k in RUN_KEYS}, "mmstar_average": config.mmstar_average},
         "math_avg": math_avg,
         "visual_avg": visual_avg,
         "judge": judge.describe() if judge else None,
@@ -687,7 +625,7 @@ def main(argv=None) -> None:
         except ImportError:
             pass
         try:
-            validate(config)
+            config = config_lib.load_evaluate(config)
         except EvalConfigError as err:
             raise SystemExit(str(err)) from None
         evaluate(config)
