@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vaopd_jax", "vaopd_jax.*"]),
+    package_data={"vaopd_jax.data": ["*.jinja"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.11",

@@ -114,6 +114,10 @@ def get_config(arg=None):
   c.train.watchdog.timeout_s = 3600.0        # 0 = off
   c.train.watchdog.first_timeout_s = 7200.0  # the first run of each phase (it includes XLA compilation)
   c.train.watchdog.action = "report"
+  # Mechanism logging: the teacher's pixelated pass and the VA metrics also for method=opd; the share of the loss's
+  # gradient on the task's vision-critical tokens (one more student pass). The miniature's study turns both on.
+  c.train.log_visual_advantage = False
+  c.train.log_token_gradients = False
 
   # Validation: 200 of the 300 Geometry3K validation problems
   # (sorted(random.Random(42).sample(range(300), 200))), every 50 steps.

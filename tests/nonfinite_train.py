@@ -12,7 +12,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app  # noqa: E402
 
 from vaopd_jax import train  # noqa: E402
 from vaopd_jax.distill import batch as batch_lib  # noqa: E402
@@ -31,7 +30,7 @@ def main():
         return batch
 
     batch_lib.build_train_batch = poisoned
-    app.run(train.main)
+    train.main(sys.argv[1:])
 
 
 if __name__ == "__main__":

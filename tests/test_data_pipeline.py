@@ -9,7 +9,6 @@ import pytest
 from tests.fixtures_data import encode_image, write_geometry3k, write_virl39k_raw
 from tests.release_reference import mode_image, release_views
 from vaopd_jax import config as config_lib
-from vaopd_jax.models import load as load_lib
 from vaopd_jax.data import pipeline as PL
 from vaopd_jax.data import processor as P
 from vaopd_jax.data import sources as S

@@ -82,7 +82,6 @@ def _write_tiny_checkpoint(path: Path, seed: int) -> None:
     from flax import nnx
 
     from vaopd_jax import config as config_lib
-    from vaopd_jax.models import load as load_lib
     from vaopd_jax.models import qwen3_vl
 
     spec = config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vision_depth=1,

@@ -102,7 +102,6 @@ def test_make_records():
 
 def _tiny_model(seed):
     from vaopd_jax import config as config_lib
-    from vaopd_jax.models import load as load_lib
     from vaopd_jax.models import qwen3_vl
 
     # The real Qwen vocabulary and special ids (the records go through the real tokenizer).

@@ -34,7 +34,6 @@ def shared(tmp_path_factory):
     from flax import nnx
 
     from vaopd_jax import config as config_lib
-    from vaopd_jax.models import load as load_lib
     from vaopd_jax.models import qwen3_vl
 
     root = tmp_path_factory.mktemp("train")
@@ -245,22 +244,42 @@ def test_sigterm_mid_step_saves_a_complete_checkpoint_and_resumes_exactly(shared
 
 
 def test_bad_configs_fail_before_compute(shared, tmp_path):
-    proc = run(train_args(shared, str(tmp_path / "bad"), "--config.va.p_v=1.5", "--config.va.lam=-0.5",
+    """Every problem of the command line and the config at once, one line each, a non-zero exit before any
+    compile, and an existing workdir left as it was."""
+    workdir = tmp_path / "bad"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("mine")
+    proc = run(train_args(shared, str(workdir), "--config.va.p_v=1.5", "--config.va.lam=-0.5",
                           "--config.method=reweight_only", "--config.rollout.num_rollouts=1",
-                          "--config.teacher.hf_path=/no/such/teacher"), env_for(shared), timeout=120)
+                          "--config.teacher.hf_path=/no/such/teacher", "--config.optim.lrr=1",
+                          "--config.data.min_pixels=many", "--config.mesh.fsdp=3", "--config.data.prompts_per_step=3",
+                          "--config.rollout.max_new_tokens=300000", "--bogus"),
+               env_for(shared, devices=2), timeout=120)
     assert proc.returncode != 0
     for expected in ("config.va.p_v = 1.5: must be in (0, 1]", "config.va.lam = -0.5: must be in [0, 1]",
                      "config.rollout.num_rollouts = 1: must be >= 2 with method='reweight_only'",
-                     "config.teacher.hf_path = '/no/such/teacher': must be a local Hugging Face"):
+                     "config.teacher.hf_path = '/no/such/teacher': must be a local Hugging Face",
+                     "--config.optim.lrr=1: unknown field (config.optim has no 'lrr'; did you mean 'lr'?)",
+                     "--config.data.min_pixels=many: expected an integer", "--bogus: unknown flag",
+                     "config.mesh = {'data': -1, 'fsdp': 3, 'expert': 1, 'tensor': 1}: the fixed axes need a multiple "
+                     "of 3 devices; this run has 2"):
         assert expected in proc.stderr, expected
-    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+    assert "Traceback" not in proc.stderr and "compiled" not in proc.stdout
+    assert sorted(os.listdir(workdir)) == ["keep.txt"] and (workdir / "keep.txt").read_text() == "mine"
+    # On two devices the batch must split over the data axis; a response must fit the models' positions.
+    proc = run(train_args(shared, str(tmp_path / "bad2"), "--config.data.prompts_per_step=3", "--config.method=opd",
+                          "--config.rollout.num_rollouts=1", "--config.rollout.max_new_tokens=300000"),
+               env_for(shared, devices=2), timeout=120)
+    assert proc.returncode != 0 and not (tmp_path / "bad2").exists()
+    assert "x rollout.num_rollouts = 3 rollouts per step must be divisible by the batch axes" in proc.stderr
+    assert "exceeds the teacher's" in proc.stderr and "max_position_embeddings" in proc.stderr
 
 
 def test_student_teacher_vocab_mismatch_fails(shared, tmp_path):
-    proc = run(train_args(shared, str(tmp_path / "vocab"), "--config.student.tiny.text.vocab_size=1000"),
+    proc = run(train_args(shared, str(tmp_path / "vocab"), "--config.student.tiny.text.vocab_size=152000"),
                env_for(shared), timeout=120)
     assert proc.returncode != 0
-    assert "student vocabulary size 1000 != teacher vocabulary size 151936" in proc.stderr
+    assert "student vocabulary size 152000 != teacher vocabulary size 151936" in proc.stderr
 
 
 def test_repeated_nonfinite_steps_stop_with_last_good_checkpoint(shared, tmp_path):
@@ -305,7 +324,7 @@ def test_two_processes_stop_on_one_sigterm_resume_and_continue_on_4_and_1_device
             errs.append(open(tmp_path / f"stderr{i}.{steps}.txt", "w+"))
             procs.append(subprocess.Popen(
                 train_args(shared, workdir, f"--config.train.num_steps={steps}", "--config.eval.every=0",
-                           "--config.train.checkpoint_every=1"),
+                           "--config.train.checkpoint_every=1", "--config.data.prompts_per_step=4"),
                 env=env_for(shared, devices=4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                             JAX_PROCESS_ID=str(i)),
                 cwd=REPO, stdout=subprocess.PIPE, stderr=errs[-1], text=True))
@@ -345,6 +364,7 @@ def test_two_processes_stop_on_one_sigterm_resume_and_continue_on_4_and_1_device
     # The last run also has a tiny watchdog limit: every phase is reported, and the run carries on.
     shutil.rmtree(os.path.join(workdir, "export"))
     quick = ("--config.eval.every=0", "--config.export.best=False", "--config.train.checkpoint_every=1")
+    quick += ("--config.data.prompts_per_step=4",)  # 8 rollouts a step: every device of the 8 gets one
     on4 = run(train_args(shared, workdir, "--config.train.num_steps=3", "--config.mesh.fsdp=4", *quick),
               env_for(shared, devices=4))
     assert on4.returncode == 0, on4.stderr[-3000:]
@@ -357,7 +377,7 @@ def test_two_processes_stop_on_one_sigterm_resume_and_continue_on_4_and_1_device
                          "--config.train.watchdog.timeout_s=0.001", "--config.train.watchdog.first_timeout_s=0.001",
                          *quick), env_for(shared, devices=1))
     assert on1.returncode == 0, on1.stderr[-3000:]
-    assert "from the 2 processes that wrote the checkpoint: the global record stream resumes at record 6 (exact)" \
+    assert "from the 2 processes that wrote the checkpoint: the global record stream resumes at record 12 (exact)" \
         in on1.stdout
     assert "step 4/4" in on1.stdout and [s for s, _ in train_losses(workdir)] == [1, 2, 3, 4]
     assert np.isfinite(train_losses(workdir)[3][1])

@@ -20,6 +20,7 @@ Methods (docs/method.md, "Ablations"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -276,6 +277,37 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- building and checking
+class _Broken(TypeError):
+    """A rule touched a field that already has a problem of its own: the rule is skipped."""
+
+
+class _Invalid:
+    """Stands in for a wrong or missing field, so that the other rules still run (every problem at once); any
+    use of it raises _Broken."""
+
+    def _broken(self, *args, **kwargs):
+        raise _Broken("invalid field")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __mod__ = __rmod__ = __mul__ = __rmul__ = _broken
+    __add__ = __radd__ = __sub__ = __rsub__ = __iter__ = __len__ = __contains__ = __index__ = __int__ = _broken
+    __hash__ = None
+
+    def __getattr__(self, name):
+        raise _Broken(name)
+
+
+INVALID = _Invalid()
+
+
+@contextlib.contextmanager
+def _rule():
+    """One cross-field rule: skipped when a field it reads already failed."""
+    try:
+        yield
+    except _Broken:
+        pass
+
+
 class _Problems(list):
     def fail(self, name: str, value: Any, rule: str) -> None:
         self.append(f"config.{name} = {value!r}: {rule}")
@@ -290,29 +322,29 @@ def _number(value, kind: str) -> bool:
 
 
 def _value(name: str, value: Any, meta: dict, problems: _Problems) -> Any:
-    """One leaf, checked; None (with a problem) when it is wrong."""
+    """One leaf, checked; INVALID (with a problem) when it is wrong."""
     kind = meta["kind"]
     if kind in ("int", "float"):
         if not _number(value, kind):
             problems.fail(name, value, "must be an integer" if kind == "int" else "must be a finite number")
-            return None
+            return INVALID
         problem = meta["range"].problem(value) if meta["range"] else None
         if problem:
             problems.fail(name, value, problem)
-            return None
+            return INVALID
         return float(value) if kind == "float" else int(value)
     if kind == "bool":
         if not isinstance(value, bool):
             problems.fail(name, value, "must be true or false")
-            return None
+            return INVALID
         return value
     if kind == "str":
         if not isinstance(value, str):
             problems.fail(name, value, "must be a string" + (f": {meta['why']}" if meta["why"] else ""))
-            return None
+            return INVALID
         if meta["choices"] is not None and value not in meta["choices"]:
             problems.fail(name, value, f"must be one of {tuple(meta['choices'])}")
-            return None
+            return INVALID
         return value
     if kind == "ints":
         minimum = meta["minimum"]
@@ -320,7 +352,7 @@ def _value(name: str, value: Any, meta: dict, problems: _Problems) -> Any:
         if (not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values)
                 or values != sorted(set(values))):
             problems.fail(name, value, f"must be a non-empty increasing list of integers >= {minimum}")
-            return None
+            return INVALID
         return tuple(int(v) for v in values)
     if kind == "names":
         names = ([n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else
@@ -328,51 +360,49 @@ def _value(name: str, value: Any, meta: dict, problems: _Problems) -> Any:
         unknown = None if names is None else [n for n in names if n not in meta["choices"]]
         if not names or unknown:
             problems.fail(name, value, f"must be a comma-separated subset of {list(meta['choices'])}")
-            return None
+            return INVALID
         return tuple(names)
     if kind == "paths":
         mapping = dict(value) if isinstance(value, (ml_collections.ConfigDict, dict)) else None
         if mapping is None or any(k not in meta["choices"] or not isinstance(v, str) for k, v in mapping.items()):
             problems.fail(name, value, f"must map benchmark names {list(meta['choices'])} to directories")
-            return None
+            return INVALID
         return dict(mapping)
     if kind == "tiny":
         try:
             return model_config_from_spec(value)
         except (TypeError, ValueError, KeyError, AttributeError) as err:
             problems.fail(name, "<tiny spec>", f"is not a valid tiny_spec ({err}); build it with config.tiny_spec")
-            return None
+            return INVALID
     raise AssertionError(kind)
 
 
 def _build(cls, node, path: str, problems: _Problems):
-    """The dataclass `cls` from a ConfigDict node; every problem of the subtree is recorded."""
+    """The dataclass `cls` from a ConfigDict node, INVALID in place of each wrong or missing field; every
+    problem of the subtree is recorded."""
     prefix = f"{path}." if path else ""
     if not isinstance(node, (ml_collections.ConfigDict, dict)):
         problems.append(f"config.{path} = {node!r}: must be a group of fields")
-        return None
+        return INVALID
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in node.keys():
         if key not in fields:
             problems.append(f"config.{prefix}{key}: unknown field (the fields of config.{path or '<root>'} are "
                             f"{', '.join(fields)})")
-    values, complete = {}, True
+    values = {}
     for name, f in fields.items():
         meta = f.metadata
         if name not in node or node[name] is None:
             if f.default is not dataclasses.MISSING:
                 values[name] = f.default
-                continue
-            problems.append(f"config.{prefix}{name} is missing (the trainer reads it; start from {meta['where']})")
-            complete = False
-            continue
-        if meta["kind"] == "sub":
-            value = _build(meta["cls"], node[name], prefix + name, problems)
+            else:
+                problems.append(f"config.{prefix}{name} is missing (the trainer reads it; start from {meta['where']})")
+                values[name] = INVALID
+        elif meta["kind"] == "sub":
+            values[name] = _build(meta["cls"], node[name], prefix + name, problems)
         else:
-            value = _value(prefix + name, node[name], meta, problems)
-        complete &= value is not None
-        values[name] = value
-    return cls(**values) if complete else None
+            values[name] = _value(prefix + name, node[name], meta, problems)
+    return cls(**values)
 
 
 def load(config: ml_collections.ConfigDict, *, check_paths: bool = True, device_count: int | None = None,
@@ -386,12 +416,13 @@ def load(config: ml_collections.ConfigDict, *, check_paths: bool = True, device_
     """
     problems = _Problems()
     typed = _build(Config, config, "", problems)
-    if typed is not None:
-        sizes = _cross_checks(typed, problems, device_count)
+    sizes = _cross_checks(typed, problems, device_count)
+    with _rule():
         if typed.data.prompts_per_step % process_count:
             problems.fail("data.prompts_per_step", typed.data.prompts_per_step,
                           f"must be divisible by the number of processes ({process_count})")
-        if check_paths:
+    if check_paths:
+        with _rule():
             _check_paths(typed, problems, expert=(sizes or {}).get("expert", typed.mesh.expert))
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
@@ -400,30 +431,40 @@ def load(config: ml_collections.ConfigDict, *, check_paths: bool = True, device_
 
 def _cross_checks(c: Config, problems: _Problems, device_count: int | None) -> dict | None:
     """The rules that tie fields together; returns the mesh axes' sizes when the device count is known."""
-    if not c.workdir.strip():
-        problems.fail("workdir", c.workdir, "must be a non-empty path (pass --config.workdir=DIR)")
-    if c.method in REWEIGHTING_METHODS and c.rollout.num_rollouts < 2:
-        problems.fail("rollout.num_rollouts", c.rollout.num_rollouts,
-                      f"must be >= 2 with method={c.method!r}: rollout weights are a softmax over the rollouts of "
-                      "a prompt (Eq. 3-4); use method='opd' or 'group_only' for one rollout per prompt")
+    with _rule():
+        if not c.workdir.strip():
+            problems.fail("workdir", c.workdir, "must be a non-empty path (pass --config.workdir=DIR)")
+    with _rule():
+        if c.method in REWEIGHTING_METHODS and c.rollout.num_rollouts < 2:
+            problems.fail("rollout.num_rollouts", c.rollout.num_rollouts,
+                          f"must be >= 2 with method={c.method!r}: rollout weights are a softmax over the rollouts "
+                          "of a prompt (Eq. 3-4); use method='opd' or 'group_only' for one rollout per prompt")
     d = c.data
-    if d.min_pixels > d.max_pixels:
-        problems.fail("data.min_pixels", d.min_pixels, f"must be <= config.data.max_pixels = {d.max_pixels}")
-    if any(b % 4 for b in d.prompt_patch_buckets):
-        problems.fail("data.prompt_patch_buckets", d.prompt_patch_buckets, "must be multiples of 4 (spatial merge 2 x 2)")
-    if "synthetic" in (d.source, d.val_source):
-        for name in ("synthetic_train_size", "synthetic_fine_fraction", "image_size"):
-            if getattr(d, name) is None:
-                problems.append(f"config.data.{name} is missing (the synthetic task reads it; start from {DEMO})")
-    if c.train.num_steps == 0:
-        problems.fail("train.num_steps", 0, "must be >= 1, or -1 to derive it from data.num_epochs")
-    micro, k, prompts = c.train.micro_batch_rollouts, c.rollout.num_rollouts, d.prompts_per_step
-    if micro and (micro % k or (prompts * k) % micro):
-        problems.fail("train.micro_batch_rollouts", micro,
-                      f"must be 0 or a multiple of rollout.num_rollouts = {k} (whole prompts) that divides the "
-                      f"step's {prompts} x {k} = {prompts * k} rollouts")
+    with _rule():
+        if d.min_pixels > d.max_pixels:
+            problems.fail("data.min_pixels", d.min_pixels, f"must be <= config.data.max_pixels = {d.max_pixels}")
+    with _rule():
+        if any(b % 4 for b in d.prompt_patch_buckets):
+            problems.fail("data.prompt_patch_buckets", d.prompt_patch_buckets,
+                          "must be multiples of 4 (spatial merge 2 x 2)")
+    with _rule():
+        if "synthetic" in (d.source, d.val_source):
+            for name in ("synthetic_train_size", "synthetic_fine_fraction", "image_size"):
+                if getattr(d, name) is None:
+                    problems.append(f"config.data.{name} is missing (the synthetic task reads it; start from {DEMO})")
+    with _rule():
+        if c.train.num_steps == 0:
+            problems.fail("train.num_steps", 0, "must be >= 1, or -1 to derive it from data.num_epochs")
+    with _rule():
+        micro, k, prompts = c.train.micro_batch_rollouts, c.rollout.num_rollouts, d.prompts_per_step
+        if micro and (micro % k or (prompts * k) % micro):
+            problems.fail("train.micro_batch_rollouts", micro,
+                          f"must be 0 or a multiple of rollout.num_rollouts = {k} (whole prompts) that divides the "
+                          f"step's {prompts} x {k} = {prompts * k} rollouts")
     _check_roles(c, problems)
-    return _check_mesh(c, problems, device_count)
+    with _rule():
+        return _check_mesh(c, problems, device_count)
+    return None
 
 
 def _check_mesh(c: Config, problems: _Problems, device_count: int | None) -> dict | None:
@@ -446,40 +487,45 @@ def _check_mesh(c: Config, problems: _Problems, device_count: int | None) -> dic
         problems.append(f"config.mesh = {shape}: uses {math.prod(sizes.values())} of the run's {device_count} "
                         "devices (set one axis to -1 to take the rest)")
     batch_axes = sizes["data"] * sizes["fsdp"] * sizes["expert"]  # the logical 'batch' axis (sharding rules)
-    rows = c.data.prompts_per_step * c.rollout.num_rollouts
-    if rows % batch_axes:
-        problems.fail("data.prompts_per_step", c.data.prompts_per_step,
-                      f"x rollout.num_rollouts = {rows} rollouts per step must be divisible by the batch axes of the "
-                      f"mesh (data x fsdp x expert = {batch_axes}), or each device would hold every rollout")
+    with _rule():
+        rows = c.data.prompts_per_step * c.rollout.num_rollouts
+        if rows % batch_axes:
+            problems.fail("data.prompts_per_step", c.data.prompts_per_step,
+                          f"x rollout.num_rollouts = {rows} rollouts per step must be divisible by the batch axes of "
+                          f"the mesh (data x fsdp x expert = {batch_axes}), or each device would hold every rollout")
     return sizes
 
 
 def _check_roles(c: Config, problems: _Problems) -> None:
-    if c.teacher.init == "random":
-        problems.fail("teacher.init", "random", "must be 'hf' or 'sft' (a random teacher teaches nothing)")
-    if c.student.init in ("random", "sft") and c.student.tiny is None:
-        problems.append(f"config.student.tiny is missing (student.init={c.student.init!r} builds a tiny model; "
-                        f"start from {DEMO})")
-    if c.teacher.init == "sft" and c.teacher.tiny is None:
-        problems.append(f"config.teacher.tiny is missing (teacher.init='sft' builds a tiny model; start from {DEMO})")
+    with _rule():
+        if c.teacher.init == "random":
+            problems.fail("teacher.init", "random", "must be 'hf' or 'sft' (a random teacher teaches nothing)")
     for role in ("teacher", "student"):
         node = getattr(c, role)
-        if node.init == "sft":
-            if node.sft is None:
+        with _rule():
+            if node.init in ("random", "sft") and node.tiny is None:
+                problems.append(f"config.{role}.tiny is missing ({role}.init={node.init!r} builds a tiny model; start "
+                                f"from {DEMO})")
+        with _rule():
+            if node.init == "sft" and node.sft is None:
                 problems.append(f"config.{role}.sft is missing ({role}.init='sft' warms a tiny model up; start from "
                                 f"{DEMO})")
-            if c.data.source != "synthetic":
+        with _rule():
+            if node.init == "sft" and c.data.source != "synthetic":
                 problems.fail("data.source", c.data.source, f"must be 'synthetic' when {role}.init='sft' (the demo "
                               "warm-up is defined on the synthetic task)")
-    if c.data.task_vocabulary:
-        rules = (("teacher.init", c.teacher.init, ("sft",)), ("student.init", c.student.init, ("random", "sft")),
-                 ("data.source", c.data.source, ("synthetic",)), ("data.val_source", c.data.val_source, ("synthetic",)),
-                 ("data.num_workers", c.data.num_workers, (0,)))
-        for name, value, allowed in rules:
-            if value not in allowed:
-                problems.fail(name, value, f"must be one of {allowed} with data.task_vocabulary=True (the tiny models "
-                              "built here get the synthetic task's compact vocabulary; grain workers would reload the "
-                              "full tokenizer)")
+    with _rule():
+        if c.data.task_vocabulary:
+            rules = (("teacher.init", c.teacher.init, ("sft",)), ("student.init", c.student.init, ("random", "sft")),
+                     ("data.source", c.data.source, ("synthetic",)),
+                     ("data.val_source", c.data.val_source, ("synthetic",)),
+                     ("data.num_workers", c.data.num_workers, (0,)))
+            for name, value, allowed in rules:
+                with _rule():
+                    if value not in allowed:
+                        problems.fail(name, value, f"must be one of {allowed} with data.task_vocabulary=True (the "
+                                      "tiny models built here get the synthetic task's compact vocabulary; grain "
+                                      "workers would reload the full tokenizer)")
 
 
 def _check_paths(c: Config, problems: _Problems, expert: int) -> None:
@@ -488,40 +534,45 @@ def _check_paths(c: Config, problems: _Problems, expert: int) -> None:
     for role, other in (("teacher", "teacher.init='sft', the demo teacher"),
                         ("student", "student.init='random' / 'sft'")):
         node = getattr(c, role)
-        if node.init == "hf":
-            if not node.hf_path or not os.path.isfile(os.path.join(node.hf_path, "config.json")):
-                problems.fail(f"{role}.hf_path", node.hf_path, "must be a local Hugging Face Qwen3-VL directory with "
-                              f"config.json (or configs/demo.py's {other})")
-                continue
-            texts[role] = _read_text_config(node.hf_path)
-            _check_size(c, problems, role, node.hf_path)
-            if role == "teacher" and expert > 1:
-                problem = expert_axis_problem(node.hf_path, expert)
-                if problem:
-                    problems.fail("mesh.expert", c.mesh.expert, problem)
-        elif node.tiny is not None:
-            texts[role] = dataclasses.asdict(node.tiny.text)
+        with _rule():
+            if node.init == "hf":
+                if not node.hf_path or not os.path.isfile(os.path.join(node.hf_path, "config.json")):
+                    problems.fail(f"{role}.hf_path", node.hf_path, "must be a local Hugging Face Qwen3-VL directory "
+                                  f"with config.json (or configs/demo.py's {other})")
+                    continue
+                texts[role] = _read_text_config(node.hf_path)
+                _check_size(c, problems, role, node.hf_path)
+                if role == "teacher" and expert > 1:
+                    problem = expert_axis_problem(node.hf_path, expert)
+                    if problem:
+                        problems.fail("mesh.expert", c.mesh.expert, problem)
+            elif isinstance(node.tiny, Qwen3VLConfig):
+                texts[role] = dataclasses.asdict(node.tiny.text)
     if "teacher" in texts and "student" in texts:
         teacher_vocab, student_vocab = texts["teacher"].get("vocab_size"), texts["student"].get("vocab_size")
         if teacher_vocab != student_vocab:
             problems.append(f"student vocabulary size {student_vocab} != teacher vocabulary size {teacher_vocab}: the "
                             "token KL (Eq. 1) compares distributions over one vocabulary; pick a student and teacher "
                             "of one family")
-    longest = max(c.data.prompt_buckets) + max(c.rollout.max_new_tokens, c.eval.max_new_tokens)
-    for role, text in texts.items():
-        positions = text.get("max_position_embeddings")
-        if positions and longest > positions:
-            problems.fail("rollout.max_new_tokens", c.rollout.max_new_tokens,
-                          f"the longest prompt (data.prompt_buckets up to {max(c.data.prompt_buckets)}) plus "
-                          f"max(rollout, eval).max_new_tokens = {longest} tokens exceeds the {role}'s "
-                          f"{positions} positions (max_position_embeddings)")
+    with _rule():
+        longest = max(c.data.prompt_buckets) + max(c.rollout.max_new_tokens, c.eval.max_new_tokens)
+        for role, text in texts.items():
+            positions = text.get("max_position_embeddings")
+            if positions and longest > positions:
+                problems.fail("rollout.max_new_tokens", c.rollout.max_new_tokens,
+                              f"the longest prompt (data.prompt_buckets up to {max(c.data.prompt_buckets)}) plus "
+                              f"max(rollout, eval).max_new_tokens = {longest} tokens exceeds the {role}'s "
+                              f"{positions} positions (max_position_embeddings)")
     for split, source_field in (("train_path", "source"), ("val_path", "val_source")):
-        path, source = getattr(c.data, split), getattr(c.data, source_field)
-        if source != "synthetic" and (not path or not os.path.exists(path)):
-            problems.fail(f"data.{split}", path, f"must be an existing file or directory for data.{source_field}={source!r}")
-    if c.tokenizer_path and not os.path.isdir(c.tokenizer_path):
-        problems.fail("tokenizer_path", c.tokenizer_path,
-                      "must be a local tokenizer directory, or '' for the offline Qwen tokenizer")
+        with _rule():
+            path, source = getattr(c.data, split), getattr(c.data, source_field)
+            if source != "synthetic" and (not path or not os.path.exists(path)):
+                problems.fail(f"data.{split}", path,
+                              f"must be an existing file or directory for data.{source_field}={source!r}")
+    with _rule():
+        if c.tokenizer_path and not os.path.isdir(c.tokenizer_path):
+            problems.fail("tokenizer_path", c.tokenizer_path,
+                          "must be a local tokenizer directory, or '' for the offline Qwen tokenizer")
 
 
 # ----------------------------------------------------------------------------- the evaluator's config
@@ -579,20 +630,24 @@ def load_evaluate(config: ml_collections.ConfigDict):
     """The typed, validated evaluation config (`EvaluateConfig`); raises ``ConfigError`` listing every problem."""
     problems = _Problems()
     typed = _build(EvaluateConfig, config, "", problems)
-    if typed is not None:
+    with _rule():
         if typed.min_pixels > typed.max_pixels:
             problems.fail("min_pixels", typed.min_pixels, f"must be <= config.max_pixels = {typed.max_pixels}")
+    with _rule():
         if not typed.benchmarks_dir and not any((typed.paths or {}).get(n) for n in typed.benchmarks):
             problems.fail("benchmarks_dir", typed.benchmarks_dir, "must name the directory holding the benchmark "
                           "folders (or set config.paths.<name>)")
+    with _rule():
         if not typed.output_dir:
             problems.fail("output_dir", typed.output_dir, "must name the results directory")
-        if typed.judge.url:
-            if not typed.judge.url.startswith(("http://", "https://")):
-                problems.fail("judge.url", typed.judge.url, "must start with http:// or https:// (an OpenAI-compatible "
-                              "endpoint)")
-            if not typed.judge.model:
-                problems.fail("judge.model", typed.judge.model, "must name the judge model")
+    with _rule():
+        if typed.judge.url and not typed.judge.url.startswith(("http://", "https://")):
+            problems.fail("judge.url", typed.judge.url, "must start with http:// or https:// (an OpenAI-compatible "
+                          "endpoint)")
+    with _rule():
+        if typed.judge.url and not typed.judge.model:
+            problems.fail("judge.model", typed.judge.model, "must name the judge model")
+    with _rule():
         for axis, size in zip(MESH_AXES, typed.mesh.shape()):
             if size == 0 or (size == -1 and axis != "data"):
                 problems.fail(f"mesh.{axis}", size, "must be >= 1" + (" or -1 (all remaining local devices)"
@@ -659,6 +714,111 @@ def hf_vocab_size(path: str) -> int:
         raise ConfigError(f"{os.path.join(path, 'config.json')} has no text_config.vocab_size (is it a Qwen3-VL "
                           "checkpoint?)")
     return int(text["vocab_size"])
+
+
+# ----------------------------------------------------------------------------- the command line
+def command_line(argv, *, usage: str, switches: tuple[str, ...] = ()):
+    """(ConfigDict, switches, problems) of an entry point's command line:
+    ``--config FILE[:ARG] [--config.a.b=VALUE ...] [--switch ...]``.
+
+    The config file's ``get_config(ARG)`` gives the defaults; each override must name an existing field and
+    parse as that field's type (bool true/false/1/0, int, float, str, tuples as Python literals or
+    comma-separated). Every problem is collected (unknown fields, values that do not parse, unknown flags), so
+    that the entry point can report them together with the config's own problems (`load`). `--help` prints
+    `usage`.
+    """
+    args, overrides, flags, problems, config_arg = list(argv), [], {name: False for name in switches}, [], None
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help", "--helpfull"):
+            raise SystemExit(usage)
+        name, eq, value = arg.partition("=")
+        if name == "--config" or name.startswith("--config."):
+            if not eq:
+                if not args:
+                    problems.append(f"{name}: needs a value")
+                    continue
+                value = args.pop(0)
+            if name == "--config":
+                config_arg = value
+            else:
+                overrides.append((name[len("--config."):], value))
+        elif name[2:] in switches:
+            flags[name[2:]] = value.lower() not in ("false", "0") if eq else True
+        elif name.startswith("--no") and name[4:] in switches:
+            flags[name[4:]] = False
+        else:
+            problems.append(f"{arg}: unknown flag ({usage.splitlines()[0] if usage else ''})")
+    if config_arg is None:
+        raise ConfigError(f"--config is required\n{usage}")
+    path, _, variant = config_arg.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {config_arg}: no such config file {path!r}")
+    config = load_sibling(path, os.path.splitext(os.path.basename(path))[0]).get_config(variant or None)
+    for field, text in overrides:
+        problem = _override(config, field, text)
+        if problem:
+            problems.append(f"--config.{field}={text}: {problem}")
+    return config, flags, problems
+
+
+def _override(config, field: str, text: str) -> str | None:
+    """Sets one overridden field, parsed as the type of its current value; the problem, or None."""
+    import ast
+    import difflib
+
+    *parents, leaf = field.split(".")
+    node = config
+    for depth, part in enumerate(parents + [leaf]):
+        keys = list(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+        if part not in keys:
+            close = difflib.get_close_matches(part, keys, n=1)
+            where = ".".join(parents[:depth]) or "<root>"
+            return (f"unknown field (config.{where} has no {part!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                    + ")")
+        if depth < len(parents):
+            node = node[part]
+    current = node[leaf]
+    try:
+        if isinstance(current, ml_collections.ConfigDict):
+            return "is a group of fields: override its fields one by one"
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                return "expected true or false"
+            value = text.lower() in ("true", "1")
+        elif isinstance(current, int):
+            value = int(text)
+        elif isinstance(current, float):
+            value = float(text)
+        elif isinstance(current, (tuple, list)):
+            value = ast.literal_eval(text) if text.strip()[:1] in "([" else tuple(
+                ast.literal_eval(item) if item.strip()[:1].isdigit() or item.strip()[:1] == "-" else item.strip()
+                for item in text.split(",") if item.strip())
+            value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        elif isinstance(current, str) or current is None:
+            value = text
+        else:
+            return f"cannot override a {type(current).__name__} field from the command line"
+    except (ValueError, SyntaxError):
+        kind = {"int": "an integer", "float": "a number", "tuple": "a tuple", "list": "a list"}
+        return f"expected {kind.get(type(current).__name__, type(current).__name__)} (the field's type), got {text!r}"
+    with node.ignore_type() if isinstance(node, ml_collections.ConfigDict) else contextlib.nullcontext():
+        node[leaf] = value
+    return None
+
+
+def load_command_line(argv, *, usage: str, switches: tuple[str, ...] = (), loader=None, **load_kwargs):
+    """(typed config, switches) of a command line: `command_line`, then `loader` (default `load`); every problem
+    of both in one ConfigError."""
+    config, flags, problems = command_line(argv, usage=usage, switches=switches)
+    try:
+        typed = (loader or load)(config, **load_kwargs)
+    except ConfigError as err:
+        problems += [line.strip() for line in str(err).splitlines()[1:]]
+        typed = None
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return typed, flags
 
 
 # ----------------------------------------------------------------------------- helpers of the config files

@@ -607,30 +607,18 @@ def evaluate(config, model=None, tokenizer=None, *, model_name: Optional[str] = 
 
 
 def main(argv=None) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+    """`python -m vaopd_jax.evaluate --config configs/eval_default.py[:VARIANT] [--config.a.b=VALUE ...]`: every
+    problem of the command line and the config at once, before any compute; exit 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vaopd_jax.parallel import mesh as mesh_lib
 
-    config_flags.DEFINE_config_file("config", None, "evaluation config file (configs/eval_default.py)",
-                                    lock_config=True)
-
-    def run(_):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        config = flags.FLAGS.config
-        if config is None:
-            raise SystemExit("--config is required, e.g. --config configs/eval_default.py")
-        try:
-            from vaopd_jax.parallel import mesh as mesh_lib  # multi-host init where the env asks for it
-
-            mesh_lib.maybe_initialize_distributed()
-        except ImportError:
-            pass
-        try:
-            config = config_lib.load_evaluate(config)
-        except EvalConfigError as err:
-            raise SystemExit(str(err)) from None
-        evaluate(config)
-
-    app.run(run, argv=argv or sys.argv)
+    mesh_lib.maybe_initialize_distributed()  # multi-host init where the environment asks for it
+    try:
+        config, _ = config_lib.load_command_line(sys.argv[1:] if argv is None else argv, usage=__doc__,
+                                                 loader=config_lib.load_evaluate)
+    except EvalConfigError as err:
+        raise SystemExit(str(err)) from None
+    evaluate(config)
 
 
 if __name__ == "__main__":

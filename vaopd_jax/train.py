@@ -1,26 +1,16 @@
 r"""python -m vaopd_jax.train --config configs/demo.py [--config.field=value ...]
 
-The VA-OPD training loop. `run(config)` is the loop, readable top to bottom; the command calls it, and so does
-`python -m vaopd_jax.study` (every run in one process):
+The VA-OPD training loop. `run(config)` is the loop, read top to bottom; the command calls it, and so does
+`python -m vaopd_jax.study` (all its runs in one process, sharing the compiled programs). Its sections:
+1. config, processes, mesh (validated once, before any compute or file is written); 2. tokenizer, teacher,
+student; 3. data and samplers; 4. optimizer, state, the fused step; 5. checkpoints (resume on any mesh) and
+logs; 6. the loop: prompts -> rollouts -> TrainBatch -> step -> metrics, with periodic validation, the best
+checkpoint, and a clean stop on SIGTERM/SIGINT; 7. export to Hugging Face format and the summary table.
 
-  1. config, processes, mesh      validated once, before any compute or file is written; the device mesh
-  2. tokenizer, teacher, student  Hugging Face checkpoints (or the demo's SFT / random tiny models)
-  3. data and samplers            PromptBatch iterators (train, validation); a Sampler for each, built once
-  4. optimizer, state, step       AdamW; the student's train state; the frozen teacher; the fused jitted step
-  5. checkpoints and logs         resume from the latest complete checkpoint (any mesh, any device count);
-                                  tensorboard + metrics.jsonl
-  6. the loop                     prompts -> rollouts (Sampler) -> TrainBatch -> step -> metrics, with periodic
-                                  validation and the best checkpoint; a SIGTERM/SIGINT stops every process at
-                                  one check point, saves and exits 0; a phase past train.watchdog's limit is
-                                  reported
-  7. export                       the final and best students in Hugging Face format, the summary table
-
-Multi-host: run the same command on every host; jax.distributed is initialised from the environment. Each
-process loads its slice of the data; the slices are exchanged once per step (`PromptBatch.gather_processes`)
-so every process holds the same global batch; only process 0 writes logs and exports.
-
-Outputs under --config.workdir: checkpoints/ (Orbax), checkpoints_best/, tb/ (tensorboard), metrics.jsonl,
-export/final and export/best (Hugging Face), phases.json (wall time and peak memory of each phase).
+Multi-host: the same command on every host (jax.distributed from the environment); each process loads its
+slice of the data, the slices are exchanged once per step, only process 0 writes logs and exports. Outputs under
+--config.workdir: checkpoints/, checkpoints_best/, tb/, metrics.jsonl, export/{final,best}, phases.json.
+docs/architecture.md follows a batch through the modules.
 """
 
 from __future__ import annotations
@@ -43,10 +33,7 @@ if __name__ == "__main__":
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app
 from absl import logging as absl_logging
-from flax import nnx
-from ml_collections import config_flags
 
 from vaopd_jax import config as config_lib
 from vaopd_jax import sft
@@ -57,10 +44,9 @@ from vaopd_jax.distill import state as state_lib
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.eval import grading, validation
 from vaopd_jax.models import load as load_lib
-from vaopd_jax.models import qwen3_vl
 from vaopd_jax.parallel import backend as backend_lib
 from vaopd_jax.parallel import mesh as mesh_lib
-from vaopd_jax.parallel.multihost import host, primary, say, sync
+from vaopd_jax.parallel.multihost import host, primary, say
 from vaopd_jax.rollout import sampler as sampler_lib
 from vaopd_jax.runtime import checkpoint as ckpt_lib
 from vaopd_jax.runtime import compile_cache, phases, preemption, watchdog
@@ -68,6 +54,7 @@ from vaopd_jax.runtime import metrics as metrics_lib
 
 log = logging.getLogger("vaopd_jax.train")
 PHASES_FILE = "phases.json"  # wall time and peak RSS per phase (phases.PhaseMeter), read by bench.demo
+_RUNS: list = []  # the runs of this process (the study runs many)
 
 
 class NonFiniteError(RuntimeError):
@@ -87,6 +74,8 @@ class RunResult:
 def run(config: config_lib.Config | ml_collections.ConfigDict) -> RunResult:
     """Trains a student as `config` says; returns when the run is done (or stopped by a signal, checkpointed)."""
     # ------------------------------------------------------------------ 1. config, processes, mesh
+    started = STARTED if not _RUNS else time.monotonic()  # a later run of this process starts now
+    _RUNS.append(config)
     meter = phases.PhaseMeter()  # wall time and peak RSS per phase: printed at the end, phases.json
     meter.begin("start-up")
     mesh_lib.maybe_initialize_distributed()
@@ -189,7 +178,7 @@ def run(config: config_lib.Config | ml_collections.ConfigDict) -> RunResult:
     stop = preemption.StopRequest().install()
     w = config.train.watchdog
     dog = watchdog.Watchdog(w.timeout_s, first_timeout_s=w.first_timeout_s, action=w.action)
-    say(f"start-up {time.monotonic() - STARTED:.1f} s; compilation so far: {compiles.summary()} "
+    say(f"start-up {time.monotonic() - started:.1f} s; compilation so far: {compiles.summary()} "
         f"({'cache ' + cache_dir if cache_dir else 'persistent cache off'})")
     if step == 0 and config.eval.every > 0:
         run_validation(0)  # the "before" row of the summary table
@@ -238,35 +227,26 @@ def run(config: config_lib.Config | ml_collections.ConfigDict) -> RunResult:
         if config.eval.every > 0 and (step % config.eval.every == 0 or step == total_steps):
             run_validation(step)
         checkpoint(force=step == total_steps)
-    stop.uninstall()
-    dog.close()
     if stop.stopped_at is not None:
         # Every process saves the state of the step reached and waits until Orbax has committed it; a repeated
         # signal meanwhile is only reported.
         saving = time.monotonic()
         say(f"stopping {stop.stopped_at}: saving the checkpoint of step {step} (a repeated signal does not cut it off)")
         checkpoint(force=True, data_state=discarded_position)
-        since = stop.seconds_since_signal()
-        say(f"stopped {stop.stopped_at}" + (f" ({stop.signal_name})" if stop.signal_name else "") +
-            f": the checkpoint {os.path.join(workdir, ckpt_lib.STATE_DIR, str(step))} is complete (saved in "
-            f"{time.monotonic() - saving:.1f} s" + (f", {since:.1f} s after the signal" if since is not None else "")
-            + f"); compilation over the run: {compiles.summary()}. Rerun the same command to resume.")
-    else:
+        say(stop.report(os.path.join(workdir, ckpt_lib.STATE_DIR, str(step)), time.monotonic() - saving) +
+            f"; compilation over the run: {compiles.summary()}. Rerun the same command to resume.")
+    stop.uninstall()
+    dog.close()
+    logger.close()
+    if stop.stopped_at is None:
         # ------------------------------------------------------------------ 7. export
         ckpt.wait()
         with meter.phase("export"):
-            _export(config, state, ckpt, tokenizer)
-        say("\n" + metrics_lib.summary_table(os.path.join(workdir, "metrics.jsonl")))
-        say(f"\ntensorboard logs: tensorboard --logdir {os.path.join(workdir, 'tb')}\n"
-            f"metrics:          {os.path.join(workdir, 'metrics.jsonl')}\n"
-            f"student (HF):     {os.path.join(workdir, 'export', 'final')}"
-            + (f"\nbest student:     {os.path.join(workdir, 'export', 'best')} (step {ckpt.best_info['step']}, "
-               f"validation accuracy {ckpt.best_info['accuracy']:.4f})" if ckpt.best_info else "")
-            + f"\ncompilation over the run: {compiles.summary()}")
+            ckpt.export(state.params, state.graphdef, tokenizer, final=config.export.final, best=config.export.best)
+        say(metrics_lib.run_report(workdir, ckpt.best_info) + f"\ncompilation over the run: {compiles.summary()}")
         say("\n" + meter.table())
         if primary():
             meter.write_json(os.path.join(workdir, PHASES_FILE))
-    logger.close()
     ckpt.close()
     meter.close()
     return RunResult(workdir=workdir, step=step, stopped_at=stop.stopped_at, best=ckpt.best_info)
@@ -296,33 +276,21 @@ def _models(config, tokenizer, mesh, meter):
     return teacher, student
 
 
-def _export(config, state, ckpt, tokenizer) -> None:
-    """Final and best students in Hugging Face format (+ tokenizer files), written by process 0."""
-    targets = [("final", state.params)] if config.export.final else []
-    if config.export.best and ckpt.best_info is not None:
-        targets.append(("best", ckpt.restore_best(ckpt_lib.abstract_like(state.params))))
-    for name, params in targets:
-        path = os.path.join(config.workdir, "export", name)
-        qwen3_vl.save_hf_checkpoint(nnx.merge(state.graphdef, params), path)
-        if primary():
-            tokenizer.save_pretrained(path)
-    sync("exported")
-
-
-def main(argv) -> None:
-    del argv
+def main(argv=None) -> None:
+    """`python -m vaopd_jax.train --config FILE[:ARG] [--config.a.b=VALUE ...]`: every problem of the command
+    line and the config at once (one line each), before any compute or file is written; exit 1."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     try:
-        run(_CONFIG.value)
-    except config_lib.ConfigError as err:  # one line per problem, nothing written, non-zero exit
+        mesh_lib.maybe_initialize_distributed()
+        config, _ = config_lib.load_command_line(sys.argv[1:] if argv is None else argv, usage=__doc__,
+                                                 device_count=jax.device_count(), process_count=jax.process_count())
+        run(config)
+    except config_lib.ConfigError as err:
         sys.exit(str(err))
     finally:
         grading.shutdown()
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/demo.py[:method=opd]",
-                                          lock_config=True)
-
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    app.run(main)
+    main()

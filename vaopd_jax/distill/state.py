@@ -12,6 +12,7 @@ holds no optimizer state.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -62,6 +63,7 @@ def make_schedule(learning_rate: float = 1e-6, total_steps: int = 1000, warmup_f
         end_value=learning_rate * end_lr_fraction)
 
 
+@functools.lru_cache(maxsize=None)  # the same settings give the same object: runs of one process share the step
 def make_optimizer(learning_rate: float = 1e-6, total_steps: int = 1000, warmup_fraction: float = 0.05,
                    b1: float = 0.9, b2: float = 0.95, weight_decay: float = 0.1, clip_norm: float = 1.0,
                    end_lr_fraction: float = 0.0) -> optax.GradientTransformation:

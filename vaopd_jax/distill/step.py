@@ -19,6 +19,7 @@ the step depends on it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Callable, Mapping
 
@@ -212,10 +213,23 @@ def make_train_step(config: StepConfig, teacher_graphdef, optimizer: optax.Gradi
       tokens) and, with log_token_gradients, grad_critical_share (share of the per-token norms of the loss's
       gradient at the student's final hidden states).
     """
-    fn = lambda state, teacher_params, batch, rng: _step(config, teacher_graphdef, optimizer, state,  # noqa: E731
-                                                         teacher_params, batch, rng)
-    if mesh is None:
-        return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return on_mesh(jax.jit(fn, donate_argnums=0, out_shardings=(state_sharding, replicated),
-                           compiler_options=compiler_options), mesh)
+    # Runs of one process with the same settings (the study's) share one jitted step: traced and compiled once.
+    key = (config, teacher_graphdef, optimizer, mesh, jax.tree.structure(state_sharding),
+           tuple(jax.tree.leaves(state_sharding)), tuple(sorted((compiler_options or {}).items())))
+    if key in _STEPS:
+        _STEPS.move_to_end(key)
+    else:
+        fn = lambda state, teacher_params, batch, rng: _step(config, teacher_graphdef, optimizer,  # noqa: E731
+                                                             state, teacher_params, batch, rng)
+        if mesh is None:
+            _STEPS[key] = jax.jit(fn, donate_argnums=0, compiler_options=compiler_options)
+        else:
+            replicated = NamedSharding(mesh, PartitionSpec())
+            _STEPS[key] = on_mesh(jax.jit(fn, donate_argnums=0, out_shardings=(state_sharding, replicated),
+                                          compiler_options=compiler_options), mesh)
+        while len(_STEPS) > 8:  # the least recently used steps (and their executables) go
+            _STEPS.popitem(last=False)
+    return _STEPS[key]
+
+
+_STEPS: collections.OrderedDict = collections.OrderedDict()

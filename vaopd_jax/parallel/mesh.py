@@ -63,8 +63,13 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
 
     Recognized: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), SLURM (SLURM_NTASKS > 1),
     Cloud TPU pods (TPU_WORKER_HOSTNAMES with several hosts), Open MPI (OMPI_COMM_WORLD_SIZE > 1).
-    On CPU, cross-process collectives go through gloo. Returns True when it initialized.
+    On CPU, cross-process collectives go through gloo. Returns True when it initialized; a second call (the
+    command line, then `train.run`) does nothing.
     """
+    from jax._src import distributed
+
+    if distributed.global_state.client is not None:
+        return False
     env = os.environ
     coordinator = env.get("JAX_COORDINATOR_ADDRESS")
     multi = force or bool(coordinator)

@@ -308,6 +308,24 @@ class CheckpointManager:
         self._state.wait_until_finished()
         self._best.wait_until_finished()
 
+    def export(self, params, graphdef, tokenizer, *, final: bool, best: bool) -> None:
+        """The final and the best students in Hugging Face format (+ tokenizer files) under <workdir>/export/,
+        written by process 0."""
+        from flax import nnx
+
+        from vaopd_jax.models import qwen3_vl
+        from vaopd_jax.parallel import multihost
+
+        targets = [("final", params)] if final else []
+        if best and self.best_info is not None:
+            targets.append(("best", self.restore_best(abstract_like(params))))
+        for name, tree in targets:
+            path = os.path.join(self.workdir, "export", name)
+            qwen3_vl.save_hf_checkpoint(nnx.merge(graphdef, tree), path)
+            if multihost.primary():
+                tokenizer.save_pretrained(path)
+        multihost.sync("exported")
+
     def close(self) -> None:
         self._state.close()
         self._best.close()

@@ -306,3 +306,16 @@ def summary_table(jsonl_path: str) -> str:
         if key in first:
             lines.append(f"{name:34s}{first[key]:>20.3f}{last.get(key, float('nan')):>20.3f}")
     return "\n".join(lines)
+
+
+def run_report(workdir: str, best_info: dict | None) -> str:
+    """The end of a run: the before/after table and where its logs and exported students are."""
+    join = os.path.join
+    lines = ["", summary_table(join(workdir, "metrics.jsonl")), "",
+             f"tensorboard logs: tensorboard --logdir {join(workdir, 'tb')}",
+             f"metrics:          {join(workdir, 'metrics.jsonl')}",
+             f"student (HF):     {join(workdir, 'export', 'final')}"]
+    if best_info:
+        lines.append(f"best student:     {join(workdir, 'export', 'best')} (step {best_info['step']}, validation "
+                     f"accuracy {best_info['accuracy']:.4f})")
+    return "\n".join(lines)

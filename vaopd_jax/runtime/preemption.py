@@ -134,6 +134,13 @@ class StopRequest:
     def seconds_since_signal(self) -> float | None:
         return None if self.received_at is None else time.monotonic() - self.received_at
 
+    def report(self, checkpoint_dir: str, saved_in_s: float) -> str:
+        """The line saying where the run stopped and that its checkpoint is complete."""
+        since = self.seconds_since_signal()
+        return (f"stopped {self.stopped_at}" + (f" ({self.signal_name})" if self.signal_name else "") +
+                f": the checkpoint {checkpoint_dir} is complete (saved in {saved_in_s:.1f} s" +
+                (f", {since:.1f} s after the signal" if since is not None else "") + ")")
+
 
 def _say(message: str) -> None:
     try:
