@@ -107,15 +107,18 @@ def test_every_module_and_every_import_it_names_work_without_torch():
 ENTRY_POINTS = entry_points()
 
 
-def uses_absl_app(module: str) -> bool:
+def needs_own_process(module: str) -> bool:
+    """absl commands keep their flags in one global registry; the trainer re-executes itself at start-up
+    (runtime/host_malloc.py): each of these gets a process of its own."""
     with open(os.path.join(REPO, *module.split(".")) + ".py", encoding="utf-8") as f:
-        return "app.run(" in f.read()
+        source = f.read()
+    return "app.run(" in source or "reexec_with_hugepages()" in source
 
 
 def test_entry_points_are_found():
     assert {"vaopd_jax.train", "vaopd_jax.evaluate", "vaopd_jax.models.qwen3_vl.convert",
             "vaopd_jax.eval.benchmarks.fixtures", "vaopd_jax.bench.step"} <= set(ENTRY_POINTS), ENTRY_POINTS
-    assert uses_absl_app("vaopd_jax.train") and not uses_absl_app("vaopd_jax.bench.step")
+    assert needs_own_process("vaopd_jax.train") and not needs_own_process("vaopd_jax.bench.step")
 
 
 def assert_help(module: str, returncode: int, output: str) -> None:
@@ -125,9 +128,9 @@ def assert_help(module: str, returncode: int, output: str) -> None:
         f"{module} --help exited {returncode}:\n{output[-4000:]}"
 
 
-@pytest.mark.parametrize("module", [m for m in ENTRY_POINTS if uses_absl_app(m)])
-def test_absl_entry_point_help_works_without_torch(module):
-    """absl keeps its flags in one global registry, so each absl command gets its own process."""
+@pytest.mark.parametrize("module", [m for m in ENTRY_POINTS if needs_own_process(m)])
+def test_own_process_entry_point_help_works_without_torch(module):
+    """Each of these commands gets its own process (`needs_own_process`)."""
     proc = run_runtime(["-m", module, "--help"])
     assert_help(module, proc.returncode, proc.stdout + proc.stderr)
 
@@ -156,7 +159,7 @@ print("RESULTS" + json.dumps(results))
 
 def test_entry_point_help_works_without_torch():
     """The other commands (argparse) share one process: their imports are paid once."""
-    modules = [m for m in ENTRY_POINTS if not uses_absl_app(m)]
+    modules = [m for m in ENTRY_POINTS if not needs_own_process(m)]
     proc = run_runtime(f"MODULES = {modules!r}\n" + HELP_ALL)
     assert "RESULTS" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
     results = json.loads(proc.stdout.split("RESULTS", 1)[1])

@@ -731,7 +731,7 @@ def command_line(argv, *, usage: str, switches: tuple[str, ...] = ()):
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help", "--helpfull"):
-            raise SystemExit(usage)
+            raise SystemExit(f"usage: {usage.strip()}")
         name, eq, value = arg.partition("=")
         if name == "--config" or name.startswith("--config."):
             if not eq:

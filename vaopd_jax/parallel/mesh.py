@@ -96,8 +96,8 @@ class on_mesh:  # noqa: N801  (used like a function: on_mesh(jitted, mesh))
     """A jitted function traced, lowered and run with `mesh` set (`jax.set_mesh`).
 
     The model's activation sharding constraints (`sharding.constrain`) read the mesh from the context; traced
-    without it they are no-ops and GSPMD replicates e.g. the teacher's MLP activations on every device (the
-    paper-scale step then needs 124 GB instead of 61 GB per device, `python -m vaopd_jax.bench.step --part aot`).
+    without it they are no-ops and GSPMD replicates e.g. the teacher's MLP activations on every device (about
+    twice the paper-scale step's memory; docs/performance.md).
     The train step and the sampler both run this way.
     """
 

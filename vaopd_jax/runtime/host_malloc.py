@@ -5,13 +5,10 @@
 
 XLA's CPU runtime mallocs each execution's temporaries and frees them when it returns. Blocks
 this large are mmapped and unmapped by glibc every time, so every step faults its temporaries
-in again, 4 KiB page by 4 KiB page (the kernel zeroes each one). The demo spent 210 s of its
-531 s of CPU time in the kernel this way (84 million minor page faults; `/usr/bin/time -v`).
-glibc >= 2.35's tunable ``glibc.malloc.hugetlb=1`` makes malloc ask for transparent huge pages
-(``madvise(MADV_HUGEPAGE)``, honoured when THP is in 'madvise' or 'always' mode): 2 MiB per
-fault. On a (384, 151,936) fp32 logits + softmax + matmul loop (20 calls, 2 loaded cores) it
-cut the page faults from 3.66 M to 0.10 M, kernel time from 7.8 s to 0.9 s and wall time from
-24.5 s to 7.9 s, at the same peak RSS (~0.75 GB).
+in again, 4 KiB page by 4 KiB page (the kernel zeroes each one). glibc >= 2.35's tunable
+``glibc.malloc.hugetlb=1`` makes malloc ask for transparent huge pages (``madvise(MADV_HUGEPAGE)``,
+honoured when THP is in 'madvise' or 'always' mode): 2 MiB per fault. docs/performance.md has
+the measured page faults and times.
 
 glibc reads its tunables once, when the process starts, so ``reexec_with_hugepages`` replaces
 the process with the same command (``sys.orig_argv``) and ``GLIBC_TUNABLES`` extended with
