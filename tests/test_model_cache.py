@@ -32,12 +32,7 @@ def test_prefill_then_decode_equals_full_forward():
     gen = np.random.default_rng(0).integers(0, 400, size=(b, steps)).astype(np.int32)
 
     # Reference: full forward over each row's contiguous sequence prompt_b + generated tokens.
-    full_ids = np.zeros((b, t + steps), np.int32)
-    full_mask = np.zeros((b, t + steps), np.int32)
-    for i in range(b):
-        full_ids[i, :lens[i]] = prompt.input_ids[i, :lens[i]]
-        full_ids[i, lens[i]:lens[i] + steps] = gen[i]
-        full_mask[i, :lens[i] + steps] = 1
+    full_ids, full_mask = testing.with_generated(prompt, gen)
     vi = qwen3_vl.prepare_vision_inputs(prompt.image_grid_thw, cfg)
     full = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask), jnp.asarray(prompt.pixel_values),
                             prompt.image_grid_thw))

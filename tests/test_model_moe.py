@@ -57,15 +57,8 @@ CONFIGS = {
 IMAGES = [[(1, 4, 6)], [(1, 8, 4), (1, 4, 4)], []]  # several sizes, a text-only row, right padding
 TEXT_LENS = [4, 2, 9]
 
-_PAIRS = {}
-
-
 def _pair(name):
-    if name not in _PAIRS:
-        cfg = testing.tiny_moe_config(**CONFIGS[name])
-        hf = testing.hf_reference_model(cfg, seed=1)
-        _PAIRS[name] = (cfg, hf, testing.model_from_hf(hf, cfg))
-    return _PAIRS[name]
+    return testing.reference_pair(testing.tiny_moe_config(**CONFIGS[name]))
 
 
 def _logits(model, batch):
@@ -239,12 +232,7 @@ def test_kv_cache_decoding_equals_the_full_forward_moe():
     lens = prompt.attention_mask.sum(1)
     steps = 3
     gen = np.random.default_rng(0).integers(0, 400, size=(b, steps)).astype(np.int32)
-    full_ids = np.zeros((b, t + steps), np.int32)
-    full_mask = np.zeros((b, t + steps), np.int32)
-    for i in range(b):
-        full_ids[i, :lens[i]] = prompt.input_ids[i, :lens[i]]
-        full_ids[i, lens[i]:lens[i] + steps] = gen[i]
-        full_mask[i, :lens[i] + steps] = 1
+    full_ids, full_mask = testing.with_generated(prompt, gen)
     full = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask), jnp.asarray(prompt.pixel_values),
                             prompt.image_grid_thw))
     pos, delta = qwen3_vl.get_rope_index(prompt.input_ids, prompt.image_grid_thw, prompt.attention_mask, cfg)

@@ -28,15 +28,8 @@ CONFIGS = {
 }
 
 
-_PAIRS = {}
-
-
 def _pair(name):
-    if name not in _PAIRS:
-        cfg = testing.tiny_config(**CONFIGS[name])
-        hf = testing.hf_reference_model(cfg, seed=1)
-        _PAIRS[name] = (cfg, hf, testing.model_from_hf(hf, cfg))
-    return _PAIRS[name]
+    return testing.reference_pair(testing.tiny_config(**CONFIGS[name]))
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

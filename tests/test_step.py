@@ -29,28 +29,6 @@ K, TR = 2, 6
 VALID_VOCAB = 500  # the tiny vocabulary is 512; rows 500.. are padding (special ids 500-503 are inputs only)
 
 
-def _config(hidden):
-    return qwen3_vl.Qwen3VLConfig.tiny(
-        text=dict(hidden_size=hidden, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
-                  num_key_value_heads=1),
-        vision=dict(depth=1, deepstack_visual_indexes=(0,), hidden_size=16, intermediate_size=32, num_heads=1))
-
-
-def _random_model(cfg, seed):
-    """O(1) activations (std 0.02 init gives near-uniform softmaxes and a tiny, insensitive KL).
-
-    Host-side numpy edits: eager jax ops would compile one program per parameter shape.
-    """
-    model = qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(seed))
-    rng = np.random.default_rng(seed + 100)
-    state = nnx.state(model, nnx.Param)
-    state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x) * 10.0 if x.ndim >= 2 else
-                                               np.asarray(x) + 0.1 * rng.standard_normal(x.shape, np.float32)),
-                         state)
-    nnx.update(model, state)
-    return model
-
-
 def _flat_prompts(cfg, seed=0):
     """The prompts in the model's flat layout: (batch, pixelated pixel rows)."""
     pb = testing.make_batch(cfg, [[(1, 4, 4)], [(1, 4, 8), (1, 4, 4)]], text_lens=[3, 2], seed=seed)
@@ -72,8 +50,8 @@ def _rollouts(seed=0):
 
 @pytest.fixture(scope="module")
 def setup():
-    teacher_cfg, student_cfg = _config(48), _config(32)
-    teacher, student = _random_model(teacher_cfg, 1), _random_model(student_cfg, 2)
+    teacher_cfg, student_cfg = testing.one_layer_config(48), testing.one_layer_config(32)
+    teacher, student = testing.o1_model(teacher_cfg, 1), testing.o1_model(student_cfg, 2)
     prompts = _prompt_batch(teacher_cfg)
     tokens, mask = _rollouts()
     batch = build_train_batch(prompts, tokens, mask, K, teacher_cfg)
@@ -210,11 +188,11 @@ def test_opd_text_only_steps_lower_kl(setup):
 def _moe_teacher(seed=3):
     """A tiny mixture-of-experts teacher (4 experts, top-2, renormalised, a dense layer after a sparse one) of the
     setup's vocabulary and vision tower: the dense students learn from it like from a dense teacher."""
-    cfg = _config(48)
+    cfg = testing.one_layer_config(48)
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=16, mlp_only_layers=(1,)),
                       moe_impl="tiled", moe_tile_size=4)
-    return _random_model(cfg, seed)
+    return testing.o1_model(cfg, seed)
 
 
 def test_moe_teacher_steps_lower_kl(setup):

@@ -24,27 +24,9 @@ K, P, TR = 2, 4, 6
 VALID_VOCAB = 500
 
 
-def _config(hidden):
-    return qwen3_vl.Qwen3VLConfig.tiny(
-        text=dict(hidden_size=hidden, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
-                  num_key_value_heads=1),
-        vision=dict(depth=1, deepstack_visual_indexes=(0,), hidden_size=16, intermediate_size=32, num_heads=1))
-
-
-def _random_model(cfg, seed):
-    """O(1) activations, so the KL and its gradient are far from zero (as in tests/test_step.py)."""
-    model = qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(seed))
-    rng = np.random.default_rng(seed + 100)
-    state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x) * 10.0 if x.ndim >= 2 else
-                                               np.asarray(x) + 0.1 * rng.standard_normal(x.shape, np.float32)),
-                         nnx.state(model, nnx.Param))
-    nnx.update(model, state)
-    return model
-
-
 @pytest.fixture(scope="module")
 def setup():
-    teacher_cfg, student_cfg = _config(48), _config(32)
+    teacher_cfg, student_cfg = testing.one_layer_config(48), testing.one_layer_config(32)
     # Four prompts with different images (one with two), so every micro-batch has its own image layout.
     images = [[(1, 4, 4)], [(1, 4, 8), (1, 4, 4)], [(1, 8, 4)], [(1, 4, 4)]]
     pb = testing.make_batch(teacher_cfg, images, text_lens=[3, 2, 4, 1], seed=0)
@@ -55,10 +37,10 @@ def setup():
     lengths = np.array([6, 3, 1, 5, 0, 4, 6, 2])  # one empty rollout: its sibling takes the prompt's weight
     mask = (np.arange(TR)[None] < lengths[:, None]).astype(np.float32)
     batch = build_train_batch(prompts, tokens, mask, K, teacher_cfg)
-    teacher_graphdef, teacher_params = state_lib.split_teacher(_random_model(teacher_cfg, 1))
+    teacher_graphdef, teacher_params = state_lib.split_teacher(testing.o1_model(teacher_cfg, 1))
     # Plain SGD with lr 1: new params = params - grads, so comparing params compares the gradients.
     optimizer = optax.sgd(1.0)
-    student = _random_model(student_cfg, 2)
+    student = testing.o1_model(student_cfg, 2)
     return dict(batch=batch, teacher_graphdef=teacher_graphdef, teacher_params=teacher_params,
                 optimizer=optimizer, student=student, results={})
 

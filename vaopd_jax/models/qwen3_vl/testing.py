@@ -3,6 +3,9 @@
     cfg = tiny_config(tie_word_embeddings=True)    # tiny_moe_config(...): the mixture-of-experts variant
     hf = hf_reference_model(cfg, seed=0)          # transformers Qwen3VL(Moe)ForConditionalGeneration, fp32, eager
     model = model_from_hf(hf, cfg)                  # our Qwen3VL with the same weights
+    cfg, hf, model = reference_pair(cfg)            # the two, built once per config and seed
+    model = o1_model(cfg, seed=0)                   # random weights with O(1) activations (KL tests)
+    ids, mask = with_generated(batch, generated)   # prompts + generated tokens, right-padded (decode tests)
     batch = make_batch(cfg, [[(1, 4, 6)], [(1, 8, 4), (1, 4, 4)]], text_lens=[5, 3], seed=0)
     hf_logits = hf_logits(hf, batch)               # numpy (B, T, V)
 """
@@ -22,6 +25,15 @@ from .model import Qwen3VL
 def tiny_config(**overrides) -> Qwen3VLConfig:
     """The tiny test config (Qwen3VLConfig.tiny) with overrides (top-level fields, text=dict, vision=dict)."""
     return Qwen3VLConfig.tiny(**overrides)
+
+
+def one_layer_config(hidden: int) -> Qwen3VLConfig:
+    """The tiny config cut to one text layer and one vision block, width `hidden` (the train-step tests' teacher
+    and student: the cheapest models that still have every input path)."""
+    return Qwen3VLConfig.tiny(
+        text=dict(hidden_size=hidden, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
+                  num_key_value_heads=1),
+        vision=dict(depth=1, deepstack_visual_indexes=(0,), hidden_size=16, intermediate_size=32, num_heads=1))
 
 
 def tiny_moe_config(**overrides) -> Qwen3VLConfig:
@@ -95,6 +107,47 @@ def model_from_hf(hf_model, cfg: Qwen3VLConfig | None = None, dtype=jnp.float32,
     cfg = cfg or Qwen3VLConfig.from_hf(hf_model.config.to_dict())
     state = {k: v.detach().cpu().float().numpy() for k, v in hf_model.state_dict().items()}
     return model_from_tensors(cfg, lambda key: _lookup(state, key), dtype=dtype, **kwargs)
+
+
+_PAIRS: dict = {}
+
+
+def reference_pair(cfg: Qwen3VLConfig, seed: int = 1):
+    """(cfg, transformers model, our model with its weights), built once per (cfg, seed) in a process."""
+    if (cfg, seed) not in _PAIRS:
+        hf = hf_reference_model(cfg, seed=seed)
+        _PAIRS[cfg, seed] = (cfg, hf, model_from_hf(hf, cfg))
+    return _PAIRS[cfg, seed]
+
+
+def o1_model(cfg: Qwen3VLConfig, seed: int) -> Qwen3VL:
+    """A random model with O(1) activations: the default std-0.02 init gives near-uniform softmaxes and a tiny,
+    insensitive KL. The weights are edited on the host (eager jax ops would compile one program per shape)."""
+    import jax
+    from flax import nnx
+
+    model = Qwen3VL(cfg, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed + 100)
+    state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x) * 10.0 if x.ndim >= 2 else
+                                               np.asarray(x) + 0.1 * rng.standard_normal(x.shape, np.float32)),
+                         nnx.state(model, nnx.Param))
+    nnx.update(model, state)
+    return model
+
+
+def with_generated(batch: "Batch", generated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) (B, T + G): each row's real prompt tokens followed by its G generated tokens, right-padded: the
+    full-forward reference of a prefill + decode run."""
+    b, t = batch.input_ids.shape
+    steps = generated.shape[1]
+    lens = batch.attention_mask.sum(1)
+    ids = np.zeros((b, t + steps), np.int32)
+    mask = np.zeros((b, t + steps), np.int32)
+    for i in range(b):
+        ids[i, :lens[i]] = batch.input_ids[i, :lens[i]]
+        ids[i, lens[i]:lens[i] + steps] = generated[i]
+        mask[i, :lens[i] + steps] = 1
+    return ids, mask
 
 
 def _lookup(state, key):
