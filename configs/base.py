@@ -81,7 +81,8 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "bfloat16"        # params and matmuls; norms, softmax and the loss stay fp32
   c.model.remat = "block"
-  c.model.kl_chunk_size = 512       # tokens per chunk of the full-vocab KL
+  c.model.kl_chunk_size = 512       # response positions per chunk of the full-vocabulary KL (distill/kl.py's
+                                    # DEFAULT_CHUNK_SIZE, the reason is written there)
   c.model.attention_impl = "chunked"  # exact, no T x T scores (fits 4k responses); 'xla' | 'cudnn' (GPU)
   c.model.attention_chunk_size = 512  # queries per block of 'chunked' attention
 

@@ -1,4 +1,4 @@
-"""Evaluate a student on the paper's eight benchmarks (avg@K, offline).
+"""Evaluate a student on the paper's eight benchmarks (avg@k, offline).
 
     python -m vaopd_jax.evaluate --config configs/eval_default.py \\
         --config.model=/path/to/hf_student --config.benchmarks_dir=/data/benchmarks
@@ -6,14 +6,14 @@
 For every benchmark directory found under ``benchmarks_dir`` (``wemath``, ``mathvista``,
 ``mathverse``, ``hallusionbench``, ``ai2d``, ``mmmu``, ``mmstar``, ``ocrbench``; each a
 local copy of the public Hugging Face release), each question is prompted with the
-model's own chat template, K samples are drawn with the project's sampler
-(temperature 1.0, top-p 1.0, K = 8 by default), the first committed answer of each
+model's own chat template, num_samples samples are drawn with the project's sampler
+(temperature 1.0, top-p 1.0, 8 by default), the first committed answer of each
 sample is extracted and graded, and the benchmark's official metric is computed per
-sample run and averaged over the K runs (avg@K).
+sample run and averaged over the num_samples runs (avg@k).
 
 Outputs in ``output_dir``:
   samples/<benchmark>.p<process>.jsonl   one line per question: id, prompt id, gold,
-                                         the K responses, extracted answers, correctness
+                                         the responses, extracted answers, correctness
   samples/<benchmark>.p<process>.problems.json   records that could not be used
   summary.json                           scores, details, counts, protocol notes
   results.md                             the paper's table with Math avg and Visual avg

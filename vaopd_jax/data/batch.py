@@ -10,7 +10,7 @@ vision-tower inputs, and the MRoPE position ids and rope deltas, computed once o
     batch = batch.without_filler()            # drop the filler rows of a final partial batch
     batch = batch.with_view("pixelated")      # the warm-up's view of the images in pixel_values
     batch = batch.gather_processes()          # every process's prompts, identical on every process
-    rows = batch.image_rows(num_repeats=K)    # feature rows of the <|image_pad|> tokens of K copies per prompt
+    rows = batch.image_rows(num_repeats=4)    # feature rows of the <|image_pad|> tokens of 4 copies per prompt
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class PromptBatch(NamedTuple):
         return np.prod(self.image_grid_thw.astype(np.int64), axis=-1).sum(-1).astype(np.int32)
 
     def image_rows(self, num_repeats: int = 1) -> np.ndarray | None:
-        """Feature rows for `num_repeats` adjacent copies of each prompt (e.g. its K rollouts), (P * R * Mp,) int32.
+        """Feature rows for `num_repeats` adjacent copies of each prompt (e.g. its rollouts), (P * R * Mp,) int32.
 
         The vision tower runs once per prompt, giving features (P, Mp, E); row p * Mp + i is the i-th
         <|image_pad|> token of prompt p. Listed in the row-major order of the <|image_pad|> tokens of the

@@ -3,7 +3,7 @@
     train_batch = build_train_batch(prompt_batch, rollout_tokens, response_mask, num_rollouts, model_config)
     device_batch = shard_batch(train_batch, mesh)      # rows / prompts over the batch mesh axes
 
-Layout (R = P prompts * K rollouts, the K rollouts of a prompt on adjacent rows):
+Layout (R = P prompts * num_rollouts, the rollouts of a prompt on adjacent rows):
 each row is the prompt's real tokens followed by the rollout's response tokens,
 right-padded to a static length T (``seq_len``, default Tp + Tr). The hidden
 state at ``response_positions[r, j]`` (= prompt length - 1 + j) predicts
@@ -19,8 +19,8 @@ Images: the vision tower runs once per prompt per view. The PromptBatch already
 holds each prompt's patch rows padded to a static ``Np`` (a multiple of merge^2),
 pixel arrays (P, Np, 1536) and per-prompt ``VisionInputs`` stacked on a leading P
 axis; the train batch takes them as they are. The merged features (P, Mp, E),
-Mp = Np / merge^2, are handed to the K rollouts of each prompt by one index
-gather, ``image_rows`` (R * Mp,) (``PromptBatch.image_rows(K)``), listing feature
+Mp = Np / merge^2, are handed to the rollouts of each prompt by one index
+gather, ``image_rows`` (R * Mp,) (``PromptBatch.image_rows(num_rollouts)``), listing feature
 rows in the row-major order of the <|image_pad|> tokens of ``input_ids``.
 
 Response tokens equal to <|image_pad|> / <|video_pad|> (a degenerate sample) are
@@ -78,11 +78,11 @@ def build_train_batch(prompts: PromptBatch, rollout_tokens: np.ndarray, response
     Args:
       prompts: the `data.batch.PromptBatch` the rollouts answer (P prompts, no filler rows); with images it
         must hold both views (pixel_values_pixelated).
-      rollout_tokens: (P * K, Tr) int sampled tokens, rollouts of one prompt adjacent.
-      response_mask: (P * K, Tr) 1 on valid tokens (a prefix of each row).
-      num_rollouts: K.
+      rollout_tokens: (P * num_rollouts, Tr) int sampled tokens, rollouts of one prompt adjacent.
+      response_mask: (P * num_rollouts, Tr) 1 on valid tokens (a prefix of each row).
+      num_rollouts: rollouts per prompt.
       cfg: the model config (the <|image_pad|> / <|video_pad|> ids that cut a row).
-      sampler_logprobs: optional (P * K, Tr) sampler log-probs of its tokens.
+      sampler_logprobs: optional (P * num_rollouts, Tr) sampler log-probs of its tokens.
       seq_len: static T >= Tp + Tr (default Tp + Tr); use buckets to bound recompilation.
     Returns:
       TrainBatch of numpy arrays.

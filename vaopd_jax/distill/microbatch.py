@@ -35,17 +35,18 @@ def num_micro_batches(num_rows: int, micro_batch_rollouts: int | None, num_rollo
         return 1
     if micro_batch_rollouts % num_rollouts or num_rows % micro_batch_rollouts:
         raise ValueError(
-            f"micro_batch_rollouts={micro_batch_rollouts} must be a multiple of num_rollouts K={num_rollouts} "
-            f"(whole prompts: the rollout weights couple a prompt's K rollouts) and divide the batch's "
+            f"micro_batch_rollouts={micro_batch_rollouts} must be a multiple of num_rollouts={num_rollouts} "
+            f"(whole prompts: the rollout weights couple a prompt's rollouts) and divide the batch's "
             f"{num_rows} rollouts")
     return num_rows // micro_batch_rollouts
 
 
 def image_rows(merged_valid: jax.Array, num_rollouts: int) -> jax.Array:
-    """Feature rows of the <|image_pad|> tokens of K adjacent copies of each prompt, (P * K * Mp,) int32.
+    """Feature rows of the <|image_pad|> tokens of num_rollouts adjacent copies of each prompt, (P * num_rollouts
+    * Mp,) int32.
 
     merged_valid (P, Mp) bool: the first n_p rows of prompt p's merged features are real (`VisionInputs`).
-    The same layout as `PromptBatch.image_rows(K)` (row p * Mp + i is feature i of prompt p, listed in the
+    The same layout as `PromptBatch.image_rows(num_rollouts)` (row p * Mp + i is feature i of prompt p, listed in the
     row-major order of the rows' <|image_pad|> tokens, then zeros), built inside the jit for a micro-batch.
     """
     num_prompts, per_prompt = merged_valid.shape
@@ -75,7 +76,7 @@ def stack(x, num_micro: int, axis: int = 0):
 
 def split(batch: TrainBatch, num_micro: int, num_rollouts: int) -> TrainBatch:
     """A TrainBatch whose every array has a leading (M,) axis: micro-batch m holds prompts [m*q, (m+1)*q) and
-    their K rollouts each (q = P / M), with its own `image_rows` into its own prompts' features.
+    their rollouts each (q = P / M), with its own `image_rows` into its own prompts' features.
 
     position_ids becomes (M, 3, mb, T); num_truncated (M,) carries the batch total in micro-batch 0, zeros
     elsewhere (only metrics read it).

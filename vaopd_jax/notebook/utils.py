@@ -35,6 +35,7 @@ from flax import nnx
 from vaopd_jax.data import pipeline, processor
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.data.batch import PromptBatch
+from vaopd_jax.distill import kl as kl_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import batch as batch_lib
 from vaopd_jax.distill import teacher as teacher_lib
@@ -302,7 +303,7 @@ def score_visual_advantage(student: qwen3_vl.Qwen3VL, teacher: qwen3_vl.Qwen3VL,
                            temperature: float = 0.0, top_p: float = 1.0, pixelation_ratio: float = 0.1,
                            min_pixels: int = processor.MIN_PIXELS, max_pixels: int = processor.MAX_PIXELS,
                            max_prompt_tokens: int = 4096, batch_size: int = 4, seed: int = 0,
-                           chunk_size: int = 128, image_path: str = "release") -> list[ScoredRollout]:
+                           chunk_size: int = kl_lib.DEFAULT_CHUNK_SIZE, image_path: str = "release") -> list[ScoredRollout]:
     """The student answers each record; the teacher's VA (Eq. 2) of every answer token.
 
     For each record the student samples `num_samples` answers (greedy at
