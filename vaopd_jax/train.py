@@ -61,6 +61,7 @@ from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.distill import objective
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.eval import grading, validation
+from vaopd_jax.models import compat
 from vaopd_jax.models import load as load_lib
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.parallel import backend as backend_lib
@@ -146,10 +147,9 @@ def main(argv) -> None:
             student = load_lib.tiny_model(config, config.student.tiny, compute_dtype=dtype, seed=config.seed,
                                           tokenizer=tokenizer)
     meter.begin("set-up")  # data, samplers, train state, step, checkpoint restore
-    if student.config.text.vocab_size != teacher.config.text.vocab_size:
-        raise config_lib.ConfigError(
-            f"student vocabulary size {student.config.text.vocab_size} != teacher vocabulary size "
-            f"{teacher.config.text.vocab_size}")
+    compat.check_pair(student.config, teacher.config, tokenizer=tokenizer,  # every difference, before compute
+                      teacher_path=config.teacher.hf_path if config.teacher.init == "hf" else None)
+    run_signature = ckpt_lib.run_signature(config, student.config, teacher.config)  # what a resume must share
     model_cfg = student.config
     n_student, n_teacher = load_lib.count_params(student), load_lib.count_params(teacher)
     say(f"student {n_student:,} params, teacher {n_teacher:,} params (frozen), method {config.method}")
@@ -194,7 +194,8 @@ def main(argv) -> None:
     # ------------------------------------------------------------------ 5. checkpoints and logs
     ckpt = ckpt_lib.CheckpointManager(workdir, keep=config.train.keep_checkpoints,
                                       save_every=config.train.checkpoint_every,
-                                      async_save=config.train.async_checkpoint)
+                                      async_save=config.train.async_checkpoint, run=run_signature,
+                                      resume_across_changes=config.train.resume_across_changes)
     saved = lambda s: {"params": s.params, "opt_state": s.opt_state, "step": s.step, "rng": s.rng}  # noqa: E731
     restored = ckpt.restore_latest(ckpt_lib.abstract_like(saved(state)), data_iterator=train_iter)
     nonfinite_streak = 0
@@ -227,6 +228,7 @@ def main(argv) -> None:
     stop = preemption.StopRequest().install()
     w = config.train.watchdog
     dog = watchdog.Watchdog(w.timeout_s, first_timeout_s=w.first_timeout_s, action=w.action)
+    ckpt.on_write_error = lambda: (logger.close(), dog.close())  # a failed save stops the run with its logs
     say(f"start-up {time.monotonic() - STARTED:.1f} s; compilation so far: {compiles.summary()} "
         f"({'cache ' + cache_dir if cache_dir else 'persistent cache off'})")
     if step == 0 and config.eval.every > 0:
@@ -313,6 +315,7 @@ def main(argv) -> None:
     with meter.phase("export"):
         export(config, state, ckpt, tokenizer, workdir)
     say("\n" + summary_table(os.path.join(workdir, "metrics.jsonl")))
+    say(train_iter.counters.summary())  # skipped and converted records by kind (also in tensorboard, data/*)
     say(f"\ntensorboard logs: tensorboard --logdir {os.path.join(workdir, 'tb')}\n"
         f"metrics:          {os.path.join(workdir, 'metrics.jsonl')}\n"
         f"student (HF):     {os.path.join(workdir, 'export', 'final')}"
