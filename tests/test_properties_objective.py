@@ -38,7 +38,7 @@ FINITE_VA = st.one_of(st.floats(0, 1, width=32), st.floats(0, F32_MAX, width=32)
 # One (R, T) shape, so that each jitted function below compiles once per K and method (seconds, not minutes):
 # R = 12 rows hold 12 / K prompts for every K drawn; the masks give each rollout 0 to T valid tokens.
 ROWS, LENGTH = 12, 6
-KS = (1, 2, 3, 4)
+KS = (1, 3, 4)  # K = 1 (a prompt of one rollout), 3 (not a power of two: sums round), 4 (the paper's)
 
 
 @st.composite
@@ -65,6 +65,11 @@ def terms_of(va, mask, k, config):
 @jax.jit
 def _loss_and_grad(kl, terms):
     return jax.value_and_grad(objective.weighted_loss)(kl, terms)
+
+
+_rollout_weights = jax.jit(objective.rollout_weights, static_argnums=2)
+_va_opd_loss = jax.jit(objective.va_opd_loss, static_argnames=("num_rollouts", "reweight", "group"))
+_opd_loss = jax.jit(objective.opd_loss)
 
 
 def poison(values: np.ndarray, mask: np.ndarray, draw) -> np.ndarray:
@@ -101,16 +106,18 @@ def test_masked_out_va_never_changes_the_terms(batch, config, data):
 
 
 @cases(20)
-@given(batch=rollout_batches(ks=(2, 4)), data=st.data())
+@given(batch=rollout_batches(ks=(4,)), data=st.data())
 def test_masked_out_va_the_release_case_rollout_weights(batch, data):
     # The authors' release tests exactly this: NaN / inf stored at a masked-out VA position.
     va, mask, k = batch
     mask = mask.astype(data.draw(st.sampled_from([np.bool_, np.int32, np.float32])))  # any non-zero is valid
     fill = data.draw(st.sampled_from([math.nan, math.inf]))
     dirty = np.where(mask.astype(bool), va, np.float32(fill))
-    clean_w = objective.rollout_weights(jnp.asarray(va), jnp.asarray(mask), k)
-    assert_same(objective.rollout_weights(jnp.asarray(dirty), jnp.asarray(mask), k), clean_w)
+    clean_w = _rollout_weights(jnp.asarray(va), jnp.asarray(mask), k)
+    assert_same(_rollout_weights(jnp.asarray(dirty), jnp.asarray(mask), k), clean_w)
     assert np.isfinite(np.asarray(clean_w)).all()
+    if mask.dtype == np.float32:  # and eagerly, as a user calls it (one mask dtype: eager ops compile per dtype)
+        assert_same(objective.rollout_weights(jnp.asarray(dirty), jnp.asarray(mask), k), clean_w)
 
 
 @cases(50)
@@ -126,16 +133,17 @@ def test_masked_out_kl_never_changes_the_loss_or_its_gradient(batch, config, dat
     assert_same(dirty_grad, clean_grad)
     assert np.isfinite(float(clean_loss))
     np.testing.assert_array_equal(np.asarray(clean_grad)[~mask.astype(bool)], 0.0)
-    # The functional forms (eager, so for one K only) agree with the terms route.
-    if k != 2:
+    # The functional forms agree with the terms route (for the paper's K, so that they compile once per method).
+    if k != 4:
         return
     if config.method == "opd":
-        np.testing.assert_allclose(float(objective.opd_loss(jnp.asarray(dirty), jnp.asarray(mask))),
-                                   float(clean_loss), rtol=1e-5)
+        np.testing.assert_allclose(float(_opd_loss(jnp.asarray(dirty), jnp.asarray(mask))), float(clean_loss),
+                                   rtol=1e-5)
     else:
-        value = objective.va_opd_loss(jnp.asarray(dirty), jnp.asarray(poison(va, mask, data.draw)), jnp.asarray(mask),
-                                      k, temperature=config.tau, eps=config.eps, high_fraction=config.high_fraction,
-                                      high_weight=config.high_weight, reweight=config.reweight, group=config.group)
+        value = _va_opd_loss(jnp.asarray(dirty), jnp.asarray(poison(va, mask, data.draw)), jnp.asarray(mask),
+                             num_rollouts=k, temperature=config.tau, eps=config.eps,
+                             high_fraction=config.high_fraction, high_weight=config.high_weight,
+                             reweight=config.reweight, group=config.group)
         np.testing.assert_allclose(float(value), float(clean_loss), rtol=1e-6)
 
 
@@ -305,7 +313,7 @@ def logit_pairs(draw, bound=1e4):
             draw(arrays(np.float32, (rows, vocab), elements=elements)))
 
 
-@cases(50)
+@cases(30)
 @given(pair=logit_pairs(), data=st.data())
 def test_reverse_kl_is_finite_non_negative_and_ignores_padded_vocab_rows(pair, data):
     student, teacher = pair
@@ -335,7 +343,7 @@ def test_reverse_kl_refuses_bad_vocab_arguments():
         objective.reverse_kl(z, jnp.zeros((3, 5)))
 
 
-CHUNK_SHAPES = [(2, 3), (2, 5)]  # (B, T): a few static shapes, so each compiles once per chunk size
+CHUNK_SHAPES = [(2, 5)]  # (B, T): one static shape, compiled once per chunk size (5 = 5 x 1, 3 x 2 padded, 1 x 8)
 HIDDEN, VOCAB, VALID = 4, 7, 6
 
 

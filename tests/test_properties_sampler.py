@@ -28,10 +28,10 @@ from vaopd_jax.rollout import masks
 
 ROWS, VOCAB = 4, 12
 POISON = st.one_of(st.sampled_from([math.nan, math.inf, -math.inf, 1e30, -1e30]), st.floats(width=32))
-# A few static settings (each compiles once): the nucleus inside the candidates and past them (the
-# threshold-search fallback), top-k alone and with top-p, greedy, hot and cold temperatures.
-SETTINGS = [lp.SamplingParams(1.0), lp.SamplingParams(0.0), lp.SamplingParams(0.7, top_p=0.9, top_p_candidates=3),
-            lp.SamplingParams(1.3, top_p=0.5, top_p_candidates=256), lp.SamplingParams(0.5, top_k=3),
+# A few static settings (each compiles once): greedy, the nucleus inside the candidates and past them (the
+# threshold-search fallback), top-k then top-p, hot and cold temperatures.
+SETTINGS = [lp.SamplingParams(0.0), lp.SamplingParams(0.7, top_p=0.9, top_p_candidates=3),
+            lp.SamplingParams(1.3, top_p=0.5, top_p_candidates=256),
             lp.SamplingParams(2.0, top_k=5, top_p=0.8, top_p_candidates=2)]
 
 
