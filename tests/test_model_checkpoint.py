@@ -184,5 +184,6 @@ def test_checkpoint_tensors_must_match_its_config_missing_and_extra_named_at_onc
     config = json.loads((bad / "config.json").read_text())
     config["text_config"]["num_hidden_layers"] -= 1
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(convert.CheckpointError, match=r"extra tensor 'model\.language_model\.layers\.\d+\..*extra, not used"):
+    with pytest.raises(convert.CheckpointError,
+                       match=r"extra tensor 'model\.language_model\.layers\.\d+\..*extra, not used"):
         qwen3_vl.load_hf_checkpoint(bad)

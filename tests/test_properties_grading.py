@@ -17,7 +17,8 @@ from hypothesis_profiles import cases
 from vaopd_jax.eval import grading, validation
 
 ANY_TEXT = st.one_of(st.text(), st.text(st.characters(codec=None, categories=None)),
-                     st.text(alphabet="\\{}boxed Answer:答案是为最终 final The answer is$*\n\t.()AB0123", max_size=60))
+                     st.text(alphabet="\\{}boxed Answer:答案是为最终 final The answer is$*\n\t.()AB0123",
+                             max_size=60))
 # Text that commits no answer: no box command, no marker word.
 PLAIN = st.text(alphabet="xyz 0123456789+-=,.\n", max_size=30)
 BALANCED = st.recursive(st.text(alphabet="xyz0123456789+-*/^ .", max_size=6),

@@ -361,9 +361,9 @@ def _chunked(hs, ws, ht, wt, targets, weight, *, chunk):
 @given(shape=st.sampled_from(CHUNK_SHAPES), chunk=st.sampled_from([1, 2, 8]), data=st.data())
 def test_chunked_kl_matches_the_full_kl_and_positions_are_independent(shape, chunk, data):
     batch, length = shape
-    h = lambda: data.draw(arrays(np.float32, (batch, length, HIDDEN), elements=st.floats(-3, 3, width=32)))  # noqa: E731
-    w = lambda: data.draw(arrays(np.float32, (HIDDEN, VOCAB), elements=st.floats(-3, 3, width=32)))  # noqa: E731
-    hs, ws, ht, wt = h(), w(), h(), w()
+    small = st.floats(-3, 3, width=32)
+    hs, ht = (data.draw(arrays(np.float32, (batch, length, HIDDEN), elements=small)) for _ in range(2))
+    ws, wt = (data.draw(arrays(np.float32, (HIDDEN, VOCAB), elements=small)) for _ in range(2))
     targets = data.draw(arrays(np.int32, (batch, length), elements=st.integers(0, VALID - 1)))
     # Poison the hidden states of some positions: the other positions' outputs, and the gradient through a
     # loss that gives the poisoned positions weight 0 (a response mask), do not change.

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_train import REPO, TINY, env_for, export_tensors, run, train_args, train_losses
+from test_train import REPO, TINY, env_for, run, train_args, train_losses
 
 # Row -> fault (fixtures.FAULTS). All sit before the 8th kept record, so a 4-step run of 2 prompts reads them all.
 FAULTS = {1: "undecodable", 2: "cmyk", 3: "truncated", 5: "missing_file", 6: "bomb", 7: "high_bit_depth",

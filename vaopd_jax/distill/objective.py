@@ -228,8 +228,8 @@ def rollout_weights(va: jax.Array, mask: jax.Array, num_rollouts: int, temperatu
     # - each prompt's VA is multiplied by 2^-e (exact), e the exponent of its largest |a_t|, so that no sum or
     #   square below overflows;
     # - the means are taken relative to the largest sibling mean, so equal means give deviations of exactly 0
-    #   (uniform weights for any K and any lengths), and the sums over siblings run in sorted order, so the weights do not
-    #   depend on the order of the siblings (Eq. 3-4 are permutation-equivariant);
+    #   (uniform weights for any K and any lengths), and the sums over siblings run in sorted order, so the
+    #   weights do not depend on the order of the siblings (Eq. 3-4 are permutation-equivariant);
     # - the deviations are scaled by 2^-d, d the exponent of the largest one, before squaring (no underflow),
     #   and eps by 2^-(e + d) alike: z = (a - mu) / (sigma + eps) unchanged.
     _, exponent = jnp.frexp(jnp.abs(va).max(axis=(1, 2)))
