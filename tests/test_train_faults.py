@@ -10,8 +10,8 @@ Two training runs over Geometry3K-format data, in file order (data.shuffle=False
   once checkpoint 2 is written. Its losses and checkpoint 2 must equal the faulty run's (the skipped records
   change nothing else); it must warn about the logs, train on, and stop at the failed step-4 save with
   checkpoint 2 intact and the latest.
-Then three refused starts, each before any step: a resume with a changed config, a teacher with another
-image-token id and tokenizer, a teacher checkpoint with an extra tensor.
+Then three refused starts, each before any step: a resume with a changed config and a bigger student, a
+teacher with another image-token id and tokenizer, a teacher checkpoint with an extra tensor.
 """
 
 import json
@@ -126,12 +126,15 @@ def test_a_resume_with_another_config_is_refused_before_any_step(shared, faulty_
     shutil.copytree(faulty_run["workdir"], workdir)
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     proc = run(data_args(shared, workdir, shared["root"] / "faulty", "--config.train.num_steps=6",
-                         "--config.rollout.max_new_tokens=5", "--config.optim.lr=0.001"), env_for(shared))
+                         "--config.rollout.max_new_tokens=5", "--config.optim.lr=0.001",
+                         f"--config.student.tiny.text.intermediate_size={2 * TINY['mlp']}"), env_for(shared))
     assert proc.returncode != 0
     assert "cannot resume from" in proc.stderr and os.path.join("checkpoints", "4") in proc.stderr
     assert "config.rollout.max_new_tokens: 4 in the checkpoint, 5 now" in proc.stderr
     assert "config.optim.lr: 0.0015 in the checkpoint, 0.001 now" in proc.stderr
-    assert "--config.train.resume_across_changes=optim.lr,rollout.max_new_tokens" in proc.stderr
+    assert f"student.text.intermediate_size: {TINY['mlp']} in the checkpoint, {2 * TINY['mlp']} now" in proc.stderr
+    assert ("--config.train.resume_across_changes=optim.lr,rollout.max_new_tokens,student.text.intermediate_size"
+            in proc.stderr)
     assert "first step" not in proc.stdout and "step 5/6" not in proc.stdout
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
