@@ -45,6 +45,6 @@ setup(
         "cuda13": ["jax[cuda13]>=0.7"],
         "tpu": ["jax[tpu]>=0.7"],
         # torch is a test-time reference only (parity with transformers' Qwen3-VL).
-        "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
     },
 )

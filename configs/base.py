@@ -77,6 +77,8 @@ def get_config(arg=None):
   c.data.prompt_buckets = (256, 512, 1024, 2048, 4096, 8192)  # the largest is the prompt limit
   c.data.prompt_patch_buckets = (1024, 2048, 4096, 8192, 16384)  # patch rows of one prompt's images (per view)
   c.data.num_workers = 0
+  c.data.shuffle = True             # training records in a new random order each epoch (the release); False:
+                                    # file order (compare runs over datasets that differ by skipped records)
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "bfloat16"        # params and matmuls; norms, softmax and the loss stay fp32
@@ -101,6 +103,9 @@ def get_config(arg=None):
   c.train.keep_checkpoints = 3
   c.train.async_checkpoint = True
   c.train.max_nonfinite_steps = 3   # consecutive skipped steps before the run stops
+  # A resume must share its checkpoint's configuration (vaopd_jax/runtime/checkpoint.py RESUME_FIELDS and the
+  # models): fields listed here may differ, e.g. `--config.train.resume_across_changes=optim.lr` for a new lr.
+  c.train.resume_across_changes = ()
   c.train.peak_tflops_per_device = 0.0  # 0: look up the device kind (MFU estimate)
   # Rollouts per micro-batch inside the one jitted step (0: all at once). Whole prompts: a multiple of
   # rollout.num_rollouts dividing prompts_per_step * num_rollouts. Same loss and gradient, less memory

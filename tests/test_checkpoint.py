@@ -249,3 +249,93 @@ def test_data_position_written_by_another_process_count(tmp_path):
     restored = fresh.restore_latest(ckpt_lib.abstract_like(make_state()), data_iterator=same_count)
     assert restored.step == 1 and restored.data_note is None
     assert same_count.state == it.get_state() and same_count.states is None  # written by this process count
+
+
+def _signature(**changes):
+    from vaopd_jax import config as config_lib
+    from vaopd_jax.models.qwen3_vl import testing
+
+    config = config_lib.load_sibling(os.path.join(os.path.dirname(__file__), "..", "configs", "base.py"),
+                                     "demo").get_config(None)
+    student = testing.tiny_config()
+    for name, value in changes.items():
+        if name == "student_mlp":
+            import dataclasses
+
+            student = student.replace(text=dataclasses.replace(student.text, intermediate_size=value))
+        else:
+            section, field = name.split("__")
+            config[section][field] = value
+    return ckpt_lib.run_signature(config, student, testing.tiny_config())
+
+
+def test_resume_across_a_config_change_is_refused_naming_each_difference_unless_allowed(tmp_path, caplog):
+    manager = ckpt_lib.CheckpointManager(str(tmp_path), async_save=False, run=_signature())
+    manager.save(2, make_state(1.0, 2))
+    changed = _signature(rollout__num_rollouts=3, optim__lr=2e-3, student_mlp=256)
+    fresh = ckpt_lib.CheckpointManager(str(tmp_path), async_save=False, run=changed)
+    with pytest.raises(ckpt_lib.ResumeMismatchError) as err:
+        fresh.restore_latest(ckpt_lib.abstract_like(make_state()))
+    message = str(err.value)
+    assert "config.rollout.num_rollouts: 4 in the checkpoint, 3 now" in message
+    assert "config.optim.lr: 0.0015 in the checkpoint, 0.002 now" in message
+    assert "student.text.intermediate_size: 128 in the checkpoint, 256 now" in message
+    assert "--config.train.resume_across_changes=optim.lr,rollout.num_rollouts,student.text.intermediate_size" \
+        in message
+    assert fresh.all_steps() == [2]  # refused, not treated as corrupt
+    # Allowing only some of the differences still refuses, naming the others.
+    partial = ckpt_lib.CheckpointManager(str(tmp_path), async_save=False, run=changed,
+                                         resume_across_changes=("optim.lr",))
+    with pytest.raises(ckpt_lib.ResumeMismatchError, match="num_rollouts") as err:
+        partial.restore_latest(ckpt_lib.abstract_like(make_state()))
+    assert "optim.lr" not in str(err.value)
+    # A new learning rate, on purpose: resumed, the change logged; later checkpoints record the new value.
+    lr_only = _signature(optim__lr=2e-3)
+    allowed = ckpt_lib.CheckpointManager(str(tmp_path), async_save=False, run=lr_only,
+                                         resume_across_changes=("optim.lr",))
+    with caplog.at_level(logging.WARNING):
+        restored = allowed.restore_latest(ckpt_lib.abstract_like(make_state()))
+    assert restored.step == 2 and "optim.lr 0.0015 -> 0.002" in caplog.text
+    allowed.save(3, make_state(1.0, 3))
+    assert ckpt_lib.CheckpointManager(str(tmp_path), run=lr_only).restore_latest(
+        ckpt_lib.abstract_like(make_state())).step == 3
+    with pytest.raises(ValueError, match=r"\['optim.learning_rate'\] are not recorded in checkpoints"):
+        ckpt_lib.CheckpointManager(str(tmp_path), run=lr_only, resume_across_changes=("optim.learning_rate",))
+    # The mesh, the step count and paths are not part of it (elastic restore, extending a run, moving a workdir).
+    assert not any(name.startswith(("mesh.", "train.", "teacher.hf", "data.train_path")) for name in lr_only)
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_step_and_keeps_the_last_good_one(tmp_path):
+    import resource
+    import signal
+
+    noise = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)  # incompressible: 1 MiB
+    big = lambda scale, step: {**make_state(scale, step), "big": jnp.asarray(noise * scale)}  # noqa: E731
+    manager = ckpt_lib.CheckpointManager(str(tmp_path), async_save=True)
+    manager.save(1, big(1.0, 1))
+    manager.wait()
+    cleaned = []
+    manager.on_write_error = lambda: cleaned.append(True)
+    # A full disk, as the kernel reports it to any process (root included): writes past 64 KiB fail (EFBIG).
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+    try:
+        manager.save(2, big(2.0, 2))  # asynchronous: the failure surfaces when waited for
+        with pytest.raises(ckpt_lib.CheckpointWriteError) as err:
+            manager.wait()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    message = str(err.value)
+    assert "checkpoint step 2 could not be written" in message and cleaned == [True]
+    assert f"the latest complete checkpoint is {tmp_path / 'checkpoints' / '1'}" in message
+    fresh = ckpt_lib.CheckpointManager(str(tmp_path))
+    assert fresh.all_steps() == [1]  # the half-written step is never listed
+    restored = fresh.restore_latest(ckpt_lib.abstract_like(big(0.0, 0)))
+    assert restored.step == 1
+    assert_state_equal(restored.state, big(1.0, 1))
+    # Once there is room again, the run writes that step anew over what the failed save left.
+    assert fresh.save(2, big(2.0, 2))
+    fresh.wait()
+    assert ckpt_lib.CheckpointManager(str(tmp_path)).restore_latest(ckpt_lib.abstract_like(big(0.0, 0))).step == 2

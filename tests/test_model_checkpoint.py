@@ -160,3 +160,30 @@ def test_config_from_hf_legacy_rope_scaling_and_presets():
         testing.tiny_config(text=dict(mrope_section=(24, 20, 20)))
     with pytest.raises(ValueError, match=r"deepstack_visual_indexes entries must be in \[0, depth=3\), got 5"):
         testing.tiny_config(vision=dict(deepstack_visual_indexes=(0, 5)))
+
+
+def test_checkpoint_tensors_must_match_its_config_missing_and_extra_named_at_once(hf_dir, tmp_path):
+    cfg, hf, _, _ = hf_dir
+    bad = tmp_path / "extra"
+    hf.save_pretrained(bad)
+    dropped = "model.language_model.layers.0.self_attn.k_norm.weight"
+
+    def edit(tensors):  # a stray tensor (another model's layer) and a missing one in the same file
+        tensors["model.language_model.layers.99.mlp.up_proj.weight"] = tensors["model.language_model.norm.weight"]
+        tensors.pop(dropped)
+
+    _rewrite(bad, edit)
+    with pytest.raises(convert.CheckpointError) as err:
+        qwen3_vl.load_hf_checkpoint(bad)
+    message = str(err.value)
+    assert f"missing tensor '{dropped}' (1 missing)" in message
+    assert "extra tensor 'model.language_model.layers.99.mlp.up_proj.weight' (1 extra, not used by this config)" \
+        in message and "its tensors do not match its config.json" in message
+    # A config.json of a shallower model than its tensors: every tensor of the dropped layer is extra.
+    hf.save_pretrained(bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] -= 1
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(convert.CheckpointError,
+                       match=r"extra tensor 'model\.language_model\.layers\.\d+\..*extra, not used"):
+        qwen3_vl.load_hf_checkpoint(bad)

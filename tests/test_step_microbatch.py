@@ -109,7 +109,7 @@ def test_image_rows_built_in_the_step_match_the_host_batch(setup):
 def test_micro_batch_sizes_are_checked():
     assert microbatch.num_micro_batches(64, None, 4) == 1 and microbatch.num_micro_batches(64, 64, 4) == 1
     assert microbatch.num_micro_batches(64, 16, 4) == 4
-    with pytest.raises(ValueError, match="multiple of num_rollouts K=4"):
+    with pytest.raises(ValueError, match="multiple of num_rollouts=4"):
         microbatch.num_micro_batches(64, 6, 4)
     with pytest.raises(ValueError, match="divide the batch's 64 rollouts"):
         microbatch.num_micro_batches(64, 24, 4)

@@ -27,22 +27,25 @@ STEPS = 4
 TINY = dict(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vision_depth=1, vision_hidden=32)
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """A random tiny teacher in Hugging Face format and a compilation cache shared by the runs."""
+def make_shared(root) -> dict:
+    """A random tiny teacher in Hugging Face format under `root` and a compilation cache shared by the runs."""
     import jax.numpy as jnp
     from flax import nnx
 
     from vaopd_jax import config as config_lib
     from vaopd_jax.models import qwen3_vl
 
-    root = tmp_path_factory.mktemp("train")
     teacher = qwen3_vl.Qwen3VL(config_lib.model_config_from_spec(config_lib.tiny_spec(**TINY)),
                                param_dtype=jnp.float32, rngs=nnx.Rngs(5))
     qwen3_vl.save_hf_checkpoint(teacher, str(root / "teacher"))
     # VAOPD_TEST_JAX_CACHE keeps compiled programs across test sessions (local iteration).
     cache = os.environ.get("VAOPD_TEST_JAX_CACHE") or str(root / "jax_cache")
     return {"root": root, "teacher": str(root / "teacher"), "cache": cache}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return make_shared(tmp_path_factory.mktemp("train"))
 
 
 def train_args(shared, workdir, *extra):

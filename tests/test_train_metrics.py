@@ -61,3 +61,18 @@ def test_non_primary_writes_nothing(tmp_path, capsys):
     logger.log_val(1, {"accuracy": 1.0})
     logger.close()
     assert not (tmp_path / "w").exists() and capsys.readouterr().out == ""
+
+
+def test_unwritable_log_sinks_are_turned_off_with_a_warning_and_logging_goes_on(tmp_path, capsys, caplog):
+    (tmp_path / "tb").write_text("a file where the tensorboard directory should be")
+    (tmp_path / "metrics.jsonl").mkdir()  # and a directory where the JSONL file should be
+    logger = metrics_lib.MetricsLogger(str(tmp_path), total_steps=2)
+    for step in (1, 2):
+        logger.log_train(step, {"loss": float(step)}, rollout_s=1, update_s=1, tokens=1)
+    logger.log_val(2, {"accuracy": 0.5})
+    logger.close()
+    assert set(logger.disabled) == {"tensorboard", "metrics.jsonl"}
+    assert "cannot write the tensorboard log" in caplog.text and "cannot write the metrics.jsonl log" in caplog.text
+    assert "training goes on" in caplog.text
+    out = capsys.readouterr().out
+    assert "step 2/2 | loss 2.0000" in out and "validation @ step 2" in out  # the console still has every step

@@ -155,6 +155,7 @@ class DataConfig:
                                                    why="share of fine-detail questions in the training prompts")
     image_size: int | None = _field("int", lo=32, where=DEMO, default=None)
     task_vocabulary: bool = _field("bool", where=DEMO, default=False)
+    shuffle: bool = _field("bool", default=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +212,8 @@ class TrainConfig:
     # for standard OPD; the share of the loss's gradient on the vision-critical tokens (one more student pass).
     log_visual_advantage: bool = _field("bool", default=False)
     log_token_gradients: bool = _field("bool", default=False)
+    # Fields a resume may change (runtime/checkpoint.py checks each name against the checkpoint's record).
+    resume_across_changes: tuple[str, ...] = _field("strs", default=())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +357,12 @@ def _value(name: str, value: Any, meta: dict, problems: _Problems) -> Any:
             problems.fail(name, value, f"must be a non-empty increasing list of integers >= {minimum}")
             return INVALID
         return tuple(int(v) for v in values)
+    if kind == "strs":
+        items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+        if items is None or not all(isinstance(v, str) for v in items):
+            problems.fail(name, value, "must be a comma-separated list of field names")
+            return INVALID
+        return tuple(v.strip() for v in items if v.strip())
     if kind == "names":
         names = ([n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else
                  list(value) if isinstance(value, (list, tuple)) else None)

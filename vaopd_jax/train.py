@@ -43,6 +43,7 @@ from vaopd_jax.distill import batch as train_batch_lib
 from vaopd_jax.distill import state as state_lib
 from vaopd_jax.distill import step as step_lib
 from vaopd_jax.eval import grading, validation
+from vaopd_jax.models import compat
 from vaopd_jax.models import load as load_lib
 from vaopd_jax.parallel import backend as backend_lib
 from vaopd_jax.parallel import mesh as mesh_lib
@@ -103,6 +104,9 @@ def run(config: config_lib.Config | ml_collections.ConfigDict) -> RunResult:
     meter.end("start-up")
     teacher, student = _models(config, tokenizer, mesh, meter)
     meter.begin("set-up")  # data, samplers, train state, step, checkpoint restore
+    compat.check_pair(student.config, teacher.config, tokenizer=tokenizer,  # every difference, before compute
+                      teacher_path=config.teacher.hf_path if config.teacher.init == "hf" else None)
+    run_signature = ckpt_lib.run_signature(config, student.config, teacher.config)  # what a resume must share
     model_cfg = student.config
     n_student, n_teacher = load_lib.count_params(student), load_lib.count_params(teacher)
     say(f"student {n_student:,} params, teacher {n_teacher:,} params (frozen), method {config.method}")
@@ -140,7 +144,8 @@ def run(config: config_lib.Config | ml_collections.ConfigDict) -> RunResult:
 
     # ------------------------------------------------------------------ 5. checkpoints and logs
     ckpt = ckpt_lib.CheckpointManager(workdir, keep=config.train.keep_checkpoints,
-                                      save_every=config.train.checkpoint_every, async_save=config.train.async_checkpoint)
+                                      save_every=config.train.checkpoint_every, async_save=config.train.async_checkpoint,
+                                      run=run_signature, resume_across_changes=config.train.resume_across_changes)
     saved = lambda s: {"params": s.params, "opt_state": s.opt_state, "step": s.step, "rng": s.rng}  # noqa: E731
     restored = ckpt.restore_latest(ckpt_lib.abstract_like(saved(state)), data_iterator=train_iter)
     nonfinite_streak = 0
@@ -178,6 +183,7 @@ def run(config: config_lib.Config | ml_collections.ConfigDict) -> RunResult:
     stop = preemption.StopRequest().install()
     w = config.train.watchdog
     dog = watchdog.Watchdog(w.timeout_s, first_timeout_s=w.first_timeout_s, action=w.action)
+    ckpt.on_write_error = lambda: (logger.close(), dog.close())  # a failed save stops the run with its logs
     say(f"start-up {time.monotonic() - started:.1f} s; compilation so far: {compiles.summary()} "
         f"({'cache ' + cache_dir if cache_dir else 'persistent cache off'})")
     if step == 0 and config.eval.every > 0:
@@ -243,7 +249,8 @@ def run(config: config_lib.Config | ml_collections.ConfigDict) -> RunResult:
         ckpt.wait()
         with meter.phase("export"):
             ckpt.export(state.params, state.graphdef, tokenizer, final=config.export.final, best=config.export.best)
-        say(metrics_lib.run_report(workdir, ckpt.best_info) + f"\ncompilation over the run: {compiles.summary()}")
+        say(metrics_lib.run_report(workdir, ckpt.best_info) + f"\n{train_iter.counters.summary()}"
+            f"\ncompilation over the run: {compiles.summary()}")
         say("\n" + meter.table())
         if primary():
             meter.write_json(os.path.join(workdir, PHASES_FILE))
@@ -270,9 +277,6 @@ def _models(config, tokenizer, mesh, meter):
         else:
             student = load_lib.tiny_model(config.model, config.student.tiny, compute_dtype=dtype, seed=config.seed,
                                           tokenizer=tokenizer)
-    if student.config.text.vocab_size != teacher.config.text.vocab_size:
-        raise config_lib.ConfigError(f"student vocabulary size {student.config.text.vocab_size} != teacher "
-                                     f"vocabulary size {teacher.config.text.vocab_size}")
     return teacher, student
 
 

@@ -153,3 +153,116 @@ def write_virl39k_embedded(
         Path(root) / "data" / "train-00000-of-00001.parquet",
         {"images": _image_struct_column(images), "problem": problems, "answer": answers},
     )
+
+
+# ----------------------------------------------------------------------------- records with injected faults
+def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb) with almost no data: Pillow sees
+    the size when it opens the file, before decoding anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+def fault_image(kind: str, width: int, height: int, seed: int) -> dict:
+    """The HF Image struct {bytes, path} of one image fault (FAULTS' image kinds)."""
+    drawing = line_drawing(width, height, seed)
+    if kind == "undecodable":
+        return {"bytes": b"\x89PNG\r\n\x1a\n garbage", "path": None}
+    if kind == "truncated":
+        data = encode_image(drawing)
+        return {"bytes": data[: len(data) // 2], "path": None}
+    if kind == "missing_file":
+        return {"bytes": None, "path": f"/nonexistent/vaopd_fixture_{seed}.png"}
+    if kind == "bomb":
+        return {"bytes": bomb_png(), "path": None}
+    if kind == "cmyk":
+        return {"bytes": encode_image(drawing.convert("CMYK"), "JPEG"), "path": None}
+    if kind == "high_bit_depth":  # a 16-bit greyscale PNG using its full range
+        grey = np.asarray(drawing.convert("L"), np.uint16) * 257
+        return {"bytes": encode_image(Image.fromarray(grey)), "path": None}
+    if kind == "animated":
+        buffer = io.BytesIO()
+        drawing.save(buffer, format="GIF", save_all=True, append_images=[line_drawing(width, height, seed + 1)])
+        return {"bytes": buffer.getvalue(), "path": None}
+    raise ValueError(f"unknown image fault {kind!r}")
+
+
+# Every fault `write_geometry3k_with_faults` can plant -> the pipeline counter it must move (data/pipeline.py):
+# skipped records (data/skipped/<reason>) and images kept after a conversion (data/converted/<kind>).
+FAULTS = {
+    "undecodable": "data/skipped/undecodable_image", "truncated": "data/skipped/undecodable_image",
+    "missing_file": "data/skipped/missing_image_file", "bomb": "data/skipped/image_too_large",
+    "empty_answer": "data/skipped/empty_answer", "missing_answer": "data/skipped/missing_field",
+    "long_prompt": "data/skipped/prompt_too_long", "corrupt_row_group": "data/skipped/unreadable_row",
+    "cmyk": "data/converted/cmyk", "high_bit_depth": "data/converted/high_bit_depth",
+    "animated": "data/converted/animated",
+}
+KEPT_FAULTS = ("cmyk", "high_bit_depth", "animated")  # converted and trained on, not skipped
+
+
+def _corrupt_row_group(path: Path, group: int) -> None:
+    """Overwrites the page headers of one row group's column chunks: reading that row group fails, the others
+    (and the footer) stay readable."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(str(path)).metadata.row_group(group)
+    with open(path, "r+b") as f:
+        for c in range(metadata.num_columns):
+            column = metadata.column(c)
+            start = column.dictionary_page_offset or column.data_page_offset
+            f.seek(start)
+            f.write(b"\xff" * min(16, column.total_compressed_size))
+
+
+def write_geometry3k_with_faults(root: str | os.PathLike, faults: dict, *, num_rows: int,
+                                 image_size: tuple[int, int] = (96, 64), row_group_size: int = 2,
+                                 clean: bool = False, split: str = "train") -> dict:
+    """A Geometry3K train shard with faults planted (``faults``: row index -> a FAULTS kind), or with ``clean``
+    only the rows a pipeline keeps (the same rows, ids and bytes, in the same order): the pair a data-fault
+    test compares. "corrupt_row_group" marks a whole row group (``row_group_size`` rows) unreadable.
+
+    Returns {"path", "ids" (of the rows written), "kept_ids" (rows the pipeline must keep, in order),
+    "counts" ({counter: n} the pipeline must report, FAULTS' counter names)}.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad_groups = {row // row_group_size for row, kind in faults.items() if kind == "corrupt_row_group"}
+    counts: dict[str, int] = {}
+    rows = []
+    for i in range(num_rows):
+        kind = "corrupt_row_group" if i // row_group_size in bad_groups else faults.get(i)
+        width, height = image_size[0] + (i * 7) % 20, image_size[1] + (i * 5) % 16
+        image = (fault_image(kind, width, height, seed=i) if kind in ("undecodable", "truncated", "missing_file",
+                                                                        "bomb", *KEPT_FAULTS)
+                 else {"bytes": encode_image(line_drawing(width, height, seed=i)), "path": None})
+        question = f"<image>Find x. Problem {i}: AB = {i + 2}, BC = {2 * i + 3}."
+        if kind == "long_prompt":
+            question = "<image>" + "Find the angle. " * 400
+        answer = {"empty_answer": "  ", "missing_answer": None}.get(kind, f"{i + 2} \\sqrt {{ {2 * i + 3} }}")
+        keep = kind is None or kind in KEPT_FAULTS
+        if kind is not None:
+            counts[FAULTS[kind]] = counts.get(FAULTS[kind], 0) + 1
+        if keep or not clean:
+            rows.append({"id": f"g3k-{split}-{i}", "images": [image], "problem": question, "answer": answer,
+                         "keep": keep})
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"images": pa.array([r["images"] for r in rows], type=pa.list_(struct)),
+                      "problem": [r["problem"] for r in rows], "answer": pa.array([r["answer"] for r in rows],
+                                                                                  type=pa.string()),
+                      "id": [r["id"] for r in rows]})
+    path = Path(root) / "data" / f"{split}-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, str(path), row_group_size=row_group_size)
+    if not clean:
+        for group in sorted(bad_groups):
+            _corrupt_row_group(path, group)
+    return {"path": path, "ids": [r["id"] for r in rows], "kept_ids": [r["id"] for r in rows if r["keep"]],
+            "counts": {} if clean else counts}

@@ -29,23 +29,30 @@ import numpy as np
 from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.data import processor
 from vaopd_jax.data.batch import PromptBatch
-from vaopd_jax.data.sources import load_image
+from vaopd_jax.data.sources import UNREADABLE, ImageTooLargeError, load_image
 
 logger = logging.getLogger(__name__)
 # grain runs the map in several threads; importing transformers / loading the tokenizer from two
 # threads at once breaks transformers' lazy imports, so the first load is serialized.
 _TOKENIZER_LOCK = threading.Lock()
 
+# Why a record is skipped (counted per reason: data/skipped/<reason>, logged once per record id).
 SKIP_REASONS = (
-    "missing_field",
+    "unreadable_row",  # its parquet row group cannot be read (sources.ParquetRows)
+    "missing_field",  # id / question / answer / images is null or absent
     "empty_question",
+    "bad_question",  # the tokenizer cannot encode it (e.g. unpaired UTF-16 surrogates)
+    "empty_answer",
     "no_image",
     "missing_image_file",
-    "undecodable_image",
-    "bad_image",
+    "undecodable_image",  # corrupt or truncated bytes, an unknown format
+    "image_too_large",  # more pixels than PIL.Image.MAX_IMAGE_PIXELS (a decompression bomb)
+    "bad_image",  # decodes, but the processor refuses it (aspect ratio > 200)
     "placeholder_mismatch",
     "prompt_too_long",
 )
+# Images that are kept but converted (counted per kind: data/converted/<kind>): processor.IMAGE_NOTES.
+CONVERSIONS = processor.IMAGE_NOTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,27 +149,40 @@ class Featurize:
         return self._tokenizer
 
     def __call__(self, record: dict) -> dict:
+        if not isinstance(record, dict):
+            return {"skip": "missing_field", "id": "<no id>", "detail": f"a record must be a dict, got "
+                    f"{type(record).__name__}"}
         record_id = str(record.get("id", "<no id>"))
 
         def skip(reason: str, detail: str = "") -> dict:
             return {"skip": reason, "id": record_id, "detail": detail}
 
+        if record.get(UNREADABLE):
+            return skip("unreadable_row", str(record[UNREADABLE]))
         question, answer, entries = record.get("question"), record.get("answer"), record.get("images")
         if question is None or answer is None or entries is None or "id" not in record:
             missing = [k for k in ("id", "question", "answer", "images") if record.get(k) is None]
             return skip("missing_field", f"missing {missing}")
         if not isinstance(question, str) or not question.replace(processor.IMAGE_PLACEHOLDER, "").strip():
             return skip("empty_question")
+        if not str(answer).strip():
+            return skip("empty_answer")
+        if isinstance(entries, (str, bytes, dict)) or not hasattr(entries, "__len__"):
+            entries = [entries]  # one image given bare instead of a list of one
         if len(entries) == 0:
             return skip("no_image")
-        images = []
+        images, notes = [], []
         for entry in entries:
             try:
-                images.append(load_image(entry, self.image_root))
+                image = load_image(entry, self.image_root)
             except FileNotFoundError as err:
                 return skip("missing_image_file", str(err))
+            except ImageTooLargeError as err:
+                return skip("image_too_large", str(err))
             except Exception as err:  # PIL raises several types for corrupt data
                 return skip("undecodable_image", f"{type(err).__name__}: {err}")
+            images.append(image)
+            notes.extend(processor.image_notes(image))
         cfg = self.config
         try:
             rows, grids, rows_pix = [], [], []
@@ -180,6 +200,8 @@ class Featurize:
                 input_ids, token_types = processor.build_prompt(tokenizer, question, grids)
         except ValueError as err:
             return skip("placeholder_mismatch", str(err))
+        except Exception as err:  # noqa: BLE001 - e.g. a tokenizer refusing unpaired surrogates
+            return skip("bad_question", f"the question cannot be tokenized: {type(err).__name__}: {err}")
         if len(input_ids) > cfg.prompt_buckets[-1]:
             return skip("prompt_too_long", f"{len(input_ids)} tokens > limit {cfg.prompt_buckets[-1]}")
         return {
@@ -192,6 +214,7 @@ class Featurize:
             "pixel_values": np.concatenate(rows, axis=0),
             "pixel_values_pixelated": np.concatenate(rows_pix, axis=0),
             "image_grid_thw": np.stack(grids).astype(np.int32),
+            "notes": tuple(notes),
         }
 
 
@@ -211,11 +234,13 @@ def collate(examples: list[dict], config: PipelineConfig, pad_id: int, model_con
 
 @dataclasses.dataclass
 class SkipCounters:
-    """Bad-record counters the trainer logs: counts per reason plus prompts delivered."""
+    """Bad-record counters the trainer logs: skips per reason (SKIP_REASONS), kept-but-converted images per kind
+    (CONVERSIONS), prompts and batches delivered."""
 
     counts: dict[str, int] = dataclasses.field(default_factory=lambda: {r: 0 for r in SKIP_REASONS})
     prompts: int = 0
     batches: int = 0
+    converted: dict[str, int] = dataclasses.field(default_factory=lambda: {c: 0 for c in CONVERSIONS})
 
     @property
     def skipped(self) -> int:
@@ -224,8 +249,20 @@ class SkipCounters:
     def as_dict(self) -> dict[str, int]:
         """Flat {name: int} for metric writers, e.g. {'data/skipped/undecodable_image': 1, ...}."""
         out = {f"data/skipped/{k}": v for k, v in self.counts.items()}
+        out.update({f"data/converted/{k}": v for k, v in self.converted.items()})
         out.update({"data/skipped": self.skipped, "data/prompts": self.prompts, "data/batches": self.batches})
         return out
+
+    def summary(self) -> str:
+        """One line for the end of a run: every non-zero count by kind, e.g. 'skipped 3 (undecodable_image 2,
+        ...); converted 1 (cmyk 1); 64 prompts in 32 batches'."""
+        def listed(counts):
+            return ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+
+        skipped, converted = sum(self.counts.values()), sum(self.converted.values())
+        return (f"data: skipped {skipped} record(s)" + (f" ({listed(self.counts)})" if skipped else "")
+                + f"; converted {converted} image(s)" + (f" ({listed(self.converted)})" if converted else "")
+                + f"; {self.prompts} prompts in {self.batches} batches")
 
 
 class PromptBatchIterator(grain.DatasetIterator):
@@ -263,6 +300,8 @@ class PromptBatchIterator(grain.DatasetIterator):
                     self._logged_ids.add(element["id"])
                     logger.warning("skipping record %s: %s %s", element["id"], element["skip"], element["detail"])
                 continue
+            for note in element.pop("notes", ()):
+                self.counters.converted[note] = self.counters.converted.get(note, 0) + 1
             examples.append(element)
         if not examples or (len(examples) < self.config.batch_size and self.config.drop_remainder):
             raise StopIteration
@@ -276,6 +315,7 @@ class PromptBatchIterator(grain.DatasetIterator):
             "counts": dict(self.counters.counts),
             "prompts": self.counters.prompts,
             "batches": self.counters.batches,
+            "converted": dict(self.counters.converted),
             "start": self._start,
             "records": self._records,
         }
@@ -286,7 +326,9 @@ class PromptBatchIterator(grain.DatasetIterator):
             self._reopen(start)
         self._parent.set_state(state["parent"])
         self._records = int(state.get("records", 0))
-        self.counters = SkipCounters(dict(state["counts"]), int(state["prompts"]), int(state["batches"]))
+        self.counters = SkipCounters({**{r: 0 for r in SKIP_REASONS}, **state["counts"]}, int(state["prompts"]),
+                                     int(state["batches"]),
+                                     {**{c: 0 for c in CONVERSIONS}, **state.get("converted", {})})
 
     def set_state_from_processes(self, states: list[dict[str, Any]]) -> str:
         """Positions this process from the states of ALL processes of a run with another process count.
@@ -310,6 +352,8 @@ class PromptBatchIterator(grain.DatasetIterator):
             for s in states:
                 for reason, n in s["counts"].items():
                     counts.counts[reason] = counts.counts.get(reason, 0) + int(n)
+                for kind, n in s.get("converted", {}).items():
+                    counts.converted[kind] = counts.converted.get(kind, 0) + int(n)
                 counts.prompts += int(s["prompts"])
             counts.batches = max(int(s["batches"]) for s in states)
         self.counters = counts

@@ -17,6 +17,8 @@ step, the default everywhere (`IMAGE_PATHS[0]`):
      `PerceptionReasoningCorruptionBuilder._transform_multi_modal_data`);
   3. the Qwen processor (`preprocess_image`: smart_resize + patchify) on both.
 `"single_resize"` is the older path: pixelate the decoded image, one smart resize, alpha composited.
+One deliberate difference from the release on both paths: greyscale images deeper than 8 bits (16-bit PNG /
+TIFF, float TIFF) are rescaled to 8 bits (`to_8bit`) before the RGB conversion, which would clip them at 255.
 
 `build_prompt` turns a dataset question with `<image>` placeholders into the token ids of the
 model's own chat template with each image expanded to t*h*w/4 `<|image_pad|>` tokens.
@@ -96,6 +98,49 @@ def to_pil(image) -> Image.Image:
     return Image.fromarray(array)
 
 
+# Modes whose samples are wider than 8 bits: Pillow's convert("L"/"RGB") clips them at 255 (a 16-bit PNG whose
+# values use its full range turns white), so `to_8bit` rescales them first.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Unusual images the pipeline converts and counts (`image_notes`), rather than skips.
+IMAGE_NOTES = ("cmyk", "high_bit_depth", "animated")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An image Pillow can convert to RGB without losing it: 16-bit / 32-bit / float greyscale -> "L" rescaled
+    to [0, 255]; premultiplied "La" -> "LA" (Pillow has no La -> RGB conversion); every other mode unchanged.
+
+    The scale is the format's range: 65535 for "I;16*"; for "I" and "F" (Pillow's 32-bit int / float
+    greyscale), 1 when every sample is within [0, 1] (float images), else 255 when within [0, 255], else 65535
+    (16-bit data decoded as "I"); NaN counts as 0 and samples outside the range are clipped.
+    """
+    if image.mode == "La":
+        return image.convert("LA")
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
+        return image
+    samples = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if image.mode.startswith("I;16"):
+        scale = 65535.0
+    else:
+        largest = float(samples.max()) if samples.size else 0.0
+        scale = 1.0 if largest <= 1.0 and image.mode == "F" else 255.0 if largest <= 255.0 else 65535.0
+    scaled = np.clip(np.rint(samples * (255.0 / scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled.reshape(image.height, image.width))
+
+
+def image_notes(image: Image.Image) -> tuple[str, ...]:
+    """What `to_8bit` / the RGB conversion change about a decoded image (IMAGE_NOTES), for the pipeline's counts:
+    CMYK converted to RGB, samples wider than 8 bits rescaled, only the first frame of an animation used
+    (`sources.load_image` records ``info["n_frames"]``)."""
+    notes = []
+    if image.mode == "CMYK":
+        notes.append("cmyk")
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        notes.append("high_bit_depth")
+    if int(image.info.get("n_frames", getattr(image, "n_frames", 1)) or 1) > 1:
+        notes.append("animated")
+    return tuple(notes)
+
+
 def convert_rgb(image: Image.Image) -> Image.Image:
     """RGB copy; transparency is composited onto white (transformers' convert_to_rgb)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -146,7 +191,7 @@ def preprocess_image(
       image: PIL.Image (any mode) or uint8 array (H, W[, C]).
       min_pixels, max_pixels: smart-resize area bounds (paper: 262,144 / 4,194,304).
     """
-    pil = convert_rgb(to_pil(image))
+    pil = convert_rgb(to_8bit(to_pil(image)))
     width, height = pil.size
     resized_h, resized_w = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
     # Pillow BICUBIC on uint8 exactly as transformers' PIL backend (always resizes, even to the same size).
@@ -229,7 +274,7 @@ def bound_pixels(image, min_pixels: int | None = MIN_PIXELS, max_pixels: int | N
     Raises:
       ValueError: a resize to a zero side (aspect ratios past ~4e6:1), from Pillow.
     """
-    pil = to_pil(image)
+    pil = to_8bit(to_pil(image))
     if max_pixels is not None and pil.width * pil.height > max_pixels:
         factor = math.sqrt(max_pixels / (pil.width * pil.height))
         pil = pil.resize((int(pil.width * factor), int(pil.height * factor)))
@@ -257,7 +302,7 @@ def image_views(image, ratio: float = 0.1, min_pixels: int = MIN_PIXELS, max_pix
         original = bound_pixels(image, min_pixels, max_pixels)
         return original, pixelate(original, ratio)
     if image_path == "single_resize":
-        original = to_pil(image)
+        original = to_8bit(to_pil(image))
         return original, pixelate(_continuous_mode(original), ratio)
     raise ValueError(f"image_path must be one of {IMAGE_PATHS}, got {image_path!r}")
 
@@ -283,7 +328,7 @@ def model_image(image, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXEL
     if image_path == "release":
         return bound_pixels(image, min_pixels, max_pixels)
     if image_path == "single_resize":
-        return to_pil(image)
+        return to_8bit(to_pil(image))
     raise ValueError(f"image_path must be one of {IMAGE_PATHS}, got {image_path!r}")
 
 

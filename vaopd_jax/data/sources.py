@@ -7,6 +7,10 @@ Entries are decoded by `load_image` inside the pipeline's map, so a corrupt imag
 file becomes a counted, logged skip there instead of an exception inside grain's source read.
 `__getitem__` never raises for bad row content (missing values come back as None).
 
+A parquet row group that cannot be read (corrupt pages) does not fail the run either: each of its rows
+comes back as a record with an ``unreadable`` field naming the file, the row group and the error, which
+the pipeline counts and skips like any other bad record.
+
 Construction fails fast, naming the file and the columns, when a file does not exist or a parquet
 lacks the expected columns. Sources are picklable (grain worker processes): only paths and row
 offsets are pickled; each process opens the parquet files lazily.
@@ -36,6 +40,23 @@ def geometry3k_validation_indices(num_validation: int = GEOMETRY3K_VALIDATION_SI
     return sorted(random.Random(seed).sample(range(num_validation), k))
 
 
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than PIL.Image.MAX_IMAGE_PIXELS (Pillow's decompression-bomb limit)."""
+
+
+def _opened(image: Image.Image, where: str) -> Image.Image:
+    """Refuses an opened (not yet decoded) image past Pillow's pixel limit, then decodes it; animations keep their
+    first frame, with the frame count in ``info["n_frames"]`` (processor.image_notes)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise ImageTooLargeError(f"{where}: {image.width} x {image.height} = {image.width * image.height:,} pixels, "
+                                 f"more than PIL.Image.MAX_IMAGE_PIXELS = {limit:,} (a decompression bomb?)")
+    frames = int(getattr(image, "n_frames", 1) or 1)
+    image.load()  # decode now: truncated/corrupt data must fail here, not later
+    image.info["n_frames"] = frames
+    return image
+
+
 def load_image(entry: Any, root: str | os.PathLike | None = None) -> Image.Image:
     """Decodes one image entry to a fully loaded PIL image.
 
@@ -44,6 +65,7 @@ def load_image(entry: Any, root: str | os.PathLike | None = None) -> Image.Image
         (relative paths are resolved against `root`).
     Raises:
       FileNotFoundError: the path does not exist.
+      ImageTooLargeError: more pixels than PIL.Image.MAX_IMAGE_PIXELS (checked before decoding).
       ValueError: the entry is empty or of an unknown type; PIL errors for undecodable bytes.
     """
     if isinstance(entry, Image.Image):
@@ -56,18 +78,24 @@ def load_image(entry: Any, root: str | os.PathLike | None = None) -> Image.Image
         else:
             raise ValueError("image struct has neither bytes nor path")
     if isinstance(entry, (bytes, bytearray, memoryview)):
-        image = Image.open(io.BytesIO(bytes(entry)))
-        image.load()  # decode now: truncated/corrupt data must fail here, not later
-        return image
+        try:
+            return _opened(Image.open(io.BytesIO(bytes(entry))), "image bytes")
+        except Image.DecompressionBombError as err:  # past twice the limit Pillow refuses at open
+            raise ImageTooLargeError(f"image bytes: {err}") from err
     if isinstance(entry, (str, os.PathLike)):
         path = Path(entry)
         if not path.is_absolute() and root is not None:
             path = Path(root) / path
         if not path.is_file():
             raise FileNotFoundError(f"image file {str(path)!r} does not exist")
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()  # detached from the closed file
+        try:
+            with Image.open(path) as image:
+                _opened(image, str(path))
+                copy = image.copy()  # detached from the closed file
+                copy.info["n_frames"] = image.info["n_frames"]
+                return copy
+        except Image.DecompressionBombError as err:
+            raise ImageTooLargeError(f"{path}: {err}") from err
     raise ValueError(f"unsupported image entry of type {type(entry).__name__}")
 
 
@@ -131,19 +159,32 @@ def check_columns(files: Sequence[str], required: Sequence[str]) -> list[str]:
     return names
 
 
+UNREADABLE = "unreadable"  # the field of a record whose parquet row group could not be read
+
+
 class ParquetRows:
-    """Lazy random access to rows (as dicts) of several parquet files; picklable by path."""
+    """Lazy random access to rows (as dicts) of several parquet files; picklable by path.
+
+    Files are read one row group at a time (and kept): a row group that fails to read (corrupt pages) gives,
+    for each of its rows, ``{UNREADABLE: "<file> row group <g>: <error>"}`` instead of raising, so one bad
+    row group costs its own rows, not the file's.
+    """
 
     def __init__(self, files: Sequence[str], columns: Sequence[str]):
         import pyarrow.parquet as pq
 
         self.files = list(files)
         self.columns = list(columns)
-        counts = [pq.ParquetFile(f).metadata.num_rows for f in self.files]
         self.offsets = [0]
-        for c in counts:
-            self.offsets.append(self.offsets[-1] + c)
-        self._tables: dict[int, Any] = {}
+        self.group_offsets = []  # per file: the first local row of each row group, then the file's row count
+        for f in self.files:
+            metadata = pq.ParquetFile(f).metadata
+            starts = [0]
+            for g in range(metadata.num_row_groups):
+                starts.append(starts[-1] + metadata.row_group(g).num_rows)
+            self.group_offsets.append(starts)
+            self.offsets.append(self.offsets[-1] + starts[-1])
+        self._tables: dict[tuple[int, int], Any] = {}
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -159,12 +200,19 @@ class ParquetRows:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range [0, {len(self)})")
         file_index = bisect.bisect_right(self.offsets, index) - 1
-        table = self._tables.get(file_index)
-        if table is None:
-            table = pq.read_table(self.files[file_index], columns=self.columns)
-            self._tables[file_index] = table
         local = index - self.offsets[file_index]
-        return {name: table.column(name)[local].as_py() for name in self.columns}
+        starts = self.group_offsets[file_index]
+        group = bisect.bisect_right(starts, local) - 1
+        table = self._tables.get((file_index, group))
+        if table is None:
+            try:
+                table = pq.ParquetFile(self.files[file_index]).read_row_group(group, columns=self.columns)
+            except Exception as err:  # noqa: BLE001 - pyarrow raises OSError / ArrowException subclasses
+                table = f"{self.files[file_index]} row group {group}: {type(err).__name__}: {err}"
+            self._tables[(file_index, group)] = table
+        if isinstance(table, str):
+            return {UNREADABLE: table}
+        return {name: table.column(name)[local - starts[group]].as_py() for name in self.columns}
 
 
 class Geometry3KSource:
@@ -195,13 +243,16 @@ class Geometry3KSource:
         row_index = int(index) if self.indices is None else self.indices[int(index)]
         row = self.rows.row(row_index)
         row_id = row.get("id")
-        return {
+        record = {
             "id": str(row_id) if row_id is not None else f"geometry3k-{self.split}-{row_index}",
             "images": list(row.get("images") or []),
             "question": row.get("problem"),
             "answer": row.get("answer"),
             "kind": "geometry",
         }
+        if UNREADABLE in row:
+            record[UNREADABLE] = row[UNREADABLE]
+        return record
 
     def __repr__(self) -> str:
         n = "all" if self.indices is None else len(self.indices)
@@ -266,6 +317,9 @@ class ViRL39KSource:
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows.row(int(index))
+        if UNREADABLE in row:
+            return {"id": f"virl39k-{index}", "images": [], "question": None, "answer": None, "kind": "virl39k",
+                    UNREADABLE: row[UNREADABLE]}
         if self.layout == "raw":
             paths = row.get("image") or []
             if isinstance(paths, str):

@@ -95,7 +95,7 @@ def pipeline_for(config, tokenizer, model_config, *, split: str, batch_size: int
     # Every epoch of the global record stream holds the epoch's full global batches; each process reads its share.
     epoch_size = epoch_steps(len(source), batch_size) * batch_size if train else None
     pcfg = pipeline.PipelineConfig(
-        batch_size=local_batch, seed=config.seed, shuffle=train, num_epochs=None if train else 1,
+        batch_size=local_batch, seed=config.seed, shuffle=train and d.shuffle, num_epochs=None if train else 1,
         epoch_size=epoch_size, drop_remainder=train, prompt_buckets=tuple(d.prompt_buckets),
         prompt_patch_buckets=tuple(d.prompt_patch_buckets), min_pixels=d.min_pixels, max_pixels=d.max_pixels,
         pixelation_ratio=config.va.pixelation_ratio, image_path=d.image_path,

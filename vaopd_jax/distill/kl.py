@@ -33,6 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vaopd_jax.distill.objective import MASKED_LOGIT
 
@@ -83,9 +84,25 @@ def _pick(logp: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.where(vocab_ids == targets[..., None], logp, 0.0).sum(-1)
 
 
+def _check_targets(targets, vocab: int, valid_vocab_size: int | None) -> None:
+    """Concrete targets must be token ids of the valid vocabulary: an id outside it would silently give a
+    log-prob of 0 (no one-hot match) or of a padded row (-1e30). Traced targets (inside jit) are not checked."""
+    if valid_vocab_size is not None and not (isinstance(valid_vocab_size, (int, np.integer)) and valid_vocab_size >= 1):
+        raise ValueError(f"valid_vocab_size={valid_vocab_size!r} must be an int >= 1 (or None)")
+    if isinstance(targets, jax.core.Tracer) or np.size(targets) == 0:
+        return
+    limit = vocab if valid_vocab_size is None else min(vocab, int(valid_vocab_size))
+    values = np.asarray(targets)
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"targets must be integer token ids, got dtype {values.dtype}")
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= limit:
+        raise ValueError(f"targets hold token ids in [{low}, {high}]; allowed [0, {limit}) (the valid vocabulary)")
+
+
 def _check(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, chunk_size):
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size}; must be >= 1")
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}; must be an int >= 1")
     if student_kernel.shape[-1] != teacher_kernel.shape[-1]:
         raise ValueError(f"student vocab {student_kernel.shape[-1]} != teacher vocab {teacher_kernel.shape[-1]}: "
                          "the KL needs one shared vocabulary")
@@ -150,10 +167,13 @@ def _kl_bwd(valid_vocab_size, chunk_size, residuals, cotangents):
         logp_s = _logits(h_s, student_kernel, valid_vocab_size) - lse_s_c[..., None]
         logp_t = _logits(h_t, teacher_kernel, valid_vocab_size) - lse_t_c[..., None]
         # METHOD.md: dKL/dz = p_S * (log p_S - log p_T - KL); p_S = 0 on padded vocabulary rows. One elementwise
-        # pass over the two chunks of logits.
-        grad_logits = (g[..., None] * jnp.exp(logp_s)) * (logp_s - logp_t - kl_c[..., None])
+        # pass over the two chunks of logits. Positions with a zero cotangent (off the response mask) are
+        # selected out, not multiplied by 0: a NaN or inf in their hidden states must not reach the gradient.
+        counted = (g != 0)[..., None]
+        grad_logits = jnp.where(counted, (g[..., None] * jnp.exp(logp_s)) * (logp_s - logp_t - kl_c[..., None]), 0.0)
         grad_hidden = jnp.einsum("bcv,hv->bch", grad_logits, kernel_f32)
-        grad_kernel = grad_kernel + jnp.einsum("bch,bcv->hv", h_s.astype(jnp.float32), grad_logits)
+        h_s = jnp.where(counted, h_s.astype(jnp.float32), 0.0)
+        grad_kernel = grad_kernel + jnp.einsum("bch,bcv->hv", h_s, grad_logits)
         return grad_kernel, grad_hidden.astype(student_hidden.dtype)
 
     chunks = tuple(_chunk(x, chunk_size) for x in (student_hidden, teacher_hidden, g_kl.astype(jnp.float32),
@@ -188,6 +208,7 @@ def token_kl_and_logprobs(student_hidden: jax.Array, student_kernel: jax.Array, 
       student_logp (B, T) float32 = log p_S(target).
     """
     _check(student_hidden, student_kernel, teacher_hidden, teacher_kernel, targets, chunk_size)
+    _check_targets(targets, student_kernel.shape[-1], valid_vocab_size)
     teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
     teacher_kernel = jax.lax.stop_gradient(teacher_kernel)
     kl, teacher_logp, student_logp = _kl_core(student_hidden, student_kernel, teacher_hidden, teacher_kernel,
@@ -204,11 +225,12 @@ def token_logprobs(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *,
     Returns:
       (B, T) float32 log-probs of ``targets`` under softmax(hidden @ kernel) over the valid vocabulary.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size}; must be >= 1")
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}; must be an int >= 1")
     if hidden.shape[:2] != targets.shape or hidden.shape[-1] != kernel.shape[0]:
         raise ValueError(f"hidden {hidden.shape} / kernel {kernel.shape} / targets {targets.shape}: "
                          "expected (B, T, H), (H, V), (B, T)")
+    _check_targets(targets, kernel.shape[-1], valid_vocab_size)
     hidden = jax.lax.stop_gradient(hidden)
     kernel = jax.lax.stop_gradient(kernel)
     targets = targets.astype(jnp.int32)

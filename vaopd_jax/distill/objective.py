@@ -19,10 +19,13 @@ edge rules"); only the token KL carries gradient.
 from __future__ import annotations
 
 import dataclasses
+import math
+from numbers import Real
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MASKED_LOGIT = -1e30  # logit given to padded vocabulary rows
 # The methods (spec/METHOD.md "Ablations"): the one list the config validator, the step and the sweeps use.
@@ -42,14 +45,26 @@ class Range:
     why: str = ""
 
     def __str__(self) -> str:
-        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        # An unbounded side is open: only finite numbers are ever inside a Range.
+        left = "(" if self.lo_open or self.lo is None else "["
+        right = ")" if self.hi_open or self.hi is None else "]"
         return f"{left}{'-inf' if self.lo is None else self.lo}, {'inf' if self.hi is None else self.hi}{right}"
 
     def problem(self, value) -> str | None:
+        """None when ``value`` is a finite real number inside the interval, else the rule it breaks.
+
+        NaN compares False with everything, so it is refused explicitly (as are inf, booleans and non-numbers)
+        rather than slipping through the two comparisons.
+        """
+        why = f" ({self.why})" if self.why else ""
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
+            return f"must be a number in {self}{why}, not {type(value).__name__}"
+        if not math.isfinite(value):
+            return f"must be a finite number in {self}{why}"
         low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
         high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
         if low or high:
-            return f"must be in {self}" + (f" ({self.why})" if self.why else "")
+            return f"must be in {self}{why}"
         return None
 
 
@@ -83,12 +98,10 @@ class ObjectiveConfig:
     eps: float = 1e-6
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"ObjectiveConfig.method={self.method!r}; allowed: {', '.join(METHODS)}")
-        for name, allowed in RANGES.items():
-            problem = allowed.problem(getattr(self, name))
-            if problem:
-                raise ValueError(f"ObjectiveConfig.{name}={getattr(self, name)}: {problem}")
+        for name in RANGES:
+            _check_hyper("ObjectiveConfig", name, getattr(self, name))
 
     @property
     def reweight(self) -> bool:
@@ -123,11 +136,41 @@ class ObjectiveTerms(NamedTuple):
     num_empty_rollouts: jax.Array
 
 
+def _check_hyper(where: str, name: str, value, field: str | None = None) -> None:
+    """ValueError naming ``where.name``, the value and RANGES[field]'s interval when a concrete value is outside
+    it; traced values (inside jit) are the caller's to check (ObjectiveConfig / the training config do)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == ():
+        value = value.item()
+    problem = RANGES[field or name].problem(value)
+    if problem:
+        raise ValueError(f"{where}.{name}={value!r}: {problem}")
+
+
 def _check_rollouts(num_rows: int, num_rollouts: int) -> None:
+    if isinstance(num_rollouts, (bool, np.bool_)) or not isinstance(num_rollouts, (int, np.integer)):
+        raise ValueError(f"num_rollouts={num_rollouts!r} must be an int (K, rollouts per prompt)")
     if num_rollouts < 1 or num_rows % num_rollouts:
         raise ValueError(
             f"num_rollouts={num_rollouts} must be >= 1 and divide the number of rows R={num_rows} "
             "(R = prompts * K, siblings adjacent)")
+
+
+def _check_shapes(where: str, mask: jax.Array, *, rows_by_tokens: bool = True, **arrays: jax.Array) -> None:
+    """Every array must have the mask's shape ((R, T) unless elementwise): broadcasting a (R, 1) mask against
+    (R, T) values would silently compute something else."""
+    if rows_by_tokens and np.ndim(mask) != 2:
+        raise ValueError(f"{where}: mask must be (R, T), got shape {np.shape(mask)}")
+    for name, array in arrays.items():
+        if np.shape(array) != np.shape(mask):
+            raise ValueError(f"{where}: {name} has shape {np.shape(array)}, expected the mask's "
+                             f"{np.shape(mask)}")
+
+
+def _valid(mask: jax.Array) -> jax.Array:
+    """The one reading of a mask everywhere here: any non-zero entry is a valid token."""
+    return mask.astype(bool)
 
 
 def visual_advantage(logp_orig: jax.Array, logp_pix: jax.Array, mask: jax.Array) -> jax.Array:
@@ -140,14 +183,20 @@ def visual_advantage(logp_orig: jax.Array, logp_pix: jax.Array, mask: jax.Array)
     Returns:
       (R, T) float32 visual advantage, stop-gradient.
     """
+    _check_shapes("visual_advantage", mask, rows_by_tokens=False, logp_orig=logp_orig, logp_pix=logp_pix)
     diff = logp_orig.astype(jnp.float32) - logp_pix.astype(jnp.float32)
     # + 0.0 maps a possible -0.0 to +0.0 so that the later ranking sees exact ties.
-    va = jnp.where(mask.astype(bool), jnp.maximum(diff, 0.0), 0.0) + 0.0
+    va = jnp.where(_valid(mask), jnp.maximum(diff, 0.0), 0.0) + 0.0
     return jax.lax.stop_gradient(va)
 
 
 def _token_counts(mask: jax.Array) -> jax.Array:
-    return mask.astype(jnp.float32).sum(-1)
+    return _valid(mask).astype(jnp.float32).sum(-1)
+
+
+# Rollout-weight logits are clipped here: z is bounded by sqrt(K) but z / tau overflows for a tiny tau, and
+# softmax(inf - inf) is NaN; at +-1e30 the softmax is already its tau -> 0 limit (one-hot on the largest z).
+_MAX_WEIGHT_LOGIT = 1e30
 
 
 def rollout_weights(va: jax.Array, mask: jax.Array, num_rollouts: int, temperature: float = 1.0,
@@ -165,20 +214,42 @@ def rollout_weights(va: jax.Array, mask: jax.Array, num_rollouts: int, temperatu
     Returns:
       (R,) float32 weights; each prompt's weights sum to 1 (0 if all its rollouts are empty).
     """
+    _check_shapes("rollout_weights", mask, va=va)
     num_rows = va.shape[0]
     _check_rollouts(num_rows, num_rollouts)
-    if isinstance(eps, (int, float)) and not eps > 0:  # sigma = 0 (equal sibling means) would divide 0 by 0
-        raise ValueError(f"rollout_weights: eps={eps}; must be > 0 (0 gives NaN weights when siblings are equal)")
-    mask = mask.astype(jnp.float32)
+    _check_hyper("rollout_weights", "temperature", temperature, "tau")
+    _check_hyper("rollout_weights", "eps", eps)
+    valid_token = _valid(mask)
     counts = _token_counts(mask)
-    mean_va = (va.astype(jnp.float32) * mask).sum(-1) / jnp.maximum(counts, 1.0)  # ā^(k)
     valid = (counts > 0).reshape(-1, num_rollouts)
-    mean_va = mean_va.reshape(-1, num_rollouts)
+    # where(), not va * mask: a NaN or inf at a masked-out position would make 0 * NaN = NaN of the whole group.
+    va = jnp.where(valid_token, va.astype(jnp.float32), 0.0).reshape(-1, num_rollouts, va.shape[1])
+    # Eq. 3 computed so that it holds for every finite input (the z-score is scale- and shift-free):
+    # - each prompt's VA is multiplied by 2^-e (exact), e the exponent of its largest |a_t|, so that no sum or
+    #   square below overflows;
+    # - the means are taken relative to the largest sibling mean, so equal means give deviations of exactly 0
+    #   (uniform weights for any K and any lengths), and the sums over siblings run in sorted order, so the
+    #   weights do not depend on the order of the siblings (Eq. 3-4 are permutation-equivariant);
+    # - the deviations are scaled by 2^-d, d the exponent of the largest one, before squaring (no underflow),
+    #   and eps by 2^-(e + d) alike: z = (a - mu) / (sigma + eps) unchanged.
+    _, exponent = jnp.frexp(jnp.abs(va).max(axis=(1, 2)))
+    va = jnp.ldexp(va, -exponent[:, None, None])
     num_valid = jnp.maximum(valid.sum(-1, keepdims=True), 1)
-    mu = jnp.where(valid, mean_va, 0.0).sum(-1, keepdims=True) / num_valid
-    var = jnp.where(valid, (mean_va - mu) ** 2, 0.0).sum(-1, keepdims=True) / num_valid
-    z = (mean_va - mu) / (jnp.sqrt(var) + eps)
-    logits = jnp.where(valid, z / temperature, -jnp.inf)
+    # ā^(k) * 2^-e in [0, 1), as the rollout's largest a_t plus the mean offset from it: a rollout of equal a_t
+    # has exactly that mean whatever its length (a plain sum / T rounds differently for each T).
+    token_valid = valid_token.reshape(va.shape)
+    row_max = jnp.where(valid, jnp.where(token_valid, va, -jnp.inf).max(-1), 0.0)
+    mean_va = row_max + (jnp.where(token_valid, va - row_max[..., None], 0.0).sum(-1)
+                         / jnp.maximum(counts.reshape(-1, num_rollouts), 1.0))
+    offset = mean_va - jnp.where(valid, mean_va, -jnp.inf).max(-1, keepdims=True)
+    offset = jnp.where(valid, offset, 0.0)
+    deviation = jnp.where(valid, offset - jnp.sort(offset, axis=-1).sum(-1, keepdims=True) / num_valid, 0.0)
+    _, dev_exponent = jnp.frexp(jnp.abs(deviation).max(-1, keepdims=True))
+    deviation = jnp.ldexp(deviation, -dev_exponent)
+    sigma = jnp.sqrt(jnp.sort(deviation ** 2, axis=-1).sum(-1, keepdims=True) / num_valid)
+    eps_scaled = jnp.ldexp(jnp.asarray(eps, jnp.float32), -(exponent[:, None] + dev_exponent))
+    z = jnp.where(sigma > 0, deviation / (sigma + eps_scaled), 0.0)
+    logits = jnp.where(valid, jnp.clip(z / temperature, -_MAX_WEIGHT_LOGIT, _MAX_WEIGHT_LOGIT), -jnp.inf)
     # A prompt with no valid rollout would softmax over all -inf: keep it finite, then zero it.
     logits = jnp.where(valid.any(-1, keepdims=True), logits, 0.0)
     weights = jnp.where(valid, jax.nn.softmax(logits, axis=-1), 0.0)
@@ -187,6 +258,7 @@ def rollout_weights(va: jax.Array, mask: jax.Array, num_rollouts: int, temperatu
 
 def uniform_weights(mask: jax.Array, num_rollouts: int) -> jax.Array:
     """Reweighting off: w = 1 / (non-empty siblings) on non-empty rollouts, (R,)."""
+    _check_shapes("uniform_weights", mask)
     num_rows = mask.shape[0]
     _check_rollouts(num_rows, num_rollouts)
     valid = (_token_counts(mask) > 0).reshape(-1, num_rollouts)
@@ -200,6 +272,7 @@ def num_high_tokens(counts: jax.Array, high_fraction: float) -> jax.Array:
     A 1e-4-token tolerance keeps float rounding from adding a token
     (in float64 0.1 * 30 = 3.0000000000000004, whose ceil would be 4).
     """
+    _check_hyper("num_high_tokens", "high_fraction", high_fraction)
     n_high = jnp.ceil(high_fraction * counts - 1e-4)
     return jnp.where(counts > 0, jnp.maximum(n_high, 1.0), 0.0).astype(jnp.int32)
 
@@ -216,7 +289,9 @@ def high_group_mask(va: jax.Array, mask: jax.Array, high_fraction: float = 0.2) 
     Returns:
       (R, T) bool, True on the high-VA group V^(k).
     """
-    valid = mask.astype(bool)
+    _check_shapes("high_group_mask", mask, va=va)
+    _check_hyper("high_group_mask", "high_fraction", high_fraction)
+    valid = _valid(mask)
     # Invalid positions sort last; the stable sort keeps token order among ties.
     key = jnp.where(valid, -va.astype(jnp.float32), jnp.inf)
     order = jnp.argsort(key, axis=-1, stable=True)  # (R, T) token index by rank
@@ -240,7 +315,12 @@ def token_coefficients(va: jax.Array, mask: jax.Array, w: jax.Array, high_fracti
     Returns:
       (R, T) float32 coefficients, 0 off the mask; each rollout's row sums to w^(k).
     """
-    maskf = mask.astype(jnp.float32)
+    _check_shapes("token_coefficients", mask, va=va)
+    if np.shape(w) != np.shape(mask)[:1]:
+        raise ValueError(f"token_coefficients: w has shape {np.shape(w)}, expected (R,) = {np.shape(mask)[:1]}")
+    _check_hyper("token_coefficients", "high_fraction", high_fraction)
+    _check_hyper("token_coefficients", "high_weight", high_weight)
+    maskf = _valid(mask).astype(jnp.float32)
     counts = _token_counts(maskf)
     if not group:
         coeff = maskf / jnp.maximum(counts, 1.0)[:, None]
@@ -256,6 +336,7 @@ def token_coefficients(va: jax.Array, mask: jax.Array, w: jax.Array, high_fracti
 
 def _terms(va, mask, num_rollouts, *, reweight, group, high_fraction, high_weight, temperature, eps):
     """Eq. 3-6 terms for one combination of the two switches (per-prompt mean, Eq. 6)."""
+    _check_shapes("objective_terms", mask, va=va)
     num_rows = mask.shape[0]
     _check_rollouts(num_rows, num_rollouts)
     nonempty = _token_counts(mask) > 0
@@ -286,6 +367,7 @@ def objective_terms(va: jax.Array, mask: jax.Array, num_rollouts: int,
         return _terms(va, mask, num_rollouts, reweight=config.reweight, group=config.group,
                       high_fraction=config.high_fraction, high_weight=config.high_weight,
                       temperature=config.tau, eps=config.eps)
+    _check_shapes("objective_terms", mask, va=va)
     _check_rollouts(mask.shape[0], num_rollouts)
     nonempty = _token_counts(mask) > 0
     num_prompts = nonempty.reshape(-1, num_rollouts).any(-1).sum().astype(jnp.float32)
@@ -296,8 +378,16 @@ def objective_terms(va: jax.Array, mask: jax.Array, num_rollouts: int,
 
 
 def weighted_loss(kl: jax.Array, terms: ObjectiveTerms) -> jax.Array:
-    """Eq. 6: sum over tokens of c_t KL_t divided by the number of prompts (0 if none)."""
-    total = (terms.coefficients * kl.astype(jnp.float32)).sum()
+    """Eq. 6: sum over tokens of c_t KL_t divided by the number of prompts (0 if none).
+
+    Tokens with c_t = 0 (off the mask, or of a zero-weight group) take no part: their KL may be anything (NaN
+    at a padding position included) without changing the loss or its gradient.
+    """
+    if np.shape(kl) != np.shape(terms.coefficients):
+        raise ValueError(f"weighted_loss: kl has shape {np.shape(kl)}, expected the coefficients' "
+                         f"{np.shape(terms.coefficients)}")
+    counted = terms.coefficients != 0
+    total = jnp.where(counted, terms.coefficients * jnp.where(counted, kl.astype(jnp.float32), 0.0), 0.0).sum()
     return jnp.where(terms.num_prompts > 0, total / jnp.maximum(terms.num_prompts, 1.0), 0.0)
 
 
@@ -318,6 +408,12 @@ def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array,
     vocab = student_logits.shape[-1]
     if teacher_logits.shape[-1] != vocab:
         raise ValueError(f"student vocab {vocab} != teacher vocab {teacher_logits.shape[-1]}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"reverse_kl: teacher logits {teacher_logits.shape} != student logits "
+                         f"{student_logits.shape}")
+    if valid_vocab_size is not None and not (isinstance(valid_vocab_size, (int, np.integer))
+                                             and 1 <= valid_vocab_size):
+        raise ValueError(f"reverse_kl: valid_vocab_size={valid_vocab_size!r} must be an int >= 1 (or None)")
     if valid_vocab_size is not None and valid_vocab_size < vocab:
         # A finite "minus infinity": exp() gives exactly 0 and no inf - inf = nan
         # reaches the value or the gradient.

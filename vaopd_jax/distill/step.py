@@ -136,7 +136,8 @@ def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, te
         part, teacher_hidden, part_coefficients = xs
         kl_tok, logp_student = _student_kl(state.graphdef, params, part, teacher_hidden, teacher_kernel,
                                            config.kl_kwargs)
-        return (part_coefficients * kl_tok).sum(), (kl_tok, logp_student)
+        # A select, not a product: a non-finite KL at a masked-out position must not reach the loss.
+        return jnp.where(part.response_mask > 0, part_coefficients * kl_tok, 0.0).sum(), (kl_tok, logp_student)
 
     xs = (batch, scores.hidden, coefficients)
     if num_micro > 1:
@@ -155,7 +156,7 @@ def _step(config: StepConfig, teacher_graphdef, optimizer, state: TrainState, te
     high, weights = terms.high_mask, terms.rollout_weights
     nonempty = valid.any(-1)
     critical = valid & teacher_lib.critical_mask(batch.response_tokens, config.critical_token_ids)
-    weighted_kl = coefficients * kl_tok
+    weighted_kl = jnp.where(valid, coefficients * kl_tok, 0.0)
     metrics = {
         "loss": loss,
         "kl": _masked_mean(kl_tok, valid),

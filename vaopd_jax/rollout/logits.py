@@ -43,9 +43,12 @@ Gumbel draw per logit costs more than the model's forward on CPU):
 from __future__ import annotations
 
 import dataclasses
+import math
+from numbers import Real
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -jnp.inf
 
@@ -67,14 +70,23 @@ class SamplingParams:
     top_p_candidates: int = 256
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0.0):
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy); got {self.temperature!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an int >= 0 (0 = off); got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p!r}")
-        if not (isinstance(self.top_p_candidates, int) and self.top_p_candidates >= 1):
-            raise ValueError(f"top_p_candidates must be an int >= 1; got {self.top_p_candidates!r}")
+        # Booleans are ints to Python, and NaN fails every comparison: both are refused explicitly.
+        def number(value):
+            return isinstance(value, Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+        def integer(value):
+            return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+        if not (number(self.temperature) and self.temperature >= 0.0):
+            raise ValueError(f"SamplingParams.temperature={self.temperature!r}: must be a finite number in [0, inf) "
+                             "(0 = greedy)")
+        if not (integer(self.top_k) and self.top_k >= 0):
+            raise ValueError(f"SamplingParams.top_k={self.top_k!r}: must be an int in [0, inf) (0 = off)")
+        if not (number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"SamplingParams.top_p={self.top_p!r}: must be a number in (0, 1] (1 = off)")
+        if not (integer(self.top_p_candidates) and self.top_p_candidates >= 1):
+            raise ValueError(f"SamplingParams.top_p_candidates={self.top_p_candidates!r}: must be an int in "
+                             "[1, inf)")
 
     @property
     def greedy(self) -> bool:

@@ -263,11 +263,14 @@ class Sampler:
                  top_p_candidates: int = 256, min_new_bucket: int = 16, decode_stages: int = decode.MAX_STAGES):
         cfg = model.config
         vocab = cfg.text.vocab_size
-        if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
+        def integer(value):  # bool is an int to Python: True would silently mean 1
+            return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+        if not (integer(max_new_tokens) and max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
-        if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
+        if not (integer(num_samples) and num_samples >= 1):
             raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
-        if not (isinstance(decode_stages, (int, np.integer)) and decode_stages >= 1):
+        if not (integer(decode_stages) and decode_stages >= 1):
             raise ValueError(f"decode_stages must be an int >= 1 (1 = no row compaction); got {decode_stages!r}")
         eos = tuple(int(e) for e in eos_token_ids)
         for e in eos:
@@ -280,6 +283,8 @@ class Sampler:
         valid_vocab_size = vocab if valid_vocab_size is None else int(valid_vocab_size)
         if not 1 <= valid_vocab_size <= vocab:
             raise ValueError(f"valid_vocab_size must be in [1, {vocab}]; got {valid_vocab_size}")
+        # Validated as given (float("0.7") or int(2.5) would hide a wrong type), then normalised for the program key.
+        logit_ops.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, top_p_candidates=top_p_candidates)
         sampling = logit_ops.SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                                             top_p_candidates=int(top_p_candidates))
         if sampling.greedy:  # top-k / top-p do not apply: one greedy program whatever they are

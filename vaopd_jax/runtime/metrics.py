@@ -11,6 +11,10 @@ Files under ``<workdir>``:
 A resumed run passes ``resume_step`` (the restored checkpoint step): tensorboard
 discards events after it (``purge_step``) and the JSONL drops its lines after
 it, so the logs read as if the run had never been interrupted.
+
+Logs never stop training: a sink (tensorboard, metrics.jsonl) that cannot be opened or
+written (a read-only or full disk, a file where its directory should be) is turned off
+with one warning naming it and the error, and the other sinks and the console go on.
 """
 
 from __future__ import annotations
@@ -110,19 +114,35 @@ class MetricsLogger:
         self._step_times: collections.deque = collections.deque(maxlen=20)
         self._writer = None
         self._jsonl = None
+        self.disabled: dict[str, str] = {}  # sink -> why it was turned off
         if not is_primary:
             return
         from tensorboardX import SummaryWriter
 
-        os.makedirs(workdir, exist_ok=True)
         self.tb_dir = os.path.join(workdir, "tb")
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        # A unique suffix: a restart within the same second must not overwrite
-        # the previous event file (tensorboardX names files by second + host).
-        self._writer = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if resume_step else None,
-                                     filename_suffix=f".{os.getpid()}.{time.time_ns()}")
-        _truncate_jsonl(self.jsonl_path, resume_step)
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError:
+            pass  # each sink below reports its own failure
+        try:
+            os.makedirs(self.tb_dir, exist_ok=True)
+            # A unique suffix: a restart within the same second must not overwrite
+            # the previous event file (tensorboardX names files by second + host).
+            self._writer = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if resume_step else None,
+                                         filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        except OSError as err:
+            self._disable("tensorboard", self.tb_dir, err)
+        try:
+            _truncate_jsonl(self.jsonl_path, resume_step)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        except OSError as err:
+            self._disable("metrics.jsonl", self.jsonl_path, err)
+
+    def _disable(self, sink: str, path: str, err: Exception) -> None:
+        self.disabled[sink] = f"{type(err).__name__}: {err}"
+        log.warning("cannot write the %s log %s (%s: %s): it is turned off for the rest of the run; training "
+                    "goes on and the other logs still get every step", sink, path, type(err).__name__, err)
 
     def log_train(self, step: int, metrics: Mapping[str, float], *, rollout_s: float, update_s: float,
                   tokens: int, flops: float | None = None, num_devices: int = 1,
@@ -172,22 +192,36 @@ class MetricsLogger:
         print(f"validation @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
 
     def _write(self, step: int, kind: str, scalars: Mapping[str, float]) -> None:
-        for name, value in scalars.items():
-            self._writer.add_scalar(name, value, step)
-        record = {"step": step, "kind": kind, "time": time.time()}
-        record.update({k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()})
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        if self._writer is not None:
+            try:
+                for name, value in scalars.items():
+                    self._writer.add_scalar(name, value, step)
+            except OSError as err:
+                self._writer = None
+                self._disable("tensorboard", self.tb_dir, err)
+        if self._jsonl is not None:
+            record = {"step": step, "kind": kind, "time": time.time()}
+            record.update({k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()})
+            try:
+                self._jsonl.write(json.dumps(record) + "\n")
+                self._jsonl.flush()
+            except OSError as err:
+                self._jsonl = None
+                self._disable("metrics.jsonl", self.jsonl_path, err)
 
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._jsonl.close()
-            self._writer = None
+        for sink, closer in (("tensorboard", self._writer), ("metrics.jsonl", self._jsonl)):
+            if closer is None:
+                continue
+            try:
+                closer.close()
+            except OSError as err:  # the last buffered events could not be written
+                self._disable(sink, self.tb_dir if sink == "tensorboard" else self.jsonl_path, err)
+        self._writer = self._jsonl = None
 
 
 def _truncate_jsonl(path: str, resume_step: int) -> None:

@@ -335,6 +335,28 @@ def model_from_tensors(cfg: Qwen3VLConfig, reader: Callable[[str], np.ndarray], 
     return abstract
 
 
+def check_tensor_names(cfg: Qwen3VLConfig, names, where: str) -> None:
+    """CheckpointError listing the tensors `cfg` needs that the checkpoint lacks and those it holds that `cfg`
+    has no place for (a config.json of another size or depth, a file of another model), all at once.
+
+    A tied model (tie_word_embeddings) may carry an lm_head.weight copy of the embedding: it is ignored.
+    """
+    expected = {key for spec in param_specs(cfg) for key in spec.keys}
+    names = set(names)
+    missing = sorted(expected - names)
+    extra = sorted(names - expected - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    if not missing and not extra:
+        return
+    parts = []
+    for label, keys in (("missing", missing), ("extra", extra)):
+        if keys:
+            parts.append(f"{label} tensor " + ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+                         + f" ({len(keys)} {label}" + (", not used by this config" if label == "extra" else "") + ")")
+    raise CheckpointError(f"{where}: its tensors do not match its config.json ({cfg.text.num_hidden_layers} text "
+                          f"layers, {cfg.vision.depth} vision blocks, {len(cfg.vision.deepstack_visual_indexes)} "
+                          f"deepstack mergers, tie_word_embeddings={cfg.tie_word_embeddings}): " + "; ".join(parts))
+
+
 def _check_architecture(config_dict: dict, where: str):
     mt = config_dict.get("model_type")
     if mt not in ("qwen3_vl", "qwen3_vl_moe"):
@@ -361,6 +383,7 @@ def load_hf_checkpoint(path, dtype=jnp.float32, mesh: Mesh | None = None, *, com
     if remat is not None:
         cfg = cfg.replace(remat=remat)
     reader = CheckpointReader(path)
+    check_tensor_names(cfg, reader.where, path)
     return model_from_tensors(cfg, reader.get, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules,
                               where=path)
 
