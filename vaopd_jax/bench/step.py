@@ -61,11 +61,11 @@ from vaopd_jax.distill.batch import TrainBatch, build_train_batch
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.models.qwen3_vl import sharding as model_sharding
 from vaopd_jax.models.qwen3_vl import testing
+from vaopd_jax.bench import aot
+from vaopd_jax.parallel import targets as targets_lib
 from vaopd_jax.parallel.mesh import MESH_AXES
 
 GB = 1e9
-DEVICE_GB, HEADROOM = 80, 0.10  # A100/H100 80 GB; 10 % left for what XLA's analysis does not see (allocator
-# fragmentation, collective and cuDNN workspaces, the runtime's own reservations)
 TEACHERS = {"4b": qwen3_vl.Qwen3VLConfig.qwen3_vl_4b, "8b": qwen3_vl.Qwen3VLConfig.qwen3_vl_8b,
             "32b": qwen3_vl.Qwen3VLConfig.qwen3_vl_32b, "30b-a3b": qwen3_vl.Qwen3VLConfig.qwen3_vl_30b_a3b,
             "235b-a22b": qwen3_vl.Qwen3VLConfig.qwen3_vl_235b_a22b}
@@ -197,17 +197,7 @@ def bench_vs_torch(num_steps: int, num_prompts: int, num_rollouts: int, response
 
 
 # ----------------------------------------------------------------------------- 2. AOT at paper scale
-def _abstract_model(cfg, param_dtype, compute_dtype, remat, mesh):
-    model = nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                                                    rngs=nnx.Rngs(0), remat=remat))
-    graphdef, state = nnx.split(model, nnx.Param)
-    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    leaves, treedef = jax.tree.flatten(state)  # one ShapeDtypeStruct inside each Param
-    specs = [model_sharding.logical_to_spec(v.get_metadata()["logical_axes"], None, mesh, v.shape)
-             for v in variables]
-    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
-                for x, spec in zip(leaves, specs)]
-    return graphdef, jax.tree.unflatten(treedef, abstract)
+_abstract_model = aot.abstract_model
 
 
 def _abstract_batch(cfg, mesh, num_prompts, num_rollouts, prompt_len, response_len, image_tokens):
@@ -261,13 +251,11 @@ def layer_report(attention: str, *, rows=8, seq_len=5120, chunk_size=512):
     return mem
 
 
-def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=16, num_rollouts=4,
-               prompt_len=1024, image_tokens=768, kl_chunk_size=PAPER_KL_CHUNK, vocab_valid=151_669,
-               attention="chunked", attention_chunk_size=512, micro_batch_rollouts=None):
-    """Lowers and compiles the paper-scale step from abstract shapes; prints XLA's per-device memory."""
-    options = dict(attention_impl=attention, attention_chunk_size=attention_chunk_size)
-    student_cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(**options)
-    teacher_cfg = TEACHERS[teacher_name](**options)
+def train_step_lowering(student_cfg, teacher_cfg, mesh: Mesh, *, num_prompts=16, num_rollouts=4, prompt_len=1024,
+                        response_len=2048, image_tokens=768, kl_chunk_size=PAPER_KL_CHUNK, vocab_valid=151_669,
+                        micro_batch_rollouts=None):
+    """A closure lowering the fused train step (the trainer's `distill.step.make_train_step`) from abstract
+    sharded shapes over `mesh`: student fp32 master params / bf16 compute / block remat, bf16 teacher."""
     student_graphdef, student_params = _abstract_model(student_cfg, jnp.float32, jnp.bfloat16, "block", mesh)
     teacher_graphdef, teacher_params = _abstract_model(teacher_cfg, jnp.bfloat16, jnp.bfloat16, "none", mesh)
     optimizer = step_lib.make_optimizer(1e-6, total_steps=1000)
@@ -275,7 +263,7 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
     abstract_opt = jax.eval_shape(optimizer.init, student_params)
     key = jax.eval_shape(lambda: jax.random.key(0))
     replicated = NamedSharding(mesh, PartitionSpec())
-    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     state = step_lib.TrainState(
         params=student_params, opt_state=jax.tree.map(with_sharding, abstract_opt, shardings.opt_state),
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
@@ -284,80 +272,99 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
     config = step_lib.StepConfig(num_rollouts=num_rollouts, kl_chunk_size=kl_chunk_size, valid_vocab_size=vocab_valid,
                                  micro_batch_rollouts=micro_batch_rollouts)
     train_step = step_lib.make_train_step(config, teacher_graphdef, optimizer, mesh=mesh, state_sharding=shardings)
-    t0 = time.perf_counter()
-    # make_train_step traces under jax.set_mesh(mesh) (parallel.mesh.on_mesh): without it the activation constraints are
-    # no-ops and GSPMD replicates the teacher's MLP activations on every device (16 GB buffers at this size).
-    lowered = train_step.lower(state, teacher_params, batch, jax.ShapeDtypeStruct(key.shape, key.dtype,
-                                                                                  sharding=replicated))
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    mesh_desc = "x".join(f"{k}={v}" for k, v in mesh.shape.items())
+    # make_train_step traces under jax.set_mesh(mesh) (parallel.mesh.on_mesh): without it the activation
+    # constraints are no-ops and GSPMD replicates the teacher's MLP activations on every device.
+    return lambda: train_step.lower(state, teacher_params, batch,
+                                    jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated))
+
+
+def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=16, num_rollouts=4,
+               prompt_len=1024, image_tokens=768, kl_chunk_size=PAPER_KL_CHUNK, vocab_valid=151_669,
+               attention="chunked", attention_chunk_size=512, micro_batch_rollouts=None, target=None):
+    """Lowers and compiles the paper-scale step from abstract shapes for `target` (default: the CPU backend over
+    `mesh`'s simulated devices); prints the target compiler's per-device memory, one `... peak <X> GB ...` line."""
+    target = target or targets_lib.get("cpu")
+    options = dict(attention_impl=attention, attention_chunk_size=attention_chunk_size)
+    student_cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(**options)
+    teacher_cfg = TEACHERS[teacher_name](**options)
+    lower = train_step_lowering(student_cfg, teacher_cfg, mesh, num_prompts=num_prompts, num_rollouts=num_rollouts,
+                                prompt_len=prompt_len, response_len=response_len, image_tokens=image_tokens,
+                                kl_chunk_size=kl_chunk_size, vocab_valid=vocab_valid,
+                                micro_batch_rollouts=micro_batch_rollouts)
+    micro = micro_batch_rollouts or num_prompts * num_rollouts
     print(f"2B student <- {teacher_name.upper()} teacher, {num_prompts}x{num_rollouts} rollouts, prompt {prompt_len} "
-          f"+ response {response_len}, mesh {mesh_desc}, attention {attention}"
-          f"{f' (chunk {attention_chunk_size})' if attention == 'chunked' else ''}, micro-batch "
-          f"{micro_batch_rollouts or num_prompts * num_rollouts}, KL chunk {kl_chunk_size}: lower {t1 - t0:.0f} s, "
-          f"compile {t2 - t1:.0f} s")
-    print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs "
-          f"{mem.output_size_in_bytes / GB:.2f} GB, aliased {mem.alias_size_in_bytes / GB:.2f} GB, temp "
-          f"{mem.temp_size_in_bytes / GB:.2f} GB -> peak {peak / GB:.2f} GB: "
-          f"{'fits' if peak < DEVICE_GB * GB else 'does NOT fit'} an {DEVICE_GB} GB device", flush=True)
-    return {"peak": peak / GB, "arguments": mem.argument_size_in_bytes / GB, "temp": mem.temp_size_in_bytes / GB,
-            "compile_s": t2 - t1}
+          f"+ response {response_len}, target {target.label}, mesh {_mesh_text(mesh)}, attention {attention}"
+          f"{f' (chunk {attention_chunk_size})' if attention == 'chunked' else ''}, micro-batch {micro}, KL chunk "
+          f"{kl_chunk_size}", flush=True)
+    mem, _, lower_s, compile_s = aot.compile_program("train step", lower, target)
+    return {"peak": mem.peak / GB, "arguments": mem.arguments / GB, "temp": mem.temp / GB, "fits": mem.fits,
+            "compile_s": compile_s, "lower_s": lower_s, "memory": mem}
 
 
-def aot_table(teachers, responses, meshes, *, candidates=MICRO_BATCH_CANDIDATES, budget_gb=None, **kwargs) -> list:
+def aot_table(teachers, responses, meshes, *, candidates=MICRO_BATCH_CANDIDATES, target=None, **kwargs) -> list:
     """For each teacher x response x mesh: the largest micro-batch (rollouts, from `candidates`, largest first)
-    whose AOT peak per device is within `budget_gb` (default: DEVICE_GB less HEADROOM). One compile per tried
+    whose per-device peak on `target` is within its budget (HBM less targets.HEADROOM). One compile per tried
     micro-batch, one at a time; prints each compile as it goes, then one table. Returns the table's rows."""
-    budget_gb = DEVICE_GB * (1 - HEADROOM) if budget_gb is None else budget_gb
+    target = target or targets_lib.get("cpu")
+    budget_gb = target.budget_bytes / GB
     rows = []
     for mesh in meshes:
         for teacher in teachers:
             for response in responses:
                 tried = []
                 for micro in candidates:
-                    tried.append((micro, aot_report(teacher, response, mesh, micro_batch_rollouts=micro, **kwargs)))
-                    if tried[-1][1]["peak"] <= budget_gb:
+                    tried.append((micro, aot_report(teacher, response, mesh, micro_batch_rollouts=micro,
+                                                    target=target, **kwargs)))
+                    if tried[-1][1]["fits"]:
                         break
                 rows.append({"teacher": teacher, "response": response, "mesh": _mesh_text(mesh), "tried": tried,
-                             "fits": tried[-1][1]["peak"] <= budget_gb})
+                             "fits": tried[-1][1]["fits"], "target": target.name})
     total = 16 * 4
-    print(f"\n2B student, 16 prompts x 4 rollouts, prompt 1,024 tokens (768 image tokens) + response; bf16 teacher, "
-          f"fp32 master student with bf16 compute and block remat; chunked attention; per-device AOT peak "
-          f"(arguments + outputs - aliased + temp); micro-batch = the largest within {budget_gb:.0f} GB "
-          f"({DEVICE_GB} GB less {HEADROOM:.0%} headroom)")
-    print("| teacher | response | mesh | micro-batch (rollouts) | peak GB / device | arguments GB | temp GB "
+    print(f"\n{target.label}: 2B student, 16 prompts x 4 rollouts, prompt 1,024 tokens (768 image tokens) + "
+          f"response; bf16 teacher, fp32 master student with bf16 compute and block remat; chunked attention; "
+          f"per-device peak (arguments + outputs - aliased + temp + code) from the {target.platform} compiler; "
+          f"micro-batch = the largest within {budget_gb:.1f} GB ({target.hbm_bytes / GB:.1f} GB less "
+          f"{targets_lib.HEADROOM:.0%} headroom)")
+    print("| target | teacher | response | mesh | micro-batch (rollouts) | peak GB / device | arguments GB | temp GB "
           "| larger micro-batches |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         micro, mem = row["tried"][-1]
         chosen = f"{micro} ({total // micro} micro-batch{'es' if total // micro > 1 else ''})" if row["fits"] else \
             f"none of {list(candidates)} fits"
         larger = ", ".join(f"{m}: {r['peak']:.1f} GB" for m, r in row["tried"][:-1]) or "-"
-        print(f"| {row['teacher'].upper()} | {row['response']:,} | {row['mesh']} | {chosen} | {mem['peak']:.1f} | "
-              f"{mem['arguments']:.1f} | {mem['temp']:.1f} | {larger} |")
+        print(f"| {target.name} | {row['teacher'].upper()} | {row['response']:,} | {row['mesh']} | {chosen} | "
+              f"{mem['peak']:.1f} | {mem['arguments']:.1f} | {mem['temp']:.1f} | {larger} |", flush=True)
     return rows
 
 
-def simulated_mesh(text: str) -> Mesh:
-    """A (data, fsdp, expert, tensor) mesh of simulated CPU devices from 'data,fsdp,tensor' (expert = 1) or
-    'data,fsdp,expert,tensor'."""
+def simulated_mesh(text: str, target=None) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh over the target's devices (default: simulated CPU devices) from
+    'data,fsdp,tensor' (expert = 1) or 'data,fsdp,expert,tensor'; -1 takes the remaining devices."""
+    target = target or targets_lib.get("cpu")
     try:
         sizes = [int(x) for x in text.split(",")]
     except ValueError:
         sizes = []
-    if len(sizes) not in (3, 4) or min(sizes) < 1:
-        raise SystemExit(f"--meshes {text!r}: expected data,fsdp,tensor or data,fsdp,expert,tensor positive sizes")
+    if len(sizes) not in (3, 4) or min(sizes) < -1 or 0 in sizes:
+        raise SystemExit(f"--meshes {text!r}: expected data,fsdp,tensor or data,fsdp,expert,tensor positive sizes "
+                         "(one may be -1: all remaining devices)")
     if len(sizes) == 3:
         sizes = sizes[:2] + [1] + sizes[2:]
+    data, fsdp, expert, tensor = sizes
+    if target.platform != "cpu":
+        try:
+            return targets_lib.make_mesh(target, data=data, fsdp=fsdp, expert=expert, tensor=tensor)
+        except ValueError as e:
+            raise SystemExit(f"--meshes {text} on --target {target.name} ({target.num_devices} devices): {e}")
+    cpus = jax.devices("cpu")
+    known = int(np.prod([x for x in sizes if x != -1]))
+    sizes = [x if x != -1 else max(len(cpus) // known, 1) for x in sizes]
     count = int(np.prod(sizes))
-    if count > len(jax.devices("cpu")):
-        raise SystemExit(f"--meshes {text}: needs {count} devices, {len(jax.devices('cpu'))} simulated; set "
+    if count > len(cpus):
+        raise SystemExit(f"--meshes {text}: needs {count} devices, {len(cpus)} simulated; set "
                          "XLA_FLAGS=--xla_force_host_platform_device_count=N")
-    return Mesh(np.asarray(jax.devices("cpu")[:count]).reshape(sizes), MESH_AXES)
+    return Mesh(np.asarray(cpus[:count]).reshape(sizes), MESH_AXES)
 
 
 def _mesh_text(mesh: Mesh) -> str:
@@ -374,9 +381,11 @@ def main(argv=None):
     parser.add_argument("--image", type=int, default=8, help="image side in patches (part 1)")
     parser.add_argument("--teachers", default="4b,8b,32b", help=f"comma list of {'/'.join(TEACHERS)} (part 2)")
     parser.add_argument("--responses", default="2048,4096", help="comma list of response lengths (part 2)")
-    parser.add_argument("--meshes", default="1,8,1", help="';'-separated data,fsdp,tensor or data,fsdp,expert,tensor "
-                        "sizes of simulated meshes (part 2; more than 8 devices needs "
-                        "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    parser.add_argument("--target", default="cpu", help=f"part 2: compile for {', '.join(targets_lib.TARGETS)} "
+                        "(GPU / TPU targets need the compile extras; 'cpu': XLA's CPU backend, simulated devices)")
+    parser.add_argument("--meshes", default="1,-1,1", help="';'-separated data,fsdp,tensor or data,fsdp,expert,tensor "
+                        "sizes (part 2; -1: the target's remaining devices; the cpu target with more than 8 devices "
+                        "needs XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     parser.add_argument("--attention", default="chunked", choices=("chunked", "xla", "cudnn"),
                         help="attention_impl of student and teacher (part 2); 'cudnn' needs an NVIDIA GPU")
     parser.add_argument("--attention-chunk", type=int, default=512, help="query chunk of 'chunked' (parts 2, 2a)")
@@ -392,14 +401,20 @@ def main(argv=None):
         for attention in ("xla", "chunked"):
             layer_report(attention, chunk_size=args.attention_chunk)
     if args.part in ("aot", "all"):
-        meshes = [simulated_mesh(text) for text in args.meshes.split(";")]
+        try:
+            target = targets_lib.get(args.target)
+            meshes = [simulated_mesh(text, target) for text in args.meshes.split(";")]
+        except (ValueError, targets_lib.MissingExtra) as e:
+            raise SystemExit(str(e))
         teachers = [t.strip() for t in args.teachers.split(",")]
         unknown = [t for t in teachers if t not in TEACHERS]
         if unknown:
             raise SystemExit(f"--teachers: {unknown} unknown; choose from {list(TEACHERS)}")
         responses = [int(x) for x in args.responses.split(",")]
-        options = dict(attention=args.attention, attention_chunk_size=args.attention_chunk, kl_chunk_size=args.kl_chunk)
-        print("== 2. AOT compile from abstract shapes (no weights), memory per device")
+        options = dict(attention=args.attention, attention_chunk_size=args.attention_chunk, kl_chunk_size=args.kl_chunk,
+                       target=target)
+        print(f"== 2. AOT compile from abstract shapes (no weights) for {target.label}, memory per device; "
+              f"{target.source}")
         if args.micro_batch:
             for mesh in meshes:
                 for teacher in teachers:
