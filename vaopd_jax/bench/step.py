@@ -367,13 +367,94 @@ def simulated_mesh(text: str, target=None) -> Mesh:
     return Mesh(np.asarray(cpus[:count]).reshape(sizes), MESH_AXES)
 
 
+# Hardware families of the sizing table (configs/paper.py HARDWARE): one host first, then more hosts of the same
+# card when no micro-batch fits one host.
+HARDWARE_LADDERS = {"h100x8": ("h100x8", "h100x16", "h100x32"), "a100x8": ("a100x8", "a100x16", "a100x32"),
+                    "v5p-8": ("v5p-8", "v5p-16", "v5p-32", "v5p-64"),
+                    "v6e-8": ("v6e-8", "v6e-16", "v6e-32", "v6e-64"),
+                    "v5e-8": ("v5e-8", "v5e-16", "v5e-32", "v5e-64")}
+
+
+def state_bytes_per_device(teacher: str, devices: int) -> float:
+    """A lower bound of the step's per-device arguments: bf16 teacher + fp32 student with AdamW's two moments,
+    all sharded over `devices` (the weights alone; the step's temporaries come on top)."""
+    count = lambda cfg: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(  # noqa: E731
+        nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(0))), nnx.Param)))
+    return (2 * count(TEACHERS[teacher]()) + 12 * count(qwen3_vl.Qwen3VLConfig.qwen3_vl_2b())) / devices
+
+
+def sizing_table(hardware: list[str], teachers, responses, *, json_path: str = "", **kwargs) -> list:
+    """configs/paper.py's table: for each hardware family x teacher x response, the fewest hosts and the largest
+    micro-batch (64, 32, 16, 8 rollouts, at least one row per device) whose target-compiled peak per device is
+    within the card's budget. A host count whose weights alone exceed the budget is skipped without compiling.
+    Writes every compile to `json_path` as it goes (rerunning resumes from it)."""
+    import json
+
+    done = {}
+    if json_path and os.path.exists(json_path):
+        with open(json_path) as f:
+            done = {(r["hardware"], r["teacher"], r["response"]): r for r in json.load(f)}
+    rows = list(done.values())
+    for family in hardware:
+        for teacher in teachers:
+            for response in responses:
+                if (family, teacher, response) in done:
+                    continue
+                row = {"hardware": family, "teacher": teacher, "response": response, "tried": [], "fits": False}
+                for name in HARDWARE_LADDERS[family]:
+                    target = targets_lib.get(name)
+                    floor = state_bytes_per_device(teacher, target.num_devices)
+                    if floor > target.budget_bytes:
+                        row["tried"].append({"target": name, "skipped": f"weights + optimizer state alone "
+                                             f"{floor / GB:.1f} GB per device"})
+                        continue
+                    moe = TEACHERS[teacher]().text.is_moe
+                    mesh = targets_lib.make_mesh(target, fsdp=1 if moe else -1, expert=-1 if moe else 1)
+                    for micro in [m for m in MICRO_BATCH_CANDIDATES if m >= target.num_devices]:
+                        result = aot_report(teacher, response, mesh, micro_batch_rollouts=micro, target=target,
+                                            **kwargs)
+                        row["tried"].append({"target": name, "mesh": _mesh_text(mesh), "micro": micro,
+                                             "peak_gb": round(result["peak"], 2), "fits": result["fits"],
+                                             "arguments_gb": round(result["arguments"], 2),
+                                             "temp_gb": round(result["temp"], 2),
+                                             "compile_s": round(result["compile_s"])})
+                        if result["fits"]:
+                            break
+                    if row["tried"][-1].get("fits"):
+                        row.update(fits=True, target=name, mesh=_mesh_text(mesh), micro=row["tried"][-1]["micro"],
+                                   peak_gb=row["tried"][-1]["peak_gb"], budget_gb=round(target.budget_bytes / GB, 1))
+                        break
+                rows.append(row)
+                if json_path:
+                    with open(json_path, "w") as f:
+                        json.dump(rows, f, indent=1)
+    print("| hardware | teacher | response | target (hosts) | mesh | micro-batch (rollouts) | peak GB / device "
+          "| budget GB | larger micro-batches / fewer hosts |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        tried = [f"{t['target']} {t['micro']}: {t['peak_gb']:.1f} GB" if "micro" in t else f"{t['target']}: skipped"
+                 for t in row["tried"][:-1]]
+        if row["fits"]:
+            target = targets_lib.get(row["target"])
+            print(f"| {row['hardware']} | {row['teacher'].upper()} | {row['response']:,} | {row['target']} "
+                  f"({target.hosts}) | {row['mesh']} | {row['micro']} | {row['peak_gb']:.1f} | {row['budget_gb']} | "
+                  f"{', '.join(tried) or '-'} |")
+        else:
+            print(f"| {row['hardware']} | {row['teacher'].upper()} | {row['response']:,} | none fits | - | - | - | - | "
+                  f"{', '.join(tried) or '-'} |")
+    return rows
+
+
 def _mesh_text(mesh: Mesh) -> str:
     return " x ".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 device"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("torch", "aot", "layer", "all"), default="all")
+    parser.add_argument("--part", choices=("torch", "aot", "layer", "table", "all"), default="all")
+    parser.add_argument("--hardware", default="h100x8,a100x8,v5p-8,v6e-8",
+                        help=f"--part table: comma list of {', '.join(HARDWARE_LADDERS)}")
+    parser.add_argument("--json", default="", help="--part table: write (and resume from) this JSON file")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation (part 1)")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--rollouts", type=int, default=4)
@@ -400,6 +481,12 @@ def main(argv=None):
         print("== 2a. where the memory goes: one decoder layer, forward + backward")
         for attention in ("xla", "chunked"):
             layer_report(attention, chunk_size=args.attention_chunk)
+    if args.part == "table":
+        print(f"== the sizing table of configs/paper.py (target compilers; load: {os.getloadavg()[0]:.1f})")
+        sizing_table(args.hardware.split(","), [t.strip() for t in args.teachers.split(",")],
+                     [int(x) for x in args.responses.split(",")], json_path=args.json, attention=args.attention,
+                     attention_chunk_size=args.attention_chunk, kl_chunk_size=args.kl_chunk)
+        return
     if args.part in ("aot", "all"):
         try:
             target = targets_lib.get(args.target)
