@@ -405,13 +405,14 @@ def rollout_lowerings(cfg, mesh, *, param_dtype=jnp.float32, num_prompts=16, num
         rows=rows, slots=slots, context=filled, num_prompts=num_prompts)
 
 
-def decode_roofline_bytes(cfg, rows: int, context: int, devices: int, param_bytes: int) -> float:
-    """The least a decode step must read per device: its share of the weights (matmuls + LM head, at
-    `param_bytes` each, sharded over the devices) and of the bf16 KV cache up to `context` slots."""
+def decode_roofline_bytes(cfg, rows: int, context: int, mesh) -> float:
+    """The least one decode step must read per device: the rows are split over the batch axes, so every device
+    multiplies its rows by every weight matrix and reads all of them once at the compute dtype (bf16; split
+    only by a 'tensor' axis), plus its rows' share of the bf16 KV cache up to `context` slots."""
     from vaopd_jax.bench import device as device_bench
 
-    weights, kv = device_bench.decode_bytes_per_step(cfg, rows, context, weight_bytes=param_bytes, cache_bytes=2)
-    return (weights + kv) / devices
+    weights, kv = device_bench.decode_bytes_per_step(cfg, rows, context, weight_bytes=2, cache_bytes=2)
+    return weights / mesh.shape.get("tensor", 1) + kv / mesh.size
 
 
 def aot_report(target="cpu", programs="rollout", student="2b", dtype="float32", *, num_prompts=16, num_samples=4,
@@ -448,8 +449,7 @@ def aot_report(target="cpu", programs="rollout", student="2b", dtype="float32", 
                                           lowerings[name], target, quiet=quiet)
             results[name] = mem
             if name == "decode" and target.hbm_bandwidth:
-                least = decode_roofline_bytes(cfg, shape["rows"], shape["context"], fsdp.size,
-                                              jnp.dtype(dtype).itemsize)
+                least = decode_roofline_bytes(cfg, shape["rows"], shape["context"], fsdp)
                 print(f"    decode roofline: the least bytes per device a step reads {least / GB:.3f} GB -> "
                       f"{least / target.hbm_bandwidth * 1e3:.2f} ms at {target.hbm_bandwidth / GB:,.0f} GB/s"
                       + (f"; the compiler's bytes accessed {mem.bytes_accessed / GB:.3f} GB -> "
