@@ -48,10 +48,12 @@ setup(
         # Compile-only: deviceless compilation for TPUs and NVIDIA GPUs on a host with neither
         # (vaopd_jax/parallel/targets.py, `--target` of the benches, tests/test_targets.py). libtpu (~210 MB)
         # and the CUDA plugin without the CUDA wheels (~180 MB; JAX's "cuda12-local" extra): the GPU compiler
-        # needs neither a driver nor cuDNN/cuBLAS to compile and report memory. Not for running on a GPU.
-        "compile": ["jax[tpu]>=0.7", "jax[cuda12-local]>=0.7"],
+        # needs neither a driver nor cuDNN/cuBLAS to compile and report memory ('cudnn' attention needs cuDNN).
+        # Not for running on a GPU.
+        # nvidia-cuda-nvcc-cu12 (~40 MB): ptxas, which the GPU compiler runs on every kernel.
+        "compile": ["jax[tpu]>=0.7", "jax[cuda12-local]>=0.7", "nvidia-cuda-nvcc-cu12>=12.1"],
         "compile-tpu": ["jax[tpu]>=0.7"],
-        "compile-cuda12": ["jax[cuda12-local]>=0.7"],
+        "compile-cuda12": ["jax[cuda12-local]>=0.7", "nvidia-cuda-nvcc-cu12>=12.1"],
         # torch is a test-time reference only (parity with transformers' Qwen3-VL).
         "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
     },

@@ -56,14 +56,24 @@ def _inputs(tokens: int):
 
 
 def child_write(path: str, dtype: str):
+    """Random weights one parameter at a time (N(0, 0.02); norm scales 1), then save_hf_checkpoint in 1 GB
+    shards: the host holds the model and one shard, not a full-model init (f32 draws) beside it."""
+    import jax
     import jax.numpy as jnp
+    from flax import nnx
 
-    from vaopd_jax.bench import device as device_bench
     from vaopd_jax.models import qwen3_vl
     from vaopd_jax.models.qwen3_vl import convert
 
-    model = device_bench.random_model(qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(), jnp.dtype(dtype))
-    convert.save_hf_checkpoint(model, path)
+    dt = jnp.dtype(dtype)
+    model = nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(), param_dtype=dt,
+                                                    rngs=nnx.Rngs(0)))
+    draw = jax.jit(lambda key, shape: (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dt),
+                   static_argnums=1)
+    for i, (path_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        norm = any("norm" in str(k) for k in path_)
+        var.set_value(jnp.ones(var.shape, dt) if norm else draw(jax.random.key(i), tuple(var.shape)))
+    convert.save_hf_checkpoint(model, path, max_shard_bytes=1 << 30)
     return {}
 
 
