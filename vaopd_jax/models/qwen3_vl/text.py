@@ -21,7 +21,7 @@ from .config import Qwen3VLConfig
 from .attention import attend
 from .layers import maybe_remat, param, rms_norm
 from .rope import apply_rotary
-from .sharding import constrain
+from .sharding import constrain, target_platform
 
 
 class KVCache(NamedTuple):
@@ -182,7 +182,7 @@ def cached_attention(q, k_new, v_new, cache_k, cache_v, valid, layer, filled, *,
     r = q.shape[0]
     _, b, kh, s, d = cache_k.shape
     block = min(block_size, s)
-    if chunk_bytes is None and jax.default_backend() == "cpu":
+    if chunk_bytes is None and target_platform() == "cpu":
         chunk_bytes = 2 << 20
     per_group = r // row_groups
     chunk = per_group
