@@ -281,37 +281,13 @@ _encode_jit = nnx.jit(_encode)
 _CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
-def _hidden_and_logits_cpu(model: Qwen3VL, input_ids, attention_mask, position_ids, pixel_values, vision_inputs,
-                           image_embeds, deepstack_embeds, logits: bool):
-    """`_hidden_and_logits` with the LM head applied a vocabulary slice at a time (a loop writing into the logits):
-    the CPU converts the bf16 (E, V) kernel to f32 for the matmul, so the whole head at once was one more
-    f32 copy of the embedding (1.2 GB for the 2B's tied one) beside the bf16 weights."""
-    hidden = model._hidden_impl(input_ids, attention_mask, position_ids, pixel_values, vision_inputs, image_embeds,
-                                deepstack_embeds)
-    if not logits:
-        return hidden
-    w = model.lm_head_kernel()
-    vocab = w.shape[1]
-    chunk = max(d for d in range(1, min(vocab, 1 << 15) + 1) if vocab % d == 0)
-    out = jnp.zeros(hidden.shape[:-1] + (vocab,), jnp.float32)
-
-    def one(i, out):
-        part = jax.lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1).astype(model.compute_dtype)
-        logits_i = jnp.einsum("...e,ev->...v", hidden.astype(model.compute_dtype), part,
-                              preferred_element_type=jnp.float32)
-        return jax.lax.dynamic_update_slice_in_dim(out, logits_i, i * chunk, axis=out.ndim - 1)
-
-    return jax.lax.fori_loop(0, vocab // chunk, one, out)
-
-
 def _merged(plain):
     def call(graphdef, state, *args):
         return plain(nnx.merge(graphdef, state), *args)
     return call
 
 
-_hidden_cpu_jit = jax.jit(_merged(_hidden_and_logits_cpu), static_argnums=(0, 9),
-                          compiler_options=_CPU_COMPILER_OPTIONS)
+_hidden_cpu_jit = jax.jit(_merged(_hidden_and_logits), static_argnums=(0, 9), compiler_options=_CPU_COMPILER_OPTIONS)
 _encode_cpu_jit = jax.jit(_merged(_encode), static_argnums=(0,), compiler_options=_CPU_COMPILER_OPTIONS)
 _CPU_VARIANTS = {id(_hidden_jit): _hidden_cpu_jit, id(_encode_jit): _encode_cpu_jit}
 
