@@ -54,8 +54,8 @@ RESPONSES = (2048, 4096)
 # all at once, the target compiler's per-device peak in GB). Measured by `python -m vaopd_jax.bench.step --part
 # table` (JAX 0.10.2 target compilers; docs/performance.md).
 SIZING = {
-    ("h100x8", "8b", 2048): ("h100x8", 64, 23.05),
-    ("h100x8", "8b", 4096): ("h100x8", 64, 32.31),
+    ("h100x8", "8b", 2048): ("h100x8", 64, 19.77),
+    ("h100x8", "8b", 4096): ("h100x8", 64, 23.08),
 }
 # The CPU-backend sizing (8 x 80 GB, an upper bound): the fallback for entries not in SIZING.
 CPU_MICRO_BATCH_ROLLOUTS = {"4b": 0, "8b": 32, "32b": 32, "30b-a3b": 32, "235b-a22b": 32}
