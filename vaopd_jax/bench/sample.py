@@ -287,6 +287,12 @@ def part_aot(args):
     """The paper-scale rollout programs for --target; the cpu target runs in a subprocess with 8 simulated CPU
     devices (the speed parts use one)."""
     if args.target != "cpu":
+        from vaopd_jax.parallel import targets as targets_lib
+
+        try:
+            targets_lib.devices(targets_lib.get(args.target).name)
+        except (ValueError, targets_lib.MissingExtra) as e:
+            raise SystemExit(str(e))
         aot_report(target=args.target, programs=args.programs, student=args.aot_student, dtype=args.aot_dtype)
         return
     env = dict(os.environ)
