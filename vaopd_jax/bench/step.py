@@ -3,7 +3,10 @@ the paper-scale step on a simulated 8-device mesh with the micro-batch each teac
 
     python -m vaopd_jax.bench.step                       # all parts (the AOT table takes ~30 min on 2 CPU cores)
     python -m vaopd_jax.bench.step --part torch          # 1. JAX vs eager PyTorch, same config/batch/weights
-    python -m vaopd_jax.bench.step --part aot            # 2. the AOT table: 4B/8B/32B x 2,048/4,096 x fsdp=8
+    python -m vaopd_jax.bench.step --part aot --target h100x8   # 2. the AOT table compiled by the GPU compiler
+    python -m vaopd_jax.bench.step --part aot --target v6e-8 --teachers 8b --responses 4096   # by libtpu
+    python -m vaopd_jax.bench.step --part table --hardware h100x8,a100x8,v5p-8,v6e-8 --json T.json  # paper.py's
+    python -m vaopd_jax.bench.step --part aot            # the CPU backend (simulated devices; upper bounds)
     python -m vaopd_jax.bench.step --part aot --teachers 8b --responses 4096 --micro-batch 32   # one compile
     python -m vaopd_jax.bench.step --part aot --teachers 30b-a3b --responses 4096 --meshes 1,1,8,1   # MoE, expert=8
     XLA_FLAGS=--xla_force_host_platform_device_count=32 python -m vaopd_jax.bench.step --part aot \
@@ -14,7 +17,10 @@ the paper-scale step on a simulated 8-device mesh with the micro-batch each teac
    the same step written in eager PyTorch over transformers' Qwen3VLForConditionalGeneration (student and
    teacher), same small config, same weights, same batch, same process, CPU, fp32. JAX and torch steps are
    interleaved so machine load hits both; prints the median step times, the ratio and the two first-step losses.
-2. AOT: the paper-scale step (2B student with fp32 master params / bf16 compute, 4B / 8B / 32B bf16 teacher or the
+2. AOT: --target (vaopd_jax/parallel/targets.py: h100x8, a100x8, v5p-8, v6e-8, v5e-8, multi-host variants,
+   cpu) picks the compiler and the devices of the mesh; every compile prints one `... peak <X> GB ...` line with
+   the device kind, per-device bytes, the card's HBM and fits / margin (docs/performance.md). The figures below
+   are the CPU backend's. The paper-scale step (2B student with fp32 master params / bf16 compute, 4B / 8B / 32B bf16 teacher or the
    mixture-of-experts 30B-A3B / 235B-A22B one, 16 prompts x 4 rollouts, 1,024 prompt tokens of which 768 are one
    image, --responses tokens, KL chunk 512 as configs/base.py) lowered from abstract shapes (no weights allocated)
    with ShapeDtypeStructs carrying the shardings of a simulated (data, fsdp, tensor) or (data, fsdp, expert, tensor)
