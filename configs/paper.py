@@ -54,6 +54,8 @@ RESPONSES = (2048, 4096)
 # all at once, the target compiler's per-device peak in GB). Measured by `python -m vaopd_jax.bench.step --part
 # table` (JAX 0.10.2 target compilers; docs/performance.md).
 SIZING = {
+    ("a100x8", "8b", 2048): ("a100x8", 64, 18.75),
+    ("a100x8", "8b", 4096): ("a100x8", 64, 22.6),
     ("h100x8", "8b", 2048): ("h100x8", 64, 19.77),
     ("h100x8", "8b", 4096): ("h100x8", 64, 23.08),
 }

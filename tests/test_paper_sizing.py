@@ -17,6 +17,11 @@ def test_micro_batch_follows_the_hardware():
     h100 = load("teacher=8b,hardware=h100x8,response=4096")
     assert h100.train.micro_batch_rollouts == 0 and h100.rollout.max_new_tokens == 4096
     assert paper.sizing("h100x8", "8b", 4096) == ("h100x8", 0, 23.08)
+    # a100x8 (the default): the same choice from its own compile (22.6 GB); the CPU backend had said 32 rollouts.
+    a100 = load("teacher=8b,response=2048")
+    assert a100.train.micro_batch_rollouts == 0 and a100.rollout.max_new_tokens == 2048
+    assert paper.sizing("a100x8", "8b", 4096) == ("a100x8", 0, 22.6)
+    assert paper.CPU_MICRO_BATCH_ROLLOUTS["8b"] == 32
     # An entry not compiled for its target falls back to the CPU-backend sizing (an upper bound).
     missing = next((h, t, r) for h in paper.HARDWARE for t in paper.TEACHERS for r in paper.RESPONSES
                    if (h, t, r) not in paper.SIZING)
