@@ -3,6 +3,8 @@ per compiled program. The targets (GPUs, TPUs, the CPU backend) are vaopd_jax/pa
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 
 import jax
@@ -32,6 +34,19 @@ def sds(mesh, shape, dtype, axes=None):
     """A ShapeDtypeStruct sharded by logical axes (None: replicated)."""
     spec = PartitionSpec() if axes is None else model_sharding.logical_to_spec(axes, mesh=mesh, shape=shape)
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """Traces with every `jax.lax.scan` fully unrolled. XLA's cost analysis (the TPU compiler's) counts a loop
+    body once whatever its trip count, so the bytes of a program that scans its layers cover one layer; a program
+    traced in this context has no layer loop and its byte count covers every layer."""
+    original = jax.lax.scan
+    jax.lax.scan = functools.partial(original, unroll=True)
+    try:
+        yield
+    finally:
+        jax.lax.scan = original
 
 
 def compile_program(name: str, lower, target: targets_lib.Target, *, quiet: bool = False):

@@ -333,10 +333,12 @@ def rollout_lowerings(cfg, mesh, *, param_dtype=jnp.float32, num_prompts=16, num
                       image_tokens=768, max_new_tokens=4096, temperature=0.7, top_p=0.95, valid_vocab=151_669,
                       context=None, decode_block=None):
     """{name: closure lowering it} for the rollout's programs from abstract shapes over `mesh`:
-    'rollout' the sampler's whole program (vision, prefill, the decode loop: what the trainer runs);
+    'rollout' the sampler's whole program (vision, prefill, the decode loop: what the trainer runs; a compiler's
+    FLOPs / bytes for it count each loop body once);
     'prefill' its first part (vision tower, the prompts into a KV cache of prompt + new slots, copied to the K
     samples); 'decode' one decode step of all rows (the loop body: the step's forward over a cache filled to
-    `context` slots, default prompt + half the new tokens, and the sampling), the cache donated.
+    `context` slots, default prompt + half the new tokens, and the sampling), the cache donated, its layer scan
+    unrolled so that the compiler's byte count covers every layer.
     decode_block: cache slots per attention block of 'decode' (default: the whole context in one block, so the
     compiler's byte count covers every slot it reads; the sampler reads blocks of 128 in a loop)."""
     from vaopd_jax.bench import aot
@@ -402,9 +404,10 @@ def rollout_lowerings(cfg, mesh, *, param_dtype=jnp.float32, num_prompts=16, num
         cache = qwen3_vl.KVCache(k=sds(shape, jnp.bfloat16, kv_axes), v=sds(shape, jnp.bfloat16, kv_axes),
                                  valid=sds((rows, cache_slots), jnp.bool_, ("batch", None)))
         fn = on_mesh(jax.jit(decode_step, donate_argnums=(1,)), mesh)
-        return fn.lower(params, cache, sds((rows,), jnp.int32, ("batch",)),
-                        sds((3, rows, 1), jnp.int32, (None, "batch", None)), sds((), jnp.int32),
-                        sds((rows,), jnp.float32, ("batch",)))
+        with aot.unrolled_scans():  # the compiler's byte count then covers every layer, not one
+            return fn.lower(params, cache, sds((rows,), jnp.int32, ("batch",)),
+                            sds((3, rows, 1), jnp.int32, (None, "batch", None)), sds((), jnp.int32),
+                            sds((rows,), jnp.float32, ("batch",)))
 
     del decode_lib
     return {"rollout": lower_rollout, "prefill": lower_prefill, "decode": lower_decode}, dict(
