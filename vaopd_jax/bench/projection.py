@@ -36,6 +36,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import jax.numpy as jnp
+
 from vaopd_jax.bench import device as device_bench
 from vaopd_jax.models import qwen3_vl
 from vaopd_jax.parallel import targets as targets_lib
@@ -61,8 +63,8 @@ def rollout_mesh(target, kind: str):
                                                                                                 tensor=-1)
 
 
-def compiled_decode_bytes(target_name: str, context: int, response: int, mesh_kind: str = "fsdp"
-                          ) -> tuple[float, float]:
+def compiled_decode_bytes(target_name: str, context: int, response: int, mesh_kind: str = "fsdp",
+                          param_dtype: str = "float32") -> tuple[float, float]:
     """(the compiler's bytes accessed per device, the analytic least bytes per device) of one decode step of
     the paper's rollout at `context` slots, compiled for `target_name` (bench.sample's 'decode' program)."""
     from vaopd_jax.bench import aot, sample
@@ -70,7 +72,8 @@ def compiled_decode_bytes(target_name: str, context: int, response: int, mesh_ki
     target = targets_lib.get(target_name)
     mesh = rollout_mesh(target, mesh_kind)
     cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(attention_impl="chunked")
-    lowerings, shape = sample.rollout_lowerings(cfg, mesh, num_prompts=PROMPTS, num_samples=ROLLOUTS,
+    lowerings, shape = sample.rollout_lowerings(cfg, mesh, param_dtype=jnp.dtype(param_dtype), num_prompts=PROMPTS,
+                                                num_samples=ROLLOUTS,
                                                 prompt_len=PROMPT_LEN, image_tokens=IMAGE_TOKENS,
                                                 max_new_tokens=response, context=context)
     mem, *_ = aot.compile_program(f"decode step at context {context}", lowerings["decode"], target)
@@ -124,6 +127,8 @@ def main(argv=None):
     p.add_argument("--step-overhead-us", type=float, default=300.0, help="fixed cost per decode step (launches)")
     p.add_argument("--decode-bytes", choices=("compiler", "analytic"), default="compiler")
     p.add_argument("--bytes-from", default="v6e-8", help="TPU target whose compile gives the decode bytes")
+    p.add_argument("--decode-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the sampler's parameter dtype (float32: the train state's master params, as today)")
     p.add_argument("--rollout-mesh", choices=("fsdp", "tensor"), default="fsdp",
                    help="the sampler's mesh for the decode bytes: fsdp (today: the train mesh) or tensor=8")
     args = p.parse_args(argv)
@@ -136,9 +141,10 @@ def main(argv=None):
     for response in responses:
         context = int(PROMPT_LEN + response / 2)
         if args.decode_bytes == "compiler":
-            compiled, least = compiled_decode_bytes(args.bytes_from, context, response, args.rollout_mesh)
+            compiled, least = compiled_decode_bytes(args.bytes_from, context, response, args.rollout_mesh,
+                                                    args.decode_dtype)
             print(f"  decode step at the mean context {context} ({args.bytes_from} compile, rollout mesh "
-                  f"{args.rollout_mesh}): bytes accessed "
+                  f"{args.rollout_mesh}, {args.decode_dtype} params): bytes accessed "
                   f"{compiled / 1e9:.2f} GB per device; the least it must read {least / 1e9:.2f} GB -> "
                   f"{least / compiled:.0%} of the HBM roofline", flush=True)
             decode_bytes[response] = compiled

@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from vaopd_jax.models import qwen3_vl
+from vaopd_jax.parallel import targets as _targets  # noqa: F401  (sets the CUDA plugin's env before JAX starts)
 from vaopd_jax.parallel.mesh import on_mesh
 from vaopd_jax.rollout import sampler
 
