@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vaopd_jax", "vaopd_jax.*"]),
-    package_data={"vaopd_jax.data": ["*.jinja"]},
+    # The chat template; GPU target descriptions for deviceless compilation (`--target h100x8` / `a100x8`).
+    package_data={"vaopd_jax.data": ["*.jinja"], "vaopd_jax.parallel": ["target_configs/*.txtpb"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.11",
@@ -44,6 +45,15 @@ setup(
         "cuda12": ["jax[cuda12]>=0.7"],
         "cuda13": ["jax[cuda13]>=0.7"],
         "tpu": ["jax[tpu]>=0.7"],
+        # Compile-only: deviceless compilation for TPUs and NVIDIA GPUs on a host with neither
+        # (vaopd_jax/parallel/targets.py, `--target` of the benches, tests/test_targets.py). libtpu (~210 MB)
+        # and the CUDA plugin without the CUDA wheels (~180 MB; JAX's "cuda12-local" extra): the GPU compiler
+        # needs neither a driver nor cuDNN/cuBLAS to compile and report memory ('cudnn' attention needs cuDNN).
+        # Not for running on a GPU.
+        # nvidia-cuda-nvcc-cu12 (~40 MB): ptxas, which the GPU compiler runs on every kernel.
+        "compile": ["jax[tpu]>=0.7", "jax[cuda12-local]>=0.7", "nvidia-cuda-nvcc-cu12>=12.1"],
+        "compile-tpu": ["jax[tpu]>=0.7"],
+        "compile-cuda12": ["jax[cuda12-local]>=0.7", "nvidia-cuda-nvcc-cu12>=12.1"],
         # torch is a test-time reference only (parity with transformers' Qwen3-VL).
         "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
     },

@@ -4,7 +4,7 @@ r"""python -m vaopd_jax.train --config configs/paper.py:teacher=8b,data=geo3k,me
     --config.teacher.hf_path=/ckpt/Qwen3-VL-8B-Instruct \
     --config.data.train_path=/data/geometry3k/data --config.data.val_path=/data/geometry3k/data
 
-The paper's runs (spec/METHOD.md): a Qwen3-VL-2B student distilled from a Qwen3-VL teacher, one variant
+The paper's runs: a Qwen3-VL-2B student distilled from a Qwen3-VL teacher, one variant
 per teacher size, training set and method. `configs/base.py` is the main run (teacher=8b, data=geo3k).
 
   teacher=4b | 8b | 32b     the teacher's size. The run checks that config.teacher.hf_path's config.json is a
@@ -26,22 +26,20 @@ avg@8, OPD -> VA-OPD):
                                 (its gains grow with the teacher: 4B -> 8B -> 32B, +2.1 -> +2.9 -> +3.7 Math avg)
 A MoE teacher: `configs/paper.py:teacher=30b-a3b` with --config.teacher.hf_path=/ckpt/Qwen3-VL-30B-A3B-Instruct.
 
+  hardware=a100x8 | h100x8 | v5p-8 | v6e-8   the machine (default a100x8, the authors'): picks
+                            train.micro_batch_rollouts from SIZING below; a teacher that one host cannot hold
+                            names the host count it needs (e.g. v6e-8 -> v6e-32: launch on that slice).
+  response=4096 | 2048      rollout.max_new_tokens (the paper: 4,096).
+
 Meshes: FSDP over all devices (mesh.data=1, mesh.fsdp=-1); for the MoE teachers expert parallelism over all
 devices (mesh.fsdp=1, mesh.expert=-1: each device holds 128 / devices experts of every layer, and the axis is
-FSDP for the dense parts, the student included; it must divide 128, checked before loading). Memory: every
-dense teacher and the 30B-A3B fit one 8 x 80 GB host at the paper's shapes, the 235B-A22B four such hosts; the
-8B, 32B and MoE teachers with micro-batches of 32 rollouts (`train.micro_batch_rollouts`, set below: same loss
-and gradient, two teacher/student passes per step; for 8B it keeps the step within 50 GB). Per-device peak of
-the compiled step on fsdp=8 (`python -m vaopd_jax.bench.step --part aot`: 16x4 rollouts, prompt 1,024, chunked
-attention; the largest micro-batch within 72 GB; CPU-compiled, so upper bounds):
-  teacher   response 2,048               response 4,096
-  4b        44.8 GB (all 64 at once)     57.7 GB (all at once)
-  8b        48.5 GB (all at once)        63.1 GB (all at once); 38.0 GB with micro_batch_rollouts=32
-  32b       62.1 GB (32: 2 micro-batches; all at once 76.7)   66.4 GB (32; all at once 92.9)
-MoE teachers at response 4,096 with expert parallelism (mesh expert=<all devices>), micro_batch_rollouts=32:
-  30b-a3b   8 x 80 GB (expert=8): 42.0 GB (all 64 at once 74.1 GB; fsdp=8 instead of expert=8: 49.5 GB)
-  235b-a22b 32 x 80 GB, 4 hosts (expert=32): 63.7 GB (all 64 at once 70.8 GB, within 72 GB but with no margin);
-            16 x 80 GB (expert=16) does not fit (110.3 GB)
+FSDP for the dense parts, the student included; it must divide 128, checked before loading).
+Micro-batches: SIZING holds, per hardware x teacher x response, the largest micro-batch (64 = all rollouts at
+once, 32, 16, 8) whose per-device peak, compiled for that hardware by its own compiler (the CUDA plugin with
+the GPU's target description, libtpu for TPUs; no hardware needed), is within the card's HBM less 10 %:
+`python -m vaopd_jax.bench.step --part table` (docs/performance.md, "Target-compiled memory", has the table,
+the peaks and the command). Entries not yet compiled for their target fall back to the CPU-backend sizing
+(CPU_MICRO_BATCH_ROLLOUTS: XLA's CPU backend on 8 x 80 GB, an upper bound, about 2x the GPU compiler's peak).
 
 Sweeps over these variants: configs/sweep_ablation.py.
 """
@@ -50,20 +48,57 @@ from vaopd_jax import config as config_lib
 
 TEACHERS = ("4b", "8b", "32b", "30b-a3b", "235b-a22b")
 MOE_TEACHERS = ("30b-a3b", "235b-a22b")  # mesh: expert parallelism over all devices
-# Rollouts per micro-batch (0: all 64 at once): the largest within 72 GB per device on 8 x 80 GB (table above);
-# 8B takes 32 as well, so its step stays within 50 GB per device (38.0 GB at response 4,096); 235B-A22B (on
-# 32 x 80 GB) takes 32 for margin (63.7 GB; all at once 70.8 GB).
-MICRO_BATCH_ROLLOUTS = {"4b": 0, "8b": 32, "32b": 32, "30b-a3b": 32, "235b-a22b": 32}
+HARDWARE = ("a100x8", "h100x8", "v5p-8", "v6e-8")
+RESPONSES = (2048, 4096)
+# (hardware, teacher, response) -> (target: the slice / hosts the step needs, rollouts per micro-batch with 64 =
+# all at once, the target compiler's per-device peak in GB). Measured by `python -m vaopd_jax.bench.step --part
+# table` (JAX 0.10.2 target compilers; docs/performance.md).
+SIZING = {
+    ("a100x8", "4b", 2048): ("a100x8", 64, 17.71),
+    ("a100x8", "4b", 4096): ("a100x8", 64, 21.04),
+    ("a100x8", "8b", 2048): ("a100x8", 64, 18.75),
+    ("a100x8", "8b", 4096): ("a100x8", 64, 22.6),
+    ("a100x8", "32b", 2048): ("a100x8", 64, 25.93),
+    ("a100x8", "32b", 4096): ("a100x8", 64, 29.14),
+    ("a100x8", "30b-a3b", 2048): ("a100x8", 64, 24.26),
+    ("a100x8", "30b-a3b", 4096): ("a100x8", 64, 27.46),
+    ("h100x8", "4b", 2048): ("h100x8", 64, 18.26),
+    ("h100x8", "4b", 4096): ("h100x8", 64, 21.53),
+    ("h100x8", "8b", 2048): ("h100x8", 64, 19.77),
+    ("h100x8", "8b", 4096): ("h100x8", 64, 23.08),
+    ("h100x8", "32b", 2048): ("h100x8", 64, 29.15),
+    ("h100x8", "32b", 4096): ("h100x8", 64, 35.74),
+    ("h100x8", "30b-a3b", 2048): ("h100x8", 64, 24.63),
+    ("h100x8", "30b-a3b", 4096): ("h100x8", 64, 27.94),
+    ("h100x8", "235b-a22b", 2048): ("h100x8", 64, 74.28),
+    ("h100x8", "235b-a22b", 4096): ("h100x8", 32, 71.87),
+    ("v6e-8", "8b", 4096): ("v6e-8", 32, 23.8),
+}
+# The CPU-backend sizing (8 x 80 GB, an upper bound): the fallback for entries not in SIZING.
+CPU_MICRO_BATCH_ROLLOUTS = {"4b": 0, "8b": 32, "32b": 32, "30b-a3b": 32, "235b-a22b": 32}
 DATA = {"geo3k": "geometry3k", "virl39k": "virl39k"}
 
 
+def sizing(hardware: str, teacher: str, response: int) -> tuple[str, int, float | None]:
+  """(target, train.micro_batch_rollouts (0: all rollouts at once), peak GB or None for the CPU fallback)."""
+  if (hardware, teacher, response) in SIZING:
+    target, micro, peak = SIZING[(hardware, teacher, response)]
+    return target, 0 if micro == 64 else micro, peak
+  return hardware, CPU_MICRO_BATCH_ROLLOUTS[teacher], None
+
+
 def get_config(arg=None):
-  """The paper's config for `arg` = 'teacher=<4b|8b|32b|30b-a3b|235b-a22b>,data=<geo3k|virl39k>,method=<method>'."""
-  args = config_lib.parse_arg(arg, teacher="8b", data="geo3k", method="va_opd")
+  """The paper's config for `arg` = 'teacher=<4b|8b|32b|30b-a3b|235b-a22b>,data=<geo3k|virl39k>,method=<method>,
+  hardware=<a100x8|h100x8|v5p-8|v6e-8>,response=<4096|2048>'."""
+  args = config_lib.parse_arg(arg, teacher="8b", data="geo3k", method="va_opd", hardware="a100x8", response=4096)
   if args.teacher not in TEACHERS:
     raise config_lib.ConfigError(f"configs/paper.py: teacher={args.teacher!r}; must be one of {TEACHERS}")
   if args.data not in DATA:
     raise config_lib.ConfigError(f"configs/paper.py: data={args.data!r}; must be one of {tuple(DATA)}")
+  if args.hardware not in HARDWARE:
+    raise config_lib.ConfigError(f"configs/paper.py: hardware={args.hardware!r}; must be one of {HARDWARE}")
+  if args.response not in RESPONSES:
+    raise config_lib.ConfigError(f"configs/paper.py: response={args.response}; must be one of {RESPONSES}")
   base = config_lib.load_sibling(__file__, "base")
   c = base.get_config(f"method={args.method}")
   c.teacher.size = args.teacher   # checked against teacher.hf_path's config.json
@@ -78,7 +113,8 @@ def get_config(arg=None):
   else:
     c.mesh.fsdp = -1   # all devices: FSDP alone needs less memory than FSDP x tensor=2 (see above)
     c.mesh.expert = 1
-  c.train.micro_batch_rollouts = MICRO_BATCH_ROLLOUTS[args.teacher]
+  c.rollout.max_new_tokens = args.response
+  _, c.train.micro_batch_rollouts, _ = sizing(args.hardware, args.teacher, args.response)
   if args.data == "virl39k":
     c.train.checkpoint_every = 200
     c.eval.every = 200

@@ -39,9 +39,9 @@ def test_every_train_config_validates_and_documents_its_command():
         moe = cfg.teacher.size in ("30b-a3b", "235b-a22b")
         assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor) == ((1, 1, -1, 1) if moe else
                                                                                    (1, -1, 1, 1))
-        # The micro-batch of `python -m vaopd_jax.bench.step --part aot`'s table (8 x 80 GB; 235B-A22B: 32 x 80 GB).
-        assert cfg.train.micro_batch_rollouts == {"4b": 0, "8b": 32, "32b": 32, "30b-a3b": 32,
-                                                  "235b-a22b": 32}[cfg.teacher.size]
+        # The default hardware's (a100x8) micro-batch from configs/paper.py's SIZING (tests/test_paper_sizing.py).
+        paper = module("paper")
+        assert cfg.train.micro_batch_rollouts == paper.sizing("a100x8", cfg.teacher.size, 4096)[1]
 
 
 def test_paper_variants_name_and_check_their_teacher(tmp_path):

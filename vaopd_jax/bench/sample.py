@@ -48,6 +48,8 @@ import numpy as np
 from flax import nnx
 
 from vaopd_jax.models import qwen3_vl
+from vaopd_jax.parallel import targets as _targets  # noqa: F401  (sets the CUDA plugin's env before JAX starts)
+from vaopd_jax.parallel.mesh import on_mesh
 from vaopd_jax.rollout import sampler
 
 GB = 1e9
@@ -283,38 +285,35 @@ def part_tail(cfg, args):
 
 
 def part_aot(args):
-    """Runs the paper-scale AOT report in a subprocess with 8 simulated CPU devices."""
+    """The paper-scale rollout programs for --target; the cpu target runs in a subprocess with 8 simulated CPU
+    devices (the speed parts use one)."""
+    if args.target != "cpu":
+        from vaopd_jax.parallel import targets as targets_lib
+
+        try:
+            targets_lib.devices(targets_lib.get(args.target).name)
+        except (ValueError, targets_lib.MissingExtra) as e:
+            raise SystemExit(str(e))
+        aot_report(target=args.target, programs=args.programs, student=args.aot_student, dtype=args.aot_dtype)
+        return
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    cmd = [sys.executable, os.path.abspath(__file__), "--part", "aot-here"]
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", "aot-here", "--programs", args.programs,
+           "--aot-student", args.aot_student, "--aot-dtype", args.aot_dtype]
     subprocess.run(cmd, env=env, check=True)
 
 
-def aot_report(num_prompts=16, num_samples=4, prompt_len=1024, image_tokens=768, max_new_tokens=4096,
-               mesh_shape=(1, 8, 1)):
-    """The paper-scale rollout program from abstract shapes on a simulated (data, fsdp, tensor) mesh: prints XLA's
-    per-device memory analysis. Call in a process with >= 8 devices."""
-    from jax.sharding import NamedSharding, PartitionSpec
+AOT_PROGRAMS = ("rollout", "prefill", "decode", "eval")
+# The evaluator's generation (configs/eval_default.py): batch_size 8 prompts x num_samples 8, temperature 1.0,
+# top-p 1.0, 4,096 new tokens, bf16 weights, prompts padded to >= 256 (here 1,024 with a 768-token image), the
+# mesh data=-1 (weights replicated, prompts split over the devices: vaopd_jax.evaluate.local_mesh).
+EVAL_SETTINGS = dict(num_prompts=8, num_samples=8, temperature=1.0, top_p=1.0, max_new_tokens=4096)
 
-    from vaopd_jax.models.qwen3_vl import sharding as model_sharding
 
-    devices = np.asarray(jax.devices()[:int(np.prod(mesh_shape))]).reshape(mesh_shape)
-    mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"),
-                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(attention_impl="chunked")
-    model = nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
-                                                    rngs=nnx.Rngs(0)))
-    _, state = nnx.split(model, nnx.Param)
-    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    leaves, treedef = jax.tree.flatten(state)
-    abstract_state = jax.tree.unflatten(treedef, [
-        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, model_sharding.logical_to_spec(
-            v.get_metadata()["logical_axes"], None, mesh, v.shape))) for x, v in zip(leaves, variables)])
+def _abstract_prompts(cfg, mesh, num_prompts, prompt_len, image_tokens):
+    from vaopd_jax.bench import aot
 
-    def sds(shape, dtype, axes=None):
-        spec = PartitionSpec() if axes is None else model_sharding.logical_to_spec(axes, mesh=mesh, shape=shape)
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-
+    sds = lambda shape, dtype, axes=None: aot.sds(mesh, shape, dtype, axes)  # noqa: E731
     patches = image_tokens * cfg.vision.merge_unit  # one image per prompt
     vision = qwen3_vl.VisionInputs(
         rotary_pos=sds((num_prompts, patches, 2), jnp.int32, ("batch", None, None)),
@@ -323,37 +322,170 @@ def aot_report(num_prompts=16, num_samples=4, prompt_len=1024, image_tokens=768,
         segment_ids=sds((num_prompts, patches), jnp.int32, ("batch", None)),
         valid=sds((num_prompts, patches), jnp.bool_, ("batch", None)),
         merged_valid=sds((num_prompts, image_tokens), jnp.bool_, ("batch", None)))
-    rollouts = sampler.Sampler(model, max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=0.7,
-                               top_p=0.95, valid_vocab_size=151_669, mesh=mesh)
+    return dict(input_ids=sds((num_prompts, prompt_len), jnp.int32, ("batch", None)),
+                attention_mask=sds((num_prompts, prompt_len), jnp.int32, ("batch", None)),
+                position_ids=sds((3, num_prompts, prompt_len), jnp.int32, (None, "batch", None)),
+                next_position=sds((num_prompts,), jnp.int32, ("batch",)),
+                pixel_values=sds((num_prompts, patches, cfg.vision.patch_dim), jnp.float32, ("batch", None, None)),
+                vision_inputs=vision, image_rows=sds((num_prompts * image_tokens,), jnp.int32))
+
+
+def rollout_lowerings(cfg, mesh, *, param_dtype=jnp.float32, num_prompts=16, num_samples=4, prompt_len=1024,
+                      image_tokens=768, max_new_tokens=4096, temperature=0.7, top_p=0.95, valid_vocab=151_669,
+                      context=None, decode_block=None):
+    """{name: closure lowering it} for the rollout's programs from abstract shapes over `mesh`:
+    'rollout' the sampler's whole program (vision, prefill, the decode loop: what the trainer runs; a compiler's
+    FLOPs / bytes for it count each loop body once);
+    'prefill' its first part (vision tower, the prompts into a KV cache of prompt + new slots, copied to the K
+    samples); 'decode' one decode step of all rows (the loop body: the step's forward over a cache filled to
+    `context` slots, default prompt + half the new tokens, and the sampling), the cache donated, its layer scan
+    unrolled so that the compiler's byte count covers every layer.
+    decode_block: cache slots per attention block of 'decode' (default: the whole context in one block, so the
+    compiler's byte count covers every slot it reads; the sampler reads blocks of 128 in a loop)."""
+    from vaopd_jax.bench import aot
+    from vaopd_jax.models.qwen3_vl import sharding as model_sharding  # noqa: F401
+    from vaopd_jax.rollout import decode as decode_lib
+    from vaopd_jax.rollout import logits as logit_ops
+
+    graphdef, params = aot.abstract_model(cfg, param_dtype, jnp.bfloat16, None, mesh)
+    model = nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, param_dtype=param_dtype, compute_dtype=jnp.bfloat16,
+                                                    rngs=nnx.Rngs(0)))
+    prompts = _abstract_prompts(cfg, mesh, num_prompts, prompt_len, image_tokens)
+    sds = lambda shape, dtype, axes=None: aot.sds(mesh, shape, dtype, axes)  # noqa: E731
     key = jax.eval_shape(lambda: jax.random.key(0))
-    args = (abstract_state, sds((num_prompts, prompt_len), jnp.int32, ("batch", None)),
-            sds((num_prompts, prompt_len), jnp.int32, ("batch", None)),
-            sds((3, num_prompts, prompt_len), jnp.int32, (None, "batch", None)),
-            sds((num_prompts,), jnp.int32, ("batch",)),
-            sds((num_prompts, patches, cfg.vision.patch_dim), jnp.float32, ("batch", None, None)), vision,
-            sds((num_prompts * image_tokens,), jnp.int32), sds((), jnp.int32),
-            jax.ShapeDtypeStruct(key.shape, key.dtype), sds((8,), jnp.int32), sds((), jnp.int32), sds((), jnp.int32),
-            sds((8,), jnp.int32))
-    start = time.perf_counter()
-    # The Sampler's own program and mesh context (jax.set_mesh, as for the train step).
-    lowered = rollouts._run.lower(*args, program=rollouts.program)
-    lower_s = time.perf_counter() - start
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start - lower_s
-    mem = compiled.memory_analysis()
-    rows, slots = num_prompts * num_samples, prompt_len + max_new_tokens
+    vocab = cfg.text.vocab_size
+    eos = [i for i in sampler.END_TOKEN_IDS if i < vocab] or [vocab - 1]  # tiny test configs: any id
+    rollouts = sampler.Sampler(model, max_new_tokens=max_new_tokens, num_samples=num_samples, eos_token_ids=eos,
+                               temperature=temperature, top_p=top_p, valid_vocab_size=valid_vocab, mesh=mesh)
+    rows, slots = num_prompts * num_samples, prompt_len + sampler.bucket_size(max_new_tokens)
+    p = prompts
+
+    def lower_rollout():
+        args = (params, p["input_ids"], p["attention_mask"], p["position_ids"], p["next_position"],
+                p["pixel_values"], p["vision_inputs"], p["image_rows"], sds((), jnp.int32),
+                jax.ShapeDtypeStruct(key.shape, key.dtype), sds((8,), jnp.int32), sds((), jnp.int32),
+                sds((), jnp.int32), sds((8,), jnp.int32))
+        # The Sampler's own jitted program and mesh context (jax.set_mesh, as for the train step).
+        return rollouts._run.lower(*args, program=rollouts.program)
+
+    def prefill(params, input_ids, attention_mask, position_ids, pixel_values, vision_inputs, image_rows):
+        m = nnx.merge(graphdef, params)
+        embeds, deepstack = m.encode_prompt_images(pixel_values, vision_inputs, image_rows)
+        cache = sampler._constrain_cache(m.init_cache(num_prompts, slots, jnp.bfloat16), mesh)
+        logits, cache = m.prefill(input_ids, attention_mask, position_ids, cache=cache, image_embeds=embeds,
+                                  deepstack_embeds=deepstack, last_only=True)
+        cache = sampler._constrain_cache(sampler.repeat_cache(cache, num_samples), mesh)
+        return sampler._constrain(jnp.repeat(logits, num_samples, axis=0), mesh, ("batch", None)), cache
+
+    def lower_prefill():
+        fn = on_mesh(jax.jit(prefill), mesh)
+        return fn.lower(params, p["input_ids"], p["attention_mask"], p["position_ids"], p["pixel_values"],
+                        p["vision_inputs"], p["image_rows"])
+
+    filled = prompt_len + max_new_tokens // 2 if context is None else int(context)
     t = cfg.text
-    cache = 2 * t.num_hidden_layers * rows * t.num_key_value_heads * slots * t.head_dim * 2
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    print(f"== aot: 2B student rollout program, {num_prompts} prompts x {num_samples} samples, prompt {prompt_len} "
-          f"({image_tokens} image tokens) + {max_new_tokens} new tokens, mesh "
-          f"{'x'.join(f'{k}={v}' for k, v in mesh.shape.items())}: lower {lower_s:.0f} s, compile {compile_s:.0f} s")
-    print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs "
-          f"{mem.output_size_in_bytes / GB:.3f} GB, temp {mem.temp_size_in_bytes / GB:.2f} GB "
-          f"-> peak {peak / GB:.2f} GB "
-          "(the bf16 KV cache alone: "
-          f"{cache / GB:.1f} GB in all, {cache / GB / mesh.size:.2f} GB per device)", flush=True)
-    return mem
+    sampling = logit_ops.SamplingParams(temperature=temperature, top_p=top_p)
+    block = filled if decode_block is None else int(decode_block)
+    # Only the slots the step reads: a cache of `filled` slots (the step at that context; the rollout's cache
+    # is larger, its unread slots cost no bandwidth).
+    cache_slots = filled + 1
+
+    def decode_step(params, cache, tokens, positions, cache_index, uniform):
+        m = nnx.merge(graphdef, params)
+        lm_head = sampler._constrain(m.lm_head_kernel().astype(m.compute_dtype), mesh, (None, "vocab"))
+        logits, cache = m.decode_step(tokens[:, None], positions, cache, cache_index, block_size=block,
+                                      lm_head=lm_head)
+        logits = sampler._constrain(logits.reshape(rows, -1), mesh, ("batch", None))
+        drawn, lp, _ = logit_ops.sample_tokens(None, logits, sampling, valid_vocab, uniform=uniform)
+        return drawn, lp, sampler._constrain_cache(cache, mesh)
+
+    def lower_decode():
+        kv_axes = ("layers", "batch", "kv_heads", None, "head_dim")
+        shape = (t.num_hidden_layers, rows, t.num_key_value_heads, cache_slots, t.head_dim)
+        cache = qwen3_vl.KVCache(k=sds(shape, jnp.bfloat16, kv_axes), v=sds(shape, jnp.bfloat16, kv_axes),
+                                 valid=sds((rows, cache_slots), jnp.bool_, ("batch", None)))
+        fn = on_mesh(jax.jit(decode_step, donate_argnums=(1,)), mesh)
+        with aot.unrolled_scans():  # the compiler's byte count then covers every layer, not one
+            return fn.lower(params, cache, sds((rows,), jnp.int32, ("batch",)),
+                            sds((3, rows, 1), jnp.int32, (None, "batch", None)), sds((), jnp.int32),
+                            sds((rows,), jnp.float32, ("batch",)))
+
+    del decode_lib
+    return {"rollout": lower_rollout, "prefill": lower_prefill, "decode": lower_decode}, dict(
+        rows=rows, slots=slots, context=filled, num_prompts=num_prompts)
+
+
+def decode_roofline_bytes(cfg, rows: int, context: int, mesh) -> float:
+    """The least one decode step must read per device: the rows are split over the batch axes, so every device
+    multiplies its rows by every weight matrix and reads all of them once at the compute dtype (bf16; split
+    only by a 'tensor' axis), plus its rows' share of the bf16 KV cache up to `context` slots."""
+    from vaopd_jax.bench import device as device_bench
+
+    weights, kv = device_bench.decode_bytes_per_step(cfg, rows, context, weight_bytes=2, cache_bytes=2)
+    return weights / mesh.shape.get("tensor", 1) + kv / mesh.size
+
+
+def aot_report(target="cpu", programs="rollout", student="2b", dtype="float32", *, num_prompts=16, num_samples=4,
+               prompt_len=1024, image_tokens=768, max_new_tokens=4096, mesh_shape=None, quiet=False):
+    """The paper-scale rollout programs (`AOT_PROGRAMS`, comma list) from abstract shapes, compiled for
+    `target` (parallel/targets.py; 'cpu' needs >= 8 simulated devices); one `... peak <X> GB ...` line per
+    program. 'eval' is the evaluator's generation (EVAL_SETTINGS, bf16 weights, data-parallel mesh). Returns
+    {program: ProgramMemory}."""
+    from vaopd_jax.bench import aot
+    from vaopd_jax.bench import device as device_bench
+    from vaopd_jax.parallel import targets as targets_lib
+
+    target = targets_lib.get(target) if isinstance(target, str) else target
+    names = [x.strip() for x in programs.split(",") if x.strip()] if isinstance(programs, str) else list(programs)
+    unknown = set(names) - set(AOT_PROGRAMS)
+    if unknown:
+        raise SystemExit(f"--programs: unknown {sorted(unknown)}; choose from {', '.join(AOT_PROGRAMS)}")
+    presets = {"2b": qwen3_vl.Qwen3VLConfig.qwen3_vl_2b, "4b": qwen3_vl.Qwen3VLConfig.qwen3_vl_4b,
+               "8b": qwen3_vl.Qwen3VLConfig.qwen3_vl_8b}
+    cfg = presets[student](attention_impl="chunked")
+    fsdp = targets_lib.make_mesh(target, fsdp=-1) if mesh_shape is None else targets_lib.make_mesh(
+        target, data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
+    results = {}
+    train_names = [n for n in names if n != "eval"]
+    if train_names:
+        lowerings, shape = rollout_lowerings(cfg, fsdp, param_dtype=jnp.dtype(dtype), num_prompts=num_prompts,
+                                             num_samples=num_samples, prompt_len=prompt_len,
+                                             image_tokens=image_tokens, max_new_tokens=max_new_tokens)
+        print(f"== aot: {student.upper()} student rollout programs ({dtype} params, bf16 compute and KV cache), "
+              f"{num_prompts} prompts x {num_samples} samples, prompt {prompt_len} ({image_tokens} image tokens) + "
+              f"{max_new_tokens} new tokens, target {target.label}, mesh {_mesh_desc(fsdp)}", flush=True)
+        for name in train_names:
+            mem, *_ = aot.compile_program(name if name != "decode" else f"decode step at context {shape['context']}",
+                                          lowerings[name], target, quiet=quiet)
+            results[name] = mem
+            if name == "decode" and target.hbm_bandwidth:
+                least = decode_roofline_bytes(cfg, shape["rows"], shape["context"], fsdp)
+                print(f"    decode roofline: the least bytes per device a step reads {least / GB:.3f} GB -> "
+                      f"{least / target.hbm_bandwidth * 1e3:.2f} ms at {target.hbm_bandwidth / GB:,.0f} GB/s"
+                      + (f"; the compiler's bytes accessed {mem.bytes_accessed / GB:.3f} GB -> "
+                         f"{mem.bytes_accessed / target.hbm_bandwidth * 1e3:.2f} ms: {least / mem.bytes_accessed:.0%} "
+                         f"of the roofline" if mem.bytes_accessed else "; the compiler reports no byte count"),
+                      flush=True)
+        t = cfg.text
+        cache = 2 * t.num_hidden_layers * shape["rows"] * t.num_key_value_heads * shape["slots"] * t.head_dim * 2
+        print(f"    (the bf16 KV cache of the rollout: {cache / GB:.1f} GB in all, {cache / GB / fsdp.size:.2f} GB per "
+              "device)")
+        del device_bench
+    if "eval" in names:
+        data = targets_lib.make_mesh(target, data=-1, fsdp=1)
+        settings = dict(EVAL_SETTINGS)
+        lowerings, _ = rollout_lowerings(cfg, data, param_dtype=jnp.bfloat16, prompt_len=prompt_len,
+                                         image_tokens=image_tokens, **settings)
+        print(f"== aot: the evaluator's generation ({student.upper()} bf16, {settings['num_prompts']} prompts x "
+              f"{settings['num_samples']} samples, temperature {settings['temperature']}, top-p {settings['top_p']}, "
+              f"prompt {prompt_len} + {settings['max_new_tokens']} new tokens), target {target.label}, mesh "
+              f"{_mesh_desc(data)}", flush=True)
+        results["eval"], *_ = aot.compile_program("eval generation", lowerings["rollout"], target, quiet=quiet)
+    return results
+
+
+def _mesh_desc(mesh) -> str:
+    return " x ".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 device"
 
 
 def main(argv=None):
@@ -375,10 +507,17 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--hf-repeats", type=int, default=1)
     p.add_argument("--no-hf", action="store_true", help="skip transformers (JAX figures only)")
+    p.add_argument("--target", default="cpu", help="aot: compile for this target (vaopd_jax/parallel/targets.py: "
+                   "h100x8, a100x8, v5p-8, v6e-8, v5e-8, cpu, ...)")
+    p.add_argument("--programs", default="rollout,prefill,decode,eval",
+                   help=f"aot: comma list of {', '.join(AOT_PROGRAMS)}")
+    p.add_argument("--aot-student", default="2b", help="aot: the sampling model (2b | 4b | 8b)")
+    p.add_argument("--aot-dtype", default="float32", help="aot: the sampler's parameter dtype (the train state's "
+                   "fp32 master params: float32; bfloat16)")
     args = p.parse_args(argv)
     parts = {x.strip() for x in args.part.split(",") if x.strip()}
     if parts == {"aot-here"}:  # the subprocess of part_aot
-        aot_report()
+        aot_report(target="cpu", programs=args.programs, student=args.aot_student, dtype=args.aot_dtype)
         return
     unknown = parts - {"speed", "compile", "tail", "aot"}
     if unknown:

@@ -3,7 +3,10 @@ the paper-scale step on a simulated 8-device mesh with the micro-batch each teac
 
     python -m vaopd_jax.bench.step                       # all parts (the AOT table takes ~30 min on 2 CPU cores)
     python -m vaopd_jax.bench.step --part torch          # 1. JAX vs eager PyTorch, same config/batch/weights
-    python -m vaopd_jax.bench.step --part aot            # 2. the AOT table: 4B/8B/32B x 2,048/4,096 x fsdp=8
+    python -m vaopd_jax.bench.step --part aot --target h100x8   # 2. the AOT table compiled by the GPU compiler
+    python -m vaopd_jax.bench.step --part aot --target v6e-8 --teachers 8b --responses 4096   # by libtpu
+    python -m vaopd_jax.bench.step --part table --hardware h100x8,a100x8,v5p-8,v6e-8 --json T.json  # paper.py's
+    python -m vaopd_jax.bench.step --part aot            # the CPU backend (simulated devices; upper bounds)
     python -m vaopd_jax.bench.step --part aot --teachers 8b --responses 4096 --micro-batch 32   # one compile
     python -m vaopd_jax.bench.step --part aot --teachers 30b-a3b --responses 4096 --meshes 1,1,8,1   # MoE, expert=8
     XLA_FLAGS=--xla_force_host_platform_device_count=32 python -m vaopd_jax.bench.step --part aot \
@@ -14,7 +17,10 @@ the paper-scale step on a simulated 8-device mesh with the micro-batch each teac
    the same step written in eager PyTorch over transformers' Qwen3VLForConditionalGeneration (student and
    teacher), same small config, same weights, same batch, same process, CPU, fp32. JAX and torch steps are
    interleaved so machine load hits both; prints the median step times, the ratio and the two first-step losses.
-2. AOT: the paper-scale step (2B student with fp32 master params / bf16 compute, 4B / 8B / 32B bf16 teacher or the
+2. AOT: --target (vaopd_jax/parallel/targets.py: h100x8, a100x8, v5p-8, v6e-8, v5e-8, multi-host variants,
+   cpu) picks the compiler and the devices of the mesh; every compile prints one `... peak <X> GB ...` line with
+   the device kind, per-device bytes, the card's HBM and fits / margin (docs/performance.md). The figures below
+   are the CPU backend's. The paper-scale step (2B student with fp32 master params / bf16 compute, 4B / 8B / 32B bf16 teacher or the
    mixture-of-experts 30B-A3B / 235B-A22B one, 16 prompts x 4 rollouts, 1,024 prompt tokens of which 768 are one
    image, --responses tokens, KL chunk 512 as configs/base.py) lowered from abstract shapes (no weights allocated)
    with ShapeDtypeStructs carrying the shardings of a simulated (data, fsdp, tensor) or (data, fsdp, expert, tensor)
@@ -61,13 +67,12 @@ from vaopd_jax.distill import step as step_lib
 from vaopd_jax.data import batch as batch_lib
 from vaopd_jax.distill.batch import TrainBatch, build_train_batch
 from vaopd_jax.models import qwen3_vl
-from vaopd_jax.models.qwen3_vl import sharding as model_sharding
 from vaopd_jax.models.qwen3_vl import testing
+from vaopd_jax.bench import aot
+from vaopd_jax.parallel import targets as targets_lib
 from vaopd_jax.parallel.mesh import MESH_AXES
 
 GB = 1e9
-DEVICE_GB, HEADROOM = 80, 0.10  # A100/H100 80 GB; 10 % left for what XLA's analysis does not see (allocator
-# fragmentation, collective and cuDNN workspaces, the runtime's own reservations)
 TEACHERS = {"4b": qwen3_vl.Qwen3VLConfig.qwen3_vl_4b, "8b": qwen3_vl.Qwen3VLConfig.qwen3_vl_8b,
             "32b": qwen3_vl.Qwen3VLConfig.qwen3_vl_32b, "30b-a3b": qwen3_vl.Qwen3VLConfig.qwen3_vl_30b_a3b,
             "235b-a22b": qwen3_vl.Qwen3VLConfig.qwen3_vl_235b_a22b}
@@ -199,17 +204,7 @@ def bench_vs_torch(num_steps: int, num_prompts: int, num_rollouts: int, response
 
 
 # ----------------------------------------------------------------------------- 2. AOT at paper scale
-def _abstract_model(cfg, param_dtype, compute_dtype, remat, mesh):
-    model = nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                                                    rngs=nnx.Rngs(0), remat=remat))
-    graphdef, state = nnx.split(model, nnx.Param)
-    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    leaves, treedef = jax.tree.flatten(state)  # one ShapeDtypeStruct inside each Param
-    specs = [model_sharding.logical_to_spec(v.get_metadata()["logical_axes"], None, mesh, v.shape)
-             for v in variables]
-    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
-                for x, spec in zip(leaves, specs)]
-    return graphdef, jax.tree.unflatten(treedef, abstract)
+_abstract_model = aot.abstract_model
 
 
 def _abstract_batch(cfg, mesh, num_prompts, num_rollouts, prompt_len, response_len, image_tokens):
@@ -263,13 +258,11 @@ def layer_report(attention: str, *, rows=8, seq_len=5120, chunk_size=512):
     return mem
 
 
-def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=16, num_rollouts=4,
-               prompt_len=1024, image_tokens=768, kl_chunk_size=PAPER_KL_CHUNK, vocab_valid=151_669,
-               attention="chunked", attention_chunk_size=512, micro_batch_rollouts=None):
-    """Lowers and compiles the paper-scale step from abstract shapes; prints XLA's per-device memory."""
-    options = dict(attention_impl=attention, attention_chunk_size=attention_chunk_size)
-    student_cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(**options)
-    teacher_cfg = TEACHERS[teacher_name](**options)
+def train_step_lowering(student_cfg, teacher_cfg, mesh: Mesh, *, num_prompts=16, num_rollouts=4, prompt_len=1024,
+                        response_len=2048, image_tokens=768, kl_chunk_size=PAPER_KL_CHUNK, vocab_valid=151_669,
+                        micro_batch_rollouts=None):
+    """A closure lowering the fused train step (the trainer's `distill.step.make_train_step`) from abstract
+    sharded shapes over `mesh`: student fp32 master params / bf16 compute / block remat, bf16 teacher."""
     student_graphdef, student_params = _abstract_model(student_cfg, jnp.float32, jnp.bfloat16, "block", mesh)
     teacher_graphdef, teacher_params = _abstract_model(teacher_cfg, jnp.bfloat16, jnp.bfloat16, "none", mesh)
     optimizer = state_lib.make_optimizer(1e-6, total_steps=1000)
@@ -277,7 +270,7 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
     abstract_opt = jax.eval_shape(optimizer.init, student_params)
     key = jax.eval_shape(lambda: jax.random.key(0))
     replicated = NamedSharding(mesh, PartitionSpec())
-    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     state = state_lib.TrainState(
         params=student_params, opt_state=jax.tree.map(with_sharding, abstract_opt, shardings.opt_state),
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
@@ -286,80 +279,177 @@ def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=
     config = step_lib.StepConfig(num_rollouts=num_rollouts, kl_chunk_size=kl_chunk_size, valid_vocab_size=vocab_valid,
                                  micro_batch_rollouts=micro_batch_rollouts)
     train_step = step_lib.make_train_step(config, teacher_graphdef, optimizer, mesh=mesh, state_sharding=shardings)
-    t0 = time.perf_counter()
-    # make_train_step traces under jax.set_mesh(mesh) (parallel.mesh.on_mesh): without it the activation constraints are
-    # no-ops and GSPMD replicates the teacher's MLP activations on every device (16 GB buffers at this size).
-    lowered = train_step.lower(state, teacher_params, batch, jax.ShapeDtypeStruct(key.shape, key.dtype,
-                                                                                  sharding=replicated))
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    mesh_desc = "x".join(f"{k}={v}" for k, v in mesh.shape.items())
+    # make_train_step traces under jax.set_mesh(mesh) (parallel.mesh.on_mesh): without it the activation
+    # constraints are no-ops and GSPMD replicates the teacher's MLP activations on every device.
+    return lambda: train_step.lower(state, teacher_params, batch,
+                                    jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated))
+
+
+def aot_report(teacher_name: str, response_len: int, mesh: Mesh, *, num_prompts=16, num_rollouts=4,
+               prompt_len=1024, image_tokens=768, kl_chunk_size=PAPER_KL_CHUNK, vocab_valid=151_669,
+               attention="chunked", attention_chunk_size=512, micro_batch_rollouts=None, target=None):
+    """Lowers and compiles the paper-scale step from abstract shapes for `target` (default: the CPU backend over
+    `mesh`'s simulated devices); prints the target compiler's per-device memory, one `... peak <X> GB ...` line."""
+    target = target or targets_lib.get("cpu")
+    options = dict(attention_impl=attention, attention_chunk_size=attention_chunk_size)
+    student_cfg = qwen3_vl.Qwen3VLConfig.qwen3_vl_2b(**options)
+    teacher_cfg = TEACHERS[teacher_name](**options)
+    lower = train_step_lowering(student_cfg, teacher_cfg, mesh, num_prompts=num_prompts, num_rollouts=num_rollouts,
+                                prompt_len=prompt_len, response_len=response_len, image_tokens=image_tokens,
+                                kl_chunk_size=kl_chunk_size, vocab_valid=vocab_valid,
+                                micro_batch_rollouts=micro_batch_rollouts)
+    micro = micro_batch_rollouts or num_prompts * num_rollouts
     print(f"2B student <- {teacher_name.upper()} teacher, {num_prompts}x{num_rollouts} rollouts, prompt {prompt_len} "
-          f"+ response {response_len}, mesh {mesh_desc}, attention {attention}"
-          f"{f' (chunk {attention_chunk_size})' if attention == 'chunked' else ''}, micro-batch "
-          f"{micro_batch_rollouts or num_prompts * num_rollouts}, KL chunk {kl_chunk_size}: lower {t1 - t0:.0f} s, "
-          f"compile {t2 - t1:.0f} s")
-    print(f"  per device: arguments {mem.argument_size_in_bytes / GB:.2f} GB, outputs "
-          f"{mem.output_size_in_bytes / GB:.2f} GB, aliased {mem.alias_size_in_bytes / GB:.2f} GB, temp "
-          f"{mem.temp_size_in_bytes / GB:.2f} GB -> peak {peak / GB:.2f} GB: "
-          f"{'fits' if peak < DEVICE_GB * GB else 'does NOT fit'} an {DEVICE_GB} GB device", flush=True)
-    return {"peak": peak / GB, "arguments": mem.argument_size_in_bytes / GB, "temp": mem.temp_size_in_bytes / GB,
-            "compile_s": t2 - t1}
+          f"+ response {response_len}, target {target.label}, mesh {_mesh_text(mesh)}, attention {attention}"
+          f"{f' (chunk {attention_chunk_size})' if attention == 'chunked' else ''}, micro-batch {micro}, KL chunk "
+          f"{kl_chunk_size}", flush=True)
+    mem, _, lower_s, compile_s = aot.compile_program("train step", lower, target)
+    return {"peak": mem.peak / GB, "arguments": mem.arguments / GB, "temp": mem.temp / GB, "fits": mem.fits,
+            "compile_s": compile_s, "lower_s": lower_s, "memory": mem}
 
 
-def aot_table(teachers, responses, meshes, *, candidates=MICRO_BATCH_CANDIDATES, budget_gb=None, **kwargs) -> list:
+def aot_table(teachers, responses, meshes, *, candidates=MICRO_BATCH_CANDIDATES, target=None, **kwargs) -> list:
     """For each teacher x response x mesh: the largest micro-batch (rollouts, from `candidates`, largest first)
-    whose AOT peak per device is within `budget_gb` (default: DEVICE_GB less HEADROOM). One compile per tried
+    whose per-device peak on `target` is within its budget (HBM less targets.HEADROOM). One compile per tried
     micro-batch, one at a time; prints each compile as it goes, then one table. Returns the table's rows."""
-    budget_gb = DEVICE_GB * (1 - HEADROOM) if budget_gb is None else budget_gb
+    target = target or targets_lib.get("cpu")
+    budget_gb = target.budget_bytes / GB
     rows = []
     for mesh in meshes:
         for teacher in teachers:
             for response in responses:
                 tried = []
                 for micro in candidates:
-                    tried.append((micro, aot_report(teacher, response, mesh, micro_batch_rollouts=micro, **kwargs)))
-                    if tried[-1][1]["peak"] <= budget_gb:
+                    tried.append((micro, aot_report(teacher, response, mesh, micro_batch_rollouts=micro,
+                                                    target=target, **kwargs)))
+                    if tried[-1][1]["fits"]:
                         break
                 rows.append({"teacher": teacher, "response": response, "mesh": _mesh_text(mesh), "tried": tried,
-                             "fits": tried[-1][1]["peak"] <= budget_gb})
+                             "fits": tried[-1][1]["fits"], "target": target.name})
     total = 16 * 4
-    print(f"\n2B student, 16 prompts x 4 rollouts, prompt 1,024 tokens (768 image tokens) + response; bf16 teacher, "
-          f"fp32 master student with bf16 compute and block remat; chunked attention; per-device AOT peak "
-          f"(arguments + outputs - aliased + temp); micro-batch = the largest within {budget_gb:.0f} GB "
-          f"({DEVICE_GB} GB less {HEADROOM:.0%} headroom)")
-    print("| teacher | response | mesh | micro-batch (rollouts) | peak GB / device | arguments GB | temp GB "
+    print(f"\n{target.label}: 2B student, 16 prompts x 4 rollouts, prompt 1,024 tokens (768 image tokens) + "
+          f"response; bf16 teacher, fp32 master student with bf16 compute and block remat; chunked attention; "
+          f"per-device peak (arguments + outputs - aliased + temp + code) from the {target.platform} compiler; "
+          f"micro-batch = the largest within {budget_gb:.1f} GB ({target.hbm_bytes / GB:.1f} GB less "
+          f"{targets_lib.HEADROOM:.0%} headroom)")
+    print("| target | teacher | response | mesh | micro-batch (rollouts) | peak GB / device | arguments GB | temp GB "
           "| larger micro-batches |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         micro, mem = row["tried"][-1]
         chosen = f"{micro} ({total // micro} micro-batch{'es' if total // micro > 1 else ''})" if row["fits"] else \
             f"none of {list(candidates)} fits"
         larger = ", ".join(f"{m}: {r['peak']:.1f} GB" for m, r in row["tried"][:-1]) or "-"
-        print(f"| {row['teacher'].upper()} | {row['response']:,} | {row['mesh']} | {chosen} | {mem['peak']:.1f} | "
-              f"{mem['arguments']:.1f} | {mem['temp']:.1f} | {larger} |")
+        print(f"| {target.name} | {row['teacher'].upper()} | {row['response']:,} | {row['mesh']} | {chosen} | "
+              f"{mem['peak']:.1f} | {mem['arguments']:.1f} | {mem['temp']:.1f} | {larger} |", flush=True)
     return rows
 
 
-def simulated_mesh(text: str) -> Mesh:
-    """A (data, fsdp, expert, tensor) mesh of simulated CPU devices from 'data,fsdp,tensor' (expert = 1) or
-    'data,fsdp,expert,tensor'."""
+def simulated_mesh(text: str, target=None) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh over the target's devices (default: simulated CPU devices) from
+    'data,fsdp,tensor' (expert = 1) or 'data,fsdp,expert,tensor'; -1 takes the remaining devices."""
+    target = target or targets_lib.get("cpu")
     try:
         sizes = [int(x) for x in text.split(",")]
     except ValueError:
         sizes = []
-    if len(sizes) not in (3, 4) or min(sizes) < 1:
-        raise SystemExit(f"--meshes {text!r}: expected data,fsdp,tensor or data,fsdp,expert,tensor positive sizes")
+    if len(sizes) not in (3, 4) or min(sizes) < -1 or 0 in sizes:
+        raise SystemExit(f"--meshes {text!r}: expected data,fsdp,tensor or data,fsdp,expert,tensor positive sizes "
+                         "(one may be -1: all remaining devices)")
     if len(sizes) == 3:
         sizes = sizes[:2] + [1] + sizes[2:]
+    data, fsdp, expert, tensor = sizes
+    if target.platform != "cpu":
+        try:
+            return targets_lib.make_mesh(target, data=data, fsdp=fsdp, expert=expert, tensor=tensor)
+        except ValueError as e:
+            raise SystemExit(f"--meshes {text} on --target {target.name} ({target.num_devices} devices): {e}")
+    cpus = jax.devices("cpu")
+    known = int(np.prod([x for x in sizes if x != -1]))
+    sizes = [x if x != -1 else max(len(cpus) // known, 1) for x in sizes]
     count = int(np.prod(sizes))
-    if count > len(jax.devices("cpu")):
-        raise SystemExit(f"--meshes {text}: needs {count} devices, {len(jax.devices('cpu'))} simulated; set "
+    if count > len(cpus):
+        raise SystemExit(f"--meshes {text}: needs {count} devices, {len(cpus)} simulated; set "
                          "XLA_FLAGS=--xla_force_host_platform_device_count=N")
-    return Mesh(np.asarray(jax.devices("cpu")[:count]).reshape(sizes), MESH_AXES)
+    return Mesh(np.asarray(cpus[:count]).reshape(sizes), MESH_AXES)
+
+
+# Hardware families of the sizing table (configs/paper.py HARDWARE): one host first, then more hosts of the same
+# card when no micro-batch fits one host.
+HARDWARE_LADDERS = {"h100x8": ("h100x8", "h100x16", "h100x32"), "a100x8": ("a100x8", "a100x16", "a100x32"),
+                    "v5p-8": ("v5p-8", "v5p-16", "v5p-32", "v5p-64"),
+                    "v6e-8": ("v6e-8", "v6e-16", "v6e-32", "v6e-64"),
+                    "v5e-8": ("v5e-8", "v5e-16", "v5e-32", "v5e-64")}
+
+
+def state_bytes_per_device(teacher: str, devices: int) -> float:
+    """A lower bound of the step's per-device arguments: bf16 teacher + fp32 student with AdamW's two moments,
+    all sharded over `devices` (the weights alone; the step's temporaries come on top)."""
+    count = lambda cfg: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(  # noqa: E731
+        nnx.eval_shape(lambda: qwen3_vl.Qwen3VL(cfg, rngs=nnx.Rngs(0))), nnx.Param)))
+    return (2 * count(TEACHERS[teacher]()) + 12 * count(qwen3_vl.Qwen3VLConfig.qwen3_vl_2b())) / devices
+
+
+def sizing_table(hardware: list[str], teachers, responses, *, json_path: str = "", **kwargs) -> list:
+    """configs/paper.py's table: for each hardware family x teacher x response, the fewest hosts and the largest
+    micro-batch (64, 32, 16, 8 rollouts, at least one row per device) whose target-compiled peak per device is
+    within the card's budget. A host count whose weights alone exceed the budget is skipped without compiling.
+    Writes every compile to `json_path` as it goes (rerunning resumes from it)."""
+    import json
+
+    done = {}
+    if json_path and os.path.exists(json_path):
+        with open(json_path) as f:
+            done = {(r["hardware"], r["teacher"], r["response"]): r for r in json.load(f)}
+    rows = list(done.values())
+    for family in hardware:
+        for teacher in teachers:
+            for response in responses:
+                if (family, teacher, response) in done:
+                    continue
+                row = {"hardware": family, "teacher": teacher, "response": response, "tried": [], "fits": False}
+                for name in HARDWARE_LADDERS[family]:
+                    target = targets_lib.get(name)
+                    floor = state_bytes_per_device(teacher, target.num_devices)
+                    if floor > target.budget_bytes:
+                        row["tried"].append({"target": name, "skipped": f"weights + optimizer state alone "
+                                             f"{floor / GB:.1f} GB per device"})
+                        continue
+                    moe = TEACHERS[teacher]().text.is_moe
+                    mesh = targets_lib.make_mesh(target, fsdp=1 if moe else -1, expert=-1 if moe else 1)
+                    for micro in [m for m in MICRO_BATCH_CANDIDATES if m >= target.num_devices]:
+                        result = aot_report(teacher, response, mesh, micro_batch_rollouts=micro, target=target,
+                                            **kwargs)
+                        row["tried"].append({"target": name, "mesh": _mesh_text(mesh), "micro": micro,
+                                             "peak_gb": round(result["peak"], 2), "fits": result["fits"],
+                                             "arguments_gb": round(result["arguments"], 2),
+                                             "temp_gb": round(result["temp"], 2),
+                                             "compile_s": round(result["compile_s"])})
+                        if result["fits"]:
+                            break
+                    if row["tried"][-1].get("fits"):
+                        row.update(fits=True, target=name, mesh=_mesh_text(mesh), micro=row["tried"][-1]["micro"],
+                                   peak_gb=row["tried"][-1]["peak_gb"], budget_gb=round(target.budget_bytes / GB, 1))
+                        break
+                rows.append(row)
+                if json_path:
+                    with open(json_path, "w") as f:
+                        json.dump(rows, f, indent=1)
+    print("| hardware | teacher | response | target (hosts) | mesh | micro-batch (rollouts) | peak GB / device "
+          "| budget GB | larger micro-batches / fewer hosts |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        tried = [f"{t['target']} {t['micro']}: {t['peak_gb']:.1f} GB" if "micro" in t else f"{t['target']}: skipped"
+                 for t in row["tried"][:-1]]
+        if row["fits"]:
+            target = targets_lib.get(row["target"])
+            print(f"| {row['hardware']} | {row['teacher'].upper()} | {row['response']:,} | {row['target']} "
+                  f"({target.hosts}) | {row['mesh']} | {row['micro']} | {row['peak_gb']:.1f} | {row['budget_gb']} | "
+                  f"{', '.join(tried) or '-'} |")
+        else:
+            print(f"| {row['hardware']} | {row['teacher'].upper()} | {row['response']:,} | none fits | - | - | - | - | "
+                  f"{', '.join(tried) or '-'} |")
+    return rows
 
 
 def _mesh_text(mesh: Mesh) -> str:
@@ -368,7 +458,10 @@ def _mesh_text(mesh: Mesh) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("torch", "aot", "layer", "all"), default="all")
+    parser.add_argument("--part", choices=("torch", "aot", "layer", "table", "all"), default="all")
+    parser.add_argument("--hardware", default="h100x8,a100x8,v5p-8,v6e-8",
+                        help=f"--part table: comma list of {', '.join(HARDWARE_LADDERS)}")
+    parser.add_argument("--json", default="", help="--part table: write (and resume from) this JSON file")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation (part 1)")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--rollouts", type=int, default=4)
@@ -376,9 +469,11 @@ def main(argv=None):
     parser.add_argument("--image", type=int, default=8, help="image side in patches (part 1)")
     parser.add_argument("--teachers", default="4b,8b,32b", help=f"comma list of {'/'.join(TEACHERS)} (part 2)")
     parser.add_argument("--responses", default="2048,4096", help="comma list of response lengths (part 2)")
-    parser.add_argument("--meshes", default="1,8,1", help="';'-separated data,fsdp,tensor or data,fsdp,expert,tensor "
-                        "sizes of simulated meshes (part 2; more than 8 devices needs "
-                        "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    parser.add_argument("--target", default="cpu", help=f"part 2: compile for {', '.join(targets_lib.TARGETS)} "
+                        "(GPU / TPU targets need the compile extras; 'cpu': XLA's CPU backend, simulated devices)")
+    parser.add_argument("--meshes", default="1,-1,1", help="';'-separated data,fsdp,tensor or data,fsdp,expert,tensor "
+                        "sizes (part 2; -1: the target's remaining devices; the cpu target with more than 8 devices "
+                        "needs XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     parser.add_argument("--attention", default="chunked", choices=("chunked", "xla", "cudnn"),
                         help="attention_impl of student and teacher (part 2); 'cudnn' needs an NVIDIA GPU")
     parser.add_argument("--attention-chunk", type=int, default=512, help="query chunk of 'chunked' (parts 2, 2a)")
@@ -393,15 +488,27 @@ def main(argv=None):
         print("== 2a. where the memory goes: one decoder layer, forward + backward")
         for attention in ("xla", "chunked"):
             layer_report(attention, chunk_size=args.attention_chunk)
+    if args.part == "table":
+        print(f"== the sizing table of configs/paper.py (target compilers; load: {os.getloadavg()[0]:.1f})")
+        sizing_table(args.hardware.split(","), [t.strip() for t in args.teachers.split(",")],
+                     [int(x) for x in args.responses.split(",")], json_path=args.json, attention=args.attention,
+                     attention_chunk_size=args.attention_chunk, kl_chunk_size=args.kl_chunk)
+        return
     if args.part in ("aot", "all"):
-        meshes = [simulated_mesh(text) for text in args.meshes.split(";")]
+        try:
+            target = targets_lib.get(args.target)
+            meshes = [simulated_mesh(text, target) for text in args.meshes.split(";")]
+        except (ValueError, targets_lib.MissingExtra) as e:
+            raise SystemExit(str(e))
         teachers = [t.strip() for t in args.teachers.split(",")]
         unknown = [t for t in teachers if t not in TEACHERS]
         if unknown:
             raise SystemExit(f"--teachers: {unknown} unknown; choose from {list(TEACHERS)}")
         responses = [int(x) for x in args.responses.split(",")]
-        options = dict(attention=args.attention, attention_chunk_size=args.attention_chunk, kl_chunk_size=args.kl_chunk)
-        print("== 2. AOT compile from abstract shapes (no weights), memory per device")
+        options = dict(attention=args.attention, attention_chunk_size=args.attention_chunk, kl_chunk_size=args.kl_chunk,
+                       target=target)
+        print(f"== 2. AOT compile from abstract shapes (no weights) for {target.label}, memory per device; "
+              f"{target.source}")
         if args.micro_batch:
             for mesh in meshes:
                 for teacher in teachers:

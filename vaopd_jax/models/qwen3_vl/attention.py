@@ -142,9 +142,11 @@ def attend(q, k, v, mask, impl: str = "xla", *, chunk_size: int = 512):
         return chunked_attention(q, k, v, mask, chunk_size=chunk_size)
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
     if impl == "cudnn":
-        if mask.segment_ids is not None:  # cuDNN has no segment mask type: a dense mask (vision, N x N per image)
-            return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(b, t, s), is_causal=mask.causal,
-                                                implementation="cudnn")
+        if mask.segment_ids is not None:
+            # cuDNN has no segment mask type, and its dense-mask form fails under vmap (the train step and the
+            # sampler vmap the vision tower over prompts: "cannot reshape (16, 1, 1, T, T) into (16, 16, T, T)",
+            # found compiling for h100x8): the vision tower's attention takes the chunked kernel.
+            return chunked_attention(q, k, v, mask, chunk_size=chunk_size)
         lengths = None
         if mask.key_valid is not None:  # right padding: the valid keys are a prefix of length sum(valid)
             lengths = jnp.sum(mask.key_valid.astype(jnp.int32), axis=1)

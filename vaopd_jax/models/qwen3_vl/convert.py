@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import mmap
 import os
 import struct
 from typing import Callable, Iterator, Mapping
@@ -213,7 +214,11 @@ def _get_param(model: nnx.Module, path: tuple[str, ...]) -> nnx.Param:
 
 # ----------------------------------------------------------------------------- safetensors I/O
 class SafetensorsFile:
-    """A memory-mapped safetensors file: header parsed once, tensors read lazily (zero-copy views)."""
+    """A memory-mapped safetensors file: header parsed once, tensors read lazily (zero-copy views).
+
+    `drop(key)` tells the kernel the process is done with a tensor's pages (madvise MADV_DONTNEED): they leave
+    this process's resident set (the page cache keeps them), so streaming a checkpoint into device arrays does
+    not end with the whole file resident beside the parameters (2x the parameters' bytes)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -228,16 +233,27 @@ class SafetensorsFile:
     def keys(self):
         return self.header.keys()
 
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
     def get(self, key: str) -> np.ndarray:
         info = self.header[key]
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}")
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, stop = info["data_offsets"]
-        raw = self._mm[self.offset + start:self.offset + stop]
+        raw = np.frombuffer(self._map(), dtype=np.uint8, count=stop - start, offset=self.offset + start)
         return raw.view(dtype).reshape(info["shape"])
+
+    def drop(self, key: str) -> None:
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, stop = self.header[key]["data_offsets"]
+        first = (self.offset + start) // mmap.PAGESIZE * mmap.PAGESIZE  # madvise wants a page-aligned start
+        self._mm.madvise(mmap.MADV_DONTNEED, first, self.offset + stop - first)
 
 
 class CheckpointReader:
@@ -267,6 +283,11 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: missing tensor {key!r}")
         return self.where[key].get(key)
 
+    def drop(self, key: str) -> None:
+        """Releases the resident pages of `key` (after its values were copied out)."""
+        if key in self.where:
+            self.where[key].drop(key)
+
 
 def _checked(reader: Callable[[str], np.ndarray], key: str, spec: ParamSpec, where: str) -> np.ndarray:
     hf = reader(key)
@@ -288,8 +309,10 @@ def _checked(reader: Callable[[str], np.ndarray], key: str, spec: ParamSpec, whe
     return hf
 
 
-def _build_param(spec: ParamSpec, shape, dtype, sharding, reader: Callable[[str], np.ndarray], where: str):
-    """A jax.Array for one parameter, each device shard assembled from only the HF tensors it needs."""
+def _build_param(spec: ParamSpec, shape, dtype, sharding, reader: Callable[[str], np.ndarray], where: str,
+                 drop: Callable[[str], None] | None = None):
+    """A jax.Array for one parameter, each device shard assembled from only the HF tensors it needs. drop(key):
+    called once a tensor's values are copied out (the reader may release its pages)."""
     np_dtype = np.dtype(jnp.dtype(dtype))
     slice_shape = tuple(shape[1:]) if spec.stacked else tuple(shape)
 
@@ -299,7 +322,11 @@ def _build_param(spec: ParamSpec, shape, dtype, sharding, reader: Callable[[str]
 
     def callback(index):
         if not spec.stacked:
-            return np.asarray(slice_of(0)[index], dtype=np_dtype)
+            # A copy, never a view of the file: the array must not keep the mapped pages resident.
+            out = np.array(slice_of(0)[index], dtype=np_dtype, copy=True)
+            if drop is not None:
+                drop(spec.keys[0])
+            return out
         layers = range(*index[0].indices(shape[0]))
         block = None
         for j, i in enumerate(layers):  # fill in place: host memory holds one block, not a list plus a stack
@@ -307,6 +334,8 @@ def _build_param(spec: ParamSpec, shape, dtype, sharding, reader: Callable[[str]
             if block is None:
                 block = np.empty((len(layers),) + part.shape, np_dtype)
             block[j] = part
+            if drop is not None:
+                drop(spec.keys[i])
         return block
 
     # Validate every tensor up front (cheap: header only) so errors name the tensor, not a device callback.
@@ -321,8 +350,9 @@ def _default_sharding():
 
 def model_from_tensors(cfg: Qwen3VLConfig, reader: Callable[[str], np.ndarray], *, dtype=jnp.float32,
                        compute_dtype=None, mesh: Mesh | None = None, rules: Mapping | None = None,
-                       where: str = "checkpoint") -> Qwen3VL:
-    """Builds a Qwen3VL whose parameters come from `reader(hf_key) -> np.ndarray` (streamed, sharded)."""
+                       where: str = "checkpoint", drop: Callable[[str], None] | None = None) -> Qwen3VL:
+    """Builds a Qwen3VL whose parameters come from `reader(hf_key) -> np.ndarray` (streamed, sharded);
+    drop(hf_key), when given, is called once a tensor has been copied into its shards."""
     abstract = nnx.eval_shape(lambda: Qwen3VL(cfg, dtype, compute_dtype, rngs=nnx.Rngs(0)))
     for spec in param_specs(cfg):
         p = _get_param(abstract, spec.path)
@@ -331,7 +361,7 @@ def model_from_tensors(cfg: Qwen3VLConfig, reader: Callable[[str], np.ndarray], 
             sharding = _default_sharding()
         else:
             sharding = NamedSharding(mesh, logical_to_spec(p.get_metadata()["logical_axes"], rules, mesh, shape))
-        p.set_value(_build_param(spec, shape, dtype, sharding, reader, where))
+        p.set_value(_build_param(spec, shape, dtype, sharding, reader, where, drop))
     return abstract
 
 
@@ -385,7 +415,7 @@ def load_hf_checkpoint(path, dtype=jnp.float32, mesh: Mesh | None = None, *, com
     reader = CheckpointReader(path)
     check_tensor_names(cfg, reader.where, path)
     return model_from_tensors(cfg, reader.get, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules,
-                              where=path)
+                              where=path, drop=reader.drop)
 
 
 def experts_to_hf(gate: np.ndarray, up: np.ndarray, spec: ParamSpec) -> np.ndarray:

@@ -25,13 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from .config import MOE_IMPLS as IMPLS  # one list, validated in config.validate
+from .sharding import target_platform
 
 
 def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"moe_impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "ragged_dot" if jax.default_backend() == "tpu" else "tiled"
+        return "ragged_dot" if target_platform() == "tpu" else "tiled"
     return impl
 
 

@@ -274,9 +274,29 @@ def _encode(model: Qwen3VL, pixel_values, vision_inputs):
 _hidden_jit = nnx.jit(_hidden_and_logits, static_argnums=(8,))
 _encode_jit = nnx.jit(_encode)
 
+# XLA's CPU backend has no bf16 matmul: it converts bf16 weights to f32, and loop-invariant code motion hoists
+# those converts out of the layer scan, so a plain bf16 forward on the CPU held an f32 copy of every layer at once
+# (a 2B forward peaked at 3.75x the parameters' bytes, bench.host_memory). Without that pass each layer is
+# converted inside its iteration; accelerators multiply bf16 directly and keep the default passes.
+_CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def _merged(plain):
+    def call(graphdef, state, *args):
+        return plain(nnx.merge(graphdef, state), *args)
+    return call
+
+
+_hidden_cpu_jit = jax.jit(_merged(_hidden_and_logits), static_argnums=(0, 9), compiler_options=_CPU_COMPILER_OPTIONS)
+_encode_cpu_jit = jax.jit(_merged(_encode), static_argnums=(0,), compiler_options=_CPU_COMPILER_OPTIONS)
+_CPU_VARIANTS = {id(_hidden_jit): _hidden_cpu_jit, id(_encode_jit): _encode_cpu_jit}
+
 
 def _dispatch(jitted, plain, model, *args):
     leaves = jax.tree.leaves(args) + [model.language_model.norm[...]]
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
         return plain(model, *args)
+    if jax.default_backend() == "cpu":
+        graphdef, state = nnx.split(model)
+        return _CPU_VARIANTS[id(jitted)](graphdef, state, *args)
     return jitted(model, *args)

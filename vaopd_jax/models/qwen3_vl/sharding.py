@@ -106,3 +106,13 @@ def constrain(x, axes: Sequence[str | None], rules: Mapping | None = None):
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules, mesh, x.shape))
+
+
+def target_platform() -> str:
+    """The platform being traced for: that of the context mesh's devices (`jax.set_mesh`; a deviceless compile for
+    a TPU or GPU traced on a CPU host sets a mesh of the target's devices), else JAX's default backend. Kernel
+    choices that depend on the hardware read this, not `jax.default_backend()`, so an ahead-of-time compile for a
+    TPU compiles the TPU program."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)  # works inside jit, unlike get_mesh
+    platform = getattr(device, "platform", None)
+    return platform or jax.default_backend()

@@ -21,7 +21,7 @@ from .config import Qwen3VLConfig
 from .attention import attend
 from .layers import maybe_remat, param, rms_norm
 from .rope import apply_rotary
-from .sharding import constrain
+from .sharding import constrain, target_platform
 
 
 class KVCache(NamedTuple):
@@ -182,7 +182,7 @@ def cached_attention(q, k_new, v_new, cache_k, cache_v, valid, layer, filled, *,
     r = q.shape[0]
     _, b, kh, s, d = cache_k.shape
     block = min(block_size, s)
-    if chunk_bytes is None and jax.default_backend() == "cpu":
+    if chunk_bytes is None and target_platform() == "cpu":
         chunk_bytes = 2 << 20
     per_group = r // row_groups
     chunk = per_group
@@ -319,18 +319,37 @@ class TextModel(nnx.Module):
             return h, (kv if return_kv else None)
 
         layer = maybe_remat(layer, cfg.remat)
+        # One scan per run of one MLP kind over the FULL parameter stacks (a dense model or an all-MoE one: one
+        # scan over every layer). The deepstack features are added after layers 0 .. n_ds-1 inside the scan (a
+        # cond on the layer index) rather than by unrolling those layers: a scan over layers [n_ds, L) would take
+        # a slice of every stacked parameter, which XLA materializes as a copy of the weights (1.7 GB per device
+        # for an 8B teacher on 8 devices, the GPU compiler's peak; bench.step --part aot). The features ride in
+        # the carry so their gradient accumulates in place.
+        ds = (jnp.stack([d.astype(x.dtype) for d in deepstack_embeds]) if n_ds else
+              jnp.zeros((1, 1, x.shape[-1]), x.dtype))
+
+        def inject(h, ds, index):
+            feat, _ = scatter_rows(input_ids, cfg.image_token_id,
+                                   jax.lax.dynamic_index_in_dim(ds, jnp.minimum(index, n_ds - 1), keepdims=False))
+            return h + feat
+
+        def body(carry, xs):
+            h, ds = carry
+            p, index = xs
+            h, kv = layer(h, p)
+            if n_ds:
+                h = jax.lax.cond(index < n_ds, inject, lambda h, ds, index: h, h, ds, index)
+            return (h, ds), kv
+
         kv_parts = []
-        for i in range(n_ds):  # unrolled: each is followed by its deepstack injection
-            (run,) = layer_runs(cfg, i, i + 1)
-            x, kv = layer(x, jax.tree.map(lambda a: a[0], run_params(stacked, *run)))
-            kv_parts.append(None if kv is None else jax.tree.map(lambda a: a[None], kv))
-            feat, _ = scatter_rows(input_ids, cfg.image_token_id, deepstack_embeds[i].astype(x.dtype))
-            x = x + feat
-        for run in layer_runs(cfg, n_ds, cfg.text.num_hidden_layers):
-            x, kv = jax.lax.scan(layer, x, run_params(stacked, *run))
+        for run in layer_runs(cfg, 0, cfg.text.num_hidden_layers):
+            indices = jnp.arange(run[0], run[1], dtype=jnp.int32)
+            (x, ds), kv = jax.lax.scan(body, (x, ds), (run_params(stacked, *run), indices))
             kv_parts.append(kv)
         if not return_kv:
             return x, None
+        if len(kv_parts) == 1:
+            return x, kv_parts[0]
         return x, tuple(jnp.concatenate([part[j] for part in kv_parts], axis=0) for j in range(2))
 
     def run_layers_decode(self, x, cos, sin, cache: KVCache, filled, *, rows=None, row_groups: int = 1,
