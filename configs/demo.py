@@ -47,6 +47,10 @@ def get_config(arg=None):
   c.student.sft.batch_size = 32
   c.student.sft.image_word_weight = 10.0  # colours and fine-detail words weigh 10x (see the teacher's)
   c.student.sft.fine_fraction = 0.34  # each of the three questions about equally often
+  c.student.sft.aux_fraction = 0.0  # share of the auxiliary texture question (data/synthetic.py, AUX_QUESTION)
+  c.student.sft.pixelated_share = 0.0  # share of the warm-up prompts shown pixelated on top of sft.images
+  c.student.sft.vision_init = "random"  # random | teacher: start the student's vision tower from the SFT teacher's
+  c.student.sft.train_vision = True     # False: the warm-up leaves the vision tower as it starts
   c.student.sft.images = "pixelated"  # original | pixelated | pixelated_fine (only the fine-detail questions'
                                      # images pixelated). On pixelated views the student learns the questions, the
                                      # answer words and the coarse cues, but not the fine detail, which must come
@@ -62,6 +66,8 @@ def get_config(arg=None):
                                          # fine detail) weigh 10x: unweighted, 120 steps teach the scaffolding
                                          # but not to read the texture
   c.teacher.sft.fine_fraction = 0.5  # the whole task
+  c.teacher.sft.aux_fraction = 0.0
+  c.teacher.sft.pixelated_share = 0.0
   c.teacher.sft.images = "original"  # the teacher learns from the original images
   c.teacher.sft.output_dir = ""     # '' = <workdir>/teacher_sft (reused when it holds a finished teacher)
   c.teacher.sft.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,
@@ -76,6 +82,12 @@ def get_config(arg=None):
   c.data.prompt_patch_buckets = (16, 64)  # one 64x64 image: 16 patch rows
   c.data.synthetic_train_size = 4096  # training prompts (validation: eval.num_problems others)
   c.data.synthetic_fine_fraction = 0.75  # mostly the vision-critical question; the coarse ones guard against forgetting
+  # The taught replies (data/synthetic.py): 'natural' (20-60 tokens) or 'scaffold' (synthetic_scaffold_tokens of
+  # filler, then a 9-token core), with a share synthetic_phrasing_mismatch of the filler's slots phrased
+  # differently by the teacher's and the student's warm-ups.
+  c.data.synthetic_reply_style = "natural"
+  c.data.synthetic_scaffold_tokens = 0
+  c.data.synthetic_phrasing_mismatch = 0.0
 
   # The tiny models' vocabulary is the task's ~130 Qwen tokens (data.tokenizer.TaskVocabTokenizer): the same
   # softmax over the task's tokens at a small fraction of the 151,936-row LM head's cost.

@@ -29,6 +29,12 @@ def get_config(arg=None):
   c.study.num_steps = 40
   c.study.eval_every = 10
   c.study.eval_num_problems = 64
+  c.study.threshold = 0.7              # steps to reach this fine-detail accuracy are reported too
+  # Warm-ups: one teacher and one student per seed (False), shared by the methods; True: one pair for all seeds.
+  c.study.shared_warmups = False
+  # A sweep repeats the whole grid at each value of one trainer field (configs/dilution.py); '' = no sweep.
+  c.study.sweep_field = ""
+  c.study.sweep_values = ()
   # Any trainer field for every run, e.g. {"optim.lr": 1e-3}; the study's own fields above win.
-  c.study.overrides = ml_collections.ConfigDict()
+  c.study.overrides = ml_collections.ConfigDict(allow_dotted_keys=True)
   return c

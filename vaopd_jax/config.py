@@ -267,6 +267,15 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         c.number("data.synthetic_fine_fraction", 0, 1, where=DEMO,
                  why="share of fine-detail questions in the synthetic training prompts")
         c.number("data.image_size", 32, None, integer=True, where=DEMO)
+        from vaopd_jax.data import synthetic  # the reply knobs (configs/demo.py), checked where a config sets them
+
+        if "synthetic_reply_style" in config.data:
+            c.choice("data.synthetic_reply_style", synthetic.REPLY_STYLES, where=DEMO)
+            tokens = c.number("data.synthetic_scaffold_tokens", 0, synthetic.MAX_SCAFFOLD_TOKENS, integer=True,
+                              where=DEMO)
+            if tokens is not None and tokens % synthetic.SCAFFOLD_UNIT:
+                c.fail("data.synthetic_scaffold_tokens", tokens, f"must be a multiple of {synthetic.SCAFFOLD_UNIT}")
+            c.number("data.synthetic_phrasing_mismatch", 0, 1, where=DEMO)
 
     c.choice("model.dtype", DTYPES)
     c.choice("model.remat", REMAT_POLICIES)
@@ -338,6 +347,12 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
             c.number(f"{role}.sft.fine_fraction", 0, 1, where=DEMO,
                      why="share of fine-detail questions in the warm-up data")
             c.choice(f"{role}.sft.images", SFT_IMAGES, where=DEMO)
+            for name in ("aux_fraction", "pixelated_share"):  # optional (configs/demo.py sets them)
+                if name in config[role].sft:
+                    c.number(f"{role}.sft.{name}", 0, 1, where=DEMO)
+            if "vision_init" in config[role].sft:
+                c.choice(f"{role}.sft.vision_init", ("random", "teacher") if role == "student" else ("random",),
+                         where=DEMO)
             if c.get("data.source") != "synthetic":
                 c.fail("data.source", c.get("data.source"), f"must be 'synthetic' when {role}.init='sft' "
                        "(the demo warm-up is defined on the synthetic task)")
