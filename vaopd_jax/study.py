@@ -326,7 +326,8 @@ def fingerprint(value) -> str:
 
 
 def warmup_settings(train_config, role: str) -> dict:
-    """What a warm-up depends on: its role's sft node (output_dir aside), its tiny spec and `WARMUP_FIELDS`."""
+    """What a warm-up depends on: its role's sft node (output_dir aside), its tiny spec, the task's texts
+    (`synthetic.task_signature`) and `WARMUP_FIELDS`."""
     def get(path):
         node = train_config
         for part in path.split("."):
@@ -336,7 +337,10 @@ def warmup_settings(train_config, role: str) -> dict:
     sft = dict(get(f"{role}.sft"))
     sft.pop("output_dir", None)
     tiny = get("teacher.sft.tiny" if role == "teacher" else "student.tiny")
-    return {"role": role, "sft": sft, "tiny": tiny, **{path: get(path) for path in WARMUP_FIELDS}}
+    from vaopd_jax.data import synthetic
+
+    return {"role": role, "sft": sft, "tiny": tiny, "task": synthetic.task_signature(),
+            **{path: get(path) for path in WARMUP_FIELDS}}
 
 
 def run_one(config_file: str, run: Run, run_dir: str, *, env: dict | None = None, echo: bool = False) -> None:

@@ -74,8 +74,8 @@ ANSWER_VOCAB = {"pattern": PATTERNS, "background": tuple(BACKGROUNDS), "disk": t
 # that asks it on the original images trains the student's vision to resolve the texture, while its replies to
 # the fine question never name the texture (config student.sft.aux_fraction; see the module docstring).
 AUX_TASK = "lines"
-AUX_QUESTION = "<image>How does the ink of the background run: across, down or in checks?"
-AUX_WORDS = {"horizontal": "across", "vertical": "down", "grid": "checks"}
+AUX_QUESTION = "<image>Up close, do the thin lines of the background form bands, bars or checks?"
+AUX_WORDS = {"horizontal": "bands", "vertical": "bars", "grid": "checks"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +178,12 @@ REASON = {
 REMARK = ("", "The colours would survive a blur, but the texture would not.", "A blur would keep the colours only.")
 FINAL = "Answer: {answer}"
 REPLY_TOKENS = (20, 60)  # every natural reply has between 20 and 60 tokens (<|im_end|> included)
-AUX_REPLY = "Answer: {answer}"  # the auxiliary question's reply: its answer word only
+# The auxiliary question's reply: the fine reply's reasoning sentence up to the detail word, with the auxiliary
+# word there, then the answer. The student reads the texture in the very sentence where its fine replies will
+# need it, so what it sees is in its hidden state at the detail word; only the mapping to the words is missing.
+AUX_REASON = ("Up close, the thin dark lines form {aux}.", "Looking closely, the fine lines make {aux}.",
+              "The thin lines form {aux} when seen closely.")
+AUX_SCAFFOLD = "The lines form {aux}."
 
 # ---- scaffold replies (reply style 'scaffold'): a filler of exactly n language tokens, then a short core.
 # Each slot is one sentence of exactly SCAFFOLD_UNIT tokens (at the start of a reply or after a space, Qwen's
@@ -246,7 +251,8 @@ def make_reply(scene: Scene, task: str, rng: np.random.Generator, *, style: str 
 
     style 'natural': restatement, description, reasoning, answer (20-60 tokens); 'scaffold': `scaffold_tokens`
     filler tokens (`scaffold_text`, phrased for `phrasing` with a `mismatch` share of split slots), then the
-    core (`SCAFFOLD_CORE`). The auxiliary question's reply is its answer line in either style."""
+    core (`SCAFFOLD_CORE`). The auxiliary question's reply is the fine reply's reasoning sentence with the
+    auxiliary word in the detail word's place (`AUX_REASON`, `AUX_SCAFFOLD`), then its answer."""
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(TASKS)}")
     if style not in REPLY_STYLES:
@@ -254,7 +260,9 @@ def make_reply(scene: Scene, task: str, rng: np.random.Generator, *, style: str 
     words = {"disk": scene.disk, "background": scene.background, "pattern": scene.pattern,
              "detail": DETAIL_WORDS[scene.pattern]}
     if task == AUX_TASK:
-        return AUX_REPLY.format(answer=answer_for(scene, task))
+        aux = answer_for(scene, task)
+        reason = AUX_SCAFFOLD if style == "scaffold" else AUX_REASON[int(rng.integers(len(AUX_REASON)))]
+        return f"{reason.format(aux=aux)} {FINAL.format(answer=aux)}"
     if style == "scaffold":
         filler = scaffold_text(scaffold_tokens, rng, phrasing, mismatch)
         return " ".join(part for part in (filler, SCAFFOLD_CORE[task].format(**words)) if part)
@@ -274,14 +282,25 @@ def task_texts(tokenizer) -> list[str]:
 
     prompts = [tokenizer.apply_chat_template(processor.build_messages(question_for(t), 1), tokenize=False,
                                              add_generation_prompt=True) for t in TASKS]
-    words = [{"disk": d, "background": b, "pattern": p, "detail": DETAIL_WORDS[p], "answer": a}
+    words = [{"disk": d, "background": b, "pattern": p, "detail": DETAIL_WORDS[p], "answer": a, "aux": AUX_WORDS[p]}
              for d in DISKS for b in BACKGROUNDS for p in PATTERNS
              for a in (*PATTERNS, *BACKGROUNDS, *DISKS, *AUX_WORDS.values())]
-    templates = {t for options in (*RESTATE.values(), DESCRIBE, *REASON.values(), REMARK, *SCAFFOLD_SLOTS)
-                 for t in options if t}
-    templates |= {FINAL, AUX_REPLY, *SCAFFOLD_CORE.values()}
+    templates = {t for options in (*RESTATE.values(), DESCRIBE, *REASON.values(), REMARK, *SCAFFOLD_SLOTS,
+                                   AUX_REASON) for t in options if t}
+    templates |= {FINAL, AUX_SCAFFOLD, *SCAFFOLD_CORE.values()}
     sentences = sorted({t.format(**w) for t in templates for w in words})
     return prompts + sentences + [" " + s for s in sentences]
+
+
+def task_signature() -> str:
+    """A short hash of every text the task can show (questions, reply templates, answer words) and of its colours:
+    models taught on the task (the study's cached warm-ups) are reused only while it is unchanged."""
+    import hashlib
+    import json
+
+    texts = [QUESTIONS, AUX_QUESTION, AUX_WORDS, DETAIL_WORDS, RESTATE, DESCRIBE, REASON, REMARK, FINAL, AUX_REASON,
+             AUX_SCAFFOLD, SCAFFOLD_SLOTS, SCAFFOLD_CORE, BACKGROUNDS, DISKS, PATTERNS]
+    return hashlib.sha1(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def task_tokenizer(base):
