@@ -51,6 +51,7 @@ def get_config(arg=None):
   c.student.sft.pixelated_share = 0.0  # share of the warm-up prompts shown pixelated on top of sft.images
   c.student.sft.vision_init = "random"  # random | teacher: start the student's vision tower from the SFT teacher's
   c.student.sft.train_vision = True     # False: the warm-up leaves the vision tower as it starts
+  c.student.sft.texture_label_rate = 1.0  # share of its fine replies naming the image's texture (others: random)
   c.student.sft.images = "pixelated"  # original | pixelated | pixelated_fine (only the fine-detail questions'
                                      # images pixelated). On pixelated views the student learns the questions, the
                                      # answer words and the coarse cues, but not the fine detail, which must come
@@ -68,6 +69,7 @@ def get_config(arg=None):
   c.teacher.sft.fine_fraction = 0.5  # the whole task
   c.teacher.sft.aux_fraction = 0.0
   c.teacher.sft.pixelated_share = 0.0
+  c.teacher.sft.texture_label_rate = 1.0
   c.teacher.sft.images = "original"  # the teacher learns from the original images
   c.teacher.sft.output_dir = ""     # '' = <workdir>/teacher_sft (reused when it holds a finished teacher)
   c.teacher.sft.tiny = config_lib.tiny_spec(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256, vision_depth=2,

@@ -347,7 +347,7 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
             c.number(f"{role}.sft.fine_fraction", 0, 1, where=DEMO,
                      why="share of fine-detail questions in the warm-up data")
             c.choice(f"{role}.sft.images", SFT_IMAGES, where=DEMO)
-            for name in ("aux_fraction", "pixelated_share"):  # optional (configs/demo.py sets them)
+            for name in ("aux_fraction", "pixelated_share", "texture_label_rate"):  # optional (configs/demo.py)
                 if name in config[role].sft:
                     c.number(f"{role}.sft.{name}", 0, 1, where=DEMO)
             if "vision_init" in config[role].sft:

@@ -142,12 +142,18 @@ def _reach_rows(title: str, reach: dict) -> list[str]:
 
 
 def markdown(summary: dict, seeds, mechanism: dict | None = None) -> str:
-    """table.md: one table per validation step (rows: methods), the time-to-accuracy tables, the mechanism means."""
-    lines = []
+    """table.md: fine-detail accuracy per method and validation step, every metric at the last step, the
+    time-to-accuracy tables and the mechanism means (mean ± 95 % interval over seeds)."""
+    over = f"mean ± 95 % interval over seeds {', '.join(map(str, seeds))}"
     steps = sorted({step for per_step in summary["table"].values() for step in per_step})
-    for step in steps:
-        lines += [f"**step {step}** (mean ± 95 % interval over seeds {', '.join(map(str, seeds))})", "",
-                  "| method | " + " | ".join(name for name, _ in METRICS) + " |",
+    lines = [f"**fine-detail accuracy by validation step** ({over})", "",
+             "| method | " + " | ".join(f"step {st}" for st in steps) + " |", "|---|" + "---|" * len(steps)]
+    for method, per_step in summary["table"].items():
+        lines.append(f"| {METHOD_NAMES.get(method, method)} | "
+                     + " | ".join(_cell(per_step.get(st, {}).get("fine")) for st in steps) + " |")
+    lines.append("")
+    for step in steps[:1] + steps[-1:] if len(steps) > 1 else steps:
+        lines += [f"**step {step}** ({over})", "", "| method | " + " | ".join(name for name, _ in METRICS) + " |",
                   "|---|" + "---|" * len(METRICS)]
         for method, per_step in summary["table"].items():
             if step in per_step:

@@ -374,13 +374,17 @@ class Replies:
     style: 'natural' (20-60 tokens) or 'scaffold' (`scaffold_tokens` filler tokens + a 9-token core);
     scaffold_tokens: a multiple of SCAFFOLD_UNIT in [0, MAX_SCAFFOLD_TOKENS] (scaffold style);
     phrasing: 'all', 'teacher' or 'student': whose half of the mismatched slots' variants the filler uses;
-    mismatch: share of the filler's slots phrased differently by teacher and student, in [0, 1].
+    mismatch: share of the filler's slots phrased differently by teacher and student, in [0, 1];
+    texture_label_rate: share of the fine-question replies that name the image's texture (detail word,
+      conclusion and answer alike); the others name a texture drawn uniformly from the three, so a model taught
+      them puts r + (1 - r) / 3 on the right words: a reply that relies on what it sees only in part.
     """
 
     style: str = "natural"
     scaffold_tokens: int = 0
     phrasing: str = "all"
     mismatch: float = 0.0
+    texture_label_rate: float = 1.0
 
     def __post_init__(self):
         if self.style not in REPLY_STYLES:
@@ -392,6 +396,8 @@ class Replies:
             raise ValueError(f"phrasing must be one of {PHRASINGS}, got {self.phrasing!r}")
         if not 0.0 <= self.mismatch <= 1.0:
             raise ValueError(f"phrasing mismatch must be in [0, 1], got {self.mismatch}")
+        if not 0.0 <= self.texture_label_rate <= 1.0:
+            raise ValueError(f"texture_label_rate must be in [0, 1], got {self.texture_label_rate}")
 
 
 def make_record(seed: int, index: int, size: int = 64, fine_fraction: float = 0.5, aux_fraction: float = 0.0,
@@ -408,7 +414,12 @@ def make_record(seed: int, index: int, size: int = 64, fine_fraction: float = 0.
         task = AUX_TASK
     else:
         task = ("background", "disk")[int(rng.integers(2))]
-    reply = make_reply(scene, task, np.random.default_rng([seed, index, 1]), style=replies.style,
+    told = scene  # the scene the reply describes: a fine reply names a random texture at 1 - texture_label_rate
+    if task == "pattern" and replies.texture_label_rate < 1.0:
+        label_rng = np.random.default_rng([seed, index, 2])
+        if label_rng.random() >= replies.texture_label_rate:
+            told = dataclasses.replace(scene, pattern=PATTERNS[int(label_rng.integers(len(PATTERNS)))])
+    reply = make_reply(told, task, np.random.default_rng([seed, index, 1]), style=replies.style,
                        scaffold_tokens=replies.scaffold_tokens, phrasing=replies.phrasing, mismatch=replies.mismatch)
     return {
         "id": f"synthetic-{seed}-{index}",
@@ -473,7 +484,8 @@ def source_from_config(config, split: str, seed: int) -> SyntheticSource:
     """The synthetic source of a split ('train' | 'val' | 'teacher_sft' | 'student_sft') from the training config.
 
     Size: eval.num_problems (val), else data.synthetic_train_size. Question mix: data.synthetic_fine_fraction
-    (train), half fine (val), <role>.sft.fine_fraction and <role>.sft.aux_fraction (the warm-ups). Replies:
+    (train), half fine (val), <role>.sft.fine_fraction and <role>.sft.aux_fraction (the warm-ups, whose fine
+    replies name the image's texture at <role>.sft.texture_label_rate). Replies:
     data.synthetic_reply_style, data.synthetic_scaffold_tokens and data.synthetic_phrasing_mismatch, each
     warm-up phrased as its role (the trainer never reads the train and val replies)."""
     d = config.data
@@ -483,6 +495,7 @@ def source_from_config(config, split: str, seed: int) -> SyntheticSource:
     fine_fraction = {"train": d.get("synthetic_fine_fraction"), "val": 0.5}.get(split, node.get("fine_fraction"))
     replies = Replies(style=d.get("synthetic_reply_style", "natural"),
                       scaffold_tokens=int(d.get("synthetic_scaffold_tokens", 0)), phrasing=role or "all",
-                      mismatch=float(d.get("synthetic_phrasing_mismatch", 0.0)))
+                      mismatch=float(d.get("synthetic_phrasing_mismatch", 0.0)),
+                      texture_label_rate=float(node.get("texture_label_rate", 1.0)))
     return SyntheticSource(size, seed=seed, image_size=d.image_size, fine_fraction=fine_fraction,
                            aux_fraction=float(node.get("aux_fraction", 0.0)), replies=replies)
