@@ -216,11 +216,13 @@ def test_scaffold_replies_have_the_asked_length_and_one_detail_token():
         for i in range(len(source)):
             rec = source[i]
             info = S.reply_token_info(tok, rec["reply"], rec["task"])
-            assert len(info["ids"]) == n + 9  # filler + "The lines form <detail>. Answer: <texture>" + <|im_end|>
-            assert info["answer"] == [n + 7]
-            if rec["task"] == "pattern":
-                assert info["critical"] == [n + 3]
-                assert tok.decode(info["ids"][n + 3]).strip() == S.DETAIL_WORDS[rec["scene"].pattern]
+            # filler + "A <disk> disk on <background>." + "The lines form <detail>. Answer: <texture>" + <|im_end|>
+            fine = rec["task"] == "pattern"
+            assert len(info["ids"]) == n + (15 if fine else 10) and info["answer"] == [len(info["ids"]) - 2]
+            assert tok.decode(info["ids"][n + 1]).strip() == rec["scene"].disk
+            if fine:
+                assert info["critical"] == [n + 9]
+                assert tok.decode(info["ids"][n + 9]).strip() == S.DETAIL_WORDS[rec["scene"].pattern]
     # every variant of every slot is SCAFFOLD_UNIT tokens, first in a reply or after a space
     for slot in S.SCAFFOLD_SLOTS:
         for text in slot:

@@ -208,10 +208,13 @@ SCAFFOLD_SLOTS = (
     ("It seems so.", "This seems right.", "That seems true.", "So I decide."),
 )
 MAX_SCAFFOLD_TOKENS = SCAFFOLD_UNIT * len(SCAFFOLD_SLOTS)
-# The core after the filler: the fine-detail token, then the answer (8 tokens, 9 with <|im_end|>).
+# The core after the filler: what survives pixelation (both colours, in every reply, as the natural replies'
+# description: a disk question asked in a quarter of the replies alone was not learnt in 120 SFT steps), the
+# fine-detail token, then the answer. Fine: 14 tokens, 15 with <|im_end|>; coarse: 9 and 10.
+SCAFFOLD_DESCRIBE = "A {disk} disk on {background}."
 SCAFFOLD_CORE = {"pattern": "The lines form {detail}. Answer: {pattern}",
-                 "background": "The background is {background}. Answer: {background}",
-                 "disk": "The disk is {disk}. Answer: {disk}"}
+                 "background": "Answer: {background}",
+                 "disk": "Answer: {disk}"}
 REPLY_STYLES = ("natural", "scaffold")
 PHRASINGS = ("all", "teacher", "student")
 
@@ -251,7 +254,7 @@ def make_reply(scene: Scene, task: str, rng: np.random.Generator, *, style: str 
 
     style 'natural': restatement, description, reasoning, answer (20-60 tokens); 'scaffold': `scaffold_tokens`
     filler tokens (`scaffold_text`, phrased for `phrasing` with a `mismatch` share of split slots), then the
-    core (`SCAFFOLD_CORE`). The auxiliary question's reply is the fine reply's reasoning sentence with the
+    description of the colours (`SCAFFOLD_DESCRIBE`) and the core (`SCAFFOLD_CORE`). The auxiliary question's reply is the fine reply's reasoning sentence with the
     auxiliary word in the detail word's place (`AUX_REASON`, `AUX_SCAFFOLD`), then its answer."""
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(TASKS)}")
@@ -261,11 +264,13 @@ def make_reply(scene: Scene, task: str, rng: np.random.Generator, *, style: str 
              "detail": DETAIL_WORDS[scene.pattern]}
     if task == AUX_TASK:
         aux = answer_for(scene, task)
-        reason = AUX_SCAFFOLD if style == "scaffold" else AUX_REASON[int(rng.integers(len(AUX_REASON)))]
-        return f"{reason.format(aux=aux)} {FINAL.format(answer=aux)}"
+        if style == "scaffold":
+            return f"{SCAFFOLD_DESCRIBE.format(**words)} {AUX_SCAFFOLD.format(aux=aux)} {FINAL.format(answer=aux)}"
+        return f"{AUX_REASON[int(rng.integers(len(AUX_REASON)))].format(aux=aux)} {FINAL.format(answer=aux)}"
     if style == "scaffold":
         filler = scaffold_text(scaffold_tokens, rng, phrasing, mismatch)
-        return " ".join(part for part in (filler, SCAFFOLD_CORE[task].format(**words)) if part)
+        core = (SCAFFOLD_DESCRIBE.format(**words), SCAFFOLD_CORE[task].format(**words))
+        return " ".join(part for part in (filler, *core) if part)
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
     parts = [pick(RESTATE[task]), pick(DESCRIBE).format(**words)]
     if task == "pattern":
@@ -287,7 +292,7 @@ def task_texts(tokenizer) -> list[str]:
              for a in (*PATTERNS, *BACKGROUNDS, *DISKS, *AUX_WORDS.values())]
     templates = {t for options in (*RESTATE.values(), DESCRIBE, *REASON.values(), REMARK, *SCAFFOLD_SLOTS,
                                    AUX_REASON) for t in options if t}
-    templates |= {FINAL, AUX_SCAFFOLD, *SCAFFOLD_CORE.values()}
+    templates |= {FINAL, AUX_SCAFFOLD, SCAFFOLD_DESCRIBE, *SCAFFOLD_CORE.values()}
     sentences = sorted({t.format(**w) for t in templates for w in words})
     return prompts + sentences + [" " + s for s in sentences]
 
@@ -299,7 +304,7 @@ def task_signature() -> str:
     import json
 
     texts = [QUESTIONS, AUX_QUESTION, AUX_WORDS, DETAIL_WORDS, RESTATE, DESCRIBE, REASON, REMARK, FINAL, AUX_REASON,
-             AUX_SCAFFOLD, SCAFFOLD_SLOTS, SCAFFOLD_CORE, BACKGROUNDS, DISKS, PATTERNS]
+             AUX_SCAFFOLD, SCAFFOLD_DESCRIBE, SCAFFOLD_SLOTS, SCAFFOLD_CORE, BACKGROUNDS, DISKS, PATTERNS]
     return hashlib.sha1(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -371,7 +376,7 @@ def reply_token_info(tokenizer, reply: str, task: str) -> dict:
 class Replies:
     """How a source's taught replies are written (`make_reply`).
 
-    style: 'natural' (20-60 tokens) or 'scaffold' (`scaffold_tokens` filler tokens + a 9-token core);
+    style: 'natural' (20-60 tokens) or 'scaffold' (`scaffold_tokens` filler tokens + a 15-token core);
     scaffold_tokens: a multiple of SCAFFOLD_UNIT in [0, MAX_SCAFFOLD_TOKENS] (scaffold style);
     phrasing: 'all', 'teacher' or 'student': whose half of the mismatched slots' variants the filler uses;
     mismatch: share of the filler's slots phrased differently by teacher and student, in [0, 1];
