@@ -77,7 +77,10 @@ def _study_config(workdir, **fields):
     config.study.methods, config.study.seeds = ("opd", "va_opd"), (0, 1)
     config.study.num_steps, config.study.eval_every = 20, 10
     for name, value in fields.items():
-        config.study[name] = value
+        if name == "overrides":
+            config.study.overrides.update(value)
+        else:
+            config.study[name] = value
     return config
 
 
@@ -95,6 +98,11 @@ def test_plan_gives_each_seed_its_warm_ups_shared_by_the_methods(tmp_path):
     assert [(r.point, r.overrides["data.synthetic_scaffold_tokens"]) for r in swept[::4]] == [(8, 8), (16, 16)]
     # the replies change with the scaffold length, so the warm-ups do too
     assert swept[0].overrides["teacher.sft.output_dir"] != swept[4].overrides["teacher.sft.output_dir"]
+    # a student whose vision tower is copied from the teacher changes with the teacher
+    taught = study.plan(_study_config(tmp_path, overrides={"student.sft.vision_init": "teacher"}), repo=REPO)[1]
+    other = study.plan(_study_config(tmp_path, overrides={"student.sft.vision_init": "teacher",
+                                                          "teacher.sft.steps": 7}), repo=REPO)[1]
+    assert taught[0].overrides["student.sft.output_dir"] != other[0].overrides["student.sft.output_dir"]
     # the resolved trainer config of a run is what the command line would give
     config = study.load_train_config(os.path.join(REPO, "configs", "demo.py"), "opd", swept[4].overrides)
     assert config.method == "opd" and config.data.synthetic_scaffold_tokens == 16 and config.train.num_steps == 20

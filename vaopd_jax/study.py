@@ -408,12 +408,15 @@ def plan(config, *, quick: bool = False, repo: str | None = None) -> tuple[str, 
             for method in methods:
                 overrides = {**base, "seed": seed, **({} if point is None else {field: point})}
                 resolved = load_train_config(config_file, method, overrides)
+                teacher = None
                 for role in ("teacher", "student"):
                     settings = warmup_settings(resolved, role)
                     if s.get("shared_warmups", False):
                         settings.pop("seed")
-                    overrides[f"{role}.sft.output_dir"] = os.path.join(s.workdir, "warmups",
-                                                                       f"{role}-{fingerprint(settings)}")
+                    if role == "student" and settings["sft"].get("vision_init") == "teacher":
+                        settings["teacher"] = teacher  # its vision tower starts as that teacher's
+                    teacher = fingerprint(settings)
+                    overrides[f"{role}.sft.output_dir"] = os.path.join(s.workdir, "warmups", f"{role}-{teacher}")
                 runs.append(Run(method=method, seed=seed, point=point, overrides=overrides))
     return config_file, runs
 
