@@ -1,18 +1,21 @@
-r"""python -m vaopd_jax.study --config configs/study.py [--quick] [--config.study.seeds=0,1,2 ...]
+r"""python -m vaopd_jax.study --config configs/study.py [--quick] [--config.study.seeds=1,2,3,4,5 ...]
 
 OPD against VA-OPD and its two halves (reweighting only, grouping only) on the
 demo's synthetic task (configs/demo.py), over several seeds, through the real
-trainer. The teacher and the student warm-up are taught once and shared by every
-run (<study.workdir>/teacher_sft, student_sft); each (method, seed) is one run of
-`python -m vaopd_jax.train` in <study.workdir>/<method>/seed_<s>. The study writes
-results.json, table.md (mean +- 95 % interval over seeds of fine-detail, coarse
-and overall accuracy and mean student VA at the validation steps), curves.png
-(fine-detail accuracy per method) and the steps each method needs to reach
-standard OPD's final fine-detail accuracy. Runs already finished are reused.
+trainer. Each seed has its own teacher and student warm-up, taught once and
+shared by the methods (<study.workdir>/warmups/<role>-<fingerprint of its
+settings>); each (method, seed) is one trainer run in
+<study.workdir>/<method>/seed_<s> (vaopd_jax/study.py, `run_one`), reused when
+it finished with the same settings. A progress line with the ETA precedes each
+run. The study writes results.json, table.md (fine-detail accuracy per step,
+every metric at the first and last step, steps to OPD's final accuracy and to
+`study.threshold`, the mechanism series when the trainer logs them), curves.png
+and mechanism.png.
 
-Sized for ~45 minutes on an idle 2-core CPU: 4 methods x 3 seeds x 40 steps.
-`--quick` shrinks everything to seconds per run (the test suite's end-to-end
-check); its numbers mean nothing.
+Default: 4 methods x 3 seeds x 80 steps (seeds 1-3: the settings were chosen
+on seed 0), sized for well under 45 minutes on an idle 2-core CPU; docs/study.md
+has the measured wall time. `--quick` shrinks everything to seconds per run
+(the test suite's end-to-end check); its numbers mean nothing.
 """
 
 import ml_collections
