@@ -6,9 +6,10 @@ reply's tokens after each chat prompt (the record's ``reply``: a few sentences
 ending ``Answer: <answer>``, then ``<|im_end|>``; records without one are taught
 ``Answer: <answer>``). The reply is graded by the same first-committed-answer
 rule as real data (an ``Answer:`` line, ``vaopd_jax.eval.grading.extract_answer``). The student gets a shorter
-warm-up standing in for pre-training (by default on the pixelated views). Each
-trained model is written once in Hugging Face format and reused by every later
-run with the same workdir.
+warm-up standing in for pre-training: configs/demo.py makes it *partly sighted* (its vision tower starts as
+the teacher's and stays fixed, ``student.sft.vision_init`` / ``train_vision``; the auxiliary texture question
+on original images, the fine questions on pixelated ones). Each trained model is written once in Hugging Face
+format and reused by every later run with the same output directory.
 
 Public API::
 
@@ -222,8 +223,11 @@ def demo_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     """A tiny demo model taught the synthetic task by SFT once, then reloaded from its HF directory.
 
     role 'teacher': ``config.teacher.sft`` (the whole task); role 'student': ``config.student.sft``, a
-    warm-up standing in for pre-training (by default on the pixelated views: the student learns the
-    questions, the answer words and the coarse cues, so the fine-detail skill must come from distillation).
+    warm-up standing in for pre-training (configs/demo.py: it learns the questions, the reply words, the colours
+    and the auxiliary texture question, but its fine replies see only pixelated views, so the mapping from the
+    texture it sees to the fine-detail words must come from distillation). Fields beyond the basic ones, read
+    with defaults: aux_fraction, pixelated_share (`warmup_views`), texture_label_rate
+    (`synthetic.Replies`), vision_init ('random' | 'teacher': `copy_teacher_vision`), train_vision.
     The model lands in ``<role>.sft.output_dir`` (default ``<workdir>/<role>_sft``), reused when finished.
     """
     node = config.teacher.sft if role == "teacher" else config.student.sft
