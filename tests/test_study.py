@@ -120,6 +120,7 @@ def test_study_with_a_runner_reuses_runs_reports_eta_and_mechanism(tmp_path, cap
     share = results["mechanism_summary"]["opd"]["train/loss_critical_share"]
     assert share["steps"] == [1, 10, 20] and share["run_mean"][0] == pytest.approx((0.005 + 0.05 + 0.1) / 3)
     assert results["steps_to_threshold"]["va_opd"]["per_seed"] == {"0": 20, "1": 20}
+    assert results["coarse_lowest"]["opd"] == [1.0, 0.0]
     assert (tmp_path / "mechanism.png").is_file() and (tmp_path / "curves.png").is_file()
     table = (tmp_path / "table.md").read_text()
     assert "steps to reach fine-detail accuracy 0.70" in table and "loss share on critical tokens" in table

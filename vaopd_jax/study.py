@@ -83,7 +83,8 @@ def summarize(runs: dict[str, dict[int, dict[int, dict]]], threshold: float | No
 
     Returns {"table": {method: {step: {metric: (mean, half-width)}}}, "target": OPD's final fine-detail accuracy
     (mean over seeds), "steps_to_target": {method: {"per_seed": {seed: step or None}, "mean": mean of the seeds
-    that got there or None, "reached": count}}, and with a `threshold` the same for it as "steps_to_threshold"}.
+    that got there or None, "reached": count}}, "coarse_lowest": {method: (mean, half) of each seed's lowest
+    coarse accuracy}, and with a `threshold` the same as steps_to_target for it as "steps_to_threshold"}.
     A step enters the table when every seed of the method has it.
     """
     table = {}
@@ -101,7 +102,11 @@ def summarize(runs: dict[str, dict[int, dict[int, dict]]], threshold: float | No
             out[method] = {"per_seed": per_seed, "mean": sum(got) / len(got) if got else None, "reached": len(got)}
         return out
 
-    summary = {"table": table, "target": None, "steps_to_target": {}}
+    # "coarse accuracy throughout": each seed's lowest coarse accuracy over its validation steps
+    lowest = {method: mean_interval([min(r["val/accuracy_coarse"] for r in steps.values()) for steps in seeds.values()])
+              for method, seeds in runs.items()
+              if all("val/accuracy_coarse" in r for steps in seeds.values() for r in steps.values())}
+    summary = {"table": table, "target": None, "steps_to_target": {}, "coarse_lowest": lowest}
     if "opd" in runs:
         summary["target"] = mean_interval([max(steps.items())[1]["val/accuracy_fine"]
                                            for steps in runs["opd"].values()])[0]
@@ -160,6 +165,9 @@ def markdown(summary: dict, seeds, mechanism: dict | None = None) -> str:
                 cells = [_cell(per_step[step].get(name)) for name, _ in METRICS]
                 lines.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
         lines.append("")
+    if summary.get("coarse_lowest"):
+        lines += [f"**lowest coarse accuracy over the validation steps** ({over}): " + ", ".join(
+            f"{METHOD_NAMES.get(m, m)} {_cell(v)}" for m, v in summary["coarse_lowest"].items()), ""]
     if summary["target"] is not None:
         lines += _reach_rows(f"**steps to reach OPD's final fine-detail accuracy ({summary['target']:.3f})**",
                              summary["steps_to_target"])
@@ -533,7 +541,7 @@ def run_study(config, *, quick: bool = False, repo: str | None = None, echo: boo
                               for seed, per in by_seed.items()} for m, by_seed in p["mechanism_runs"].items()},
             "table": {m: {str(st): v for st, v in per.items()} for m, per in summary["table"].items()},
             "mechanism_summary": p["mechanism"],
-            "target": summary["target"],
+            "target": summary["target"], "coarse_lowest": summary["coarse_lowest"],
             **{name: {m: {**r, "per_seed": {str(k): v for k, v in r["per_seed"].items()}}
                       for m, r in summary.get(name, {}).items()}
                for name in ("steps_to_target", "steps_to_threshold")}}
