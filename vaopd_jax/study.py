@@ -45,6 +45,7 @@ MECHANISM = (("loss share on critical tokens", "train/loss_critical_share"),
              ("top-10 % VA share on critical tokens", "train/va_top_critical_share"),
              ("student VA (validation)", "val/student_va_mean"))
 METHOD_NAMES = {"opd": "OPD", "reweight_only": "reweight only", "group_only": "group only", "va_opd": "VA-OPD"}
+METHOD_COLOURS = {"opd": "C0", "reweight_only": "C1", "group_only": "C2", "va_opd": "C3"}  # the same in every plot
 # Two-sided 95 % Student t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -238,10 +239,11 @@ def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
     return figure, [figure.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
-def _band(axes, xs, stats, label):
+def _band(axes, xs, stats, method):
     means = [m for m, _ in stats]
-    axes.plot(xs, means, marker="o", markersize=3, label=label)
-    axes.fill_between(xs, [m - h for m, h in stats], [m + h for m, h in stats], alpha=0.15)
+    colour = METHOD_COLOURS.get(method)
+    axes.plot(xs, means, marker="o", markersize=3, label=METHOD_NAMES.get(method, method), color=colour)
+    axes.fill_between(xs, [m - h for m, h in stats], [m + h for m, h in stats], alpha=0.15, color=colour)
 
 
 def plot(runs: dict, path: str) -> str:
@@ -252,7 +254,7 @@ def plot(runs: dict, path: str) -> str:
     for method, seeds in runs.items():
         steps = sorted(set.intersection(*(set(s) for s in seeds.values())))
         _band(axes, steps, [mean_interval([seeds[s][step]["val/accuracy_fine"] for s in seeds]) for step in steps],
-              METHOD_NAMES.get(method, method))
+              method)
     axes.axhline(1 / 3, linestyle=":", color="grey", label="chance")
     axes.set_xlabel("distillation step")
     axes.set_ylabel("fine-detail accuracy")
@@ -275,11 +277,13 @@ def plot_mechanism(mechanism: dict, path: str) -> str | None:
     for axes, (name, key) in zip(panels, keys):
         for method, per in mechanism.items():
             if key in per:
-                _band(axes, per[key]["steps"], per[key]["mean"], METHOD_NAMES.get(method, method))
+                _band(axes, per[key]["steps"], per[key]["mean"], method)
         axes.set_title(name, fontsize=9)
+        if "share" in name:
+            axes.set_ylim(0, 1.02)
         axes.set_xlabel("distillation step")
         axes.grid(alpha=0.3)
-    panels[0].legend(fontsize=8)
+    max(panels, key=lambda axes: len(axes.get_lines())).legend(fontsize=8)  # the panel with every method
     figure.tight_layout()
     return _render_figure(figure, path)
 
@@ -292,9 +296,8 @@ def plot_dilution(d: dict, path: str) -> str:
     for method in METHOD_NAMES:
         points = [p for p in d["points"] if method in d["rows"][p]]
         if points:
-            label = METHOD_NAMES[method]
-            _band(left, points, [d["rows"][p][method]["final_fine"] for p in points], label)
-            _band(right, points, [d["rows"][p][method]["steps_to_threshold"] for p in points], label)
+            _band(left, points, [d["rows"][p][method]["final_fine"] for p in points], method)
+            _band(right, points, [d["rows"][p][method]["steps_to_threshold"] for p in points], method)
     left.axhline(1 / 3, linestyle=":", color="grey", label="chance")
     left.set_ylim(0, 1)
     left.set_ylabel(f"fine-detail accuracy at step {d['budget']}")
