@@ -1,19 +1,24 @@
 r"""python -m vaopd_jax.study --config configs/dilution.py [--config.study.seeds=1,2,3,4,5]
 
-The dilution the paper names, on purpose: OPD against VA-OPD as the language
-scaffolding around the one vision-critical token grows. The replies are
-'scaffold' replies (vaopd_jax/data/synthetic.py): `data.synthetic_scaffold_tokens`
-filler tokens, then "The lines form <detail>. Answer: <texture>"; the teacher
-and the student warm-ups are taught partly different phrasings of the filler
-(`data.synthetic_phrasing_mismatch`: the share of its sentences phrased from
-disjoint halves of their variants), so on the student's rollouts the reverse KL
-has mass on phrasing that has nothing to do with the image. The study runs the
-grid (scaffold length x seeds x {OPD, VA-OPD}) through the real trainer, with
+The dilution the paper names: OPD against VA-OPD as the language scaffolding
+around the one vision-critical token grows. The replies are 'scaffold' replies
+(vaopd_jax/data/synthetic.py): `data.synthetic_scaffold_tokens` filler tokens,
+"A <disk> disk on <background>.", then "The lines form <detail>. Answer:
+<texture>" (filler + 15 tokens); everything else is configs/demo.py, whose
+settings were chosen on seed 0 at 8 filler tokens. The study runs the grid
+(scaffold length x seeds x {OPD, VA-OPD}) through the real trainer, with
 warm-ups per (length, seed), and writes dilution.md and dilution.png
 (fine-detail accuracy at the last step and steps to `study.threshold` against
 the scaffold length, mean and 95 % interval over seeds, VA-OPD minus OPD paired
-by seed) beside the per-length tables and curves. docs/study.md has the
-measured figures and wall time.
+by seed) beside the per-length tables and curves.
+
+`data.synthetic_phrasing_mismatch` teaches the teacher's and the student's
+warm-ups disjoint phrasings of that share of the filler's sentences, so the
+reverse KL on the student's rollouts has mass on phrasing that has nothing to
+do with the image. It is 0 here: on seed 0 a mismatch of 0.25, 0.5 or 1.0 broke
+the student's replies outright (coarse accuracy fell to 0-0.5 within 10-20
+steps at 16-48 filler tokens) instead of diluting the visual signal
+(docs/study.md); to try one, set it in c.study.overrides below.
 """
 
 from vaopd_jax import config as config_lib
@@ -26,5 +31,5 @@ def get_config(arg=None):
   c.study.seeds = (1, 2, 3, 4, 5)      # the settings were chosen on seed 0
   c.study.sweep_field = "data.synthetic_scaffold_tokens"
   c.study.sweep_values = (4, 8, 16, 32, 48)
-  c.study.overrides.update({"data.synthetic_reply_style": "scaffold", "data.synthetic_phrasing_mismatch": 1.0})
+  c.study.overrides.update({"data.synthetic_reply_style": "scaffold", "data.synthetic_phrasing_mismatch": 0.0})
   return c
