@@ -186,3 +186,97 @@ def test_reply_errors_are_clear():
         S.reply_token_info(tok, "The texture is grid.", "pattern")
     with pytest.raises(ValueError, match="exactly one of"):
         S.reply_token_info(tok, "Lines form rows and columns, so grid. Answer: grid", "pattern")
+
+
+def test_auxiliary_question_asks_the_texture_in_other_words():
+    source = S.SyntheticSource(300, seed=7, fine_fraction=0.3, aux_fraction=0.4)
+    tasks = [source[i]["task"] for i in range(len(source))]
+    assert 0.3 <= tasks.count(S.AUX_TASK) / len(tasks) <= 0.5 and 0.2 <= tasks.count("pattern") / len(tasks) <= 0.4
+    for i in range(len(source)):
+        rec = source[i]
+        if rec["task"] == S.AUX_TASK:
+            assert rec["kind"] == "aux" and rec["question"] == S.AUX_QUESTION
+            assert rec["answer"] == S.AUX_WORDS[rec["scene"].pattern]
+            assert rec["reply"] in {f"{r.format(aux=rec['answer'])} Answer: {rec['answer']}" for r in S.AUX_REASON}
+            # never the fine question's words: what the student learns here does not name the texture
+            assert not set(rec["reply"].replace(".", "").split()) & {*S.DETAIL_WORDS.values(), *S.PATTERNS}
+    # without the auxiliary share, the record stream is the one it always was
+    plain, zero = S.SyntheticSource(50, seed=7), S.SyntheticSource(50, seed=7, aux_fraction=0.0)
+    assert all(plain[i]["reply"] == zero[i]["reply"] and plain[i]["task"] != S.AUX_TASK for i in range(50))
+    import pytest
+
+    with pytest.raises(ValueError, match="aux_fraction must be in"):
+        S.SyntheticSource(10, fine_fraction=0.8, aux_fraction=0.3)
+
+
+def test_scaffold_replies_have_the_asked_length_and_one_detail_token():
+    tok = _tokenizer()
+    for n in (0, 4, 16, 48):
+        source = S.SyntheticSource(60, seed=2, replies=S.Replies("scaffold", n))
+        for i in range(len(source)):
+            rec = source[i]
+            info = S.reply_token_info(tok, rec["reply"], rec["task"])
+            # filler + "A <disk> disk on <background>." + "The lines form <detail>. Answer: <texture>" + <|im_end|>
+            fine = rec["task"] == "pattern"
+            assert len(info["ids"]) == n + (15 if fine else 10) and info["answer"] == [len(info["ids"]) - 2]
+            assert tok.decode(info["ids"][n + 1]).strip() == rec["scene"].disk
+            if fine:
+                assert info["critical"] == [n + 9]
+                assert tok.decode(info["ids"][n + 9]).strip() == S.DETAIL_WORDS[rec["scene"].pattern]
+    # every variant of every slot is SCAFFOLD_UNIT tokens, first in a reply or after a space
+    for slot in S.SCAFFOLD_SLOTS:
+        for text in slot:
+            assert len(tok.encode(text, add_special_tokens=False)) == S.SCAFFOLD_UNIT
+            assert len(tok.encode(" " + text, add_special_tokens=False)) == S.SCAFFOLD_UNIT
+
+
+def test_phrasing_mismatch_splits_the_variants_between_teacher_and_student():
+    assert S.mismatched_slots(8, 0.0) == () and S.mismatched_slots(8, 1.0) == tuple(range(8))
+    assert S.mismatched_slots(8, 0.5) == (1, 3, 5, 7) and S.mismatched_slots(4, 0.25) == (3,)
+
+    def used(phrasing, mismatch, n=32):
+        seen = [set() for _ in range(n // S.SCAFFOLD_UNIT)]
+        for i in range(200):
+            text = S.scaffold_text(n, np.random.default_rng([3, i]), phrasing, mismatch)
+            for slot, sentence in enumerate(s + "." for s in text[:-1].split(". ")):
+                seen[slot].add(S.SCAFFOLD_SLOTS[slot].index(sentence))
+        return seen
+
+    assert all(v == {0, 1, 2, 3} for v in used("teacher", 0.0))  # no mismatch: both see every phrasing
+    teacher, student = used("teacher", 0.5), used("student", 0.5)
+    for slot in range(8):
+        if slot in S.mismatched_slots(8, 0.5):
+            assert teacher[slot] == {0, 1} and student[slot] == {2, 3}
+        else:
+            assert teacher[slot] == student[slot] == {0, 1, 2, 3}
+    assert all(v == {0, 1, 2, 3} for v in used("all", 1.0))  # prompts the trainer samples: every phrasing
+    import pytest
+
+    with pytest.raises(ValueError, match="multiple of 4"):
+        S.Replies("scaffold", 6)
+    with pytest.raises(ValueError, match="phrasing mismatch must be in"):
+        S.Replies("scaffold", 8, "teacher", 1.5)
+
+
+def test_source_from_config_phrases_each_warm_up_as_its_role():
+    import os
+
+    from vaopd_jax import config as config_lib
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = config_lib.load_sibling(os.path.join(repo, "configs", "base.py"), "demo").get_config()
+    c.workdir = "/tmp/x"
+    c.data.synthetic_train_size, c.data.synthetic_fine_fraction, c.data.image_size = 20, 0.75, 64
+    c.data.synthetic_reply_style, c.data.synthetic_scaffold_tokens = "scaffold", 8
+    c.data.synthetic_phrasing_mismatch, c.eval.num_problems = 1.0, 12
+    c.teacher.sft.fine_fraction, c.teacher.sft.aux_fraction = 0.5, 0.0
+    c.student.sft.fine_fraction, c.student.sft.aux_fraction = 0.3, 0.3
+    config = config_lib.load(c, check_paths=False)
+    teacher = S.source_from_config(config, "teacher_sft", seed=1)
+    student = S.source_from_config(config, "student_sft", seed=1)
+    val = S.source_from_config(config, "val", seed=3)
+    assert len(teacher) == 20 and len(val) == 12 and val.fine_fraction == 0.5
+    assert teacher.replies == S.Replies("scaffold", 8, "teacher", 1.0) and student.replies.phrasing == "student"
+    assert student.aux_fraction == 0.3 and teacher.aux_fraction == 0.0
+    first = {S.SCAFFOLD_SLOTS[0].index(r["reply"].split(". ")[0] + ".") for r in (teacher[i] for i in range(20))}
+    assert first <= {0, 1}

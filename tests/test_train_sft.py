@@ -113,7 +113,7 @@ def test_task_vocabulary_tokenizer_and_model(setup, tmp_path):
 
     base, _, _ = setup
     tok = synthetic.task_tokenizer(base)
-    assert 100 <= len(tok) <= 200  # the task's prompts and replies use ~130 of Qwen's 151,669 tokens
+    assert 100 <= len(tok) <= 300  # the task's prompts and replies (both reply styles, the auxiliary question) use ~240 of Qwen's 151,669 tokens
     source = synthetic.SyntheticSource(300, seed=8)
     for i in range(len(source)):  # every reply and prompt is in the vocabulary and decodes back exactly
         rec = source[i]
@@ -146,3 +146,61 @@ def test_task_vocabulary_tokenizer_and_model(setup, tmp_path):
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     assert model.lm_head_kernel().shape == (32, len(tok)) and model.lm_head_kernel().dtype == jnp.float32
     assert load_lib.tiny_model(run, spec, tokenizer=base).config.text.vocab_size == 151936
+
+
+def test_warm_up_can_keep_the_vision_tower_and_start_it_from_the_teachers(setup, tmp_path):
+    import jax
+    import types
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vaopd_jax.models import qwen3_vl
+    from vaopd_jax.parallel import mesh as mesh_lib
+
+    tok, cfg, batches = setup
+    leaves = lambda m, part: [np.asarray(x) for x in jax.tree.leaves(nnx.state(getattr(m, part), nnx.Param))]  # noqa
+    model = qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    vision, text = leaves(model, "visual"), leaves(model, "language_model")
+    fixed = [sft.build_sft_batch(next(batches), tok, 64) for _ in range(2)]
+    model, _ = sft.train_sft(model, (fixed[i % 2] for i in range(10)), steps=3, lr=1e-2, warmup_steps=1,
+                             train_vision=False)
+    assert all(np.array_equal(a, b) for a, b in zip(vision, leaves(model, "visual")))
+    assert not all(np.array_equal(a, b) for a, b in zip(text, leaves(model, "language_model")))
+    # student.sft.vision_init = 'teacher': the finished SFT teacher's vision tower, copied in place
+    options = config_lib.ModelConfig(dtype="float32", remat="none", kl_chunk_size=8, attention_impl="xla",
+                                     attention_chunk_size=16)
+    run = types.SimpleNamespace(model=options, workdir=str(tmp_path),
+                                teacher=types.SimpleNamespace(sft=types.SimpleNamespace(output_dir="")))
+    student = qwen3_vl.Qwen3VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(5))
+    mesh = mesh_lib.make_mesh(-1, 1, 1)
+    with pytest.raises(ValueError, match="needs the finished SFT teacher"):
+        sft.copy_teacher_vision(student, run, mesh)
+    qwen3_vl.save_hf_checkpoint(model, tmp_path / "teacher_sft")
+    (tmp_path / "teacher_sft" / sft.SFT_DONE).write_text("ok\n")
+    sft.copy_teacher_vision(student, run, mesh)
+    assert all(np.allclose(a, b) for a, b in zip(leaves(student, "visual"), leaves(model, "visual")))
+    other = config_lib.model_config_from_spec(config_lib.tiny_spec(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64,
+                                                           vision_depth=1, vision_hidden=16))
+    with pytest.raises(ValueError, match="shaped like the teacher's"):
+        sft.copy_teacher_vision(qwen3_vl.Qwen3VL(other, param_dtype=jnp.float32, rngs=nnx.Rngs(1)), run, mesh)
+
+
+def test_warm_up_views_pixelate_a_random_share_of_the_prompts(setup):
+    _, _, batches = setup
+    batch = next(batches)
+    assert sft.warmup_views("original")(batch) is batch
+    assert np.array_equal(sft.warmup_views("original", 1.0)(batch).pixel_values, batch.pixel_values_pixelated)
+    views = sft.warmup_views("original", 0.5, seed=3)
+    shown = [views(batch).pixel_values for _ in range(6)]
+    pixelated = [[np.array_equal(s[b], batch.pixel_values_pixelated[b]) for b in range(batch.num_prompts)]
+                 for s in shown]
+    for s, rows in zip(shown, pixelated):  # each prompt is one view or the other, whole
+        for b, pix in enumerate(rows):
+            assert pix or np.array_equal(s[b], batch.pixel_values[b])
+    share = np.mean(pixelated)
+    assert 0.3 <= share <= 0.7 and len({tuple(r) for r in pixelated}) > 1  # new draws on every call
+    again = sft.warmup_views("original", 0.5, seed=3)
+    assert np.array_equal(again(batch).pixel_values, shown[0])  # the draws depend on the seed and call count
+    with pytest.raises(ValueError, match="pixelated_share = 1.5"):
+        sft.warmup_views("original", 1.5)

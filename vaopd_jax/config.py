@@ -29,6 +29,7 @@ from typing import Any
 
 import ml_collections
 
+from vaopd_jax.data import synthetic
 from vaopd_jax.data import tokenizer as tokenizer_lib
 from vaopd_jax.data.batch import VIEWS as SFT_IMAGES  # the demo warm-ups' view of the images
 from vaopd_jax.data.processor import IMAGE_PATHS
@@ -77,7 +78,8 @@ class SftConfig:
 
     steps >= 1; lr > 0; batch_size >= 1; image_word_weight > 0: the loss weight of the reply words that depend on
     the image; fine_fraction in [0, 1]: share of fine-detail questions; images: the view learnt from (original |
-    pixelated | pixelated_fine); output_dir: where the model is cached ('' = <workdir>/<role>_sft).
+    pixelated | pixelated_fine); output_dir: where the model is cached ('' = <workdir>/<role>_sft); the rest
+    (defaults: a plain warm-up) make the demo's student partly sighted.
     """
 
     steps: int = _field("int", lo=1, where=DEMO)
@@ -88,6 +90,14 @@ class SftConfig:
     fine_fraction: float = _field("float", lo=0, hi=1, where=DEMO, why="share of fine-detail questions")
     images: str = _field("str", choices=SFT_IMAGES, where=DEMO)
     output_dir: str = _field("str", where=DEMO)
+    # The partly sighted student (docs/study.md): the auxiliary texture question, a share of prompts shown
+    # pixelated, the share of fine replies that name the image's texture, and the vision tower's start and training.
+    aux_fraction: float = _field("float", lo=0, hi=1, where=DEMO, default=0.0,
+                                 why="share of auxiliary texture questions")
+    pixelated_share: float = _field("float", lo=0, hi=1, where=DEMO, default=0.0)
+    texture_label_rate: float = _field("float", lo=0, hi=1, where=DEMO, default=1.0)
+    vision_init: str = _field("str", choices=("random", "teacher"), where=DEMO, default="random")
+    train_vision: bool = _field("bool", where=DEMO, default=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +165,12 @@ class DataConfig:
                                                    why="share of fine-detail questions in the training prompts")
     image_size: int | None = _field("int", lo=32, where=DEMO, default=None)
     task_vocabulary: bool = _field("bool", where=DEMO, default=False)
+    # The synthetic task's taught replies (data/synthetic.py `Replies`): natural (20-60 tokens) or scaffold
+    # (synthetic_scaffold_tokens of filler, a multiple of synthetic.SCAFFOLD_UNIT, then a short core), a share
+    # synthetic_phrasing_mismatch of the filler phrased differently by the teacher's and the student's warm-ups.
+    synthetic_reply_style: str = _field("str", choices=synthetic.REPLY_STYLES, where=DEMO, default="natural")
+    synthetic_scaffold_tokens: int = _field("int", lo=0, hi=synthetic.MAX_SCAFFOLD_TOKENS, where=DEMO, default=0)
+    synthetic_phrasing_mismatch: float = _field("float", lo=0, hi=1, where=DEMO, default=0.0)
     shuffle: bool = _field("bool", default=True)
 
 
@@ -461,6 +477,14 @@ def _cross_checks(c: Config, problems: _Problems, device_count: int | None) -> d
             for name in ("synthetic_train_size", "synthetic_fine_fraction", "image_size"):
                 if getattr(d, name) is None:
                     problems.append(f"config.data.{name} is missing (the synthetic task reads it; start from {DEMO})")
+    with _rule():
+        if d.synthetic_scaffold_tokens % synthetic.SCAFFOLD_UNIT:
+            problems.fail("data.synthetic_scaffold_tokens", d.synthetic_scaffold_tokens,
+                          f"must be a multiple of {synthetic.SCAFFOLD_UNIT} (one filler sentence per unit)")
+    with _rule():
+        if c.teacher.sft is not None and c.teacher.sft.vision_init != "random":
+            problems.fail("teacher.sft.vision_init", c.teacher.sft.vision_init, "must be 'random' (the teacher has "
+                          "no teacher to copy its vision tower from)")
     with _rule():
         if c.train.num_steps == 0:
             problems.fail("train.num_steps", 0, "must be >= 1, or -1 to derive it from data.num_epochs")

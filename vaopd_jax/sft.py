@@ -6,9 +6,10 @@ reply's tokens after each chat prompt (the record's ``reply``: a few sentences
 ending ``Answer: <answer>``, then ``<|im_end|>``; records without one are taught
 ``Answer: <answer>``). The reply is graded by the same first-committed-answer
 rule as real data (an ``Answer:`` line, ``vaopd_jax.eval.grading.extract_answer``). The student gets a shorter
-warm-up standing in for pre-training (by default on the pixelated views). Each
-trained model is written once in Hugging Face format and reused by every later
-run with the same workdir.
+warm-up standing in for pre-training: configs/demo.py makes it *partly sighted* (its vision tower starts as
+the teacher's and stays fixed, ``student.sft.vision_init`` / ``train_vision``; the auxiliary texture question
+on original images, the fine questions on pixelated ones). Each trained model is written once in Hugging Face
+format and reused by every later run with the same output directory.
 
 Public API::
 
@@ -130,7 +131,7 @@ def sft_loss(model: qwen3_vl.Qwen3VL, batch: dict) -> tuple[jax.Array, jax.Array
 
 def train_sft(model: qwen3_vl.Qwen3VL, batches: Iterable[dict], *, steps: int, lr: float,
               weight_decay: float = 0.0, warmup_steps: int = 10, log_every: int = 25,
-              data_sharding=None, label: str = "SFT"
+              data_sharding=None, label: str = "SFT", train_vision: bool = True
               ) -> tuple[qwen3_vl.Qwen3VL, list[tuple[int, float, float]]]:
     """Trains ``model`` in place for ``steps`` AdamW steps on ``build_sft_batch`` batches.
 
@@ -139,16 +140,19 @@ def train_sft(model: qwen3_vl.Qwen3VL, batches: Iterable[dict], *, steps: int, l
       lr: peak learning rate of a linear warm-up + cosine decay schedule.
       data_sharding: optional callable mapping a host batch to device arrays (multi-device runs).
       label: prefix of the progress lines (e.g. "teacher SFT").
+      train_vision: False keeps the vision tower (``model.visual``: patch embedding, blocks, mergers) fixed.
     Returns:
       the model and [(step, loss, reply-token accuracy)] every ``log_every`` steps.
     """
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, max(steps - 1, 1)), max(steps, 2))
+    trainable = nnx.Param if train_vision else nnx.All(nnx.Param, nnx.Not(nnx.PathContains("visual")))
     optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0),
-                                                 optax.adamw(schedule, weight_decay=weight_decay)), wrt=nnx.Param)
+                                                 optax.adamw(schedule, weight_decay=weight_decay)), wrt=trainable)
 
     @nnx.jit
     def step(model, optimizer, batch):
-        (loss, accuracy), grads = nnx.value_and_grad(sft_loss, has_aux=True)(model, batch)
+        grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, trainable), has_aux=True)
+        (loss, accuracy), grads = grad_fn(model, batch)
         optimizer.update(model, grads)
         return loss, accuracy
 
@@ -169,17 +173,67 @@ def train_sft(model: qwen3_vl.Qwen3VL, batches: Iterable[dict], *, steps: int, l
     return model, history
 
 
+def warmup_views(images: str, pixelated_share: float = 0.0, *, seed: int = 0):
+    """The view of each warm-up prompt's image: `PromptBatch.with_view(images)`, then a random share
+    `pixelated_share` of the prompts (any question) shown pixelated instead (`<role>.sft.pixelated_share`).
+
+    Why: a teacher that has also seen pixelated views learns what the task looks like without the fine detail
+    (colours and phrasing unchanged, the texture words spread over the three), so its visual advantage
+    log p(y | v) - log p(y | v~) sits on the fine-detail words rather than on whatever a never-seen blur moves.
+    Returns a function PromptBatch -> PromptBatch (its draws depend on `seed` and the call count only).
+    """
+    if not 0.0 <= pixelated_share <= 1.0:
+        raise ValueError(f"sft.pixelated_share = {pixelated_share}: must be in [0, 1]")
+    rng = np.random.default_rng([seed, 17])
+
+    def views(batch: PromptBatch) -> PromptBatch:
+        batch = batch.with_view(images)
+        if pixelated_share <= 0.0 or batch.pixel_values is None:
+            return batch
+        rows = rng.random(batch.num_prompts) < pixelated_share
+        return batch._replace(pixel_values=np.where(rows[:, None, None], batch.pixel_values_pixelated,
+                                                    batch.pixel_values))
+
+    return views
+
+
+def teacher_dir(config) -> str:
+    """Where the demo's SFT teacher is (``teacher.sft.output_dir``, default ``<workdir>/teacher_sft``)."""
+    return config.teacher.sft.output_dir or os.path.join(config.workdir, "teacher_sft")
+
+
+def copy_teacher_vision(student: qwen3_vl.Qwen3VL, config, mesh) -> None:
+    """Sets the student's vision tower (patch embedding, blocks, mergers) to the SFT teacher's, in place
+    (``student.sft.vision_init = 'teacher'``): a student whose vision already resolves the fine detail, as a
+    small pre-trained VLM's encoder does, while its replies learn what its warm-up shows them."""
+    path = teacher_dir(config)
+    if not os.path.exists(os.path.join(path, SFT_DONE)):
+        raise ValueError(f"student.sft.vision_init = 'teacher' needs the finished SFT teacher in {path}")
+    teacher = load_lib.load_model(config.model, path, mesh, dtype=jnp.float32)
+    theirs, ours = nnx.state(teacher.visual, nnx.Param), nnx.state(student.visual, nnx.Param)
+    shapes = lambda state: jax.tree.map(lambda x: x.shape, state)  # noqa: E731
+    if shapes(theirs) != shapes(ours):
+        raise ValueError("student.sft.vision_init = 'teacher' needs the student's vision tower and merger shaped like "
+                         "the teacher's: set student.tiny's vision fields (and text hidden size) to "
+                         "teacher.tiny's")
+    nnx.update(student.visual, jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), theirs))
+
+
 def demo_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     """A tiny demo model taught the synthetic task by SFT once, then reloaded from its HF directory.
 
     config: the run's typed `config.Config`. role 'teacher': ``config.teacher.sft`` (the whole task); role
-    'student': ``config.student.sft``, a warm-up standing in for pre-training (by default on the pixelated views:
-    the student learns the questions, the answer words and the coarse cues, so the fine-detail skill must come
-    from distillation). The model lands in ``<role>.sft.output_dir`` (default ``<workdir>/<role>_sft``), reused
-    when finished.
+    'student': ``config.student.sft``, a warm-up standing in for pre-training (configs/demo.py: it learns the
+    questions, the reply words, the colours and the auxiliary texture question, but its fine replies see only
+    pixelated views, so the mapping from the texture it sees to the fine-detail words must come from
+    distillation; `config.SftConfig` has the fields: aux_fraction, pixelated_share (`warmup_views`),
+    texture_label_rate (`synthetic.Replies`), vision_init ('random' | 'teacher': `copy_teacher_vision`),
+    train_vision). The model lands in ``<role>.sft.output_dir`` (default ``<workdir>/<role>_sft``), reused when
+    finished.
     """
     node = getattr(config, role)
-    out_dir = node.sft.output_dir or os.path.join(config.workdir, f"{role}_sft")
+    out_dir = teacher_dir(config) if role == "teacher" else (node.sft.output_dir or
+                                                             os.path.join(config.workdir, "student_sft"))
     # Loaded like an HF teacher / student would be: the teacher in config.model.dtype; the student's params
     # in float32 (the AdamW master copy) with config.model.dtype matmuls.
     dtype = jnp.dtype(config.model.dtype)
@@ -190,8 +244,11 @@ def demo_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     model = load_lib.tiny_model(config.model, node.tiny, seed=config.seed + (1 if role == "teacher" else 0),
                                 tokenizer=tokenizer)
     sft = node.sft
+    if role == "student" and sft.vision_init == "teacher":
+        copy_teacher_vision(model, config, mesh)
     multihost.say(f"{role}: SFT of a tiny {role} ({load_lib.count_params(model):,} params) on the synthetic task "
-                  f"(fine-question share {sft.fine_fraction}, {sft.images.replace('_', ' ')} images), "
+                  f"(fine-question share {sft.fine_fraction}, auxiliary {sft.aux_fraction}, "
+                  f"{sft.images.replace('_', ' ')} images, pixelated share {sft.pixelated_share}), "
                   f"{sft.steps} steps -> {out_dir}")
     data = splits.pipeline_for(config, tokenizer, model.config, split=f"{role}_sft", batch_size=sft.batch_size)
     # Replies up to the longest a rollout may be (the synthetic task's are 24-56 tokens with <|im_end|>).
@@ -199,9 +256,10 @@ def demo_model(config, role: str, tokenizer, mesh) -> qwen3_vl.Qwen3VL:
     # The words that depend on the image (colours, fine detail) weigh sft.image_word_weight: a few tokens of a
     # ~40-token reply, they are otherwise learnt after all the scaffolding.
     critical = dict(critical_token_ids=synthetic.image_word_ids(tokenizer), critical_weight=sft.image_word_weight)
-    batches = (build_sft_batch(b.gather_processes().with_view(sft.images), tokenizer, max_reply, **critical)
-               for b in data)
-    model, _ = train_sft(model, batches, steps=sft.steps, lr=sft.lr, label=f"{role} SFT")
+    views = warmup_views(sft.images, sft.pixelated_share, seed=config.seed)
+    batches = (build_sft_batch(views(b.gather_processes()), tokenizer, max_reply, **critical) for b in data)
+    model, _ = train_sft(model, batches, steps=sft.steps, lr=sft.lr, label=f"{role} SFT",
+                         train_vision=sft.train_vision)
     qwen3_vl.save_hf_checkpoint(model, out_dir)
     if multihost.primary():
         tokenizer.save_pretrained(out_dir)

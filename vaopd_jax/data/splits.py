@@ -43,17 +43,12 @@ class _Subset:
 def data_source(config, split: str):
     """The raw-record source of a split: 'train' / 'val' / 'teacher_sft' / 'student_sft' (demo warm-ups).
 
-    Synthetic splits take their share of fine-detail questions from the config: data.synthetic_fine_fraction
-    (train), <role>.sft.fine_fraction (the warm-ups), half (validation)."""
+    Synthetic splits: `synthetic.source_from_config` (the share of fine-detail questions: data.synthetic_fine_fraction
+    for train, <role>.sft.fine_fraction for the warm-ups, half for validation)."""
     d = config.data
     name = d.val_source if split == "val" else d.source
-    if name == "synthetic":
-        size = config.eval.num_problems if split == "val" else d.synthetic_train_size
-        fine_fraction = {"train": d.synthetic_fine_fraction, "val": 0.5,
-                         "teacher_sft": config.teacher.sft and config.teacher.sft.fine_fraction,
-                         "student_sft": config.student.sft and config.student.sft.fine_fraction}[split]
-        return synthetic.SyntheticSource(size, seed=SYNTHETIC_SEEDS[split], image_size=d.image_size,
-                                         fine_fraction=fine_fraction)
+    if name == "synthetic":  # sizes, question mix and reply style from the config (synthetic.source_from_config)
+        return synthetic.source_from_config(config, split, seed=SYNTHETIC_SEEDS[split])
     if split == "val":
         source = (sources.geometry3k_validation_source(d.val_path) if name == "geometry3k"
                   else sources.ViRL39KSource(d.val_path))
