@@ -3,7 +3,7 @@ r"""python -m vaopd_jax.evaluate --config configs/eval_default.py \
     --config.benchmarks_dir=/data/benchmarks \
     --config.output_dir=/tmp/eval_qwen3vl_2b
 
-The paper's evaluation (spec/DATA.md): WeMath, MathVista, MathVerse (math) and
+The paper's evaluation (docs/data.md): WeMath, MathVista, MathVerse (math) and
 HallusionBench, AI2D, MMMU, MMStar, OCRBench (visual), avg@8 at temperature 1.0,
 top-p 1.0. Expect 8 samples for each of ~14,200 questions; the table printed at
 the end (and written to <output_dir>/results.md) has the paper's layout with Math
@@ -42,7 +42,7 @@ def get_config(arg=None):
   c.paths = ml_collections.ConfigDict({name: "" for name in benchmarks.BENCHMARKS})  # per-benchmark dirs
   c.output_dir = "eval_results"
 
-  # Sampling (spec/METHOD.md "evaluation sampling"): temperature 1.0, top-p 1.0, avg@8.
+  # Sampling (docs/method.md "evaluation sampling"): temperature 1.0, top-p 1.0, avg@8.
   c.num_samples = 8
   c.temperature = 1.0
   c.top_p = 1.0

@@ -1,4 +1,4 @@
-r"""Ablation sweep: 4 methods x 3 teacher sizes on Geometry3K (12 runs, spec/METHOD.md "Ablations").
+r"""Ablation sweep: 4 methods x 3 teacher sizes on Geometry3K (12 runs, docs/method.md "Ablations").
 
   python launch/sweep.py configs/sweep_ablation.py --workdir_root=gs://BUCKET/vaopd/sweep \
       --ckpt_root=/ckpt --data_root=/data/geometry3k/data            # prints the 12 commands

@@ -1,4 +1,4 @@
-"""The authors' release image path, written from its rules (spec/METHOD.md "Pixelated view"), not from the
+"""The authors' release image path, written from its rules (docs/method.md "Pixelated view"), not from the
 project's code: the reference the processor and pipeline tests compare against.
 
 Sources: EasyR1 `verl/utils/dataset.py::process_image` (bounds resize + RGB), the release's

@@ -72,7 +72,7 @@ def test_paper_variants_name_and_check_their_teacher(tmp_path):
         load("paper", "teacher=16b")
 
 
-# text_config size fields of the released Qwen3-VL-30B-A3B-Instruct config.json (../shared/data/qwen3_vl_configs)
+# text_config size fields of the released Qwen3-VL-30B-A3B-Instruct config.json (Qwen/Qwen3-VL-30B-A3B-Instruct)
 # and of Qwen3-VL-235B-A22B-Instruct.
 REAL_MOE_TEXT = {
     "30b-a3b": dict(hidden_size=2048, num_hidden_layers=48, intermediate_size=6144, num_experts=128,

@@ -14,7 +14,7 @@ from vaopd_jax.data.tokenizer import load_tokenizer
 def _reference(min_pixels, max_pixels):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    # Qwen3-VL preprocessor settings (spec/QWEN3VL.md): patch 16, merge 2, temporal 2, mean = std = 0.5.
+    # Qwen3-VL preprocessor settings (transformers' Qwen3-VL): patch 16, merge 2, temporal 2, mean = std = 0.5.
     return Qwen2VLImageProcessorPil(
         patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
         min_pixels=min_pixels, max_pixels=max_pixels,

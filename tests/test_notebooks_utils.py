@@ -150,7 +150,7 @@ def test_score_visual_advantage_matches_full_logits():
     for view in ("pixel_values", "pixel_values_pixelated"):
         pixels = np.concatenate([examples[i // num_samples][view] for i in range(len(scored))])
         logits = teacher(jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.asarray(pixels), jnp.asarray(grids))
-        # LM-head rows beyond the tokenizer are padding: outside the normalisation (METHOD.md).
+        # LM-head rows beyond the tokenizer are padding: outside the normalisation (docs/method.md).
         logp[view] = np.asarray(jax.nn.log_softmax(logits[..., :len(tokenizer)], axis=-1))
     for index, r in enumerate(scored):
         start = len(examples[index // num_samples]["input_ids"]) - 1

@@ -1,4 +1,4 @@
-"""The VA-OPD objective against METHOD.md's reference numbers and definitions."""
+"""The VA-OPD objective against docs/method.md's reference numbers and definitions."""
 
 import jax
 import jax.numpy as jnp

@@ -192,7 +192,7 @@ def test_finite_inputs_give_finite_normalised_weights_and_coefficients(batch, co
 @cases(40)
 @given(batch=rollout_batches(), data=st.data())
 def test_equal_sibling_means_give_uniform_weights(batch, data):
-    # METHOD.md: sigma = 0 -> z = 0 -> 1/K, for any common value and any K (not only when K is a power of two).
+    # docs/method.md: sigma = 0 -> z = 0 -> 1/K, for any common value and any K (not only when K is a power of two).
     _, mask, k = batch
     value = data.draw(FINITE_VA)
     va = np.where(mask.astype(bool), np.float32(value), np.float32(0))

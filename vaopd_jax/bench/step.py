@@ -110,7 +110,7 @@ def _torch_batch(prompts, batch: TrainBatch, num_rollouts: int, cfg):
 
 def torch_va_opd_step(student, teacher, optimizer, inputs_orig, inputs_pix, batch: TrainBatch, num_rollouts: int,
                       high_fraction=0.2, high_weight=0.5, eps=1e-6, clip=1.0):
-    """One eager VA-OPD step in PyTorch (METHOD.md Eq. 1-6), full-vocabulary logits materialized."""
+    """One eager VA-OPD step in PyTorch (docs/method.md Eq. 1-6), full-vocabulary logits materialized."""
     import torch
 
     pos = torch.tensor(batch.response_positions, dtype=torch.long)

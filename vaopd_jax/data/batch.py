@@ -1,5 +1,5 @@
 """`PromptBatch`: the typed batch of prompts that crosses from the data pipeline to the sampler and to the
-train-batch builder (DESIGN.md: PromptBatch -> Sampler -> rollouts -> TrainBatch -> the fused step).
+train-batch builder (docs/architecture.md: PromptBatch -> Sampler -> rollouts -> TrainBatch -> the fused step).
 
 It is built in one place, `from_examples` (the pipeline's collate; `from_flat` re-splits the flat pixel rows
 of `sampler.generate`'s public API into it), and it already holds everything the consumers would otherwise

@@ -1,4 +1,4 @@
-"""Writers of small fixture files in the public dataset formats (spec/DATA.md).
+"""Writers of small fixture files in the public dataset formats (docs/data.md).
 
 Used by the tests and the data benchmark (and reusable by other readers' tests): Geometry3K
 parquet shards (HF layout), ViRL39K raw (parquet + images folder) and embedded layouts. Images are

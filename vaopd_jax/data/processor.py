@@ -6,7 +6,7 @@ onto white), smart resize to multiples of 32, Pillow BICUBIC resize, rescale 1/2
 [-1, 1], the still image repeated to 2 frames, and patchify into rows of 3*2*16*16 = 1536 values in
 (C, T, P, P) order, laid out in 2x2 merge-block order.
 
-`pixelate` builds the VA-OPD pixelated view ṽ (spec/METHOD.md, "Pixelated view").
+`pixelate` builds the VA-OPD pixelated view ṽ (docs/method.md, "Pixelated view").
 
 `image_views` is the image path of the authors' release (handsome-rich/VA-OPD on EasyR1) step for
 step, the default everywhere (`IMAGE_PATHS[0]`):
@@ -38,14 +38,14 @@ MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 FACTOR = PATCH_SIZE * MERGE_SIZE  # 32: each side of the resized image is a multiple of this
 PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1536
-MIN_PIXELS = 262_144  # paper recipe (METHOD.md defaults)
+MIN_PIXELS = 262_144  # paper recipe (docs/method.md defaults)
 MAX_PIXELS = 4_194_304
 IMAGE_PLACEHOLDER = "<image>"
 # "release": bounds resize -> RGB -> pixelate -> processor (the release's path, see module docstring);
 # "single_resize": pixelate the decoded image, then one smart resize per view.
 IMAGE_PATHS = ("release", "single_resize")
 
-# mm_token_type_ids values (transformers >= 5.3 convention, spec/QWEN3VL.md)
+# mm_token_type_ids values (transformers >= 5.3 convention, transformers' Qwen3-VL)
 TOKEN_TYPE_TEXT = 0
 TOKEN_TYPE_IMAGE = 1
 
@@ -363,7 +363,7 @@ def split_question(question: str, num_images: int) -> list[dict]:
 
 
 def build_messages(question: str, num_images: int) -> list[dict]:
-    """Single user turn (no system prompt: METHOD.md uses the bare chat template)."""
+    """Single user turn (no system prompt: docs/method.md uses the bare chat template)."""
     return [{"role": "user", "content": split_question(question, num_images)}]
 
 

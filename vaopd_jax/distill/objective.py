@@ -1,18 +1,18 @@
-"""The VA-OPD objective (spec/METHOD.md, Eq. 1-6) as pure, jittable jnp functions.
+"""The VA-OPD objective (docs/method.md, Eq. 1-6) as pure, jittable jnp functions.
 
 Layout used by every function here: arrays are (R, T) with R = prompts * K rollouts
 and the K rollouts ("siblings") of one prompt on adjacent rows; T is the response
 length axis. ``mask`` (R, T) is 1 on valid response tokens (up to and including the
 first end token; a truncated response keeps all its tokens) and 0 on padding.
 
-Empty rollouts (T^(k) = 0) are a documented project choice (METHOD.md leaves it
+Empty rollouts (T^(k) = 0) are a documented project choice (docs/method.md leaves it
 open): such a rollout gets weight 0 and its non-empty siblings are re-normalised
 among themselves (the z-score and the softmax of Eq. 3-4 run over the non-empty
 siblings only). A prompt whose rollouts are all empty contributes 0 and is left
 out of the mean over prompts (Eq. 6); a batch with no valid token has loss 0.
 ``num_empty_rollouts`` counts them so that the trainer can log it.
 
-All of VA, ranks, groups and weights are stop-gradient (METHOD.md, "Masks and
+All of VA, ranks, groups and weights are stop-gradient (docs/method.md, "Masks and
 edge rules"); only the token KL carries gradient.
 """
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MASKED_LOGIT = -1e30  # logit given to padded vocabulary rows
-# The methods (spec/METHOD.md "Ablations"): the one list the config validator, the step and the sweeps use.
+# The methods (docs/method.md "Ablations"): the one list the config validator, the step and the sweeps use.
 METHODS = ("va_opd", "opd", "reweight_only", "group_only")
 REWEIGHTING_METHODS = ("va_opd", "reweight_only")  # rollout weights: a softmax over the K siblings (Eq. 3-4)
 GROUPING_METHODS = ("va_opd", "group_only")  # high/low VA token groups (Eq. 5)
@@ -68,7 +68,7 @@ class Range:
         return None
 
 
-# The VA hyper-parameters' allowed values (spec/METHOD.md Eq. 3-5), checked here by ObjectiveConfig and by the
+# The VA hyper-parameters' allowed values (docs/method.md Eq. 3-5), checked here by ObjectiveConfig and by the
 # training config's validator for config.va.* (the one place the ranges are written).
 RANGES = {
     "high_fraction": Range(0, 1, lo_open=True, why="p_v, fraction of a rollout's tokens in the high-VA group, Eq. 5"),
@@ -81,7 +81,7 @@ RANGES = {
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Method switches and VA hyper-parameters (METHOD.md defaults; config.method and config.va.*).
+    """Method switches and VA hyper-parameters (docs/method.md defaults; config.method and config.va.*).
 
     method: 'va_opd' (reweighting + grouping), 'reweight_only', 'group_only' or
       'opd' (neither; standard on-policy distillation, one teacher view).
@@ -281,7 +281,7 @@ def high_group_mask(va: jax.Array, mask: jax.Array, high_fraction: float = 0.2) 
     """Eq. 5 groups: the n_high valid tokens of each rollout with the largest a_t.
 
     Ranks are per rollout (not a global threshold), computed with a stable sort on
-    static (R, T) shapes, so among equal a_t the earlier token wins (METHOD.md choice).
+    static (R, T) shapes, so among equal a_t the earlier token wins (docs/method.md choice).
 
     Args:
       va: (R, T) visual advantage.
@@ -357,7 +357,7 @@ def objective_terms(va: jax.Array, mask: jax.Array, num_rollouts: int,
 
     For 'opd' the coefficients are num_prompts / (T^(k) * non-empty rollouts of the
     batch), so that sum(c * kl) / num_prompts is the mean over rollouts of the
-    per-rollout token mean (METHOD.md's OPD baseline); ``va`` is ignored and
+    per-rollout token mean (docs/method.md's OPD baseline); ``va`` is ignored and
     ``rollout_weights`` reports 1 / (non-empty rollouts).
 
     Args:

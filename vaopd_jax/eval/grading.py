@@ -1,6 +1,6 @@
 """Answer extraction and grading, shared by training-time validation and evaluation.
 
-Extraction follows spec/DATA.md: the *first committed answer* of a response is the
+Extraction follows docs/data.md: the *first committed answer* of a response is the
 content of its first balanced ``\\boxed{...}``; if there is none, the text of the first
 explicit ``Answer:`` line. Free-form math is graded with math-verify (``parse`` +
 ``verify``). math-verify guards itself with ``signal.alarm``, which only works on the
@@ -135,7 +135,7 @@ def _clean_answer_text(answer: str) -> str:
 def extract_answer(text: Optional[str]) -> Optional[str]:
     """The first committed answer of a model response, or None.
 
-    Order (spec/DATA.md): the first balanced ``\\boxed{}``; else the first explicit
+    Order (docs/data.md): the first balanced ``\\boxed{}``; else the first explicit
     ``Answer:`` line (also ``Final Answer:``, ``**Answer:**``), taking the rest of that
     line, or the next non-empty line when the rest is empty. Text inside a closed
     ``<think>`` block is ignored.

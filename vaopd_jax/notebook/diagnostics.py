@@ -1,6 +1,6 @@
 """Visual-advantage (VA) diagnostics people can look at.
 
-The claim of VA-OPD (spec/METHOD.md) is that the student learns to look where
+The claim of VA-OPD (docs/method.md) is that the student learns to look where
 the teacher looks. These functions make that visible:
 
 - ``va_concentration_curve`` / ``top_fraction_share``: how concentrated VA mass
@@ -141,7 +141,7 @@ def top_fraction_share(va: Any, mask: Any = None, fraction: float = 0.1) -> floa
 
 
 def va_summary(va: Any, mask: Any = None, top_fraction: float = 0.1) -> dict[str, float]:
-    """Scalars worth logging for a batch of VA (spec/METHOD.md, diagnostics).
+    """Scalars worth logging for a batch of VA (docs/method.md, diagnostics).
 
     Args:
       va, mask: as in `va_concentration_curve`.

@@ -5,7 +5,7 @@ row. The processing order and the semantics follow transformers' `generate`
 (LogitsProcessorList built by `_get_logits_processor`):
 
 1. rows >= `valid_vocab_size` (LM-head padding beyond the tokenizer) are masked to
-   -inf, always, before anything else (METHOD.md: "sampling must never emit them");
+   -inf, always, before anything else (docs/method.md: "sampling must never emit them");
 2. temperature == 0 means greedy: argmax of the raw logits (HF `do_sample=False`
    ignores temperature, top-k and top-p);
 3. otherwise logits / temperature (TemperatureLogitsWarper), then

@@ -1,6 +1,6 @@
 """Response masks and lengths for generated tokens (pure, jittable).
 
-Rules (spec/METHOD.md, "Masks and edge rules"):
+Rules (docs/method.md, "Masks and edge rules"):
 - the response mask covers generated tokens up to AND including the first end
   token; tokens after it are excluded;
 - a response that reaches the length limit without an end token keeps all of

@@ -8,7 +8,7 @@ the params, a `data.batch.PromptBatch` and a key (the gemma `Sampler` convention
                                valid_vocab_size=151669, mesh=mesh)
     out = rollouts(params, prompt_batch, rng)       # params: nnx.state(model, nnx.Param), e.g. the train state's
 
-`generate` is the one-call form over the model's flat image layout (DESIGN.md public API):
+`generate` is the one-call form over the model's flat image layout (docs/api.md):
 
     out = sampler.generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
                            max_new_tokens, num_samples=1, temperature=1.0, top_p=1.0, top_k=0,

@@ -452,7 +452,7 @@ class CheckpointManager:
     def maybe_save_best(self, step: int, params: Any, accuracy: float) -> bool:
         """Saves ``params`` as the best student when ``accuracy`` is strictly higher.
 
-        Strictly: on ties the earlier step stays best (spec/METHOD.md validation rule).
+        Strictly: on ties the earlier step stays best (docs/method.md validation rule).
         """
         if self._best_info is not None and not accuracy > self._best_info["accuracy"]:
             return False
