@@ -15,7 +15,7 @@ per teacher size, training set and method. `configs/base.py` is the main run (te
                             validation set is the 200-problem Geometry3K subset in both.
   method=va_opd | opd | reweight_only | group_only
 
-Expect (5 epochs, 16 prompts x K=4 rollouts of up to 4,096 tokens per step; paper Math avg / Visual avg,
+Expect (5 epochs, 16 prompts x 4 rollouts of up to 4,096 tokens per step; paper Math avg / Visual avg,
 avg@8, OPD -> VA-OPD):
   teacher=4b,data=geo3k    655 steps      45.3/64.4 -> 47.4/65.2
   teacher=8b,data=geo3k    655 steps      45.4/64.6 -> 48.3/66.1 (MathVerse 29.1 -> 31.9); ~6.5 h on 8xA100

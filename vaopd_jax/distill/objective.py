@@ -1,7 +1,7 @@
 """The VA-OPD objective (docs/method.md, Eq. 1-6) as pure, jittable jnp functions.
 
-Layout used by every function here: arrays are (R, T) with R = prompts * K rollouts
-and the K rollouts ("siblings") of one prompt on adjacent rows; T is the response
+Layout used by every function here: arrays are (R, T) with R = prompts * num_rollouts
+and the rollouts ("siblings") of one prompt on adjacent rows; T is the response
 length axis. ``mask`` (R, T) is 1 on valid response tokens (up to and including the
 first end token; a truncated response keeps all its tokens) and 0 on padding.
 
@@ -30,7 +30,7 @@ import numpy as np
 MASKED_LOGIT = -1e30  # logit given to padded vocabulary rows
 # The methods (docs/method.md "Ablations"): the one list the config validator, the step and the sweeps use.
 METHODS = ("va_opd", "opd", "reweight_only", "group_only")
-REWEIGHTING_METHODS = ("va_opd", "reweight_only")  # rollout weights: a softmax over the K siblings (Eq. 3-4)
+REWEIGHTING_METHODS = ("va_opd", "reweight_only")  # rollout weights: a softmax over a prompt's rollouts (Eq. 3-4)
 GROUPING_METHODS = ("va_opd", "group_only")  # high/low VA token groups (Eq. 5)
 
 
@@ -150,11 +150,11 @@ def _check_hyper(where: str, name: str, value, field: str | None = None) -> None
 
 def _check_rollouts(num_rows: int, num_rollouts: int) -> None:
     if isinstance(num_rollouts, (bool, np.bool_)) or not isinstance(num_rollouts, (int, np.integer)):
-        raise ValueError(f"num_rollouts={num_rollouts!r} must be an int (K, rollouts per prompt)")
+        raise ValueError(f"num_rollouts={num_rollouts!r} must be an int (rollouts per prompt)")
     if num_rollouts < 1 or num_rows % num_rollouts:
         raise ValueError(
             f"num_rollouts={num_rollouts} must be >= 1 and divide the number of rows R={num_rows} "
-            "(R = prompts * K, siblings adjacent)")
+            "(R = prompts * num_rollouts, siblings adjacent)")
 
 
 def _check_shapes(where: str, mask: jax.Array, *, rows_by_tokens: bool = True, **arrays: jax.Array) -> None:
@@ -194,14 +194,14 @@ def _token_counts(mask: jax.Array) -> jax.Array:
     return _valid(mask).astype(jnp.float32).sum(-1)
 
 
-# Rollout-weight logits are clipped here: z is bounded by sqrt(K) but z / tau overflows for a tiny tau, and
+# Rollout-weight logits are clipped here: z is bounded by sqrt(num_rollouts) but z / tau overflows for a tiny tau, and
 # softmax(inf - inf) is NaN; at +-1e30 the softmax is already its tau -> 0 limit (one-hot on the largest z).
 _MAX_WEIGHT_LOGIT = 1e30
 
 
 def rollout_weights(va: jax.Array, mask: jax.Array, num_rollouts: int, temperature: float = 1.0,
                     eps: float = 1e-6) -> jax.Array:
-    """Eq. 3-4: softmax over the K siblings of the z-scored rollout mean VA, at temperature tau (`temperature`,
+    """Eq. 3-4: softmax over the siblings of the z-scored rollout mean VA, at temperature tau (`temperature`,
     config va.tau; not the sampler's temperature).
 
     mu and sigma (population std, ddof = 0) are taken over the non-empty siblings;
@@ -210,7 +210,7 @@ def rollout_weights(va: jax.Array, mask: jax.Array, num_rollouts: int, temperatu
     Args:
       va: (R, T) visual advantage (0 off the mask).
       mask: (R, T) valid-token mask.
-      num_rollouts: K; R must be a multiple of K.
+      num_rollouts: rollouts per prompt; R must be a multiple of it.
     Returns:
       (R,) float32 weights; each prompt's weights sum to 1 (0 if all its rollouts are empty).
     """
@@ -228,7 +228,7 @@ def rollout_weights(va: jax.Array, mask: jax.Array, num_rollouts: int, temperatu
     # - each prompt's VA is multiplied by 2^-e (exact), e the exponent of its largest |a_t|, so that no sum or
     #   square below overflows;
     # - the means are taken relative to the largest sibling mean, so equal means give deviations of exactly 0
-    #   (uniform weights for any K and any lengths), and the sums over siblings run in sorted order, so the
+    #   (uniform weights for any num_rollouts and any lengths), and the sums over siblings run in sorted order, so the
     #   weights do not depend on the order of the siblings (Eq. 3-4 are permutation-equivariant);
     # - the deviations are scaled by 2^-d, d the exponent of the largest one, before squaring (no underflow),
     #   and eps by 2^-(e + d) alike: z = (a - mu) / (sigma + eps) unchanged.

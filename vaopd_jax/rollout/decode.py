@@ -1,6 +1,6 @@
 """The sampler's decode loop (device side, traced inside the sampler's one jitted program).
 
-After the prefill, R rows (B prompts x K samples) decode one token per iteration of a `lax.while_loop`. Two
+After the prefill, R rows (B prompts x num_samples) decode one token per iteration of a `lax.while_loop`. Two
 things keep the cost of a step proportional to what is still being generated rather than to what was
 allocated:
 

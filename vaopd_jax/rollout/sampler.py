@@ -14,19 +14,19 @@ the params, a `data.batch.PromptBatch` and a key (the gemma `Sampler` convention
                            max_new_tokens, num_samples=1, temperature=1.0, top_p=1.0, top_k=0,
                            eos_token_ids=(151645, 151643), rng=None, valid_vocab_size=None,
                            suppress_token_ids=None)
-    out.tokens          (B*K, max_new_tokens) int32, samples of one prompt adjacent, pad_token_id after the end
-    out.response_mask   (B*K, max_new_tokens) int32, 1 up to and including the first end token
-    out.lengths         (B*K,) int32 response lengths (= response_mask.sum(-1))
-    out.logprobs        (B*K, max_new_tokens) float32 log-prob under the sampling distribution (0 off-mask)
-    out.model_logprobs  (B*K, max_new_tokens) float32 student's temperature-1 log-prob (0 off-mask)
-    out.finished        (B*K,) bool: an end token was emitted (False = truncated at max_new_tokens)
+    out.tokens          (B*num_samples, max_new_tokens) int32, samples of one prompt adjacent, pad_token_id after the end
+    out.response_mask   (B*num_samples, max_new_tokens) int32, 1 up to and including the first end token
+    out.lengths         (B*num_samples,) int32 response lengths (= response_mask.sum(-1))
+    out.logprobs        (B*num_samples, max_new_tokens) float32 log-prob under the sampling distribution (0 off-mask)
+    out.model_logprobs  (B*num_samples, max_new_tokens) float32 student's temperature-1 log-prob (0 off-mask)
+    out.finished        (B*num_samples,) bool: an end token was emitted (False = truncated at max_new_tokens)
 
 How one call runs (one XLA program per shape bucket, see `compile_count()`):
 1. host: check the prompts (right-padded, none empty, room in the cache); the PromptBatch already holds the
    MRoPE position ids and each prompt's images padded to its patch bucket, computed once by the pipeline;
 2. device, one jitted function under the mesh context: vision tower once per prompt (vmapped over the prompts,
    features gathered to the <|image_pad|> tokens) → prefill of the B prompts ONCE into a KV cache of
-   Tp + bucket(max_new_tokens) slots → the cache and the last-token logits are repeated K times along the
+   Tp + bucket(max_new_tokens) slots → the cache and the last-token logits are repeated num_samples times along the
    batch (prefix sharing; samples of one prompt adjacent) → the decode loop (rollout/decode.py): one token per
    iteration, sampled from the previous step's logits (the prefill's for the first) and fed back, until every
    row has emitted an end token or max_new_tokens tokens exist; each step reads the cache only up to the
@@ -79,7 +79,7 @@ from vaopd_jax.rollout import masks
 
 
 class SamplerOutput(NamedTuple):
-    """Rollouts of B prompts × K samples; R = B*K rows, samples of one prompt adjacent (row b*K + k)."""
+    """Rollouts of B prompts x num_samples; R = B * num_samples rows, samples of one prompt adjacent."""
 
     tokens: jax.Array  # (R, N) int32, pad_token_id outside the response mask
     response_mask: jax.Array  # (R, N) int32
@@ -171,7 +171,7 @@ def _run(params, input_ids, attention_mask, position_ids, next_position, pixel_v
     cache = _constrain_cache(cache, mesh)
     last_logits, cache = model.prefill(input_ids, attention_mask, position_ids, cache=cache,
                                        image_embeds=image_embeds, deepstack_embeds=deepstack, last_only=True)
-    # Prefix sharing: one prefill per prompt, its cache and next-token logits copied to its K samples.
+    # Prefix sharing: one prefill per prompt, its cache and next-token logits copied to its samples.
     cache = _constrain_cache(repeat_cache(cache, program.num_samples), mesh)
     last_logits = _constrain(jnp.repeat(last_logits, program.num_samples, axis=0), mesh, ("batch", None))
     next_position = jnp.repeat(next_position, program.num_samples, axis=0)
@@ -236,14 +236,14 @@ def _check_prompts(input_ids, attention_mask) -> np.ndarray:
 class Sampler:
     """Student rollouts, built once from the model and the rollout settings, called per batch.
 
-        rollouts = Sampler(model, max_new_tokens=..., num_samples=K, temperature=..., mesh=mesh)
-        out = rollouts(params, prompt_batch, rng)     # -> SamplerOutput of device arrays (B*K rows)
+        rollouts = Sampler(model, max_new_tokens=..., num_samples=4, temperature=..., mesh=mesh)
+        out = rollouts(params, prompt_batch, rng)     # -> SamplerOutput of device arrays (B * num_samples rows)
 
     model: a Qwen3VL (its weights are not kept: only its graph, config and compute dtype). params: the Param
     state of a model of that graph (nnx.state(model, nnx.Param), or a train state's params). The settings are
     validated here, once; each call checks only the prompts.
 
-    Settings: max_new_tokens >= 1; num_samples K >= 1 (the rollouts of each prompt, config
+    Settings: max_new_tokens >= 1; num_samples >= 1 (the rollouts of each prompt, config
     rollout.num_rollouts; adjacent rows); temperature 0 → greedy (top_k / top_p ignored, as in transformers);
     eos_token_ids: end tokens (default <|im_end|>, <|endoftext|>); valid_vocab_size: logit rows >= it are never
     sampled (LM-head padding); pad_token_id fills tokens after the end (default: the first end token, as
@@ -353,7 +353,7 @@ class Sampler:
         return (params, *args, *images, max_new_tokens, rng, eos, pad, valid_vocab_size, suppress)
 
     def __call__(self, params, prompts: PromptBatch, rng=None) -> SamplerOutput:
-        """K samples for each prompt of `prompts` (no filler rows: `prompts.without_filler()`). rng: a PRNG key or
+        """num_samples samples for each prompt of `prompts` (no filler rows: `prompts.without_filler()`). rng: a PRNG key or
         an int seed (None → seed 0). Returns a `SamplerOutput` of device arrays with max_new_tokens columns."""
         out = self._run(*self._arguments(params, prompts, rng), program=self.program)
         if self.program.new_bucket == self.max_new_tokens:

@@ -1,4 +1,4 @@
-"""The Benchmark base class: read local files, grade K samples per record, aggregate.
+"""The Benchmark base class: read local files, grade num_samples samples per record, aggregate.
 
 Subclasses set the class attributes and implement ``parse_row`` (one parquet row ->
 Record) and, where the metric is not plain accuracy, ``aggregate``. Where an official
@@ -198,6 +198,6 @@ class Benchmark:
     # ---- aggregation ---------------------------------------------------------------------
 
     def aggregate(self, rows: Sequence[dict], num_samples: int, scoring: Scoring = Scoring()) -> dict:
-        """Score 0-100 (avg@K accuracy) and details from the per-record JSONL rows."""
+        """Score 0-100 (avg@k accuracy) and details from the per-record JSONL rows."""
         accuracy = common.run_means(rows, common.sample_accuracy, num_samples)
         return {"score": 100.0 * accuracy, "accuracy": accuracy}

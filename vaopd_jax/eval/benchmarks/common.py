@@ -1,9 +1,9 @@
 """Shared pieces of the benchmark readers and scorers.
 
 A benchmark reader turns local files in the benchmark's public Hugging Face layout
-into :class:`Record` s; a scorer turns K sampled responses per record into extracted
+into :class:`Record` s; a scorer turns the sampled responses per record into extracted
 answers and per-sample correctness; an aggregator turns the per-sample rows of a
-whole benchmark into its score (0-100, avg@K: the metric of each of the K sample
+whole benchmark into its score (0-100, avg@k: the metric of each of the k sample
 "runs", averaged over runs).
 
 Images stay undecoded (:class:`ImageRef`: HF image struct bytes or a file path) until
@@ -269,7 +269,7 @@ def ocr_match(text: str, golds: Sequence[str], *, case_sensitive: bool = False, 
 
 
 def run_means(rows: Sequence[dict], metric, num_samples: int) -> float:
-    """avg@K: ``metric(rows, k)`` for each sample index k, averaged over k."""
+    """avg@k: ``metric(rows, k)`` for each sample index k, averaged over k."""
     values = [metric(rows, k) for k in range(num_samples)]
     return float(np.mean(values)) if values else float("nan")
 

@@ -55,7 +55,7 @@ class MathVerse(Benchmark):
         return common.KIND_CHOICE if record.meta["question_type"] == "multi-choice" else common.KIND_MATH
 
     def aggregate(self, rows, num_samples: int, scoring: Scoring = Scoring()) -> dict:
-        """avg@K accuracy over all versions (the paper's number) plus per-version accuracy."""
+        """avg@k accuracy over all versions (the paper's number) plus per-version accuracy."""
         out = super().aggregate(rows, num_samples)
         groups: dict = {}
         for row in rows:

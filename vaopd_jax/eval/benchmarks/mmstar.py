@@ -84,7 +84,7 @@ class MMStar(Benchmark):
 
 
 def _group_means(rows, field: str, num_samples: int) -> dict:
-    """{value of meta[field]: avg@K accuracy (0-100)} over the rows that carry it."""
+    """{value of meta[field]: avg@k accuracy (0-100)} over the rows that carry it."""
     groups: dict = {}
     for row in rows:
         groups.setdefault(row["meta"].get(field) or "", []).append(row)
