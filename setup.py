@@ -55,6 +55,8 @@ setup(
         "compile-tpu": ["jax[tpu]>=0.7"],
         "compile-cuda12": ["jax[cuda12-local]>=0.7", "nvidia-cuda-nvcc-cu12>=12.1"],
         # torch is a test-time reference only (parity with transformers' Qwen3-VL).
-        "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        # pytest-xdist: the README's test command runs the suite on two workers (one per CI core).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "torch==2.13.0", "nbclient>=0.10",
+                 "nbformat>=5.10", "ipykernel>=6"],
     },
 )

@@ -154,7 +154,9 @@ def test_dilution_sweep_table_and_plot(tmp_path):
 def test_quick_study_end_to_end(tmp_path):
     workdir = tmp_path / "study"
     env = runtime_env()
-    env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env.update({"JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
+                             "--xla_llvm_disable_expensive_passes=true",  # the quick runs are all compilation
                 "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
                 "JAX_COMPILATION_CACHE_DIR": os.environ.get("VAOPD_TEST_JAX_CACHE") or str(tmp_path / "cache")})
     proc = subprocess.run(
@@ -180,7 +182,4 @@ def test_quick_study_end_to_end(tmp_path):
     table = (workdir / "table.md").read_text()
     assert "| OPD |" in table and "| VA-OPD |" in table and "steps to reach OPD's final" in table
     assert Image.open(workdir / "curves.png").size == (600, 400)
-    assert "study: run 1/2: opd seed 0" in proc.stdout
-    # a second call reuses the finished runs
-    again = subprocess.run(proc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "study: run 1/2" not in again.stdout
+    assert "study: run 1/2: opd seed 0" in proc.stdout  # reusing finished runs: the fake-runner test above

@@ -24,6 +24,8 @@ from runtime_env import runtime_env
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 4
+# XLA's cheapest CPU compilation: the tiny runs are mostly compilation, and every run of a test compiles alike.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TINY = dict(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vision_depth=1, vision_hidden=32)
 
 
@@ -71,7 +73,7 @@ def env_for(shared, devices=1, **extra):
     # The runs see only what `pip install -e .` installs (tests/runtime_env.py): no torch, no test extras.
     env = runtime_env()
     env.update({
-        "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
         "JAX_COMPILATION_CACHE_DIR": shared["cache"], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
     })
@@ -315,9 +317,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_stop_on_one_sigterm_resume_and_continue_on_4_and_1_devices(shared, tmp_path):
+def test_two_processes_stop_on_one_sigterm_and_continue_on_4_devices(shared, tmp_path):
     """2 processes x 4 devices: a SIGTERM to process 1 only stops both at the same point (exit 0, checkpoint);
-    the resumed run's checkpoint (8 devices) restores on 4 devices and on 1, where training continues."""
+    the checkpoint (8 devices, 2 processes) restores on 4 devices in one process, where training continues."""
     workdir = str(tmp_path / "multi")
 
     def launch(steps, signal_after=None):
@@ -356,32 +358,18 @@ def test_two_processes_stop_on_one_sigterm_resume_and_continue_on_4_and_1_device
     reached = int(stopped[0].split(os.path.join("checkpoints", ""))[1].split()[0])
     assert 1 <= reached < 3 and f"step {reached + 1}/3" not in first[0][0]
     assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == reached
-    second = launch(3)
-    assert "resumed from" in second[0][0] and "step 3/3" in second[0][0] and f"step {reached}/3" not in second[0][0]
-    assert [s for s, _ in train_losses(workdir)] == [1, 2, 3]
-    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [1, 2, 3]
-    saved = export_tensors(os.path.join(workdir, "export", "final"))
-
-    # Elastic: the checkpoint of 8 devices in 2 processes restores on 4 devices in 1 process (fsdp=4) with the
-    # same params, and training continues on 1 device with the data position re-derived from both processes.
-    # The last run also has a tiny watchdog limit: every phase is reported, and the run carries on.
-    shutil.rmtree(os.path.join(workdir, "export"))
-    quick = ("--config.eval.every=0", "--config.export.best=False", "--config.train.checkpoint_every=1")
-    quick += ("--config.data.prompts_per_step=4",)  # 8 rollouts a step: every device of the 8 gets one
-    on4 = run(train_args(shared, workdir, "--config.train.num_steps=3", "--config.mesh.fsdp=4", *quick),
-              env_for(shared, devices=4))
+    # Elastic (the same-process-count resume is tests/test_preemption.py's): the checkpoint of 8 devices in 2
+    # processes restores on 4 devices in 1 process (fsdp=4), the data position re-derived from both processes'
+    # records, and training continues to the end. A tiny watchdog limit reports every phase; the run carries on.
+    quick = ("--config.eval.every=0", "--config.export.best=False", "--config.train.checkpoint_every=1",
+             "--config.data.prompts_per_step=4")  # 8 rollouts a step: every device of the 8 gets one
+    on4 = run(train_args(shared, workdir, "--config.train.num_steps=3", "--config.mesh.fsdp=4",
+                         "--config.train.watchdog.timeout_s=0.001", "--config.train.watchdog.first_timeout_s=0.001",
+                         *quick), env_for(shared, devices=4))
     assert on4.returncode == 0, on4.stderr[-3000:]
     assert "written by 2 process(es) with 8 devices, restored onto this mesh" in on4.stdout
-    restored = export_tensors(os.path.join(workdir, "export", "final"))
-    assert restored.keys() == saved.keys()
-    for name in saved:
-        np.testing.assert_array_equal(restored[name], saved[name], err_msg=name)
-    on1 = run(train_args(shared, workdir, "--config.train.num_steps=4", "--config.mesh.fsdp=1",
-                         "--config.train.watchdog.timeout_s=0.001", "--config.train.watchdog.first_timeout_s=0.001",
-                         *quick), env_for(shared, devices=1))
-    assert on1.returncode == 0, on1.stderr[-3000:]
-    assert "from the 2 processes that wrote the checkpoint: the global record stream resumes at record 12 (exact)" \
-        in on1.stdout
-    assert "step 4/4" in on1.stdout and [s for s, _ in train_losses(workdir)] == [1, 2, 3, 4]
-    assert np.isfinite(train_losses(workdir)[3][1])
-    assert "watchdog: phase 'rollout' of step 4 has run" in on1.stderr and 'Thread "MainThread"' in on1.stderr
+    assert ("from the 2 processes that wrote the checkpoint: the global record stream resumes at record "
+            f"{4 * reached} (exact)") in on4.stdout
+    assert "step 3/3" in on4.stdout and [s for s, _ in train_losses(workdir)] == [1, 2, 3]
+    assert np.isfinite(train_losses(workdir)[2][1])
+    assert "watchdog: phase 'rollout' of step 3 has run" in on4.stderr and 'Thread "MainThread"' in on4.stderr

@@ -282,7 +282,8 @@ def _featurize(records: Sequence[dict], tokenizer, model_config, *, pixelation_r
     featurize = pipeline.Featurize(config, tokenizer=tokenizer)
     examples = []
     for record in records:
-        example = featurize(record)
+        # The gold answer is only shown here; the pipeline skips training records without one.
+        example = featurize({**record, "answer": record.get("answer") or "(no gold answer)"})
         if "skip" in example:
             raise ValueError(f"record {example['id']!r} cannot be used: {example['skip']} {example['detail']}")
         examples.append(example)
