@@ -61,3 +61,21 @@ def test_no_file_names_documents_outside_the_repository():
 def test_readme_is_a_front_page():
     lines = open(os.path.join(REPO, "README.md"), encoding="utf-8").read().splitlines()
     assert len(lines) <= 250, f"README.md has {len(lines)} lines; details belong in docs/"
+
+
+def test_every_test_the_docs_name_exists():
+    """`test_x.py::test_name` and the `::test_name` that follow it (same file) name tests that exist: a renamed
+    test leaves no stale pointer in the docs."""
+    missing = []
+    for page in markdown_files():
+        for number, line in enumerate(open(os.path.join(REPO, page), encoding="utf-8"), start=1):
+            current = None
+            for file_name, test_name in re.findall(r"(test_\w+\.py)?::(test_\w+)", line):
+                current = file_name or current
+                if current is None:
+                    continue
+                path = os.path.join(REPO, "tests", current)
+                source = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+                if not re.search(rf"^def {test_name}\b", source, re.M):
+                    missing.append(f"{page}:{number}: {current}::{test_name}")
+    assert not missing, "tests named in the docs that do not exist:\n" + "\n".join(missing)
