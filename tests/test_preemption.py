@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from subprocess_lines import read_until
 from vaopd_jax.runtime import preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,21 +99,18 @@ def test_two_processes_stop_at_the_same_point_and_resume_exactly(tmp_path, targe
     workdir = str(tmp_path / "run")
     extra = {"WORKER_NO_PREEMPTION_SERVICE": "1"} if target.endswith("without_service") else {}
     procs = _launch(workdir, steps=40, **extra)
-    for line in procs[0].stdout:  # a few steps in: signal once step 2 is done
-        if line.startswith("step 2 "):
-            break
+    head = read_until(procs[0], "step 2 ")  # a few steps in: signal once step 2 is done
     sig = signal.SIGINT if target == "sigint_one" else signal.SIGTERM
     receivers = procs if target == "sigterm_both" else procs[1:]
     for p in receivers:
         os.kill(p.pid, sig)
     start = time.time()
     if target == "sigterm_both":  # and again once the save has begun: only reported, the checkpoint stays whole
-        for line in procs[0].stdout:
-            if line.startswith("saving "):
-                for p in receivers:
-                    os.kill(p.pid, sig)
-                break
+        head += read_until(procs[0], "saving ")
+        for p in receivers:
+            os.kill(p.pid, sig)
     outs = _finish(procs)
+    outs[0] = (head + outs[0][0], outs[0][1])
     assert time.time() - start < 60
     stopped = []
     for p, (out, err) in zip(procs, outs):

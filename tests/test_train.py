@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from runtime_env import runtime_env
+from subprocess_lines import read_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,19 +208,12 @@ def test_sigterm_mid_step_saves_a_complete_checkpoint_and_resumes_exactly(shared
     with open(tmp_path / "stderr.txt", "w+") as err:
         proc = subprocess.Popen(train_args(shared, workdir), env=env_for(shared), cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=err, text=True)
-        head = ""
-        for line in proc.stdout:
-            head += line
-            if line.startswith("step 1/"):
-                break
+        head = read_until(proc, "step 1/")
         assert proc.poll() is None, "the run ended before it could be stopped"
         os.kill(proc.pid, signal.SIGTERM)
         signalled = time.time()
-        for line in proc.stdout:
-            head += line
-            if line.startswith("stopping "):  # the save begins
-                os.kill(proc.pid, signal.SIGTERM)
-                break
+        head += read_until(proc, "stopping ")  # the save begins
+        os.kill(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)
         stop_s = time.time() - signalled
         err.seek(0)
@@ -335,11 +329,8 @@ def test_two_processes_stop_on_one_sigterm_and_continue_on_4_devices(shared, tmp
                 cwd=REPO, stdout=subprocess.PIPE, stderr=errs[-1], text=True))
         head = ""
         if signal_after:
-            for line in procs[0].stdout:
-                head += line
-                if line.startswith(signal_after):
-                    os.kill(procs[1].pid, signal.SIGTERM)
-                    break
+            head = read_until(procs[0], signal_after)
+            os.kill(procs[1].pid, signal.SIGTERM)
         outs = []
         for p, err in zip(procs, errs):
             out, _ = p.communicate(timeout=600)
